@@ -1,0 +1,110 @@
+"""``propd`` command line: generate, chat (and the subcommands the other modules add)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from propd.errors import PropdError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a HF model directory or a .gguf file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--method", default="ar", help="decoding method: ar")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from propd.engine import Propd, TextStream
+    from propd.prompts import load_prompts
+
+    if args.prompts:
+        prompts = [p.text for p in load_prompts(args.prompts, turn=args.turn, limit=args.limit)]
+    elif args.prompt:
+        prompts = args.prompt
+    else:
+        raise PropdError("give a prompt, or --prompts FILE.jsonl")
+    model = Propd.from_pretrained(args.model, args.dtype)
+    method = model.method(args.method)
+    if args.json:
+        for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw):
+            print(json.dumps(g.to_json()), flush=True)
+        return
+    streams = [TextStream(model.tokenizer) for _ in prompts]
+    single = len(prompts) == 1 or args.batch_size == 1
+
+    def show(i: int, toks: list[int]) -> None:
+        if single:
+            sys.stdout.write(streams[i].push(toks))
+            sys.stdout.flush()
+
+    for i in range(0, len(prompts), args.batch_size):
+        chunk = list(range(i, min(len(prompts), i + args.batch_size)))
+        if single:
+            print(f"### {prompts[i]}")
+        results = model.generate([prompts[j] for j in chunk], method, args.max_new_tokens, args.batch_size, not args.raw, lambda r, t: show(chunk[r], t))
+        for j, g in zip(chunk, results):
+            if not single:
+                print(f"### {prompts[j]}\n{g.text}")
+            s = g.to_json()
+            print(f"\n[{s['new_tokens']} tokens, {s['tokens_per_s']} tok/s, {s['steps']} steps, {s['mean_accepted']} tokens/step]\n", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from propd.engine import Propd
+
+    model = Propd.from_pretrained(args.model, args.dtype)
+    method = model.method(args.method)
+    print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        t = time.perf_counter()
+        for piece in model.stream(line, method, args.max_new_tokens, not args.raw):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print(f"\n[{time.perf_counter() - t:.1f} s]", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="propd", description="Lossless parallel decoding (ProPD) for LLaMA-family models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for prompts")
+    g.add_argument("prompt", nargs="*", help="prompt text(s)")
+    g.add_argument("--prompts", help="JSONL file: Spec-Bench/MT-Bench 'turns' or a 'prompt' field")
+    g.add_argument("--turn", type=int, default=0, help="which turn of multi-turn questions")
+    g.add_argument("--limit", type=int, help="at most this many prompts from --prompts")
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat, streamed")
+    add_model_args(c)
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PropdError as e:
+        print(f"propd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Autoregressive greedy decoding: the tree with the root only, one token per forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+from propd.decoding.loop import StepResult
+from propd.models.decoder import Decoder
+from propd.models.kv_cache import KVCache
+
+
+class ARMethod:
+    tree_size = 1
+
+    def start(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)
+
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
+        B = roots.shape[0]
+        slots = cache.lengths.unsqueeze(1)  # [B, 1]
+        # One row attends to all its slots; rows of different lengths need a mask.
+        mask = None if B == 1 else cache.attention_mask(slots, torch.ones(B, 1, 1, dtype=torch.bool))
+        hidden = decoder.forward_layers(decoder.embed(roots.unsqueeze(1)), slots, slots, mask, cache)
+        cache.advance(torch.ones(B, dtype=torch.long))
+        roots = decoder.logits(hidden[:, -1]).argmax(-1)
+        return StepResult([[int(t)] for t in roots], roots, [1] * B, [1] * B)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        pass

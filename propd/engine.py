@@ -1,0 +1,166 @@
+"""The public entry point: load a model once, then generate with any method, batched or streamed."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from propd.decoding.ar import ARMethod
+from propd.decoding.loop import Method, RowStats, generate_batch
+from propd.errors import PropdError
+from propd.models.decoder import Decoder
+from propd.models.loading import DEFAULT_MODEL, load_hf
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Generation:
+    """One prompt's result; ``token_ids`` holds the new tokens only."""
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+    stats: RowStats
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def to_json(self) -> dict:
+        s = self.stats
+        return {
+            "prompt": self.prompt,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "new_tokens": self.new_tokens,
+            "steps": s.steps,
+            "seconds": round(s.seconds, 4),
+            "tokens_per_s": round(self.new_tokens / s.seconds, 3) if s.seconds else None,
+            "mean_accepted": round(s.mean_accepted, 4),
+            "tree_tokens_per_step": round(sum(s.step_tree_tokens) / max(1, s.steps), 3),
+            "late_tokens_per_step": round(sum(s.step_late_tokens) / max(1, s.steps), 3),
+            "ms_per_step": round(1e3 * sum(s.step_seconds) / max(1, s.steps), 3),
+        }
+
+
+class Propd:
+    """A model, its tokenizer and our decoder. ``Propd.from_pretrained("default")`` loads SmolLM2."""
+
+    def __init__(self, hf_model, tokenizer, dtype: torch.dtype = torch.float32, name: str = DEFAULT_MODEL):
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.name = name
+        self.decoder = Decoder.from_hf(hf_model, dtype)
+        eos = {tokenizer.eos_token_id, *(_as_list(getattr(hf_model.generation_config, "eos_token_id", None)))}
+        self.eos_ids = {int(e) for e in eos if e is not None}
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32) -> "Propd":
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise PropdError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        hf_model, tokenizer = load_hf(model, torch.float32)
+        return cls(hf_model, tokenizer, dtype, str(model))
+
+    @property
+    def max_context(self) -> int:
+        return self.decoder.args.max_position
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        """Tokenise a prompt, through the model's chat template unless ``chat`` is False."""
+        if not prompt or not prompt.strip():
+            raise PropdError("empty prompt")
+        if chat and self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(prompt).input_ids
+
+    def method(self, name: str = "ar") -> Method:
+        if name == "ar":
+            return ARMethod()
+        raise PropdError(f"unknown method {name!r}; available: ar")
+
+    def generate(
+        self,
+        prompts: list[str],
+        method: str | Method = "ar",
+        max_new_tokens: int = 128,
+        batch_size: int = 1,
+        chat: bool = True,
+        on_tokens=None,
+    ) -> list[Generation]:
+        """Greedy generation for every prompt, ``batch_size`` prompts decoding together.
+        ``on_tokens(prompt_index, new_token_ids)`` is called as tokens are accepted."""
+        if max_new_tokens < 1:
+            raise PropdError("max_new_tokens must be at least 1")
+        if batch_size < 1:
+            raise PropdError("batch_size must be at least 1")
+        encoded = [self.encode(p, chat) for p in prompts]
+        for p, ids in zip(prompts, encoded):
+            if len(ids) + max_new_tokens + 64 > self.max_context:
+                raise PropdError(
+                    f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of "
+                    f"{self.max_context} tokens: {p[:60]!r}..."
+                )
+        results: list[Generation] = []
+        for start in range(0, len(prompts), batch_size):
+            m = self.method(method) if isinstance(method, str) else method
+            batch = encoded[start : start + batch_size]
+            callback = None if on_tokens is None else (lambda row, toks, s=start: on_tokens(s + row, toks))
+            stats = generate_batch(self.decoder, m, batch, max_new_tokens, self.eos_ids, callback)
+            for i, s in enumerate(stats):
+                text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+                results.append(Generation(prompts[start + i], text, s.token_ids, s))
+        return results
+
+    def stream(self, prompt: str, method: str | Method = "ar", max_new_tokens: int = 128, chat: bool = True) -> Iterator[str]:
+        """Yield the text of one generation as it is produced."""
+        pieces: queue.Queue = queue.Queue()
+        decoder = TextStream(self.tokenizer)
+        error: list[BaseException] = []
+
+        def run():
+            try:
+                self.generate([prompt], method, max_new_tokens, 1, chat, lambda _, toks: pieces.put(decoder.push(toks)))
+            except BaseException as e:  # re-raised in the consumer's thread
+                error.append(e)
+            finally:
+                pieces.put(None)
+
+        threading.Thread(target=run, daemon=True).start()
+        while (piece := pieces.get()) is not None:
+            if piece:
+                yield piece
+        if error:
+            raise error[0]
+
+
+class TextStream:
+    """Turns token ids into text increments, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_ids: list[int]) -> str:
+        self.ids.extend(token_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]

@@ -1,0 +1,74 @@
+"""Preallocated KV cache for a batch of rows, each with its own length.
+
+One tensor holds every layer's keys and values, [layers, 2, B, kv_heads, max_len, head_dim], so
+compaction after acceptance or pruning is a single gather/scatter over all layers at once.
+Row b's valid entries are slots [0, lengths[b]); new tokens are written at slots >= lengths[b]
+and only become part of the row when ``keep`` (or ``advance``) commits them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype):
+        self.kv = torch.zeros(n_layers, 2, batch_size, n_kv_heads, max_len, head_dim, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[2]
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int):
+        """Write new k, v [B, T, kv_heads, hd] at slots [B, T]; return this layer's keys and values
+        for slots [0, span) as [B, kv_heads, span, hd] views."""
+        rows = torch.arange(slots.shape[0]).unsqueeze(1)
+        self.kv[layer, 0, rows, :, slots] = k
+        self.kv[layer, 1, rows, :, slots] = v
+        return self.kv[layer, 0, :, :, :span], self.kv[layer, 1, :, :, :span]
+
+    def attention_mask(self, slots: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+        """Mask [B, 1, T, S] for new tokens at slots [B, T]: each sees its row's committed cache and,
+        among the new tokens, those marked in ancestors [B, T, T] (itself included)."""
+        B, T = slots.shape
+        span = int(slots.max()) + 1
+        mask = (torch.arange(span) < self.lengths.unsqueeze(1)).unsqueeze(1).expand(B, T, span).clone()
+        mask.scatter_(2, slots.unsqueeze(1).expand(B, T, T), ancestors)
+        return mask.unsqueeze(1)
+
+    def keep(self, offsets: torch.Tensor, counts: torch.Tensor, layers: slice = slice(None)) -> None:
+        """Keep, for every row b, the new entries at slots lengths[b] + offsets[b, :counts[b]], packed in
+        order right after the row's committed entries, and commit them. offsets: [B, n], increasing."""
+        if offsets.shape[1] == 0:
+            return
+        rows = torch.arange(offsets.shape[0]).unsqueeze(1)
+        base = self.lengths.unsqueeze(1)
+        dst = base + torch.arange(offsets.shape[1])
+        moved = self.kv[layers, :, rows, :, base + offsets]  # [B, n, layers, 2, kv_heads, hd]
+        self.kv[layers, :, rows, :, dst] = moved
+        self.lengths += counts
+
+    def move(self, offsets: torch.Tensor, layers: slice) -> None:
+        """Pack the new entries at lengths[b] + offsets[b, :] into slots lengths[b] + 0..n-1 without
+        committing them: used when pruning drops tree nodes whose K/V the early layers already wrote."""
+        rows = torch.arange(offsets.shape[0]).unsqueeze(1)
+        base = self.lengths.unsqueeze(1)
+        moved = self.kv[layers, :, rows, :, base + offsets]
+        self.kv[layers, :, rows, :, base + torch.arange(offsets.shape[1])] = moved
+
+    def advance(self, counts: torch.Tensor) -> None:
+        """Commit the first counts[b] new entries of each row as they are."""
+        self.lengths += counts
+
+    def truncate(self, row: int, length: int) -> None:
+        self.lengths[row] = min(int(self.lengths[row]), length)
+
+    def reset(self, row: int) -> None:
+        self.lengths[row] = 0
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (finished rows leave the batch)."""
+        self.kv = self.kv[:, :, rows].contiguous()
+        self.lengths = self.lengths[rows]

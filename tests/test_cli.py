@@ -1,0 +1,57 @@
+"""The CLI prints JSON results and turns bad input into one clear error line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from propd.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "propd.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_generate_json_fields():
+    r = run_cli("generate", "--json", "--max-new-tokens", "8", "Say hello.", "Count to three.")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert {"prompt", "text", "token_ids", "new_tokens", "steps", "seconds", "mean_accepted"} <= set(row)
+        assert row["new_tokens"] == len(row["token_ids"]) <= 8
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "   "], "empty prompt"),
+        (["generate", "--model", "/no/such/model", "hi"], "does not exist"),
+        (["generate", "--prompts", "/no/such.jsonl"], "not found"),
+        (["generate", "--method", "nope", "hi"], "unknown method"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_prompts_file_and_unsupported_architecture(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": ["ok"]}\nnot json\n')
+    assert main(["generate", "--prompts", str(bad)]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    model_dir = tmp_path / "gpt2ish"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "gpt2"}')
+    assert main(["generate", "--model", str(model_dir), "hi"]) == 2
+    assert "unsupported architecture 'gpt2'" in capsys.readouterr().err
+
+
+def test_over_long_prompt_is_refused(default_model):
+    from propd.errors import PropdError
+
+    with pytest.raises(PropdError, match="exceeds the model's context"):
+        default_model.generate(["word " * 9000], max_new_tokens=8)

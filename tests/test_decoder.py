@@ -1,0 +1,79 @@
+"""Our decoder matches transformers, and the KV cache operations do what they say."""
+
+import pytest
+import torch
+
+from propd.models.decoder import Decoder
+from tests.conftest import tiny_hf_model
+
+
+def prefill_logits(decoder: Decoder, ids: torch.Tensor) -> torch.Tensor:
+    B, T = ids.shape
+    cache = decoder.new_cache(B, T + 8)
+    slots = torch.arange(T).expand(B, T)
+    mask = cache.attention_mask(slots, torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T))
+    return decoder.logits(decoder.forward_layers(decoder.embed(ids), slots, slots, mask, cache))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_logits_match_transformers_on_tiny_models(family):
+    hf = tiny_hf_model(family)
+    dec = Decoder.from_hf(hf)
+    ids = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (prefill_logits(dec, ids) - ref).abs().max() < 1e-4
+
+
+def test_layer_ranges_compose_and_steps_match_full_pass():
+    """Running layers [0,k) then [k,L), and decoding token by token, equals one full pass."""
+    hf = tiny_hf_model("llama", layers=4)
+    dec = Decoder.from_hf(hf)
+    ids = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    cache = dec.new_cache(1, 32)
+    slots = torch.arange(8).unsqueeze(0)
+    mask = cache.attention_mask(slots, torch.ones(8, 8, dtype=torch.bool).tril().unsqueeze(0))
+    h = dec.forward_layers(dec.embed(ids[:, :8]), slots, slots, mask, cache, 0, 2)
+    h = dec.forward_layers(h, slots, slots, mask, cache, 2, 4)
+    cache.advance(torch.tensor([8]))
+    assert (dec.logits(h) - ref[:, :8]).abs().max() < 1e-4
+    for t in range(8, 12):
+        s = cache.lengths.unsqueeze(1)
+        h = dec.forward_layers(dec.embed(ids[:, t : t + 1]), s, s, None, cache)
+        cache.advance(torch.tensor([1]))
+        assert (dec.logits(h)[:, 0] - ref[:, t]).abs().max() < 1e-4
+
+
+def test_default_model_logits_match_transformers(default_model):
+    ids = torch.tensor([default_model.encode("Tell me about the moon.")])
+    with torch.no_grad():
+        ref = default_model.hf_model(ids).logits
+    assert (prefill_logits(default_model.decoder, ids) - ref).abs().max() < 1e-3
+
+
+def test_cache_keep_packs_chosen_entries_per_row_and_commits_them():
+    from propd.models.kv_cache import KVCache
+
+    cache = KVCache(n_layers=2, batch_size=2, n_kv_heads=1, max_len=16, head_dim=1, dtype=torch.float32)
+    cache.lengths = torch.tensor([3, 5])
+    cache.kv[..., 0] = torch.arange(16, dtype=torch.float32)  # each slot holds its own index
+    cache.keep(torch.tensor([[1, 3, 4], [2, 0, 0]]), torch.tensor([3, 1]))
+    assert cache.lengths.tolist() == [6, 6]
+    assert cache.kv[1, 1, 0, 0, 3:6, 0].tolist() == [4.0, 6.0, 7.0]
+    assert cache.kv[0, 0, 1, 0, 5, 0].item() == 7.0
+    assert cache.kv[0, 0, 1, 0, :5, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_cache_truncate_reset_and_select_rows():
+    from propd.models.kv_cache import KVCache
+
+    cache = KVCache(1, 3, 1, 8, 1, torch.float32)
+    cache.lengths = torch.tensor([4, 5, 6])
+    cache.kv[:, :, 2] = 7.0
+    cache.truncate(0, 2)
+    cache.reset(1)
+    assert cache.lengths.tolist() == [2, 0, 6]
+    cache.select_rows(torch.tensor([2]))
+    assert cache.lengths.tolist() == [6] and cache.kv.shape[2] == 1 and bool((cache.kv == 7.0).all())
