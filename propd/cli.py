@@ -13,7 +13,9 @@ from propd.errors import PropdError
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a HF model directory or a .gguf file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--method", default="ar", help="decoding method: ar")
+    p.add_argument("--method", default="ar", help="decoding method: ar, bpd, medusa")
+    p.add_argument("--heads", default="default", help="Medusa heads: 'default' (shipped for the default model) or a directory")
+    p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, chainN or a JSON file of rank paths")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
 
@@ -29,7 +31,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         raise PropdError("give a prompt, or --prompts FILE.jsonl")
     model = Propd.from_pretrained(args.model, args.dtype)
-    method = model.method(args.method)
+    method = model.method(args.method, args.heads, args.tree)
     if args.json:
         for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw):
             print(json.dumps(g.to_json()), flush=True)
@@ -58,7 +60,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from propd.engine import Propd
 
     model = Propd.from_pretrained(args.model, args.dtype)
-    method = model.method(args.method)
+    method = model.method(args.method, args.heads, args.tree)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:

@@ -6,17 +6,23 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.loop import Method, RowStats, generate_batch
+from propd.decoding.tree import TreeMethod
 from propd.errors import PropdError
+from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder
 from propd.models.loading import DEFAULT_MODEL, load_hf
+from propd.tree.tree import load_tree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+METHODS = ("ar", "bpd", "medusa")
+DEFAULT_HEADS = Path(__file__).parent / "heads" / "default"
 
 
 @dataclass
@@ -83,10 +89,26 @@ class Propd:
             return self.tokenizer(text, add_special_tokens=False).input_ids
         return self.tokenizer(prompt).input_ids
 
-    def method(self, name: str = "ar") -> Method:
+    def load_heads(self, heads: str | os.PathLike | MedusaHeads = "default") -> MedusaHeads:
+        """Medusa heads for this model: ``default`` (shipped for the default model), a directory, or an object."""
+        if not isinstance(heads, MedusaHeads):
+            if str(heads) == "default":
+                if self.name != DEFAULT_MODEL:
+                    raise PropdError("--heads default fits only the default model; pass --heads DIR trained for this model")
+                heads = DEFAULT_HEADS
+            heads = MedusaHeads.load(heads)
+        heads.check_fits(self.decoder.args.dim, self.decoder.args.vocab_size)
+        return heads
+
+    def method(self, name: str = "ar", heads: str | os.PathLike | MedusaHeads = "default", tree: str | None = None) -> Method:
+        """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63) or
+        ``bpd`` (chain of each head's top-1)."""
         if name == "ar":
             return ARMethod()
-        raise PropdError(f"unknown method {name!r}; available: ar")
+        if name in ("medusa", "bpd"):
+            h = self.load_heads(heads)
+            return TreeMethod(h, load_tree(tree or ("mc_sim_7b_63" if name == "medusa" else f"chain{h.num_heads}")))
+        raise PropdError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
 
     def generate(
         self,

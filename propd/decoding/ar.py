@@ -12,8 +12,8 @@ from propd.models.kv_cache import KVCache
 class ARMethod:
     tree_size = 1
 
-    def start(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(-1)
+    def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
+        return decoder.logits(hidden).argmax(-1)
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
         B = roots.shape[0]

@@ -51,12 +51,12 @@ class StepResult:
 
 
 class Method(Protocol):
-    """One decoding method. ``start`` sees the prefill's outputs and returns the first roots [B];
+    """One decoding method. ``start`` sees the prefill's last hidden states [B, dim] and returns the first roots [B];
     ``step`` runs one forward pass over the roots (and whatever it guesses after them)."""
 
     tree_size: int
 
-    def start(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor: ...
+    def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult: ...
 
@@ -83,7 +83,7 @@ def generate_batch(
     stats = [RowStats() for _ in range(B)]
 
     hidden_last = _prefill(decoder, cache, prompts)
-    roots = method.start(hidden_last, decoder.logits(hidden_last))
+    roots = method.start(decoder, hidden_last)
     prefill_seconds = time.perf_counter() - t0
     active = list(range(B))  # batch row -> original row
     first = [[int(t)] for t in roots]

@@ -120,9 +120,13 @@ class Decoder:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens[tokens]
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last layer's output after the final RMSNorm: what lm_head (and Medusa heads) read."""
+        return F.rms_norm(hidden, (self.args.dim,), self.norm, self.args.norm_eps)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + vocabulary projection of hidden states [..., dim] -> [..., vocab]."""
-        return F.rms_norm(hidden, (self.args.dim,), self.norm, self.args.norm_eps) @ self.lm_head_t
+        return self.final_norm(hidden) @ self.lm_head_t
 
     def forward_layers(
         self,

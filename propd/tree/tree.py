@@ -1,0 +1,95 @@
+"""Token trees: which head candidates to verify together, as tensors the verification step indexes.
+
+A node is a path of ranks ``(r1, ..., rd)``: at depth d it carries head d-1's rank-rd candidate,
+and its parent is the path without the last rank. A tree is a prefix-closed set of such paths plus
+the root (the newest accepted token, depth 0). Nodes are ordered by depth, so every node's ancestors
+come before it and a root-to-node path is that node's row of the ancestor mask, in index order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from propd.errors import PropdError
+
+RankPath = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    paths: tuple[RankPath, ...]  # node 1.. as rank paths; node 0 is the root
+    parents: torch.Tensor  # [N] parent node index (root: 0)
+    depths: torch.Tensor  # [N] 0 for the root
+    ancestors: torch.Tensor  # [N, N] bool: ancestors[i, j] = j is i or an ancestor of i
+    candidate_index: torch.Tensor  # [N-1] index into the flattened [heads, max_rank] candidates
+
+    @property
+    def size(self) -> int:
+        """Tokens verified per step, root included."""
+        return len(self.paths) + 1
+
+    @property
+    def depth(self) -> int:
+        return max((len(p) for p in self.paths), default=0)
+
+    @property
+    def max_rank(self) -> int:
+        return max((r for p in self.paths for r in p), default=-1) + 1
+
+    @classmethod
+    def from_paths(cls, paths) -> "TokenTree":
+        """Build from Medusa-style choices, e.g. ``[[0], [1], [0, 0]]``; checks prefix closure."""
+        nodes = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+        index = {(): 0}
+        for p in nodes:
+            if not p or min(p) < 0:
+                raise PropdError(f"invalid tree path {list(p)}: needs one or more non-negative ranks")
+            if p[:-1] not in index:
+                raise PropdError(f"tree path {list(p)} has no parent {list(p[:-1])} in the tree")
+            index[p] = len(index)
+        n = len(index)
+        k = max((max(p) for p in nodes), default=-1) + 1  # candidates taken per head
+        parents = torch.tensor([0] + [index[p[:-1]] for p in nodes])
+        depths = torch.tensor([0] + [len(p) for p in nodes])
+        ancestors = torch.eye(n, dtype=torch.bool)
+        for i, p in enumerate(nodes, 1):
+            ancestors[i] |= ancestors[index[p[:-1]]]
+        candidate_index = torch.tensor([(len(p) - 1) * k + p[-1] for p in nodes], dtype=torch.long)
+        return cls(tuple(nodes), parents, depths, ancestors, candidate_index)
+
+
+def chain(depth: int) -> TokenTree:
+    """Blockwise parallel decoding: each head's top-1 guess, one after another."""
+    return TokenTree.from_paths([[0] * d for d in range(1, depth + 1)])
+
+
+def _medusa_trees() -> dict[str, list[list[int]]]:
+    return json.loads((resources.files("propd.tree") / "medusa_trees.json").read_text())
+
+
+def tree_names() -> list[str]:
+    return ["mc_sim_7b_63", "top32", "top16", "top8", "chain2", "chain3", "chain4", "chain5"]
+
+
+def load_tree(spec: str) -> TokenTree:
+    """A named tree (see ``tree_names``) or a JSON file holding a list of rank paths.
+
+    ``topN`` is the first N nodes of ``mc_sim_7b_63``, which Medusa lists most probable first."""
+    if spec == "mc_sim_7b_63":
+        return TokenTree.from_paths(_medusa_trees()[spec])
+    if spec.startswith("top") and spec[3:].isdigit():
+        return TokenTree.from_paths(_medusa_trees()["mc_sim_7b_63"][: int(spec[3:])])
+    if spec.startswith("chain") and spec[5:].isdigit():
+        return chain(int(spec[5:]))
+    path = Path(spec)
+    if path.is_file():
+        try:
+            return TokenTree.from_paths(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise PropdError(f"{path}: expected a JSON list of rank paths ({e})") from e
+    raise PropdError(f"unknown tree {spec!r}: use one of {', '.join(tree_names())}, topN, chainN or a JSON file")

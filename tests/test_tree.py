@@ -1,0 +1,116 @@
+"""Tree verification equals AR: random trees, random heads, random prompts and batch compositions."""
+
+import random
+
+import pytest
+import torch
+
+from propd.decoding.ar import ARMethod
+from propd.decoding.loop import generate_batch
+from propd.decoding.tree import TreeMethod, accepted_offsets, greedy_accept
+from propd.errors import PropdError
+from propd.heads.medusa import MedusaHeads
+from propd.models.decoder import Decoder
+from propd.tree.tree import TokenTree, chain, load_tree
+from tests.conftest import REAL_PROMPTS, tiny_hf_model
+
+
+def random_tree(rng: random.Random, nodes: int, depth: int, width: int) -> TokenTree:
+    paths = {()}
+    while len(paths) < nodes + 1:
+        parent = rng.choice([p for p in paths if len(p) < depth])
+        paths.add(parent + (rng.randrange(width),))
+    return TokenTree.from_paths([p for p in paths if p])
+
+
+def random_heads(dim: int, vocab: int, num_heads: int, seed: int, shared: bool = True) -> MedusaHeads:
+    torch.manual_seed(seed)
+    heads = MedusaHeads(dim, vocab, num_heads, 1, shared_lm_head=shared)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.3)
+    return heads.eval()
+
+
+def test_tree_structure_of_a_small_tree():
+    tree = TokenTree.from_paths([[1], [0], [0, 0], [0, 1], [1, 0]])
+    assert tree.paths == ((0,), (1,), (0, 0), (0, 1), (1, 0))
+    assert tree.parents.tolist() == [0, 0, 0, 1, 1, 2]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 2]
+    assert tree.ancestors[5].nonzero().flatten().tolist() == [0, 2, 5]
+    assert tree.candidate_index.tolist() == [0, 1, 2, 3, 2]  # [heads, 2] flattened
+    with pytest.raises(PropdError, match="no parent"):
+        TokenTree.from_paths([[0, 1]])
+
+
+def test_named_trees_load():
+    assert load_tree("mc_sim_7b_63").size == 64
+    assert load_tree("top16").size == 17
+    assert load_tree("chain4").paths == chain(4).paths and chain(4).depth == 4
+    with pytest.raises(PropdError, match="unknown tree"):
+        load_tree("nope")
+
+
+def test_greedy_accept_picks_longest_correct_path_and_offsets_pack_it():
+    tree = TokenTree.from_paths([[0], [1], [0, 0], [1, 0]])
+    # nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0), 4 (1,0)
+    tokens = torch.tensor([[5, 7, 8, 9, 3], [5, 7, 8, 9, 3]])
+    predictions = torch.tensor([[8, 1, 3, 0, 0], [6, 1, 3, 0, 0]])  # row 0: 8 then 3 -> path 0,2,4
+    last = greedy_accept(tokens, predictions, tree)
+    assert last.tolist() == [4, 0]
+    offsets, counts = accepted_offsets(tree, last)
+    assert counts.tolist() == [3, 1]
+    assert offsets[0].tolist() == [0, 2, 4]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tree_decoding_equals_ar_on_random_trees_and_batches(seed):
+    rng = random.Random(seed)
+    family = ["llama", "mistral", "qwen2"][seed % 3]
+    hf = tiny_hf_model(family, seed=seed)
+    dec = Decoder.from_hf(hf)
+    heads = random_heads(64, 96, 4, seed, shared=seed % 2 == 0)
+    tree = random_tree(rng, nodes=rng.randint(1, 24), depth=4, width=rng.randint(1, 6))
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(2, 20))] for _ in range(rng.randint(1, 5))]
+    eos = {0}
+    ar = generate_batch(dec, ARMethod(), prompts, 40, eos)
+    for batch_size in (1, len(prompts)):
+        for i in range(0, len(prompts), batch_size):
+            out = generate_batch(dec, TreeMethod(heads, tree), prompts[i : i + batch_size], 40, eos)
+            for a, t in zip(ar[i : i + batch_size], out):
+                assert t.token_ids == a.token_ids
+                assert t.steps <= a.steps
+
+
+def test_tree_decoding_accepts_several_tokens_when_heads_guess_right():
+    """Heads that know the model's greedy continuation get a whole chain accepted every step."""
+    hf = tiny_hf_model("llama", seed=3)
+    dec = Decoder.from_hf(hf)
+    prompt = [5, 17, 33]
+    ar = generate_batch(dec, ARMethod(), [prompt], 30, set())[0].token_ids
+    full = prompt + ar
+
+    class OracleTree(TreeMethod):
+        cache = None
+
+        def step(self, decoder, cache, roots):
+            self.cache = cache
+            return super().step(decoder, cache, roots)
+
+        def propose(self, decoder, normed):
+            # The root sits at the cache length: every accepted token but the root is cached.
+            position = len(prompt) if self.cache is None else int(self.cache.lengths[0])
+            guesses = [full[min(position + i, len(full) - 1)] for i in range(1, 4)]
+            return torch.tensor(guesses).view(1, 3, 1)
+
+    stats = generate_batch(dec, OracleTree(random_heads(64, 96, 3, 0), chain(3)), [prompt], 30, set())[0]
+    assert stats.token_ids == ar
+    assert stats.mean_accepted > 3.5
+
+
+def test_default_model_medusa_equals_ar_batch_1_and_4(default_model):
+    heads = random_heads(576, 49152, 4, seed=0)
+    want = [w.token_ids for w in default_model.generate(REAL_PROMPTS, "ar", max_new_tokens=40)]
+    for tree, bs in (("top16", 1), ("mc_sim_7b_63", 4)):
+        got = default_model.generate(REAL_PROMPTS, default_model.method("medusa", heads, tree), max_new_tokens=40, batch_size=bs)
+        assert [g.token_ids for g in got] == want, (tree, bs)
