@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from propd.errors import PropdError
 
@@ -76,6 +77,41 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(f"\n[{time.perf_counter() - t:.1f} s]", file=sys.stderr)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from propd.bench.report import build_results, write_report
+    from propd.bench.run import machine_facts, run_bench
+    from propd.engine import Propd
+    from propd.prompts import builtin_prompts_path, load_prompts
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    prompts = load_prompts(args.prompts, turn=args.turn, limit=args.limit)
+    model = Propd.from_pretrained(args.model, args.dtype)
+    runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree)
+    config = {
+        "prompts_file": str(args.prompts or builtin_prompts_path().name), "prompts": len(prompts), "methods": methods,
+        "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens, "model": args.model, "heads": args.heads, "tree": args.tree,
+    }
+    results = build_results(model, runs, machine_facts(args.dtype), config)
+    paths = write_report(results, runs, Path(args.out))
+    print((Path(args.out) / "report.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from propd.engine import Propd
+    from propd.training.pipeline import TrainConfig, report_markdown, run_training
+
+    cfg = TrainConfig(
+        prompts=args.prompts, out=Path(args.out), num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, num_heads=args.num_heads, num_layers=args.num_layers,
+        early_layers=tuple(int(k) for k in args.early_layers.split(",")), epochs=args.epochs, early_epochs=args.early_epochs,
+    )
+    report = run_training(Propd.from_pretrained(args.model, "float32"), cfg)
+    print(report_markdown(report))
+    print(f"heads written to {cfg.out / 'heads'}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="propd", description="Lossless parallel decoding (ProPD) for LLaMA-family models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_model_args(g)
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="side-by-side benchmark of decoding methods")
+    b.add_argument("--prompts", help="question.jsonl (Spec-Bench / MT-Bench format); default: propd's built-in set")
+    b.add_argument("--turn", type=int, default=0)
+    b.add_argument("--limit", type=int, help="at most this many prompts")
+    b.add_argument("--methods", default="hf,ar,bpd,medusa", help="comma-separated: hf (transformers generate), ar, bpd, medusa")
+    b.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,2,4,8")
+    b.add_argument("--out", default="bench-out", help="directory for results.json, report.md and plots")
+    add_model_args(b)
+    b.set_defaults(func=cmd_bench, max_new_tokens=128)
+
+    t = sub.add_parser("train", help="self-distil and train Medusa + early-pruning heads (resumable)")
+    t.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field or Spec-Bench 'turns'")
+    t.add_argument("--out", required=True, help="work directory; trained heads go to OUT/heads")
+    t.add_argument("--model", default="default")
+    t.add_argument("--num-prompts", type=int, default=1000)
+    t.add_argument("--max-new-tokens", type=int, default=192, help="answer length for self-distillation")
+    t.add_argument("--batch-size", type=int, default=8, help="generation batch size for self-distillation")
+    t.add_argument("--num-heads", type=int, default=4)
+    t.add_argument("--num-layers", type=int, default=1, help="residual blocks per head")
+    t.add_argument("--early-layers", default="4,8,12", help="candidate layers for the early-pruning head")
+    t.add_argument("--epochs", type=float, default=2.0)
+    t.add_argument("--early-epochs", type=float, default=1.0)
+    t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("chat", help="interactive chat, streamed")
     add_model_args(c)

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from propd.errors import PropdError
+from propd.heads.checkpoint import read_json, read_weights
 
 
 class ResBlock(nn.Module):
@@ -79,16 +79,16 @@ class MedusaHeads(nn.Module):
         if not directory.is_dir():
             raise PropdError(f"heads directory not found: {directory}")
         if (directory / "heads.json").exists():
-            config = _read_json(directory / "heads.json")
-            state = _read_weights(directory / "heads.safetensors")
+            config = read_json(directory / "heads.json")
+            state = read_weights(directory / "heads.safetensors")
             meta = {k: v for k, v in config.items() if k not in ("format", "hidden_size", "vocab_size", "medusa_num_heads", "medusa_num_layers", "shared_lm_head")}
             heads = cls(config["hidden_size"], config["vocab_size"], config["medusa_num_heads"], config["medusa_num_layers"], config["shared_lm_head"], meta)
         elif (directory / "config.json").exists():
-            config = _read_json(directory / "config.json")
+            config = read_json(directory / "config.json")
             weights = next((directory / n for n in ("medusa_lm_head.safetensors", "medusa_lm_head.pt") if (directory / n).exists()), None)
             if "medusa_num_heads" not in config or weights is None:
                 raise PropdError(f"{directory} is not a Medusa checkpoint (needs medusa_num_heads in config.json and medusa_lm_head.pt/.safetensors)")
-            state = _read_weights(weights)
+            state = read_weights(weights)
             n_layers = config.get("medusa_num_layers", 1)
             shared = f"0.{n_layers}.weight" not in state
             dim = state["0.0.linear.weight"].shape[1] if n_layers else config["hidden_size"]
@@ -103,21 +103,3 @@ class MedusaHeads(nn.Module):
         except RuntimeError as e:
             raise PropdError(f"{directory}: weights do not match the heads' configuration: {str(e).splitlines()[0]}") from e
         return heads.eval()
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PropdError(f"cannot read {path}: {e}") from e
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise PropdError(f"missing weights file {path}")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise PropdError(f"corrupt or unreadable checkpoint {path}: {e}") from e

@@ -1,0 +1,158 @@
+"""Bench results: records (results.json), Markdown tables (report.md) and PNG plots.
+
+results.json schema
+  machine: {cpu, threads, torch, python, dtype, device}
+  config: {prompts, methods, batch_sizes, max_new_tokens, heads, tree}
+  runs: one record per method x batch size:
+    method, batch_size, prompts (count), new_tokens, seconds, tokens_per_s,
+    mean_accepted (tokens per decode step; null for hf), steps,
+    tree_tokens_per_step, late_tokens_per_step (tokens through the late layers; < tree tokens when pruned),
+    ms_per_step, speedup_vs_ar, speedup_vs_hf (null when hf did not run),
+    lossless (every output token-identical to ar's), mismatches (first differing position per prompt)
+  per_category: the same tokens_per_s / mean_accepted / speedup_vs_ar, per method x batch size x category
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from propd.bench.run import HF, MethodRun, first_mismatch  # noqa: E402
+
+
+def _summary(gens, seconds: float) -> dict:
+    new = sum(g.new_tokens for g in gens)
+    steps = sum(g.stats.steps for g in gens)
+    step_tokens = sum(sum(g.stats.step_accepted) for g in gens)
+    return {
+        "new_tokens": new,
+        "seconds": round(seconds, 4),
+        "tokens_per_s": round(new / seconds, 3) if seconds else None,
+        "steps": steps,
+        "mean_accepted": round(step_tokens / steps, 4) if steps else None,
+        "tree_tokens_per_step": round(sum(sum(g.stats.step_tree_tokens) for g in gens) / steps, 3) if steps else None,
+        "late_tokens_per_step": round(sum(sum(g.stats.step_late_tokens) for g in gens) / steps, 3) if steps else None,
+        "ms_per_step": round(1e3 * sum(g.stats.step_seconds[i] for g in gens for i in range(g.stats.steps)) / steps, 3) if steps else None,
+    }
+
+
+def build_results(model, runs: list[MethodRun], machine: dict, config: dict) -> dict:
+    ar = {r.batch_size: r for r in runs if r.method == "ar"}
+    tps = {(r.method, r.batch_size): _summary(r.generations, r.seconds)["tokens_per_s"] for r in runs}
+    records, per_category = [], []
+    for r in runs:
+        ref = ar[r.batch_size]
+        rec = {"method": r.method, "batch_size": r.batch_size, "prompts": len(r.generations), **_summary(r.generations, r.seconds)}
+        rec["speedup_vs_ar"] = round(rec["tokens_per_s"] / tps[("ar", r.batch_size)], 3)
+        hf_tps = tps.get((HF, r.batch_size))
+        rec["speedup_vs_hf"] = round(rec["tokens_per_s"] / hf_tps, 3) if hf_tps else None
+        mismatches = [m for p, a, g in zip(r.prompts, ref.generations, r.generations) if (m := first_mismatch(model, p, a.token_ids, g.token_ids))]
+        rec["lossless"] = not mismatches
+        rec["mismatches"] = mismatches
+        records.append(rec)
+        per_category += _per_category(r, ref)
+    return {"machine": machine, "config": config, "runs": records, "per_category": per_category}
+
+
+def _per_category(run: MethodRun, ref: MethodRun) -> list[dict]:
+    """Category rows; a batch's wall time is shared evenly among its prompts."""
+
+    def grouped(r: MethodRun) -> dict[str, dict]:
+        by_cat = defaultdict(list)
+        for p, g in zip(r.prompts, r.generations):
+            by_cat[p.category].append(g)
+        share = r.seconds / max(1, len(r.generations))
+        return {cat: _summary(gens, share * len(gens)) for cat, gens in by_cat.items()}
+
+    mine, ref_cats = grouped(run), grouped(ref)
+    return [
+        {"method": run.method, "batch_size": run.batch_size, "category": cat, "tokens_per_s": s["tokens_per_s"],
+         "mean_accepted": s["mean_accepted"], "speedup_vs_ar": round(s["tokens_per_s"] / ref_cats[cat]["tokens_per_s"], 3)}
+        for cat, s in sorted(mine.items())
+    ]
+
+
+def write_report(results: dict, runs: list[MethodRun], out: Path) -> list[Path]:
+    """Write results.json, report.md and the plots; return the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "report.md").write_text(markdown(results))
+    return [out / "results.json", out / "report.md", *plots(results, runs, out)]
+
+
+def markdown(results: dict) -> str:
+    m, c = results["machine"], results["config"]
+    lines = [
+        "# propd bench",
+        "",
+        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['dtype']}. "
+        f"{c['prompts']} prompts from `{c['prompts_file']}`, up to {c['max_new_tokens']} new tokens, greedy.",
+        "",
+        "| method | batch | tokens/s | speed-up vs ar | speed-up vs hf | mean accepted | tree tokens/step | late tokens/step | ms/step | lossless |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["runs"]:
+        lossless = "yes" if r["lossless"] else f"**NO** (first at {r['mismatches'][0]['position']}, gap {r['mismatches'][0]['logit_gap']})"
+        lines.append(
+            f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | "
+            f"{_fmt(r['speedup_vs_hf'], 'x')} | {_fmt(r['mean_accepted'])} | "
+            f"{_fmt(r['tree_tokens_per_step'])} | {_fmt(r['late_tokens_per_step'])} | {_fmt(r['ms_per_step'])} | {lossless} |"
+        )
+    lines += ["", "## Per category", "", "| method | batch | category | tokens/s | speed-up vs ar | mean accepted |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in results["per_category"]:
+        lines.append(f"| {r['method']} | {r['batch_size']} | {r['category']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | {_fmt(r['mean_accepted'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x, suffix: str = "") -> str:
+    return "" if x is None else f"{x:.2f}{suffix}"
+
+
+def plots(results: dict, runs: list[MethodRun], out: Path) -> list[Path]:
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in results["runs"]):
+        rs = [r for r in results["runs"] if r["method"] == method]
+        ax.plot([r["batch_size"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=method)
+    ax.set(xlabel="batch size", ylabel="tokens/s", title="Throughput by batch size")
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, out / "tokens_per_s.png"))
+
+    tree_runs = [r for r in runs if r.method not in (HF, "ar") and r.generations]
+    if tree_runs:
+        fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        for r in tree_runs:
+            s = max(r.generations, key=lambda g: g.stats.steps).stats  # the longest generation
+            a1.plot(s.step_accepted, label=f"{r.method} (batch {r.batch_size})", alpha=0.8)
+            a2.plot(s.step_tree_tokens, label=f"{r.method} tree", alpha=0.8)
+            if s.step_late_tokens != s.step_tree_tokens:
+                a2.plot(s.step_late_tokens, linestyle="--", label=f"{r.method} after pruning", alpha=0.8)
+        a1.set(ylabel="accepted tokens", title="Per decoding step (longest generation)")
+        a2.set(xlabel="step", ylabel="tree tokens")
+        a1.legend(fontsize=7)
+        a2.legend(fontsize=7)
+        paths.append(_save(fig, out / "steps.png"))
+
+    pruned = [r for r in results["runs"] if r["late_tokens_per_step"] and r["tree_tokens_per_step"] and r["late_tokens_per_step"] < r["tree_tokens_per_step"]]
+    if pruned:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labels = [f"{r['method']}\nb={r['batch_size']}" for r in pruned]
+        ax.bar(labels, [1 - r["late_tokens_per_step"] / r["tree_tokens_per_step"] for r in pruned])
+        ax.set(ylabel="pruned fraction of tree tokens", title="Early pruning ratio")
+        paths.append(_save(fig, out / "pruning.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

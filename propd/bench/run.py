@@ -1,0 +1,136 @@
+"""``propd bench``: every method on the same prompts, same process, interleaved, Spec-Bench style.
+
+For each batch size the prompts are cut into batches; every batch runs each method once, in an order
+that rotates from batch to batch so that machine noise hits all methods alike. A method's tokens/s is
+its new tokens over its wall time; its output must be token-identical to ``ar``'s (``lossless``).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from propd.engine import Generation, Propd
+from propd.errors import PropdError
+from propd.prompts import Prompt
+
+HF = "hf"
+
+
+@dataclass
+class MethodRun:
+    """Every generation of one method at one batch size."""
+
+    method: str
+    batch_size: int
+    seconds: float = 0.0
+    generations: list[Generation] = field(default_factory=list)
+    prompts: list[Prompt] = field(default_factory=list)
+
+
+def machine_facts(dtype: str) -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "dtype": dtype,
+        "device": "cpu",
+    }
+
+
+def hf_generate(model: Propd, prompts: list[str], max_new_tokens: int) -> list[Generation]:
+    """``transformers`` greedy generate on the same batch (left-padded), timed as one call."""
+    from propd.decoding.loop import RowStats
+
+    encoded = [model.encode(p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else min(model.eos_ids)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.hf_model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=sorted(model.eos_ids))
+    seconds = time.perf_counter() - t
+    results = []
+    for p, row in zip(prompts, out[:, width:].tolist()):
+        tokens = []
+        for tok in row:
+            tokens.append(tok)
+            if tok in model.eos_ids:
+                break
+        stats = RowStats(token_ids=tokens, seconds=seconds)
+        results.append(Generation(p, model.tokenizer.decode(tokens, skip_special_tokens=True), tokens, stats))
+    return results
+
+
+def run_bench(
+    model: Propd,
+    prompts: list[Prompt],
+    methods: list[str],
+    batch_sizes: list[int],
+    max_new_tokens: int,
+    heads: str = "default",
+    tree: str | None = None,
+) -> list[MethodRun]:
+    if "ar" not in methods:
+        raise PropdError("bench needs 'ar' among the methods: it is the reference for speed-up and losslessness")
+    builders = {m: (None if m == HF else model.method(m, heads, tree)) for m in methods}
+
+    def run_one(method: str, batch: list[Prompt], n: int) -> tuple[list[Generation], float]:
+        texts = [p.text for p in batch]
+        t = time.perf_counter()
+        gens = hf_generate(model, texts, n) if method == HF else model.generate(texts, builders[method], n, len(texts))
+        return gens, time.perf_counter() - t
+
+    for m in methods:  # warm-up: first-call allocations and caches
+        run_one(m, prompts[:1], 8)
+    runs = []
+    total = sum(len(methods) * -(-len(prompts) // b) for b in batch_sizes)
+    with tqdm(total=total, desc="bench", unit="run") as bar:
+        for b in batch_sizes:
+            by_method = {m: MethodRun(m, b) for m in methods}
+            for k, start in enumerate(range(0, len(prompts), b)):
+                batch = prompts[start : start + b]
+                order = methods[k % len(methods) :] + methods[: k % len(methods)]
+                for m in order:
+                    gens, seconds = run_one(m, batch, max_new_tokens)
+                    r = by_method[m]
+                    r.seconds += seconds
+                    r.generations += gens
+                    r.prompts += batch
+                    bar.set_postfix(batch_size=b, method=m)
+                    bar.update(1)
+            runs += by_method.values()
+    return runs
+
+
+def first_mismatch(model: Propd, prompt: Prompt, reference: list[int], got: list[int]) -> dict | None:
+    """Where a method's tokens first differ from AR's, and the reference logit gap there
+    (the model's logit of AR's token minus that of the method's token at that position)."""
+    n = next((i for i, (a, b) in enumerate(zip(reference, got)) if a != b), None)
+    if n is None:
+        if len(reference) == len(got):
+            return None
+        n = min(len(reference), len(got))
+        return {"prompt_id": prompt.id, "position": n, "ar_token": reference[n] if n < len(reference) else None, "method_token": got[n] if n < len(got) else None, "logit_gap": None}
+    ids = torch.tensor([model.encode(prompt.text) + reference[:n]])
+    with torch.inference_mode():
+        logits = model.hf_model(ids).logits[0, -1]
+    return {
+        "prompt_id": prompt.id,
+        "position": n,
+        "ar_token": reference[n],
+        "method_token": got[n],
+        "logit_gap": round(float(logits[reference[n]] - logits[got[n]]), 6),
+    }

@@ -1,0 +1,51 @@
+"""The early-pruning head: predicts the next token from the residual stream after an early layer k.
+
+Form: residual blocks, then the base model's own final norm and frozen ``lm_head`` (so the checkpoint
+holds only the blocks). ProPD compares each tree node's token with the top-K of its parent's early
+prediction and prunes the node, with its subtree, when it is not there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from propd.errors import PropdError
+from propd.heads.checkpoint import read_json, read_weights
+from propd.heads.medusa import ResBlock
+from propd.models.decoder import Decoder
+
+
+class EarlyHead(nn.Module):
+    def __init__(self, dim: int, vocab_size: int, layer: int, num_layers: int = 1, meta: dict | None = None):
+        super().__init__()
+        self.dim, self.vocab_size, self.layer, self.num_layers = dim, vocab_size, layer, num_layers
+        self.meta = dict(meta or {})
+        self.blocks = nn.Sequential(*[ResBlock(dim) for _ in range(num_layers)])
+
+    def logits(self, hidden: torch.Tensor, decoder: Decoder) -> torch.Tensor:
+        """Residual stream after layer ``self.layer`` [..., dim] -> next-token logits [..., vocab]."""
+        return decoder.logits(self.blocks(hidden))
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.blocks.state_dict().items()}, directory / "early_head.safetensors")
+        config = {"hidden_size": self.dim, "vocab_size": self.vocab_size, "layer": self.layer, "num_layers": self.num_layers, **self.meta}
+        (directory / "early_head.json").write_text(json.dumps(config, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "EarlyHead":
+        directory = Path(directory)
+        config = read_json(directory / "early_head.json")
+        meta = {k: v for k, v in config.items() if k not in ("hidden_size", "vocab_size", "layer", "num_layers")}
+        head = cls(config["hidden_size"], config["vocab_size"], config["layer"], config["num_layers"], meta)
+        try:
+            head.blocks.load_state_dict(read_weights(directory / "early_head.safetensors"))
+        except RuntimeError as e:
+            raise PropdError(f"{directory}: early head weights do not match its configuration: {str(e).splitlines()[0]}") from e
+        return head.eval()

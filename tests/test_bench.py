@@ -1,0 +1,52 @@
+"""propd bench on a tiny model: schema of results.json, report, plots, and the lossless flag."""
+
+import json
+
+import pytest
+
+from propd.bench.report import build_results, write_report
+from propd.bench.run import machine_facts, run_bench
+from propd.engine import Propd
+from propd.prompts import load_prompts
+from tests.conftest import tiny_hf_model
+from tests.test_tree import random_heads
+
+RUN_KEYS = {"method", "batch_size", "tokens_per_s", "mean_accepted", "speedup_vs_ar", "speedup_vs_hf", "lossless", "prompts", "new_tokens", "tree_tokens_per_step", "late_tokens_per_step"}
+
+
+@pytest.fixture(scope="module")
+def tiny_propd(default_model):
+    """A tiny random model that shares the default model's tokenizer (so prompts are real text)."""
+    return Propd(tiny_hf_model("llama", vocab=len(default_model.tokenizer)), default_model.tokenizer, name="tiny")
+
+
+def test_bench_writes_schema_report_and_plots(tiny_propd, tmp_path):
+    prompts = load_prompts(limit=4)
+    heads = random_heads(64, len(tiny_propd.tokenizer), 4, seed=1)
+    runs = run_bench(tiny_propd, prompts, ["hf", "ar", "medusa"], [1, 2], 12, heads, "top8")
+    results = build_results(tiny_propd, runs, machine_facts("float32"), {"prompts_file": "builtin", "prompts": 4, "max_new_tokens": 12})
+    paths = write_report(results, runs, tmp_path)
+    assert {p.name for p in paths} >= {"results.json", "report.md", "tokens_per_s.png", "steps.png"}
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["runs"]) == 6
+    for r in data["runs"]:
+        assert RUN_KEYS <= set(r)
+        assert r["prompts"] == 4 and r["tokens_per_s"] > 0
+    ar = [r for r in data["runs"] if r["method"] == "ar"]
+    assert all(r["speedup_vs_ar"] == 1.0 and r["mean_accepted"] == 1.0 for r in ar)
+    medusa = [r for r in data["runs"] if r["method"] == "medusa"]
+    assert all(r["lossless"] and r["tree_tokens_per_step"] == 9 for r in medusa)
+    assert {c["category"] for c in data["per_category"]} == {p.category for p in prompts}
+    assert "| medusa | 2 |" in (tmp_path / "report.md").read_text()
+
+
+def test_lossless_flag_reports_first_difference(tiny_propd):
+    prompts = load_prompts(limit=2)
+    runs = run_bench(tiny_propd, prompts, ["ar", "bpd"], [1], 6, random_heads(64, len(tiny_propd.tokenizer), 2, seed=2))
+    bpd = next(r for r in runs if r.method == "bpd")
+    bpd.generations[1].token_ids[3] = (bpd.generations[1].token_ids[3] + 1) % 100  # corrupt one output
+    results = build_results(tiny_propd, runs, machine_facts("float32"), {})
+    rec = next(r for r in results["runs"] if r["method"] == "bpd")
+    assert rec["lossless"] is False
+    (m,) = rec["mismatches"]
+    assert m["prompt_id"] == prompts[1].id and m["position"] == 3 and m["logit_gap"] > 0

@@ -1,0 +1,80 @@
+"""Head training on a tiny model: the whole pipeline runs, the loss falls, checkpoints round-trip."""
+
+import json
+
+import pytest
+import torch
+
+from propd.engine import Propd
+from propd.errors import PropdError
+from propd.heads.early import EarlyHead
+from propd.heads.medusa import MedusaHeads
+from propd.prompts import builtin_prompts_path
+from propd.training.pipeline import TrainConfig, choose_early_layer, run_training
+from tests.conftest import tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny_propd(default_model):
+    return Propd(tiny_hf_model("llama", vocab=len(default_model.tokenizer)), default_model.tokenizer, name="tiny")
+
+
+def test_train_pipeline_runs_and_heads_learn(tiny_propd, tmp_path):
+    cfg = TrainConfig(prompts=str(builtin_prompts_path()), out=tmp_path, num_prompts=8, max_new_tokens=24, batch_size=4,
+                      num_heads=2, early_layers=(1, 2), epochs=20, early_epochs=5, lr=1e-2)
+    report = run_training(tiny_propd, cfg)
+    first, last = report["medusa"]["loss_first_last"]
+    assert last < 0.7 * first
+    assert report["data"]["sequences"] == 8
+    assert set(report["early"]) == {"1", "2"} and report["early_layer"] in (1, 2)
+    heads = MedusaHeads.load(tmp_path / "heads")
+    assert heads.num_heads == 2 and len(heads.meta["rank_probabilities"][0]) == 10
+    assert EarlyHead.load(tmp_path / "heads").layer == report["early_layer"]
+    assert "Early-pruning head" in (tmp_path / "heads" / "report.md").read_text()
+    again = run_training(tiny_propd, cfg)  # resumes: no new answers, cached features
+    assert again["data"] == report["data"]
+
+
+def test_heads_checkpoint_round_trip_and_fit_check(tmp_path):
+    torch.manual_seed(0)
+    heads = MedusaHeads(16, 40, 3, 2, shared_lm_head=True, meta={"base_model": "x"})
+    for p in heads.parameters():
+        torch.nn.init.normal_(p)
+    heads.save(tmp_path)
+    loaded = MedusaHeads.load(tmp_path)
+    lm_head_t = torch.randn(16, 40)
+    x = torch.randn(5, 16)
+    assert torch.equal(heads.logits(x, lm_head_t), loaded.logits(x, lm_head_t))
+    with pytest.raises(PropdError, match="hidden size 16"):
+        loaded.check_fits(576, 49152)
+
+
+def test_medusa_format_checkpoint_loads(tmp_path):
+    """Medusa-1 layout: config.json + medusa_lm_head.pt with per-head projections."""
+    dim, vocab = 8, 30
+    state = {}
+    for h in range(2):
+        state[f"{h}.0.linear.weight"] = torch.randn(dim, dim)
+        state[f"{h}.0.linear.bias"] = torch.randn(dim)
+        state[f"{h}.1.weight"] = torch.randn(vocab, dim)
+    torch.save(state, tmp_path / "medusa_lm_head.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1, "base_model_name_or_path": "lmsys/vicuna-7b-v1.3"}))
+    heads = MedusaHeads.load(tmp_path)
+    assert not heads.shared_lm_head and heads.vocab_size == vocab
+    x = torch.randn(3, dim)
+    h1 = x + torch.nn.functional.silu(x @ state["1.0.linear.weight"].T + state["1.0.linear.bias"])
+    assert torch.allclose(heads.logits(x, None)[:, 1], h1 @ state["1.1.weight"].T, atol=1e-5)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    MedusaHeads(8, 20, 1).save(tmp_path)
+    (tmp_path / "heads.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PropdError, match="corrupt or unreadable"):
+        MedusaHeads.load(tmp_path)
+    with pytest.raises(PropdError, match="not found"):
+        MedusaHeads.load(tmp_path / "missing")
+
+
+def test_choose_early_layer_prefers_earliest_near_best():
+    assert choose_early_layer({4: {"top10": 0.40}, 8: {"top10": 0.42}, 12: {"top10": 0.50}}) == 12
+    assert choose_early_layer({4: {"top10": 0.48}, 8: {"top10": 0.49}, 12: {"top10": 0.50}}) == 4
