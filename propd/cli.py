@@ -57,6 +57,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(f"\n[{s['new_tokens']} tokens, {s['tokens_per_s']} tok/s, {s['steps']} steps, {s['mean_accepted']} tokens/step]\n", file=sys.stderr)
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Stream one generation with the chosen method, then time plain AR on the same prompt."""
+    from propd.engine import Propd, TextStream
+
+    model = Propd.from_pretrained(args.model, args.dtype)
+    method = model.method(args.method, args.heads, args.tree)
+    print(f"### {args.prompt}  [{args.method}]")
+    stream = TextStream(model.tokenizer)
+    fast = model.generate([args.prompt], method, args.max_new_tokens, 1, not args.raw, lambda _, t: print(stream.push(t), end="", flush=True))[0]
+    ar = model.generate([args.prompt], "ar", args.max_new_tokens, 1, not args.raw)[0]
+    f, a = fast.to_json(), ar.to_json()
+    print(f"\n\n{args.method}: {f['tokens_per_s']} tokens/s, {f['mean_accepted']} tokens/step, {f['tree_tokens_per_step']} tree tokens/step")
+    print(f"ar: {a['tokens_per_s']} tokens/s")
+    print(f"speed-up over ar: {f['tokens_per_s'] / a['tokens_per_s']:.2f}x; identical output: {'yes' if fast.token_ids == ar.token_ids else 'NO'}")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from propd.engine import Propd
 
@@ -106,10 +122,31 @@ def cmd_train(args: argparse.Namespace) -> None:
         prompts=args.prompts, out=Path(args.out), num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, num_heads=args.num_heads, num_layers=args.num_layers,
         early_layers=tuple(int(k) for k in args.early_layers.split(",")), epochs=args.epochs, early_epochs=args.early_epochs,
+        lr=args.lr, candidate_vocab=args.candidate_vocab,
     )
     report = run_training(Propd.from_pretrained(args.model, "float32"), cfg)
     print(report_markdown(report))
     print(f"heads written to {cfg.out / 'heads'}", file=sys.stderr)
+
+
+def cmd_latency(args: argparse.Namespace) -> None:
+    import json
+
+    from propd.bench.latency import plot_latency, step_latency, tree_build_time
+    from propd.engine import Propd
+
+    model = Propd.from_pretrained(args.model, args.dtype)
+    sizes = [int(n) for n in args.sizes.split(",")]
+    rows = step_latency(model.decoder, sizes, [int(b) for b in args.batch_sizes.split(",")], args.context)
+    build_ms = tree_build_time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency.json").write_text(json.dumps({"dtype": args.dtype, "context": args.context, "tree_build_ms_mc_sim_7b_63": build_ms, "steps": rows}, indent=1))
+    plot_latency(rows, out / "latency.png")
+    print("| batch | tree tokens | ms/step |\n| --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['batch_size']} | {r['tree_tokens']} | {r['ms']} |")
+    print(f"\nbuilding mc_sim_7b_63's tensors: {build_ms:.3f} ms; wrote {out / 'latency.json'}, {out / 'latency.png'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(b)
     b.set_defaults(func=cmd_bench, max_new_tokens=128)
 
+    lat = sub.add_parser("latency", help="verification step time by tree size, and tree build time")
+    lat.add_argument("--model", default="default")
+    lat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    lat.add_argument("--sizes", default="1,2,4,8,16,32,64", help="tree tokens per row (root included)")
+    lat.add_argument("--batch-sizes", default="1")
+    lat.add_argument("--context", type=int, default=256, help="cached tokens before the tree")
+    lat.add_argument("--out", default="bench-out")
+    lat.set_defaults(func=cmd_latency)
+
     t = sub.add_parser("train", help="self-distil and train Medusa + early-pruning heads (resumable)")
     t.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field or Spec-Bench 'turns'")
     t.add_argument("--out", required=True, help="work directory; trained heads go to OUT/heads")
@@ -148,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--early-layers", default="4,8,12", help="candidate layers for the early-pruning head")
     t.add_argument("--epochs", type=float, default=2.0)
     t.add_argument("--early-epochs", type=float, default=1.0)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--candidate-vocab", type=int, default=8192, help="heads guess among the N most emitted tokens (0: all)")
     t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="stream one answer with a fast method, then compare its speed with AR")
+    d.add_argument("prompt", nargs="?", default="Explain how a rainbow forms, in a short paragraph.")
+    add_model_args(d)
+    d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("chat", help="interactive chat, streamed")
     add_model_args(c)

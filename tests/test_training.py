@@ -21,7 +21,7 @@ def tiny_propd(default_model):
 
 def test_train_pipeline_runs_and_heads_learn(tiny_propd, tmp_path):
     cfg = TrainConfig(prompts=str(builtin_prompts_path()), out=tmp_path, num_prompts=8, max_new_tokens=24, batch_size=4,
-                      num_heads=2, early_layers=(1, 2), epochs=20, early_epochs=5, lr=1e-2)
+                      num_heads=2, early_layers=(1, 2), epochs=20, early_epochs=5, lr=1e-2, candidate_vocab=64)
     report = run_training(tiny_propd, cfg)
     first, last = report["medusa"]["loss_first_last"]
     assert last < 0.7 * first
@@ -29,6 +29,10 @@ def test_train_pipeline_runs_and_heads_learn(tiny_propd, tmp_path):
     assert set(report["early"]) == {"1", "2"} and report["early_layer"] in (1, 2)
     heads = MedusaHeads.load(tmp_path / "heads")
     assert heads.num_heads == 2 and len(heads.meta["rank_probabilities"][0]) == 10
+    assert heads.candidate_vocab is not None and len(heads.candidate_vocab) == 64
+    prompts = ["Say something.", "Count to three."]
+    with_heads = tiny_propd.generate(prompts, tiny_propd.method("bpd", heads), max_new_tokens=16, batch_size=2)
+    assert [g.token_ids for g in with_heads] == [g.token_ids for g in tiny_propd.generate(prompts, "ar", max_new_tokens=16)]
     assert EarlyHead.load(tmp_path / "heads").layer == report["early_layer"]
     assert "Early-pruning head" in (tmp_path / "heads" / "report.md").read_text()
     again = run_training(tiny_propd, cfg)  # resumes: no new answers, cached features

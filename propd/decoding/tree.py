@@ -60,8 +60,7 @@ class TreeMethod:
 
     def propose(self, decoder: Decoder, normed: torch.Tensor) -> torch.Tensor:
         """Heads' top-k tokens [B, H, K] from normed hidden states [B, dim]."""
-        logits = self.heads.logits(normed, decoder.lm_head_t, max(1, self.tree.depth))
-        return logits.topk(max(1, self.tree.max_rank), dim=-1).indices
+        return self.heads.top_tokens(normed, decoder.lm_head_t, max(1, self.tree.depth), max(1, self.tree.max_rank))
 
     def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
         normed = decoder.final_norm(hidden)

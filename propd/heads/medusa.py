@@ -2,7 +2,9 @@
 
 Each head is a stack of residual blocks ``x + SiLU(W x + b)`` and a vocabulary projection: its own
 (Medusa-1 checkpoints) or the base model's frozen ``lm_head`` (``shared_lm_head``, a checkpoint of a
-few MB). Checkpoints load from Medusa's own layout (``config.json`` + ``medusa_lm_head.pt`` or
+few MB). Shared-projection heads may guess only among a *candidate vocabulary* (the tokens the model
+actually emits most): on a CPU the full 49k-row projection per head costs more than the guess is
+worth, and since heads only propose, restricting them never changes the output. Checkpoints load from Medusa's own layout (``config.json`` + ``medusa_lm_head.pt`` or
 ``.safetensors``, keys ``{head}.{block}.linear.weight`` and ``{head}.{blocks}.weight``) and from
 ours (``heads.safetensors`` + ``heads.json`` recording the base model and the acceptance statistics).
 """
@@ -31,11 +33,16 @@ class ResBlock(nn.Module):
 
 
 class MedusaHeads(nn.Module):
-    def __init__(self, dim: int, vocab_size: int, num_heads: int, num_layers: int = 1, shared_lm_head: bool = True, meta: dict | None = None):
+    def __init__(
+        self, dim: int, vocab_size: int, num_heads: int, num_layers: int = 1, shared_lm_head: bool = True,
+        meta: dict | None = None, candidate_vocab: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.dim, self.vocab_size, self.num_heads, self.num_layers = dim, vocab_size, num_heads, num_layers
         self.shared_lm_head = shared_lm_head
         self.meta = dict(meta or {})
+        self.candidate_vocab = candidate_vocab  # [Vc] token ids, or None for the whole vocabulary
+        self._projection: tuple[int, torch.Tensor] | None = None  # (lm_head_t's data_ptr, its candidate columns)
         heads = []
         for _ in range(num_heads):
             layers: list[nn.Module] = [ResBlock(dim) for _ in range(num_layers)]
@@ -44,11 +51,24 @@ class MedusaHeads(nn.Module):
             heads.append(nn.Sequential(*layers))
         self.heads = nn.ModuleList(heads)
 
+    def projection(self, lm_head_t: torch.Tensor) -> torch.Tensor:
+        """The shared projection restricted to the candidate vocabulary [dim, Vc], sliced once."""
+        if self.candidate_vocab is None:
+            return lm_head_t
+        if self._projection is None or self._projection[0] != lm_head_t.data_ptr():
+            self._projection = (lm_head_t.data_ptr(), lm_head_t[:, self.candidate_vocab].contiguous())
+        return self._projection[1]
+
     def logits(self, hidden: torch.Tensor, lm_head_t: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
-        """[N, dim] normed hidden -> [N, H, vocab] for the first ``num_heads`` heads (default all);
-        ``lm_head_t`` [dim, vocab] is the base model's projection, used when the heads share it."""
+        """[N, dim] normed hidden -> [N, H, V] for the first ``num_heads`` heads (default all), over
+        the candidate vocabulary when there is one; ``lm_head_t`` [dim, vocab] is the base projection."""
         out = torch.stack([h(hidden) for h in self.heads[: num_heads or self.num_heads]], dim=-2)
-        return out @ lm_head_t if self.shared_lm_head else out
+        return out @ self.projection(lm_head_t) if self.shared_lm_head else out
+
+    def top_tokens(self, hidden: torch.Tensor, lm_head_t: torch.Tensor, num_heads: int, k: int) -> torch.Tensor:
+        """Each head's k best guesses as token ids [N, num_heads, k]."""
+        index = self.logits(hidden, lm_head_t, num_heads).topk(k, dim=-1).indices
+        return index if self.candidate_vocab is None else self.candidate_vocab[index]
 
     def check_fits(self, dim: int, vocab_size: int, model_name: str | None = None) -> None:
         if dim != self.dim or vocab_size != self.vocab_size:
@@ -61,7 +81,10 @@ class MedusaHeads(nn.Module):
         """Our format: heads.safetensors + heads.json (shape, base model, acceptance statistics)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, directory / "heads.safetensors")
+        tensors = {k: v.contiguous() for k, v in self.heads.state_dict().items()}
+        if self.candidate_vocab is not None:
+            tensors["candidate_vocab"] = self.candidate_vocab
+        save_file(tensors, directory / "heads.safetensors")
         config = {
             "format": "propd-medusa",
             "hidden_size": self.dim,
@@ -82,7 +105,7 @@ class MedusaHeads(nn.Module):
             config = read_json(directory / "heads.json")
             state = read_weights(directory / "heads.safetensors")
             meta = {k: v for k, v in config.items() if k not in ("format", "hidden_size", "vocab_size", "medusa_num_heads", "medusa_num_layers", "shared_lm_head")}
-            heads = cls(config["hidden_size"], config["vocab_size"], config["medusa_num_heads"], config["medusa_num_layers"], config["shared_lm_head"], meta)
+            heads = cls(config["hidden_size"], config["vocab_size"], config["medusa_num_heads"], config["medusa_num_layers"], config["shared_lm_head"], meta, state.pop("candidate_vocab", None))
         elif (directory / "config.json").exists():
             config = read_json(directory / "config.json")
             weights = next((directory / n for n in ("medusa_lm_head.safetensors", "medusa_lm_head.pt") if (directory / n).exists()), None)

@@ -31,11 +31,28 @@ def split_rows(features: dict[str, torch.Tensor], holdout: float = 0.05) -> tupl
     return (~is_held).nonzero().flatten(), is_held.nonzero().flatten()
 
 
+def candidate_vocabulary(features: dict[str, torch.Tensor], rows: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor | None:
+    """The ``size`` tokens the model emits most often in the training answers (None: all of them)."""
+    if size <= 0 or size >= vocab_size:
+        return None
+    counts = torch.bincount(features["tokens"][features["next_index"][rows]], minlength=vocab_size)
+    return counts.topk(size).indices.sort().values
+
+
 def medusa_targets(features: dict[str, torch.Tensor], rows: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[n, H] target tokens (IGNORE past the end of a sequence)."""
     index = features["next_index"][rows].unsqueeze(1) + 1 + torch.arange(num_heads)
     valid = index < features["end_index"][rows].unsqueeze(1)
     return torch.where(valid, features["tokens"][index.clamp(max=len(features["tokens"]) - 1)], IGNORE)
+
+
+def to_candidate_index(targets: torch.Tensor, heads: MedusaHeads) -> torch.Tensor:
+    """Token ids -> positions in the heads' candidate vocabulary (IGNORE when absent)."""
+    if heads.candidate_vocab is None:
+        return targets
+    lookup = torch.full((heads.vocab_size,), IGNORE)
+    lookup[heads.candidate_vocab] = torch.arange(len(heads.candidate_vocab))
+    return torch.where(targets >= 0, lookup[targets.clamp(min=0)], IGNORE)
 
 
 def next_targets(features: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
@@ -69,13 +86,18 @@ def _fit(module: torch.nn.Module, loss_fn, rows: torch.Tensor, epochs: float, ba
     return losses
 
 
-def train_medusa(decoder: Decoder, features, train_rows, num_heads: int, num_layers: int, epochs: float, batch_size: int = 128, lr: float = 1e-3) -> tuple[MedusaHeads, list[float]]:
-    heads = MedusaHeads(decoder.args.dim, decoder.args.vocab_size, num_heads, num_layers, shared_lm_head=True)
+def train_medusa(
+    decoder: Decoder, features, train_rows, num_heads: int, num_layers: int, epochs: float,
+    batch_size: int = 128, lr: float = 1e-3, candidate_vocab_size: int = 0,
+) -> tuple[MedusaHeads, list[float]]:
+    vocab = decoder.args.vocab_size
+    heads = MedusaHeads(decoder.args.dim, vocab, num_heads, num_layers, shared_lm_head=True,
+                        candidate_vocab=candidate_vocabulary(features, train_rows, candidate_vocab_size, vocab))
     weights = torch.tensor([0.8**i for i in range(num_heads)])
 
     def loss_fn(rows):
-        logits = heads.logits(features["final"][rows].float(), decoder.lm_head_t)  # [b, H, V]
-        targets = medusa_targets(features, rows, num_heads)
+        logits = heads.logits(features["final"][rows].float(), decoder.lm_head_t)  # [b, H, Vc]
+        targets = to_candidate_index(medusa_targets(features, rows, num_heads), heads)
         per_head = torch.stack([F.cross_entropy(logits[:, i], targets[:, i], ignore_index=IGNORE) for i in range(num_heads)])
         return (per_head.nan_to_num() * weights).sum()
 
@@ -91,12 +113,12 @@ def train_early(decoder: Decoder, features, train_rows, layer: int, epochs: floa
     return head, _fit(head, loss_fn, train_rows, epochs, batch_size, lr, f"early head @ layer {layer}")
 
 
-@torch.no_grad()
 def ranks_of_targets(logits_fn, rows: torch.Tensor, targets: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Rank of each target token in the predicted logits (0 = top-1); IGNORE targets get -1."""
     out = []
     for i in range(0, len(rows), batch_size):
-        logits = logits_fn(rows[i : i + batch_size])
+        with torch.no_grad():
+            logits = logits_fn(rows[i : i + batch_size])
         t = targets[i : i + batch_size]
         target_logit = logits.gather(-1, t.clamp(min=0).unsqueeze(-1))
         rank = (logits > target_logit).sum(-1)
@@ -116,8 +138,11 @@ def rank_probabilities(ranks: torch.Tensor, max_rank: int = 10) -> list[float]:
 
 
 def evaluate_medusa(decoder: Decoder, heads: MedusaHeads, features, rows) -> dict:
-    targets = medusa_targets(features, rows, heads.num_heads)
+    """Top-k accuracy and rank probabilities per head; a target outside the candidate vocabulary is a miss."""
+    tokens = medusa_targets(features, rows, heads.num_heads)
+    targets = to_candidate_index(tokens, heads)
     ranks = ranks_of_targets(lambda r: heads.logits(features["final"][r].float(), decoder.lm_head_t), rows, targets)
+    ranks[(tokens >= 0) & (targets == IGNORE)] = heads.vocab_size
     return {
         "per_head": [top_k_accuracy(ranks[:, i]) for i in range(heads.num_heads)],
         "rank_probabilities": [rank_probabilities(ranks[:, i]) for i in range(heads.num_heads)],

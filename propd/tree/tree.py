@@ -68,8 +68,9 @@ def chain(depth: int) -> TokenTree:
     return TokenTree.from_paths([[0] * d for d in range(1, depth + 1)])
 
 
-def _medusa_trees() -> dict[str, list[list[int]]]:
-    return json.loads((resources.files("propd.tree") / "medusa_trees.json").read_text())
+def medusa_paths(name: str = "mc_sim_7b_63") -> list[list[int]]:
+    """A tree published with Medusa, as its list of rank paths (most probable first)."""
+    return json.loads((resources.files("propd.tree") / "medusa_trees.json").read_text())[name]
 
 
 def tree_names() -> list[str]:
@@ -81,9 +82,9 @@ def load_tree(spec: str) -> TokenTree:
 
     ``topN`` is the first N nodes of ``mc_sim_7b_63``, which Medusa lists most probable first."""
     if spec == "mc_sim_7b_63":
-        return TokenTree.from_paths(_medusa_trees()[spec])
+        return TokenTree.from_paths(medusa_paths(spec))
     if spec.startswith("top") and spec[3:].isdigit():
-        return TokenTree.from_paths(_medusa_trees()["mc_sim_7b_63"][: int(spec[3:])])
+        return TokenTree.from_paths(medusa_paths()[: int(spec[3:])])
     if spec.startswith("chain") and spec[5:].isdigit():
         return chain(int(spec[5:]))
     path = Path(spec)

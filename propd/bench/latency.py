@@ -1,0 +1,74 @@
+"""``propd latency``: what one verification step costs by tree size, and what building a tree costs.
+
+This is the curve ProPD's dynamic tree trades accepted tokens against: measured on the real decoder
+with a real cache, median of several repeats, for each batch size asked.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from propd.models.decoder import Decoder  # noqa: E402
+from propd.tree.tree import TokenTree, load_tree, medusa_paths  # noqa: E402
+
+
+@torch.inference_mode()
+def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], context: int = 256, repeats: int = 5) -> list[dict]:
+    """Median wall time of a full verification forward pass (all layers + lm_head) over ``size`` tree
+    tokens per row, after ``context`` cached tokens."""
+    rows = []
+    with tqdm(total=len(sizes) * len(batch_sizes), desc="step latency", unit="point") as bar:
+        for b in batch_sizes:
+            for n in sizes:
+                tree = load_tree(f"top{n - 1}") if n > 1 else None
+                anc = tree.ancestors if tree else torch.ones(1, 1, dtype=torch.bool)
+                depths = tree.depths if tree else torch.zeros(1, dtype=torch.long)
+                cache = decoder.new_cache(b, context + n + 1)
+                cache.advance(torch.full((b,), context))
+                tokens = torch.randint(0, decoder.args.vocab_size, (b, n))
+                times = []
+                for _ in range(repeats + 1):
+                    t = time.perf_counter()
+                    slots = cache.lengths.unsqueeze(1) + torch.arange(n)
+                    mask = cache.attention_mask(slots, anc.expand(b, n, n))
+                    hidden = decoder.forward_layers(decoder.embed(tokens), cache.lengths.unsqueeze(1) + depths, slots, mask, cache)
+                    decoder.logits(hidden).argmax(-1)
+                    times.append(time.perf_counter() - t)
+                rows.append({"batch_size": b, "tree_tokens": n, "ms": round(1e3 * statistics.median(times[1:]), 2)})
+                bar.update(1)
+    return rows
+
+
+def tree_build_time(name: str = "mc_sim_7b_63", repeats: int = 50) -> float:
+    """Median milliseconds to build a tree's tensors (parents, depths, ancestor mask) from its paths."""
+    paths = medusa_paths(name)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        TokenTree.from_paths(paths)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def plot_latency(rows: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for b in sorted({r["batch_size"] for r in rows}):
+        pts = [r for r in rows if r["batch_size"] == b]
+        ax.plot([r["tree_tokens"] for r in pts], [r["ms"] for r in pts], marker="o", label=f"batch {b}")
+    ax.set(xlabel="tree tokens per row (root included)", ylabel="ms per verification step", title="Step latency by tree size")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
