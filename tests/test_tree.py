@@ -7,7 +7,7 @@ import torch
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.loop import generate_batch
-from propd.decoding.tree import TreeMethod, accepted_offsets, greedy_accept
+from propd.decoding.tree import TreeMethod, accepted_offsets, greedy_walk
 from propd.errors import PropdError
 from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder
@@ -39,6 +39,7 @@ def test_tree_structure_of_a_small_tree():
     assert tree.depths.tolist() == [0, 1, 1, 2, 2, 2]
     assert tree.ancestors[5].nonzero().flatten().tolist() == [0, 2, 5]
     assert tree.candidate_index.tolist() == [0, 1, 2, 3, 2]  # [heads, 2] flattened
+    assert tree.children.tolist() == [[1, 2], [3, 4], [5, -1], [-1, -1], [-1, -1], [-1, -1]]
     with pytest.raises(PropdError, match="no parent"):
         TokenTree.from_paths([[0, 1]])
 
@@ -51,13 +52,20 @@ def test_named_trees_load():
         load_tree("nope")
 
 
-def test_greedy_accept_picks_longest_correct_path_and_offsets_pack_it():
+def test_greedy_walk_follows_longest_correct_path_and_offsets_pack_it():
     tree = TokenTree.from_paths([[0], [1], [0, 0], [1, 0]])
     # nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0), 4 (1,0)
     tokens = torch.tensor([[5, 7, 8, 9, 3], [5, 7, 8, 9, 3]])
-    predictions = torch.tensor([[8, 1, 3, 0, 0], [6, 1, 3, 0, 0]])  # row 0: 8 then 3 -> path 0,2,4
-    last = greedy_accept(tokens, predictions, tree)
-    assert last.tolist() == [4, 0]
+    predictions = torch.tensor([[8, 1, 3, 0, 2], [6, 1, 3, 0, 0]])  # row 0: 8 then 3 -> path 0,2,4
+    asked = []
+
+    def next_token(rows, nodes):
+        asked.extend(zip(rows.tolist(), nodes.tolist()))
+        return predictions[rows, nodes]
+
+    last, bonus = greedy_walk(tokens, tree, next_token)
+    assert last.tolist() == [4, 0] and bonus.tolist() == [2, 6]
+    assert sorted(asked) == [(0, 0), (0, 2), (0, 4), (1, 0)]  # only accepted nodes are projected
     offsets, counts = accepted_offsets(tree, last)
     assert counts.tolist() == [3, 1]
     assert offsets[0].tolist() == [0, 2, 4]

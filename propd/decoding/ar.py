@@ -13,7 +13,7 @@ class ARMethod:
     tree_size = 1
 
     def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
-        return decoder.logits(hidden).argmax(-1)
+        return decoder.greedy_tokens(decoder.final_norm(hidden))
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
         B = roots.shape[0]
@@ -22,7 +22,7 @@ class ARMethod:
         mask = None if B == 1 else cache.attention_mask(slots, torch.ones(B, 1, 1, dtype=torch.bool))
         hidden = decoder.forward_layers(decoder.embed(roots.unsqueeze(1)), slots, slots, mask, cache)
         cache.advance(torch.ones(B, dtype=torch.long))
-        roots = decoder.logits(hidden[:, -1]).argmax(-1)
+        roots = decoder.greedy_tokens(decoder.final_norm(hidden[:, -1]))
         return StepResult([[int(t)] for t in roots], roots, [1] * B, [1] * B)
 
     def select_rows(self, rows: torch.Tensor) -> None:

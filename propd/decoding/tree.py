@@ -4,12 +4,15 @@ One step, for every row of the batch (DESIGN.md section 2):
   1. candidates: the heads' top-k at the previous step's last accepted node (kept in ``self.candidates``);
   2. tree: root + candidate tokens at the tree's nodes;
   3. verify: all tokens through the model with the tree mask, K/V appended after the cache;
-  4. accept: the longest path whose every token is its parent's argmax, plus the bonus token;
+  4. accept: the longest path whose every token is its parent's argmax, plus the bonus token
+     (walked from the root, projecting only accepted nodes to the vocabulary);
   5. cache: keep only the accepted nodes' K/V, packed;
   6. the heads at the last accepted node give the next step's candidates.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -26,16 +29,27 @@ def tree_tokens(roots: torch.Tensor, candidates: torch.Tensor, tree: TokenTree) 
     return torch.cat([roots.unsqueeze(1), candidates.flatten(1)[:, tree.candidate_index]], dim=1)
 
 
-def greedy_accept(tokens: torch.Tensor, predictions: torch.Tensor, tree: TokenTree) -> torch.Tensor:
-    """The deepest node [B] whose whole root path is correct: every token equals its parent's argmax.
+def greedy_walk(tokens: torch.Tensor, tree: TokenTree, next_token: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Follow each row's tree from the root while some child carries the model's greedy choice.
 
-    tokens, predictions: [B, N]. Two nodes of equal depth cannot both qualify (siblings carry distinct
-    tokens, and their depth-1 ancestors would both have to equal the root's argmax), so it is unique."""
-    correct = tokens == predictions[:, tree.parents]
-    correct[:, 0] = True
-    wrong_on_path = (~correct).float() @ tree.ancestors.T.float()  # [B, N] wrong nodes on each node's path
-    score = torch.where(wrong_on_path == 0, tree.depths + 1, 0)
-    return score.argmax(dim=1)
+    tokens: [B, N]; ``next_token(rows, nodes)`` gives the model's argmax [R] after those nodes.
+    Returns the last accepted node [B] and the bonus token after it [B]. Siblings carry distinct
+    tokens (one head's distinct top-k), so at most one child matches. Only nodes on the accepted
+    paths are projected to the vocabulary: one matrix-vector product per accepted token, as in AR."""
+    B = tokens.shape[0]
+    last = torch.zeros(B, dtype=torch.long)
+    bonus = torch.empty(B, dtype=torch.long)
+    rows = torch.arange(B)
+    while len(rows):
+        pred = next_token(rows, last[rows])
+        kids = tree.children[last[rows]]  # [R, C]
+        match = (kids >= 0) & (tokens[rows.unsqueeze(1), kids.clamp(min=0)] == pred.unsqueeze(1))
+        found = match.any(dim=1)
+        bonus[rows[~found]] = pred[~found]
+        child = kids.gather(1, match.int().argmax(dim=1, keepdim=True)).squeeze(1)
+        last[rows[found]] = child[found]
+        rows = rows[found]
+    return last, bonus
 
 
 def accepted_offsets(tree: TokenTree, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +79,7 @@ class TreeMethod:
     def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
         normed = decoder.final_norm(hidden)
         self.candidates = self.propose(decoder, normed)
-        return (normed @ decoder.lm_head_t).argmax(-1)
+        return decoder.greedy_tokens(normed)
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
         tree, B, N = self.tree, roots.shape[0], self.tree.size
@@ -73,14 +87,11 @@ class TreeMethod:
         slots = cache.lengths.unsqueeze(1) + torch.arange(N)
         positions = cache.lengths.unsqueeze(1) + tree.depths
         mask = cache.attention_mask(slots, tree.ancestors.expand(B, N, N))
-        normed = decoder.final_norm(decoder.forward_layers(decoder.embed(tokens), positions, slots, mask, cache))
-        predictions = (normed @ decoder.lm_head_t).argmax(-1)  # [B, N]
-        last = greedy_accept(tokens, predictions, tree)
+        normed = decoder.final_norm(decoder.forward_layers(decoder.embed(tokens), positions, slots, mask, cache))  # [B, N, dim]
+        last, new_roots = greedy_walk(tokens, tree, lambda rows, nodes: decoder.greedy_tokens(normed[rows, nodes]))
         offsets, counts = accepted_offsets(tree, last)
         cache.keep(offsets, counts)
-        rows = torch.arange(B)
-        new_roots = predictions[rows, last]
-        self.candidates = self.propose(decoder, normed[rows, last])
+        self.candidates = self.propose(decoder, normed[torch.arange(B), last])
         path_tokens = tokens.gather(1, offsets)
         accepted = [path_tokens[b, 1 : int(counts[b])].tolist() + [int(new_roots[b])] for b in range(B)]
         return StepResult(accepted, new_roots, [N] * B, [N] * B)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from propd.models.kv_cache import KVCache
 
+GEMV_ROWS = 4  # up to this many rows, project to the vocabulary row by row (see greedy_tokens)
+
 
 @dataclass
 class ModelArgs:
@@ -127,6 +129,15 @@ class Decoder:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + vocabulary projection of hidden states [..., dim] -> [..., vocab]."""
         return self.final_norm(hidden) @ self.lm_head_t
+
+    def greedy_tokens(self, normed: torch.Tensor) -> torch.Tensor:
+        """Argmax tokens [N] of normed hidden states [N, dim].
+
+        A few rows go through the 49k-column projection one matrix-vector product at a time: on
+        this CPU one row costs ~5 ms, while 4 rows in one matrix product cost ~30 ms."""
+        if normed.shape[0] <= GEMV_ROWS:
+            return torch.stack([(row @ self.lm_head_t).argmax() for row in normed])
+        return (normed @ self.lm_head_t).argmax(-1)
 
     def forward_layers(
         self,

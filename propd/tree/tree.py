@@ -27,6 +27,7 @@ class TokenTree:
     depths: torch.Tensor  # [N] 0 for the root
     ancestors: torch.Tensor  # [N, N] bool: ancestors[i, j] = j is i or an ancestor of i
     candidate_index: torch.Tensor  # [N-1] index into the flattened [heads, max_rank] candidates
+    children: torch.Tensor  # [N, C] each node's children, padded with -1
 
     @property
     def size(self) -> int:
@@ -60,7 +61,12 @@ class TokenTree:
         for i, p in enumerate(nodes, 1):
             ancestors[i] |= ancestors[index[p[:-1]]]
         candidate_index = torch.tensor([(len(p) - 1) * k + p[-1] for p in nodes], dtype=torch.long)
-        return cls(tuple(nodes), parents, depths, ancestors, candidate_index)
+        kids: list[list[int]] = [[] for _ in range(n)]
+        for i in range(1, n):
+            kids[int(parents[i])].append(i)
+        width = max(1, max(len(c) for c in kids))
+        children = torch.tensor([c + [-1] * (width - len(c)) for c in kids])
+        return cls(tuple(nodes), parents, depths, ancestors, candidate_index, children)
 
 
 def chain(depth: int) -> TokenTree:
