@@ -32,7 +32,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         raise PropdError("give a prompt, or --prompts FILE.jsonl")
     model = Propd.from_pretrained(args.model, args.dtype)
-    method = model.method(args.method, args.heads, args.tree)
+    method = model.method(args.method, args.tree, args.heads)
     if args.json:
         for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw):
             print(json.dumps(g.to_json()), flush=True)
@@ -62,7 +62,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from propd.engine import Propd, TextStream
 
     model = Propd.from_pretrained(args.model, args.dtype)
-    method = model.method(args.method, args.heads, args.tree)
+    method = model.method(args.method, args.tree, args.heads)
     print(f"### {args.prompt}  [{args.method}]")
     stream = TextStream(model.tokenizer)
     fast = model.generate([args.prompt], method, args.max_new_tokens, 1, not args.raw, lambda _, t: print(stream.push(t), end="", flush=True))[0]
@@ -77,7 +77,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from propd.engine import Propd
 
     model = Propd.from_pretrained(args.model, args.dtype)
-    method = model.method(args.method, args.heads, args.tree)
+    method = model.method(args.method, args.tree, args.heads)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", help="question.jsonl (Spec-Bench / MT-Bench format); default: propd's built-in set")
     b.add_argument("--turn", type=int, default=0)
     b.add_argument("--limit", type=int, help="at most this many prompts")
-    b.add_argument("--methods", default="hf,ar,bpd,medusa", help="comma-separated: hf (transformers generate), ar, bpd, medusa")
+    b.add_argument("--methods", default="hf,ar,bpd,medusa", help="comma-separated: hf (transformers generate), ar, bpd, medusa; medusa@TREE picks a tree per method")
     b.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--out", default="bench-out", help="directory for results.json, report.md and plots")
     add_model_args(b)

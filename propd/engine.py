@@ -47,6 +47,7 @@ class Generation:
             "new_tokens": self.new_tokens,
             "steps": s.steps,
             "seconds": round(s.seconds, 4),
+            "prefill_seconds": round(s.prefill_seconds, 4),
             "tokens_per_s": round(self.new_tokens / s.seconds, 3) if s.seconds else None,
             "mean_accepted": round(s.mean_accepted, 4),
             "tree_tokens_per_step": round(sum(s.step_tree_tokens) / max(1, s.steps), 3),
@@ -100,7 +101,7 @@ class Propd:
         heads.check_fits(self.decoder.args.dim, self.decoder.args.vocab_size)
         return heads
 
-    def method(self, name: str = "ar", heads: str | os.PathLike | MedusaHeads = "default", tree: str | None = None) -> Method:
+    def method(self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads = "default") -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63) or
         ``bpd`` (chain of each head's top-1)."""
         if name == "ar":

@@ -31,7 +31,7 @@ def test_train_pipeline_runs_and_heads_learn(tiny_propd, tmp_path):
     assert heads.num_heads == 2 and len(heads.meta["rank_probabilities"][0]) == 10
     assert heads.candidate_vocab is not None and len(heads.candidate_vocab) == 64
     prompts = ["Say something.", "Count to three."]
-    with_heads = tiny_propd.generate(prompts, tiny_propd.method("bpd", heads), max_new_tokens=16, batch_size=2)
+    with_heads = tiny_propd.generate(prompts, tiny_propd.method("bpd", heads=heads), max_new_tokens=16, batch_size=2)
     assert [g.token_ids for g in with_heads] == [g.token_ids for g in tiny_propd.generate(prompts, "ar", max_new_tokens=16)]
     assert EarlyHead.load(tmp_path / "heads").layer == report["early_layer"]
     assert "Early-pruning head" in (tmp_path / "heads" / "report.md").read_text()

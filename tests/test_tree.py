@@ -120,5 +120,5 @@ def test_default_model_medusa_equals_ar_batch_1_and_4(default_model):
     heads = random_heads(576, 49152, 4, seed=0)
     want = [w.token_ids for w in default_model.generate(REAL_PROMPTS, "ar", max_new_tokens=32)]
     for tree, bs in (("top16", 1), ("mc_sim_7b_63", 4)):
-        got = default_model.generate(REAL_PROMPTS, default_model.method("medusa", heads, tree), max_new_tokens=32, batch_size=bs)
+        got = default_model.generate(REAL_PROMPTS, default_model.method("medusa", tree, heads), max_new_tokens=32, batch_size=bs)
         assert [g.token_ids for g in got] == want, (tree, bs)

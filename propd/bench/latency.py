@@ -17,14 +17,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from propd.models.decoder import Decoder  # noqa: E402
+from propd.models.decoder import Decoder, blas_threads  # noqa: E402
 from propd.tree.tree import TokenTree, load_tree, medusa_paths  # noqa: E402
 
 
+@blas_threads()
 @torch.inference_mode()
 def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], context: int = 256, repeats: int = 5) -> list[dict]:
-    """Median wall time of a full verification forward pass (all layers + lm_head) over ``size`` tree
-    tokens per row, after ``context`` cached tokens."""
+    """Median wall time of one verification step over ``size`` tree tokens per row, after ``context``
+    cached tokens: every layer over every token, then the vocabulary projection of one node per row
+    (each further accepted token adds one more matrix-vector product, see ``greedy_walk``)."""
     rows = []
     with tqdm(total=len(sizes) * len(batch_sizes), desc="step latency", unit="point") as bar:
         for b in batch_sizes:
@@ -41,7 +43,7 @@ def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], con
                     slots = cache.lengths.unsqueeze(1) + torch.arange(n)
                     mask = cache.attention_mask(slots, anc.expand(b, n, n))
                     hidden = decoder.forward_layers(decoder.embed(tokens), cache.lengths.unsqueeze(1) + depths, slots, mask, cache)
-                    decoder.logits(hidden).argmax(-1)
+                    decoder.greedy_tokens(decoder.final_norm(hidden[:, 0]))
                     times.append(time.perf_counter() - t)
                 rows.append({"batch_size": b, "tree_tokens": n, "ms": round(1e3 * statistics.median(times[1:]), 2)})
                 bar.update(1)

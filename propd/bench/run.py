@@ -85,7 +85,7 @@ def run_bench(
 ) -> list[MethodRun]:
     if "ar" not in methods:
         raise PropdError("bench needs 'ar' among the methods: it is the reference for speed-up and losslessness")
-    builders = {m: (None if m == HF else model.method(m, heads, tree)) for m in methods}
+    builders = {m: (None if m == HF else model.method(*_method_and_tree(m, tree), heads=heads)) for m in methods}
 
     def run_one(method: str, batch: list[Prompt], n: int) -> tuple[list[Generation], float]:
         texts = [p.text for p in batch]
@@ -113,6 +113,12 @@ def run_bench(
                     bar.update(1)
             runs += by_method.values()
     return runs
+
+
+def _method_and_tree(spec: str, default_tree: str | None) -> tuple[str, str | None]:
+    """``medusa@top16`` names a method with its own tree; a bare name takes ``--tree``."""
+    name, _, tree = spec.partition("@")
+    return name, tree or default_tree
 
 
 def first_mismatch(model: Propd, prompt: Prompt, reference: list[int], got: list[int]) -> dict | None:

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from propd.models.decoder import Decoder
+from propd.models.decoder import Decoder, blas_threads
 from propd.models.kv_cache import KVCache
 
 
@@ -66,6 +66,7 @@ class Method(Protocol):
 StreamCallback = Callable[[int, list[int]], None]  # (row index in the batch, new token ids)
 
 
+@blas_threads()
 @torch.inference_mode()
 def generate_batch(
     decoder: Decoder,

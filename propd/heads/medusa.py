@@ -20,6 +20,7 @@ from torch import nn
 
 from propd.errors import PropdError
 from propd.heads.checkpoint import read_json, read_weights
+from propd.models.decoder import matmul
 
 
 class ResBlock(nn.Module):
@@ -63,7 +64,7 @@ class MedusaHeads(nn.Module):
         """[N, dim] normed hidden -> [N, H, V] for the first ``num_heads`` heads (default all), over
         the candidate vocabulary when there is one; ``lm_head_t`` [dim, vocab] is the base projection."""
         out = torch.stack([h(hidden) for h in self.heads[: num_heads or self.num_heads]], dim=-2)
-        return out @ self.projection(lm_head_t) if self.shared_lm_head else out
+        return matmul(out, self.projection(lm_head_t)) if self.shared_lm_head else out
 
     def top_tokens(self, hidden: torch.Tensor, lm_head_t: torch.Tensor, num_heads: int, k: int) -> torch.Tensor:
         """Each head's k best guesses as token ids [N, num_heads, k]."""

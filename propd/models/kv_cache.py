@@ -50,14 +50,6 @@ class KVCache:
         self.kv[layers, :, rows, :, dst] = moved
         self.lengths += counts
 
-    def move(self, offsets: torch.Tensor, layers: slice) -> None:
-        """Pack the new entries at lengths[b] + offsets[b, :] into slots lengths[b] + 0..n-1 without
-        committing them: used when pruning drops tree nodes whose K/V the early layers already wrote."""
-        rows = torch.arange(offsets.shape[0]).unsqueeze(1)
-        base = self.lengths.unsqueeze(1)
-        moved = self.kv[layers, :, rows, :, base + offsets]
-        self.kv[layers, :, rows, :, base + torch.arange(offsets.shape[1])] = moved
-
     def advance(self, counts: torch.Tensor) -> None:
         """Commit the first counts[b] new entries of each row as they are."""
         self.lengths += counts

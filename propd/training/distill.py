@@ -18,8 +18,8 @@ def generate_answers(
     model: Propd, prompts_path: str | Path, out_dir: Path, num_prompts: int, max_new_tokens: int,
     batch_size: int = 8, max_prompt_chars: int = 2000, seed: int = 0,
 ) -> Path:
-    """Append ``{"id", "prompt_ids", "answer_ids"}`` lines to out_dir/distill.jsonl until num_prompts
-    (a seeded random sample of the file, prompts up to max_prompt_chars) are answered."""
+    """Append ``{"id", "prompt_ids", "answer_ids"}`` lines to out_dir/distill.jsonl until it holds
+    num_prompts answers, drawing prompts (up to max_prompt_chars) from a seeded shuffle of the file."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "distill.jsonl"
     done = set()
@@ -27,7 +27,7 @@ def generate_answers(
         done = {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
     pool = [p for p in load_prompts(prompts_path) if len(p.text) <= max_prompt_chars]
     random.Random(seed).shuffle(pool)
-    prompts = [p for p in pool[:num_prompts] if p.id not in done]
+    prompts = [p for p in pool if p.id not in done][: max(0, num_prompts - len(done))]
     # Similar lengths in a batch waste less padding in prefill.
     prompts.sort(key=lambda p: len(p.text))
     with path.open("a") as f, tqdm(total=len(prompts), initial=0, desc="self-distillation", unit="prompt") as bar:
