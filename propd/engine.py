@@ -74,7 +74,7 @@ class Propd:
             if dtype not in DTYPES:
                 raise PropdError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
-        hf_model, tokenizer = load_hf(model, torch.float32)
+        hf_model, tokenizer = load_hf(model, dtype)  # the transformers reference runs in the same dtype
         return cls(hf_model, tokenizer, dtype, str(model))
 
     @property
@@ -99,7 +99,7 @@ class Propd:
                 heads = DEFAULT_HEADS
             heads = MedusaHeads.load(heads)
         heads.check_fits(self.decoder.args.dim, self.decoder.args.vocab_size)
-        return heads
+        return heads.to(self.dtype)
 
     def method(self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads = "default") -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63) or

@@ -55,3 +55,15 @@ def test_over_long_prompt_is_refused(default_model):
 
     with pytest.raises(PropdError, match="exceeds the model's context"):
         default_model.generate(["word " * 9000], max_new_tokens=8)
+
+
+def test_shipped_heads_decode_identically_to_ar_from_the_cli():
+    outputs = {}
+    for method in ("ar", "bpd", "medusa"):
+        r = run_cli("generate", "--json", "--method", method, "--tree", "top8" if method == "medusa" else "chain4",
+                    "--max-new-tokens", "24", "--batch-size", "2", "Name three fruits.", "What is 2+2?")
+        assert r.returncode == 0, r.stderr
+        outputs[method] = [json.loads(line) for line in r.stdout.splitlines()]
+    for method in ("bpd", "medusa"):
+        assert [o["token_ids"] for o in outputs[method]] == [o["token_ids"] for o in outputs["ar"]]
+        assert all(o["mean_accepted"] >= 1.0 for o in outputs[method])

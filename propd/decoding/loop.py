@@ -66,7 +66,6 @@ class Method(Protocol):
 StreamCallback = Callable[[int, list[int]], None]  # (row index in the batch, new token ids)
 
 
-@blas_threads()
 @torch.inference_mode()
 def generate_batch(
     decoder: Decoder,
@@ -77,6 +76,11 @@ def generate_batch(
     on_tokens: StreamCallback | None = None,
 ) -> list[RowStats]:
     """Greedy-decode a batch of tokenised prompts; every row gets exactly what it would get alone."""
+    with blas_threads(decoder.dtype):
+        return _generate_batch(decoder, method, prompts, max_new_tokens, eos_ids, on_tokens)
+
+
+def _generate_batch(decoder, method, prompts, max_new_tokens, eos_ids, on_tokens) -> list[RowStats]:
     t0 = time.perf_counter()
     B = len(prompts)
     max_len = max(len(p) for p in prompts) + max_new_tokens + method.tree_size + 1

@@ -57,7 +57,9 @@ class MedusaHeads(nn.Module):
         if self.candidate_vocab is None:
             return lm_head_t
         if self._projection is None or self._projection[0] != lm_head_t.data_ptr():
-            self._projection = (lm_head_t.data_ptr(), lm_head_t[:, self.candidate_vocab].contiguous())
+            # Keep the projection's memory layout, which ``matmul`` chose for its dtype.
+            cols = lm_head_t[:, self.candidate_vocab].contiguous() if lm_head_t.is_contiguous() else lm_head_t.t()[self.candidate_vocab].t()
+            self._projection = (lm_head_t.data_ptr(), cols)
         return self._projection[1]
 
     def logits(self, hidden: torch.Tensor, lm_head_t: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:

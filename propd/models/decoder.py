@@ -21,11 +21,12 @@ from propd.models.kv_cache import KVCache
 
 
 @contextmanager
-def blas_threads():
-    """While decoding, torch runs its own small ops on one thread and leaves the cores to numpy's
-    BLAS: with both thread pools active they contend and a step costs several times more."""
+def blas_threads(dtype: torch.dtype):
+    """While decoding in fp32, torch runs its own small ops on one thread and leaves the cores to
+    numpy's BLAS: with both thread pools active they contend and a step costs several times more.
+    Other dtypes multiply with torch's kernels and keep its threads."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1 if dtype == torch.float32 else before)
     try:
         yield
     finally:
@@ -33,10 +34,15 @@ def blas_threads():
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ w [in, out]. Without autograd, fp32 products run through numpy's BLAS
-    (OpenBLAS): on the 2-core CPU we measure on, it is 1.5x faster than torch's for one row and
-    3-4x faster for the 2-16 rows that tree verification multiplies (``propd latency`` shows it)."""
-    if x.dtype != torch.float32 or w.dtype != torch.float32 or torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+    """x [..., in] @ w [in, out], each dtype by its fastest route on the CPU we measure on.
+
+    fp32 without autograd goes through numpy's BLAS (OpenBLAS): 1.5x faster than torch's for one
+    row and 3-4x for the 2-16 rows tree verification multiplies (``propd latency``). bf16 weights
+    are stored as transposed views of [out, in] tensors, the layout torch's bf16 kernels want
+    (a 49k-column product: 4 ms that way, 150 ms the other)."""
+    if x.dtype != torch.float32:
+        return F.linear(x, w.t())
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return x @ w
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     return torch.from_numpy(rows.numpy() @ w.numpy()).view(*x.shape[:-1], w.shape[-1])
@@ -114,6 +120,10 @@ class Decoder:
         def w(name: str) -> torch.Tensor:
             return sd[prefix + name].to(dtype)
 
+        def in_out(weight: torch.Tensor) -> torch.Tensor:
+            """[out, in] -> [in, out] in the memory layout ``matmul`` wants for this dtype."""
+            return weight.t().contiguous() if dtype == torch.float32 else weight.contiguous().t()
+
         layers = []
         for i in range(args.n_layers):
             p = f"layers.{i}."
@@ -125,16 +135,16 @@ class Decoder:
             layers.append(
                 Layer(
                     attn_norm=w(p + "input_layernorm.weight"),
-                    wqkv=qkv.t().contiguous(),
+                    wqkv=in_out(qkv),
                     bqkv=bias,
-                    wo=w(p + "self_attn.o_proj.weight").t().contiguous(),
+                    wo=in_out(w(p + "self_attn.o_proj.weight")),
                     mlp_norm=w(p + "post_attention_layernorm.weight"),
-                    w_gate_up=gate_up.t().contiguous(),
-                    w_down=w(p + "mlp.down_proj.weight").t().contiguous(),
+                    w_gate_up=in_out(gate_up),
+                    w_down=in_out(w(p + "mlp.down_proj.weight")),
                 )
             )
         lm_head = sd.get("lm_head.weight", sd[prefix + "embed_tokens.weight"]).to(dtype)
-        return cls(args, w("embed_tokens.weight"), layers, w("norm.weight"), lm_head.t().contiguous())
+        return cls(args, w("embed_tokens.weight"), layers, w("norm.weight"), in_out(lm_head))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         a = self.args
