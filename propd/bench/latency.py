@@ -67,6 +67,8 @@ def plot_latency(rows: list[dict], path: Path) -> Path:
         ax.plot([r["tree_tokens"] for r in pts], [r["ms"] for r in pts], marker="o", label=f"batch {b}")
     ax.set(xlabel="tree tokens per row (root included)", ylabel="ms per verification step", title="Step latency by tree size")
     ax.set_xscale("log", base=2)
+    sizes = sorted({r["tree_tokens"] for r in rows})
+    ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -122,6 +122,8 @@ def plots(results: dict, runs: list[MethodRun], out: Path) -> list[Path]:
         ax.plot([r["batch_size"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=method)
     ax.set(xlabel="batch size", ylabel="tokens/s", title="Throughput by batch size")
     ax.set_xscale("log", base=2)
+    batch_sizes = sorted({r["batch_size"] for r in results["runs"]})
+    ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
     ax.legend()
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "tokens_per_s.png"))
