@@ -67,3 +67,17 @@ def test_shipped_heads_decode_identically_to_ar_from_the_cli():
     for method in ("bpd", "medusa"):
         assert [o["token_ids"] for o in outputs[method]] == [o["token_ids"] for o in outputs["ar"]]
         assert all(o["mean_accepted"] >= 1.0 for o in outputs[method])
+
+
+def test_demo_latency_and_chat_commands(tmp_path):
+    demo = run_cli("demo", "--method", "bpd", "--max-new-tokens", "12", "Name a colour.")
+    assert demo.returncode == 0, demo.stderr
+    assert "speed-up over ar" in demo.stdout and "identical output: yes" in demo.stdout
+    lat = run_cli("latency", "--sizes", "1,2", "--out", str(tmp_path))
+    assert lat.returncode == 0, lat.stderr
+    rows = json.loads((tmp_path / "latency.json").read_text())["steps"]
+    assert [r["tree_tokens"] for r in rows] == [1, 2] and all(r["ms"] > 0 for r in rows)
+    assert (tmp_path / "latency.png").stat().st_size > 0
+    chat = subprocess.run([sys.executable, "-m", "propd.cli", "chat", "--max-new-tokens", "8"], input="Hello!\n\n", capture_output=True, text=True, timeout=600)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip().startswith(">") and len(chat.stdout.strip()) > 3
