@@ -126,16 +126,16 @@ class Propd:
             raise PropdError("max_new_tokens must be at least 1")
         if batch_size < 1:
             raise PropdError("batch_size must be at least 1")
+        m = self.method(method) if isinstance(method, str) else method
         encoded = [self.encode(p, chat) for p in prompts]
         for p, ids in zip(prompts, encoded):
-            if len(ids) + max_new_tokens + 64 > self.max_context:
+            if len(ids) + max_new_tokens + m.tree_size + 1 > self.max_context:
                 raise PropdError(
-                    f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of "
-                    f"{self.max_context} tokens: {p[:60]!r}..."
+                    f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens (+ a {m.tree_size}-token tree) exceeds "
+                    f"the model's context of {self.max_context} tokens: {p[:60]!r}..."
                 )
         results: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
-            m = self.method(method) if isinstance(method, str) else method
             batch = encoded[start : start + batch_size]
             callback = None if on_tokens is None else (lambda row, toks, s=start: on_tokens(s + row, toks))
             stats = generate_batch(self.decoder, m, batch, max_new_tokens, self.eos_ids, callback)
@@ -147,12 +147,12 @@ class Propd:
     def stream(self, prompt: str, method: str | Method = "ar", max_new_tokens: int = 128, chat: bool = True) -> Iterator[str]:
         """Yield the text of one generation as it is produced."""
         pieces: queue.Queue = queue.Queue()
-        decoder = TextStream(self.tokenizer)
+        text = TextStream(self.tokenizer)
         error: list[BaseException] = []
 
         def run():
             try:
-                self.generate([prompt], method, max_new_tokens, 1, chat, lambda _, toks: pieces.put(decoder.push(toks)))
+                self.generate([prompt], method, max_new_tokens, 1, chat, lambda _, toks: pieces.put(text.push(toks)))
             except BaseException as e:  # re-raised in the consumer's thread
                 error.append(e)
             finally:
