@@ -10,11 +10,11 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from propd.decoding.loop import RowStats
 from propd.engine import Generation, Propd
 from propd.errors import PropdError
 from propd.prompts import Prompt
@@ -51,8 +51,6 @@ def machine_facts(dtype: str) -> dict:
 
 def hf_generate(model: Propd, prompts: list[str], max_new_tokens: int) -> list[Generation]:
     """``transformers`` greedy generate on the same batch (left-padded), timed as one call."""
-    from propd.decoding.loop import RowStats
-
     encoded = [model.encode(p) for p in prompts]
     width = max(len(e) for e in encoded)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else min(model.eos_ids)

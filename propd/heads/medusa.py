@@ -73,7 +73,7 @@ class MedusaHeads(nn.Module):
         index = self.logits(hidden, lm_head_t, num_heads).topk(k, dim=-1).indices
         return index if self.candidate_vocab is None else self.candidate_vocab[index]
 
-    def check_fits(self, dim: int, vocab_size: int, model_name: str | None = None) -> None:
+    def check_fits(self, dim: int, vocab_size: int) -> None:
         if dim != self.dim or vocab_size != self.vocab_size:
             raise PropdError(
                 f"heads expect hidden size {self.dim} and vocabulary {self.vocab_size}, but the model has {dim} and {vocab_size}"
