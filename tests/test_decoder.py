@@ -25,6 +25,19 @@ def test_logits_match_transformers_on_tiny_models(family):
     assert (prefill_logits(dec, ids) - ref).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_bfloat16_logits_follow_transformers_bfloat16(family):
+    """bf16 takes other code paths (torch products, RoPE through an fp32 copy); it must track the
+    bf16 reference to bf16 precision."""
+    hf = tiny_hf_model(family).to(torch.bfloat16)
+    dec = Decoder.from_hf(hf, torch.bfloat16)
+    ids = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        ref = hf(ids).logits.float()
+    got = prefill_logits(dec, ids).float()
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 def test_layer_ranges_compose_and_steps_match_full_pass():
     """Running layers [0,k) then [k,L), and decoding token by token, equals one full pass."""
     hf = tiny_hf_model("llama", layers=4)

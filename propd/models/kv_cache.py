@@ -16,17 +16,16 @@ class KVCache:
         self.kv = torch.zeros(n_layers, 2, batch_size, n_kv_heads, max_len, head_dim, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
         self.max_len = max_len
+        self._rows = torch.arange(batch_size).unsqueeze(1)  # [B, 1] row index for advanced indexing
 
     @property
     def batch_size(self) -> int:
         return self.kv.shape[2]
 
-    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int):
-        """Write new k, v [B, T, kv_heads, hd] at slots [B, T]; return this layer's keys and values
-        for slots [0, span) as [B, kv_heads, span, hd] views."""
-        rows = torch.arange(slots.shape[0]).unsqueeze(1)
-        self.kv[layer, 0, rows, :, slots] = k
-        self.kv[layer, 1, rows, :, slots] = v
+    def update(self, layer: int, slots: torch.Tensor, kv: torch.Tensor, span: int):
+        """Write new keys and values kv [B, T, 2, kv_heads, hd] at slots [B, T]; return this layer's
+        keys and values for slots [0, span) as [B, kv_heads, span, hd] views."""
+        self.kv[layer, :, self._rows, :, slots] = kv
         return self.kv[layer, 0, :, :, :span], self.kv[layer, 1, :, :, :span]
 
     def attention_mask(self, slots: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
@@ -43,11 +42,10 @@ class KVCache:
         order right after the row's committed entries, and commit them. offsets: [B, n], increasing."""
         if offsets.shape[1] == 0:
             return
-        rows = torch.arange(offsets.shape[0]).unsqueeze(1)
         base = self.lengths.unsqueeze(1)
         dst = base + torch.arange(offsets.shape[1])
-        moved = self.kv[layers, :, rows, :, base + offsets]  # [B, n, layers, 2, kv_heads, hd]
-        self.kv[layers, :, rows, :, dst] = moved
+        moved = self.kv[layers, :, self._rows, :, base + offsets]  # [B, n, layers, 2, kv_heads, hd]
+        self.kv[layers, :, self._rows, :, dst] = moved
         self.lengths += counts
 
     def advance(self, counts: torch.Tensor) -> None:
@@ -64,3 +62,4 @@ class KVCache:
         """Keep only these batch rows (finished rows leave the batch)."""
         self.kv = self.kv[:, :, rows].contiguous()
         self.lengths = self.lengths[rows]
+        self._rows = torch.arange(len(rows)).unsqueeze(1)
