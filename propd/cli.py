@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         prompts=args.prompts, out=Path(args.out), num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, num_heads=args.num_heads, num_layers=args.num_layers,
         early_layers=tuple(int(k) for k in args.early_layers.split(",")), epochs=args.epochs, early_epochs=args.early_epochs,
-        lr=args.lr, candidate_vocab=args.candidate_vocab,
+        lr=args.lr, candidate_vocab=args.candidate_vocab, root_conditioned=args.root_conditioned,
     )
     report = run_training(Propd.from_pretrained(args.model, "float32"), cfg)
     print(report_markdown(report))
@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--early-epochs", type=float, default=1.0)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--candidate-vocab", type=int, default=8192, help="heads guess among the N most emitted tokens (0: all)")
+    t.add_argument("--root-conditioned", action=argparse.BooleanOptionalAction, default=True,
+                   help="heads also read the embedding of the token the hidden state produced (default: yes)")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="stream one answer with a fast method, then compare its speed with AR")

@@ -1,6 +1,7 @@
 """Head training on a tiny model: the whole pipeline runs, the loss falls, checkpoints round-trip."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_train_pipeline_runs_and_heads_learn(tiny_propd, tmp_path):
     assert set(report["early"]) == {"1", "2"} and report["early_layer"] in (1, 2)
     heads = MedusaHeads.load(tmp_path / "heads")
     assert heads.num_heads == 2 and len(heads.meta["rank_probabilities"][0]) == 10
-    assert heads.candidate_vocab is not None and len(heads.candidate_vocab) == 64
+    assert heads.candidate_vocab is not None and len(heads.candidate_vocab) == 64 and heads.root_conditioned
     prompts = ["Say something.", "Count to three."]
     with_heads = tiny_propd.generate(prompts, tiny_propd.method("bpd", heads=heads), max_new_tokens=16, batch_size=2)
     assert [g.token_ids for g in with_heads] == [g.token_ids for g in tiny_propd.generate(prompts, "ar", max_new_tokens=16)]
@@ -41,16 +42,22 @@ def test_train_pipeline_runs_and_heads_learn(tiny_propd, tmp_path):
 
 def test_heads_checkpoint_round_trip_and_fit_check(tmp_path):
     torch.manual_seed(0)
-    heads = MedusaHeads(16, 40, 3, 2, shared_lm_head=True, meta={"base_model": "x"})
+    heads = MedusaHeads(16, 40, 3, 2, shared_lm_head=True, meta={"base_model": "x"}, root_conditioned=True)
     for p in heads.parameters():
         torch.nn.init.normal_(p)
     heads.save(tmp_path)
     loaded = MedusaHeads.load(tmp_path)
-    lm_head_t = torch.randn(16, 40)
-    x = torch.randn(5, 16)
-    assert torch.equal(heads.logits(x, lm_head_t), loaded.logits(x, lm_head_t))
+    assert loaded.root_conditioned
+    decoder = SimpleNamespace(lm_head_t=torch.randn(16, 40), embed=torch.nn.Embedding(40, 16))
+    x, roots = torch.randn(5, 16), torch.randint(0, 40, (5,))
+    assert torch.equal(heads.logits(x, roots, decoder), loaded.logits(x, roots, decoder))
+    assert not torch.equal(heads.logits(x, roots, decoder), heads.logits(x, (roots + 1) % 40, decoder))
     with pytest.raises(PropdError, match="hidden size 16"):
         loaded.check_fits(576, 49152)
+    MedusaHeads(16, 40, 3, 2).save(tmp_path / "plain")
+    (tmp_path / "plain" / "heads.json").write_text((tmp_path / "heads.json").read_text())  # claims a root projection it lacks
+    with pytest.raises(PropdError, match="do not match"):
+        MedusaHeads.load(tmp_path / "plain")
 
 
 def test_medusa_format_checkpoint_loads(tmp_path):
@@ -67,7 +74,7 @@ def test_medusa_format_checkpoint_loads(tmp_path):
     assert not heads.shared_lm_head and heads.vocab_size == vocab
     x = torch.randn(3, dim)
     h1 = x + torch.nn.functional.silu(x @ state["1.0.linear.weight"].T + state["1.0.linear.bias"])
-    assert torch.allclose(heads.logits(x, None)[:, 1], h1 @ state["1.1.weight"].T, atol=1e-5)
+    assert torch.allclose(heads.logits(x, None, None)[:, 1], h1 @ state["1.1.weight"].T, atol=1e-5)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

@@ -23,9 +23,9 @@ def random_tree(rng: random.Random, nodes: int, depth: int, width: int) -> Token
     return TokenTree.from_paths([p for p in paths if p])
 
 
-def random_heads(dim: int, vocab: int, num_heads: int, seed: int, shared: bool = True) -> MedusaHeads:
+def random_heads(dim: int, vocab: int, num_heads: int, seed: int, shared: bool = True, root_conditioned: bool = False) -> MedusaHeads:
     torch.manual_seed(seed)
-    heads = MedusaHeads(dim, vocab, num_heads, 1, shared_lm_head=shared)
+    heads = MedusaHeads(dim, vocab, num_heads, 1, shared_lm_head=shared, root_conditioned=root_conditioned)
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_(0, 0.3)
@@ -77,7 +77,7 @@ def test_tree_decoding_equals_ar_on_random_trees_and_batches(seed):
     family = ["llama", "mistral", "qwen2"][seed % 3]
     hf = tiny_hf_model(family, seed=seed)
     dec = Decoder.from_hf(hf)
-    heads = random_heads(64, 96, 4, seed, shared=seed % 2 == 0)
+    heads = random_heads(64, 96, 4, seed, shared=seed % 2 == 0, root_conditioned=seed % 3 != 1)
     tree = random_tree(rng, nodes=rng.randint(1, 24), depth=4, width=rng.randint(1, 6))
     prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(2, 20))] for _ in range(rng.randint(1, 5))]
     eos = {0}
@@ -105,7 +105,7 @@ def test_tree_decoding_accepts_several_tokens_when_heads_guess_right():
             self.cache = cache
             return super().step(decoder, cache, roots)
 
-        def propose(self, decoder, normed):
+        def propose(self, decoder, normed, roots):
             # The root sits at the cache length: every accepted token but the root is cached.
             position = len(prompt) if self.cache is None else int(self.cache.lengths[0])
             guesses = [full[min(position + i, len(full) - 1)] for i in range(1, 4)]
@@ -117,7 +117,7 @@ def test_tree_decoding_accepts_several_tokens_when_heads_guess_right():
 
 
 def test_default_model_medusa_equals_ar_batch_1_and_4(default_model):
-    heads = random_heads(576, 49152, 4, seed=0)
+    heads = random_heads(576, 49152, 4, seed=0, root_conditioned=True)
     want = [w.token_ids for w in default_model.generate(REAL_PROMPTS, "ar", max_new_tokens=32)]
     for tree, bs in (("top16", 1), ("mc_sim_7b_63", 4)):
         got = default_model.generate(REAL_PROMPTS, default_model.method("medusa", tree, heads), max_new_tokens=32, batch_size=bs)

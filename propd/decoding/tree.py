@@ -72,14 +72,15 @@ class TreeMethod:
         self.tree_size = tree.size
         self.candidates: torch.Tensor | None = None  # [B, H, K]
 
-    def propose(self, decoder: Decoder, normed: torch.Tensor) -> torch.Tensor:
-        """Heads' top-k tokens [B, H, K] from normed hidden states [B, dim]."""
-        return self.heads.top_tokens(normed, decoder.lm_head_t, max(1, self.tree.depth), max(1, self.tree.max_rank))
+    def propose(self, decoder: Decoder, normed: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+        """Heads' top-k tokens [B, H, K] from normed hidden states [B, dim] and the roots [B] they produced."""
+        return self.heads.top_tokens(normed, roots, decoder, max(1, self.tree.depth), max(1, self.tree.max_rank))
 
     def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
         normed = decoder.final_norm(hidden)
-        self.candidates = self.propose(decoder, normed)
-        return decoder.greedy_tokens(normed)
+        roots = decoder.greedy_tokens(normed)
+        self.candidates = self.propose(decoder, normed, roots)
+        return roots
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
         tree, B, N = self.tree, roots.shape[0], self.tree.size
@@ -91,7 +92,7 @@ class TreeMethod:
         last, new_roots = greedy_walk(tokens, tree, lambda rows, nodes: decoder.greedy_tokens(normed[rows, nodes]))
         offsets, counts = accepted_offsets(tree, last)
         cache.keep(offsets, counts)
-        self.candidates = self.propose(decoder, normed[torch.arange(B), last])
+        self.candidates = self.propose(decoder, normed[torch.arange(B), last], new_roots)
         path_tokens = tokens.gather(1, offsets)
         accepted = [path_tokens[b, 1 : int(counts[b])].tolist() + [int(new_roots[b])] for b in range(B)]
         return StepResult(accepted, new_roots, [N] * B, [N] * B)

@@ -7,6 +7,11 @@ actually emits most): on a CPU the full 49k-row projection per head costs more t
 worth, and since heads only propose, restricting them never changes the output. Checkpoints load from Medusa's own layout (``config.json`` + ``medusa_lm_head.pt`` or
 ``.safetensors``, keys ``{head}.{block}.linear.weight`` and ``{head}.{blocks}.weight``) and from
 ours (``heads.safetensors`` + ``heads.json`` recording the base model and the acceptance statistics).
+
+``root_conditioned`` heads (ours) also read the embedding of the root, the token the hidden state
+has just produced and which is known before the heads run: head i then adds ``W_i embed(root)`` to
+the hidden state. Medusa's heads must guess t+2 without knowing t+1; knowing it is worth a lot of
+accuracy (EAGLE's draft reads its next token for the same reason) and costs one small product.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import nn
 
 from propd.errors import PropdError
 from propd.heads.checkpoint import read_json, read_weights
-from propd.models.decoder import matmul
+from propd.models.decoder import Decoder, matmul
 
 
 class ResBlock(nn.Module):
@@ -36,7 +41,7 @@ class ResBlock(nn.Module):
 class MedusaHeads(nn.Module):
     def __init__(
         self, dim: int, vocab_size: int, num_heads: int, num_layers: int = 1, shared_lm_head: bool = True,
-        meta: dict | None = None, candidate_vocab: torch.Tensor | None = None,
+        meta: dict | None = None, candidate_vocab: torch.Tensor | None = None, root_conditioned: bool = False,
     ):
         super().__init__()
         self.dim, self.vocab_size, self.num_heads, self.num_layers = dim, vocab_size, num_heads, num_layers
@@ -51,6 +56,10 @@ class MedusaHeads(nn.Module):
                 layers.append(nn.Linear(dim, vocab_size, bias=False))
             heads.append(nn.Sequential(*layers))
         self.heads = nn.ModuleList(heads)
+        self.root_proj: nn.Linear | None = None  # embed(root) [dim] -> one addend per head [H * dim]
+        if root_conditioned:
+            self.root_proj = nn.Linear(dim, num_heads * dim, bias=False)
+            nn.init.zeros_(self.root_proj.weight)
 
     def projection(self, lm_head_t: torch.Tensor) -> torch.Tensor:
         """The shared projection restricted to the candidate vocabulary [dim, Vc], sliced once."""
@@ -62,15 +71,25 @@ class MedusaHeads(nn.Module):
             self._projection = (lm_head_t.data_ptr(), cols)
         return self._projection[1]
 
-    def logits(self, hidden: torch.Tensor, lm_head_t: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
-        """[N, dim] normed hidden -> [N, H, V] for the first ``num_heads`` heads (default all), over
-        the candidate vocabulary when there is one; ``lm_head_t`` [dim, vocab] is the base projection."""
-        out = torch.stack([h(hidden) for h in self.heads[: num_heads or self.num_heads]], dim=-2)
-        return matmul(out, self.projection(lm_head_t)) if self.shared_lm_head else out
+    @property
+    def root_conditioned(self) -> bool:
+        return self.root_proj is not None
 
-    def top_tokens(self, hidden: torch.Tensor, lm_head_t: torch.Tensor, num_heads: int, k: int) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, roots: torch.Tensor | None, decoder: Decoder | None, num_heads: int | None = None) -> torch.Tensor:
+        """[N, dim] normed hidden states and the [N] roots they produced -> [N, H, V] for the first
+        ``num_heads`` heads (default all), over the candidate vocabulary when there is one. The
+        decoder lends its embeddings (root-conditioned heads) and its lm_head (shared projection)."""
+        H = num_heads or self.num_heads
+        inputs = [hidden] * H
+        if self.root_proj is not None:
+            inputs = hidden.unsqueeze(-2) + self.root_proj(decoder.embed(roots)).unflatten(-1, (self.num_heads, self.dim))[..., :H, :]
+            inputs = inputs.unbind(-2)
+        out = torch.stack([head(x) for head, x in zip(self.heads[:H], inputs)], dim=-2)
+        return matmul(out, self.projection(decoder.lm_head_t)) if self.shared_lm_head else out
+
+    def top_tokens(self, hidden: torch.Tensor, roots: torch.Tensor, decoder: Decoder, num_heads: int, k: int) -> torch.Tensor:
         """Each head's k best guesses as token ids [N, num_heads, k]."""
-        index = self.logits(hidden, lm_head_t, num_heads).topk(k, dim=-1).indices
+        index = self.logits(hidden, roots, decoder, num_heads).topk(k, dim=-1).indices
         return index if self.candidate_vocab is None else self.candidate_vocab[index]
 
     def check_fits(self, dim: int, vocab_size: int) -> None:
@@ -87,6 +106,8 @@ class MedusaHeads(nn.Module):
         tensors = {k: v.contiguous() for k, v in self.heads.state_dict().items()}
         if self.candidate_vocab is not None:
             tensors["candidate_vocab"] = self.candidate_vocab
+        if self.root_proj is not None:
+            tensors["root_proj.weight"] = self.root_proj.weight.detach().contiguous()
         save_file(tensors, directory / "heads.safetensors")
         config = {
             "format": "propd-medusa",
@@ -95,6 +116,7 @@ class MedusaHeads(nn.Module):
             "medusa_num_heads": self.num_heads,
             "medusa_num_layers": self.num_layers,
             "shared_lm_head": self.shared_lm_head,
+            "root_conditioned": self.root_conditioned,
             **self.meta,
         }
         (directory / "heads.json").write_text(json.dumps(config, indent=1))
@@ -107,8 +129,10 @@ class MedusaHeads(nn.Module):
         if (directory / "heads.json").exists():
             config = read_json(directory / "heads.json")
             state = read_weights(directory / "heads.safetensors")
-            meta = {k: v for k, v in config.items() if k not in ("format", "hidden_size", "vocab_size", "medusa_num_heads", "medusa_num_layers", "shared_lm_head")}
-            heads = cls(config["hidden_size"], config["vocab_size"], config["medusa_num_heads"], config["medusa_num_layers"], config["shared_lm_head"], meta, state.pop("candidate_vocab", None))
+            shape_keys = ("format", "hidden_size", "vocab_size", "medusa_num_heads", "medusa_num_layers", "shared_lm_head", "root_conditioned")
+            meta = {k: v for k, v in config.items() if k not in shape_keys}
+            heads = cls(config["hidden_size"], config["vocab_size"], config["medusa_num_heads"], config["medusa_num_layers"], config["shared_lm_head"],
+                        meta, state.pop("candidate_vocab", None), config.get("root_conditioned", False))
         elif (directory / "config.json").exists():
             config = read_json(directory / "config.json")
             weights = next((directory / n for n in ("medusa_lm_head.safetensors", "medusa_lm_head.pt") if (directory / n).exists()), None)
@@ -125,7 +149,7 @@ class MedusaHeads(nn.Module):
         else:
             raise PropdError(f"{directory} holds no heads (expected heads.json or a Medusa config.json)")
         try:
-            heads.heads.load_state_dict(state)
+            heads.load_state_dict({k if k.startswith("root_proj.") else f"heads.{k}": v for k, v in state.items()})
         except RuntimeError as e:
             raise PropdError(f"{directory}: weights do not match the heads' configuration: {str(e).splitlines()[0]}") from e
         return heads.eval()

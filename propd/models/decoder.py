@@ -140,8 +140,13 @@ class Decoder:
             return sd[prefix + name].to(dtype)
 
         def in_out(weight: torch.Tensor) -> torch.Tensor:
-            """[out, in] -> [in, out] in the memory layout ``matmul`` wants for this dtype."""
-            return weight.t().contiguous() if dtype == torch.float32 else weight.contiguous().t()
+            """[out, in] -> [in, out] in the memory layout ``matmul`` is fastest with: for fp32 (OpenBLAS)
+            contiguous [in, out] unless in > out (down_proj: 150 us vs 195 us per row on this CPU), for
+            bf16 always a view of the contiguous [out, in] tensor."""
+            out_features, in_features = weight.shape
+            if dtype == torch.float32 and in_features <= out_features:
+                return weight.t().contiguous()
+            return weight.contiguous().t()
 
         half = args.head_dim // 2
         pairs = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # rotate-half -> interleaved
@@ -227,8 +232,9 @@ class Decoder:
             heads[:, :, : a.n_heads].transpose(1, 2), keys, values, attn_mask=mask, is_causal=False, enable_gqa=True
         )  # [B, n_heads, T, hd]
         x = x + matmul(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim), layer.wo)
-        gate, up = matmul(rms_norm(x, layer.mlp_norm, a.norm_eps), layer.w_gate_up).chunk(2, dim=-1)
-        return x + matmul(F.silu(gate).mul_(up), layer.w_down)
+        gate_up = matmul(rms_norm(x, layer.mlp_norm, a.norm_eps), layer.w_gate_up)
+        inter = a.intermediate_size
+        return x + matmul(F.silu(gate_up[..., :inter]).mul_(gate_up[..., inter:]), layer.w_down)
 
 
 def _rotate_(heads: torch.Tensor, rope: torch.Tensor) -> None:

@@ -31,6 +31,7 @@ class TrainConfig:
     early_epochs: float = 1.0
     lr: float = 1e-3
     candidate_vocab: int = 8192
+    root_conditioned: bool = True
 
 
 def run_training(model: Propd, cfg: TrainConfig) -> dict:
@@ -41,7 +42,8 @@ def run_training(model: Propd, cfg: TrainConfig) -> dict:
     dec = model.decoder
 
     torch.manual_seed(0)
-    heads, losses = train_medusa(dec, features, train_rows, cfg.num_heads, cfg.num_layers, cfg.epochs, lr=cfg.lr, candidate_vocab_size=cfg.candidate_vocab)
+    heads, losses = train_medusa(dec, features, train_rows, cfg.num_heads, cfg.num_layers, cfg.epochs, lr=cfg.lr,
+                                 candidate_vocab_size=cfg.candidate_vocab, root_conditioned=cfg.root_conditioned)
     medusa_eval = evaluate_medusa(dec, heads, features, held_rows)
 
     early = {}
@@ -60,7 +62,7 @@ def run_training(model: Propd, cfg: TrainConfig) -> dict:
         "data": {"prompts_file": str(cfg.prompts), "sequences": int(features["seq"].max()) + 1, "answer_tokens": len(features["seq"]),
                  "train_rows": len(train_rows), "heldout_rows": len(held_rows), "max_new_tokens": cfg.max_new_tokens},
         "medusa": {"num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "epochs": cfg.epochs, "candidate_vocab": cfg.candidate_vocab,
-                   "loss_first_last": [losses[0], losses[-1]], **medusa_eval},
+                   "root_conditioned": cfg.root_conditioned,                    "loss_first_last": [losses[0], losses[-1]], **medusa_eval},
         "early": {str(k): {kk: vv for kk, vv in v.items() if kk != "head"} for k, v in early.items()},
         "early_layer": chosen,
     }
@@ -89,7 +91,8 @@ def report_markdown(report: dict) -> str:
         f"Base model `{report['base_model']}`; {d['sequences']} self-distilled answers ({d['answer_tokens']} answer tokens, "
         f"up to {d['max_new_tokens']} each) from `{d['prompts_file']}`; held-out rows: {d['heldout_rows']}.",
         "",
-        f"## Medusa heads ({m['num_heads']} heads x {m['num_layers']} residual block, shared frozen lm_head over "
+        f"## Medusa heads ({m['num_heads']} heads x {m['num_layers']} residual block, "
+        f"{'reading the root token too, ' if m.get('root_conditioned') else ''}shared frozen lm_head over "
         f"{m['candidate_vocab'] or 'all'} candidate tokens, {m['epochs']} epochs)",
         "",
         "| head (predicts t+k) | top-1 | top-5 | top-10 | top-20 |",

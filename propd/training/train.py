@@ -56,6 +56,7 @@ def to_candidate_index(targets: torch.Tensor, heads: MedusaHeads) -> torch.Tenso
 
 
 def next_targets(features: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """The token each row's hidden state produced: the early head's target, the Medusa heads' root."""
     return features["tokens"][features["next_index"][rows]]
 
 
@@ -88,15 +89,15 @@ def _fit(module: torch.nn.Module, loss_fn, rows: torch.Tensor, epochs: float, ba
 
 def train_medusa(
     decoder: Decoder, features, train_rows, num_heads: int, num_layers: int, epochs: float,
-    batch_size: int = 128, lr: float = 1e-3, candidate_vocab_size: int = 0,
+    batch_size: int = 128, lr: float = 1e-3, candidate_vocab_size: int = 0, root_conditioned: bool = True,
 ) -> tuple[MedusaHeads, list[float]]:
     vocab = decoder.args.vocab_size
     heads = MedusaHeads(decoder.args.dim, vocab, num_heads, num_layers, shared_lm_head=True,
-                        candidate_vocab=candidate_vocabulary(features, train_rows, candidate_vocab_size, vocab))
+                        candidate_vocab=candidate_vocabulary(features, train_rows, candidate_vocab_size, vocab), root_conditioned=root_conditioned)
     weights = torch.tensor([0.8**i for i in range(num_heads)])
 
     def loss_fn(rows):
-        logits = heads.logits(features["final"][rows].float(), decoder.lm_head_t)  # [b, H, Vc]
+        logits = heads.logits(features["final"][rows].float(), next_targets(features, rows), decoder)  # [b, H, Vc]
         targets = to_candidate_index(medusa_targets(features, rows, num_heads), heads)
         per_head = torch.stack([F.cross_entropy(logits[:, i], targets[:, i], ignore_index=IGNORE) for i in range(num_heads)])
         return (per_head.nan_to_num() * weights).sum()
@@ -141,7 +142,7 @@ def evaluate_medusa(decoder: Decoder, heads: MedusaHeads, features, rows) -> dic
     """Top-k accuracy and rank probabilities per head; a target outside the candidate vocabulary is a miss."""
     tokens = medusa_targets(features, rows, heads.num_heads)
     targets = to_candidate_index(tokens, heads)
-    ranks = ranks_of_targets(lambda r: heads.logits(features["final"][r].float(), decoder.lm_head_t), rows, targets)
+    ranks = ranks_of_targets(lambda r: heads.logits(features["final"][r].float(), next_targets(features, r), decoder), rows, targets)
     ranks[(tokens >= 0) & (targets == IGNORE)] = heads.vocab_size
     return {
         "per_head": [top_k_accuracy(ranks[:, i]) for i in range(heads.num_heads)],
