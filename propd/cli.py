@@ -26,7 +26,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from propd.prompts import load_prompts
 
     if args.prompts:
-        prompts = [p.text for p in load_prompts(args.prompts, turn=args.turn, limit=args.limit)]
+        prompts = [p.text for p in load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)]
     elif args.prompt:
         prompts = args.prompt
     else:
@@ -101,7 +101,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    prompts = load_prompts(args.prompts, turn=args.turn, limit=args.limit)
+    prompts = load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)
     model = Propd.from_pretrained(args.model, args.dtype)
     runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree)
     config = {
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", help="JSONL file: Spec-Bench/MT-Bench 'turns' or a 'prompt' field")
     g.add_argument("--turn", type=int, default=0, help="which turn of multi-turn questions")
     g.add_argument("--limit", type=int, help="at most this many prompts from --prompts")
+    g.add_argument("--per-category", type=int, help="at most this many prompts of each category")
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_model_args(g)
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", help="question.jsonl (Spec-Bench / MT-Bench format); default: propd's built-in set")
     b.add_argument("--turn", type=int, default=0)
     b.add_argument("--limit", type=int, help="at most this many prompts")
+    b.add_argument("--per-category", type=int, help="at most this many prompts of each category (e.g. 2: 16 MT-Bench questions)")
     b.add_argument("--methods", default="hf,ar,bpd,medusa", help="comma-separated: hf (transformers generate), ar, bpd, medusa; medusa@TREE picks a tree per method")
     b.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--out", default="bench-out", help="directory for results.json, report.md and plots")

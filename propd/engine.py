@@ -108,7 +108,8 @@ class Propd:
             return ARMethod()
         if name in ("medusa", "bpd"):
             h = self.load_heads(heads)
-            return TreeMethod(h, load_tree(tree or ("mc_sim_7b_63" if name == "medusa" else f"chain{h.num_heads}")))
+            spec = tree or ("mc_sim_7b_63" if name == "medusa" else f"chain{h.num_heads}")
+            return TreeMethod(h, load_tree(spec, h.meta.get("rank_probabilities")))
         raise PropdError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
 
     def generate(

@@ -22,8 +22,10 @@ def builtin_prompts_path() -> Path:
     return Path(str(resources.files("propd") / "data" / "prompts.jsonl"))
 
 
-def load_prompts(path: str | Path | None = None, turn: int = 0, limit: int | None = None) -> list[Prompt]:
-    """Read prompts; ``turn`` picks which user turn of multi-turn questions to use."""
+def load_prompts(path: str | Path | None = None, turn: int = 0, limit: int | None = None, per_category: int | None = None) -> list[Prompt]:
+    """Read prompts; ``turn`` picks which user turn of multi-turn questions to use. ``per_category``
+    keeps the first N of each category (MT-Bench lists its 8 categories one after another, so
+    ``limit`` alone samples only the first ones); ``limit`` then caps the total."""
     path = Path(path) if path else builtin_prompts_path()
     if not path.is_file():
         raise PropdError(f"prompts file not found: {path}")
@@ -50,7 +52,10 @@ def load_prompts(path: str | Path | None = None, turn: int = 0, limit: int | Non
             if not isinstance(text, str) or not text.strip():
                 raise PropdError(f"{path}:{n}: empty prompt")
             pid = str(row.get("question_id", row.get("id", n)))
-            prompts.append(Prompt(pid, str(row.get("category", "general")), text))
+            category = str(row.get("category", "general"))
+            if per_category is not None and sum(p.category == category for p in prompts) >= per_category:
+                continue
+            prompts.append(Prompt(pid, category, text))
             if limit is not None and len(prompts) >= limit:
                 break
     if not prompts:

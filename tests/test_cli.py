@@ -81,3 +81,14 @@ def test_demo_latency_and_chat_commands(tmp_path):
     chat = subprocess.run([sys.executable, "-m", "propd.cli", "chat", "--max-new-tokens", "8"], input="Hello!\n\n", capture_output=True, text=True, timeout=600)
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.strip().startswith(">") and len(chat.stdout.strip()) > 3
+
+
+def test_prompts_per_category_samples_every_category(tmp_path):
+    from propd.prompts import load_prompts
+
+    path = tmp_path / "q.jsonl"
+    rows = [{"question_id": i, "category": c, "turns": [f"question {i}"]} for i, c in enumerate("aaabbbccc")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p.id for p in load_prompts(path, per_category=2)] == ["0", "1", "3", "4", "6", "7"]
+    assert [p.id for p in load_prompts(path, per_category=1, limit=2)] == ["0", "3"]
+    assert len(load_prompts(path, limit=4)) == 4

@@ -11,7 +11,7 @@ from propd.decoding.tree import TreeMethod, accepted_offsets, greedy_walk
 from propd.errors import PropdError
 from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder
-from propd.tree.tree import TokenTree, chain, load_tree
+from propd.tree.tree import TokenTree, best_tree, chain, expected_accepted, load_tree
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 
 
@@ -50,6 +50,21 @@ def test_named_trees_load():
     assert load_tree("chain4").paths == chain(4).paths and chain(4).depth == 4
     with pytest.raises(PropdError, match="unknown tree"):
         load_tree("nope")
+
+
+def test_best_tree_holds_the_most_probable_paths_and_beats_other_trees_of_its_size():
+    rank_probabilities = [[0.5, 0.2, 0.1], [0.3, 0.2, 0.1], [0.25, 0.1, 0.05]]
+    tree = best_tree(rank_probabilities, 6)
+    assert tree.size == 6
+    assert set(tree.paths) == {(0,), (1,), (0, 0), (2,), (0, 1)}  # 0.5, 0.2, 0.15, 0.1, 0.1
+    assert expected_accepted(tree, rank_probabilities) == pytest.approx(1 + 0.5 + 0.2 + 0.15 + 0.1 + 0.1)
+    rng = random.Random(0)
+    for _ in range(20):
+        other = random_tree(rng, nodes=5, depth=3, width=3)
+        assert expected_accepted(other, rank_probabilities) <= expected_accepted(tree, rank_probabilities) + 1e-12
+    assert load_tree("best6", rank_probabilities).paths == tree.paths
+    with pytest.raises(PropdError, match="acceptance statistics"):
+        load_tree("best6")
 
 
 def test_greedy_walk_follows_longest_correct_path_and_offsets_pack_it():

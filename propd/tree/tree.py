@@ -8,6 +8,7 @@ come before it and a root-to-node path is that node's row of the ancestor mask, 
 
 from __future__ import annotations
 
+import heapq
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -79,14 +80,49 @@ def medusa_paths(name: str = "mc_sim_7b_63") -> list[list[int]]:
     return json.loads((resources.files("propd.tree") / "medusa_trees.json").read_text())[name]
 
 
+def path_probability(rank_probabilities: list[list[float]], path: RankPath) -> float:
+    """Probability that every node on the path is right, heads taken as independent (ProPD's model):
+    the product of p[d][r_d], where p[d][r] is the chance that head d's rank-r guess is the token."""
+    prob = 1.0
+    for depth, rank in enumerate(path):
+        prob *= rank_probabilities[depth][rank]
+    return prob
+
+
+def expected_accepted(tree: TokenTree, rank_probabilities: list[list[float]]) -> float:
+    """Expected tokens per step: the bonus token plus each node's probability of being accepted."""
+    return 1.0 + sum(path_probability(rank_probabilities, p) for p in tree.paths)
+
+
+def best_tree(rank_probabilities: list[list[float]], size: int) -> TokenTree:
+    """The ``size``-token tree (root included) with the most expected accepted tokens: the size-1
+    most probable paths. A path is never more probable than its prefix, so they form a tree;
+    a best-first search over the heads' ranks finds them."""
+    frontier = [(-p, (rank,)) for rank, p in enumerate(rank_probabilities[0])]
+    heapq.heapify(frontier)
+    chosen: list[RankPath] = []
+    while frontier and len(chosen) < size - 1:
+        neg_prob, path = heapq.heappop(frontier)
+        chosen.append(path)
+        if len(path) < len(rank_probabilities):
+            for rank, p in enumerate(rank_probabilities[len(path)]):
+                heapq.heappush(frontier, (neg_prob * p, path + (rank,)))
+    return TokenTree.from_paths(chosen)
+
+
 def tree_names() -> list[str]:
-    return ["mc_sim_7b_63", "top32", "top16", "top8", "chain2", "chain3", "chain4", "chain5"]
+    return ["mc_sim_7b_63", "top32", "top16", "top8", "best64", "best16", "chain2", "chain3", "chain4", "chain5"]
 
 
-def load_tree(spec: str) -> TokenTree:
+def load_tree(spec: str, rank_probabilities: list[list[float]] | None = None) -> TokenTree:
     """A named tree (see ``tree_names``) or a JSON file holding a list of rank paths.
 
-    ``topN`` is the first N nodes of ``mc_sim_7b_63``, which Medusa lists most probable first."""
+    ``topN`` is the first N nodes of ``mc_sim_7b_63``, which Medusa lists most probable first;
+    ``bestN`` is the N-token tree that ``best_tree`` builds from the heads' rank_probabilities."""
+    if spec.startswith("best") and spec[4:].isdigit():
+        if not rank_probabilities:
+            raise PropdError(f"tree {spec!r} is built from the heads' acceptance statistics, and these heads have none")
+        return best_tree(rank_probabilities, int(spec[4:]))
     if spec == "mc_sim_7b_63":
         return TokenTree.from_paths(medusa_paths(spec))
     if spec.startswith("top") and spec[3:].isdigit():
@@ -99,4 +135,4 @@ def load_tree(spec: str) -> TokenTree:
             return TokenTree.from_paths(json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError) as e:
             raise PropdError(f"{path}: expected a JSON list of rank paths ({e})") from e
-    raise PropdError(f"unknown tree {spec!r}: use one of {', '.join(tree_names())}, topN, chainN or a JSON file")
+    raise PropdError(f"unknown tree {spec!r}: use one of {', '.join(tree_names())}, topN, bestN, chainN or a JSON file")
