@@ -16,10 +16,10 @@ setup: .venv/.setup-done
 
 # The best parallel method measured so far (README, Benchmark), streamed, then timed beside AR.
 run: setup
-	.venv/bin/propd demo --method medusa --tree top8 --max-new-tokens 128 "$(PROMPT)"
+	.venv/bin/propd demo --method medusa --tree best8 --max-new-tokens 128 "$(PROMPT)"
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	.venv/bin/propd bench --prompts ../shared/data/mt_bench.jsonl --limit 12 --methods hf,ar,bpd,medusa@top8,medusa@top16,medusa@mc_sim_7b_63 --batch-sizes 1,4 --max-new-tokens 96 --out bench-out/mt_bench
+	.venv/bin/propd bench --prompts ../shared/data/mt_bench.jsonl --per-category 2 --methods hf,ar,bpd,medusa@best8,medusa@best16,medusa@best64,medusa@mc_sim_7b_63 --batch-sizes 1 --max-new-tokens 96 --out bench-out/mt_bench

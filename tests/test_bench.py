@@ -37,6 +37,9 @@ def test_bench_writes_schema_report_and_plots(tiny_propd, tmp_path):
     medusa = [r for r in data["runs"] if r["method"] == "medusa"]
     assert all(r["lossless"] and r["tree_tokens_per_step"] == 9 for r in medusa)
     assert {c["category"] for c in data["per_category"]} == {p.category for p in prompts}
+    for run in data["runs"]:  # category times partition the run's time
+        cats = [c for c in data["per_category"] if (c["method"], c["batch_size"]) == (run["method"], run["batch_size"])]
+        assert sum(c["seconds"] for c in cats) == pytest.approx(run["seconds"], rel=1e-3)
     assert "| medusa | 2 |" in (tmp_path / "report.md").read_text()
 
 

@@ -9,7 +9,7 @@ results.json schema
     tree_tokens_per_step, late_tokens_per_step (tokens through the late layers; < tree tokens when pruned),
     ms_per_step, speedup_vs_ar, speedup_vs_hf (null when hf did not run),
     lossless (every output token-identical to ar's), mismatches (first differing position per prompt)
-  per_category: the same tokens_per_s / mean_accepted / speedup_vs_ar, per method x batch size x category
+  per_category: new_tokens / seconds / tokens_per_s / mean_accepted / speedup_vs_ar, per method x batch size x category
 """
 
 from __future__ import annotations
@@ -61,18 +61,19 @@ def build_results(model, runs: list[MethodRun], machine: dict, config: dict) -> 
 
 
 def _per_category(run: MethodRun, ref: MethodRun) -> list[dict]:
-    """Category rows; a batch's wall time is shared evenly among its prompts."""
+    """Category rows; a batch's wall time is shared evenly among its prompts (at batch 1 each
+    prompt has its own time)."""
 
     def grouped(r: MethodRun) -> dict[str, dict]:
-        by_cat = defaultdict(list)
-        for p, g in zip(r.prompts, r.generations):
+        by_cat, seconds = defaultdict(list), defaultdict(float)
+        for p, g, t in zip(r.prompts, r.generations, r.prompt_seconds):
             by_cat[p.category].append(g)
-        share = r.seconds / max(1, len(r.generations))
-        return {cat: _summary(gens, share * len(gens)) for cat, gens in by_cat.items()}
+            seconds[p.category] += t
+        return {cat: _summary(gens, seconds[cat]) for cat, gens in by_cat.items()}
 
     mine, ref_cats = grouped(run), grouped(ref)
     return [
-        {"method": run.method, "batch_size": run.batch_size, "category": cat, "tokens_per_s": s["tokens_per_s"],
+        {"method": run.method, "batch_size": run.batch_size, "category": cat, "new_tokens": s["new_tokens"], "seconds": s["seconds"], "tokens_per_s": s["tokens_per_s"],
          "mean_accepted": s["mean_accepted"], "speedup_vs_ar": round(s["tokens_per_s"] / ref_cats[cat]["tokens_per_s"], 3)}
         for cat, s in sorted(mine.items())
     ]

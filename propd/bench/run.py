@@ -31,6 +31,7 @@ class MethodRun:
     seconds: float = 0.0
     generations: list[Generation] = field(default_factory=list)
     prompts: list[Prompt] = field(default_factory=list)
+    prompt_seconds: list[float] = field(default_factory=list)  # each prompt's share of its batch's wall time
 
 
 def machine_facts(dtype: str) -> dict:
@@ -107,6 +108,7 @@ def run_bench(
                     r.seconds += seconds
                     r.generations += gens
                     r.prompts += batch
+                    r.prompt_seconds += [seconds / len(batch)] * len(batch)
                     bar.set_postfix(batch_size=b, method=m)
                     bar.update(1)
             runs += by_method.values()

@@ -99,15 +99,16 @@ class MedusaHeads(nn.Module):
                 + (f" (heads were trained for {self.meta.get('base_model')})" if self.meta.get("base_model") else "")
             )
 
-    def save(self, directory: str | Path) -> None:
-        """Our format: heads.safetensors + heads.json (shape, base model, acceptance statistics)."""
+    def save(self, directory: str | Path, weight_dtype: torch.dtype = torch.float32) -> None:
+        """Our format: heads.safetensors + heads.json (shape, base model, acceptance statistics).
+        ``weight_dtype=torch.float16`` halves the file (the shipped heads); loading restores the
+        module's dtype, and heads only propose, so their rounding never changes an output."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous() for k, v in self.heads.state_dict().items()}
+        weights = {k if k.startswith("root_proj.") else k.removeprefix("heads."): v for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().to(weight_dtype).contiguous() for k, v in weights.items()}
         if self.candidate_vocab is not None:
             tensors["candidate_vocab"] = self.candidate_vocab
-        if self.root_proj is not None:
-            tensors["root_proj.weight"] = self.root_proj.weight.detach().contiguous()
         save_file(tensors, directory / "heads.safetensors")
         config = {
             "format": "propd-medusa",

@@ -68,7 +68,7 @@ def run_training(model: Propd, cfg: TrainConfig) -> dict:
     }
     heads.meta = {"base_model": model.name, "rank_probabilities": medusa_eval["rank_probabilities"], "per_head_accuracy": medusa_eval["per_head"]}
     heads_dir = cfg.out / "heads"
-    heads.save(heads_dir)
+    heads.save(heads_dir, torch.float16)
     early_head = early[chosen]["head"]
     early_head.meta = {"base_model": model.name, "recall": early[chosen]["trained"]}
     early_head.save(heads_dir)
