@@ -51,11 +51,10 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(rows.numpy() @ w.numpy()).view(*x.shape[:-1], w.shape[-1])
 
 
-def _numpy_ok(*tensors: torch.Tensor) -> bool:
-    """fp32 tensors outside autograd: the cases numpy computes faster than torch's CPU kernels here."""
-    if any(t.dtype != torch.float32 for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+def _numpy_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """fp32 tensors outside autograd: the cases numpy computes faster than torch's CPU kernels here
+    (called twice per product and norm, so kept to plain attribute checks)."""
+    return x.dtype == w.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
