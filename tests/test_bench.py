@@ -39,7 +39,7 @@ def test_bench_writes_schema_report_and_plots(tiny_propd, tmp_path):
     assert {c["category"] for c in data["per_category"]} == {p.category for p in prompts}
     for run in data["runs"]:  # category times partition the run's time
         cats = [c for c in data["per_category"] if (c["method"], c["batch_size"]) == (run["method"], run["batch_size"])]
-        assert sum(c["seconds"] for c in cats) == pytest.approx(run["seconds"], rel=1e-3)
+        assert sum(c["seconds"] for c in cats) == pytest.approx(run["seconds"], abs=1e-4 * (len(cats) + 1))  # each rounded to 0.1 ms
     assert "| medusa | 2 |" in (tmp_path / "report.md").read_text()
 
 

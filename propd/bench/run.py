@@ -28,10 +28,13 @@ class MethodRun:
 
     method: str
     batch_size: int
-    seconds: float = 0.0
     generations: list[Generation] = field(default_factory=list)
     prompts: list[Prompt] = field(default_factory=list)
     prompt_seconds: list[float] = field(default_factory=list)  # each prompt's share of its batch's wall time
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.prompt_seconds)
 
 
 def machine_facts(dtype: str) -> dict:
@@ -105,7 +108,6 @@ def run_bench(
                 for m in order:
                     gens, seconds = run_one(m, batch, max_new_tokens)
                     r = by_method[m]
-                    r.seconds += seconds
                     r.generations += gens
                     r.prompts += batch
                     r.prompt_seconds += [seconds / len(batch)] * len(batch)

@@ -80,11 +80,10 @@ class MedusaHeads(nn.Module):
         ``num_heads`` heads (default all), over the candidate vocabulary when there is one. The
         decoder lends its embeddings (root-conditioned heads) and its lm_head (shared projection)."""
         H = num_heads or self.num_heads
-        inputs = [hidden] * H
+        inputs = hidden.unsqueeze(-2).expand(*hidden.shape[:-1], H, self.dim)  # [N, H, dim]
         if self.root_proj is not None:
-            inputs = hidden.unsqueeze(-2) + self.root_proj(decoder.embed(roots)).unflatten(-1, (self.num_heads, self.dim))[..., :H, :]
-            inputs = inputs.unbind(-2)
-        out = torch.stack([head(x) for head, x in zip(self.heads[:H], inputs)], dim=-2)
+            inputs = inputs + self.root_proj(decoder.embed(roots)).unflatten(-1, (self.num_heads, self.dim))[..., :H, :]
+        out = torch.stack([head(x) for head, x in zip(self.heads[:H], inputs.unbind(-2))], dim=-2)
         return matmul(out, self.projection(decoder.lm_head_t)) if self.shared_lm_head else out
 
     def top_tokens(self, hidden: torch.Tensor, roots: torch.Tensor, decoder: Decoder, num_heads: int, k: int) -> torch.Tensor:
