@@ -5,10 +5,14 @@ explicit position ids, explicit cache slots to write K/V into, and an explicit a
 the cache. Tree verification (a tree mask) and early pruning (stop after layer k, continue with a
 subset of tokens) are built on that without touching these internals.
 
-Weights are stored pre-transposed ([in, out]) and fused per layer (q|k|v, gate|up), and fp32
-products and norms go through numpy (see ``matmul`` and ``rms_norm``). Within each head, the q and k
-output features are stored as interleaved (even, odd) pairs so that RoPE is one in-place complex
-multiply over q and k together; attention scores are unchanged because q and k share the order.
+Weights are stored pre-transposed ([in, out]) and fused per layer (q|k|v, gate|up). Within each
+head, the q and k output features are stored as interleaved (even, odd) pairs so that RoPE is one
+in-place complex multiply over q and k together; attention scores are unchanged because q and k
+share the order.
+
+fp32 inference runs each layer on numpy arrays (``_layer_fp32``): a decode step is ~60 small ops
+besides the products, and numpy's per-op cost is a fraction of torch's on the CPU we measure on
+(a 1-token step: 29 ms vs 36 ms for the 30 layers). bf16 and autograd use the torch layer.
 """
 
 from __future__ import annotations
@@ -62,9 +66,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     576-wide row costs ~70 us on this CPU (measured with torch.profiler), twice per layer."""
     if not _numpy_ok(x, weight):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    a = x.numpy()
-    scale = 1.0 / np.sqrt(np.einsum("...i,...i->...", a, a)[..., None] / a.shape[-1] + np.float32(eps))
-    return torch.from_numpy(a * scale * weight.numpy())
+    return torch.from_numpy(_rms_norm_np(x.numpy(), weight.numpy(), np.float32(eps)))
+
+
+def _rms_norm_np(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
+    return x * (weight / np.sqrt(np.einsum("...i,...i->...", x, x)[..., None] / np.float32(x.shape[-1]) + eps))
 
 
 @dataclass
@@ -127,6 +133,7 @@ class Decoder:
         inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
         angles = torch.outer(torch.arange(args.max_position, dtype=torch.float32), inv_freq)
         self.rope = torch.polar(torch.ones_like(angles), angles)  # [max_position, head_dim / 2] complex64
+        self._fp32_layers = [Layer(*(None if t is None else t.numpy() for t in vars(l).values())) for l in layers] if self.dtype == torch.float32 else []
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype = torch.float32) -> "Decoder":
@@ -214,7 +221,14 @@ class Decoder:
         end = self.args.n_layers if end is None else end
         rope = self.rope[positions].unsqueeze(2)  # [B, T, 1, hd / 2]
         span = int(slots.max()) + 1
+        if mask is not None and self.args.n_heads != self.args.n_kv_heads:
+            mask = mask.repeat_interleave(self.args.n_heads // self.args.n_kv_heads, dim=2)  # one row per grouped query
         with blas_threads(self.dtype):  # callers need not remember: without it a pass costs ~3.7x more
+            if _numpy_ok(x, self.embed_tokens):
+                h = x.contiguous().numpy()
+                for i in range(start, end):
+                    h = self._layer_fp32(i, h, rope.numpy(), slots.numpy(), mask, cache, span)
+                return torch.from_numpy(h)
             for i in range(start, end):
                 x = self._layer(i, x, rope, slots, mask, cache, span)
         return x
@@ -228,13 +242,44 @@ class Decoder:
         heads = h.view(B, T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)  # q heads | k heads | v heads
         _rotate_(heads[:, :, : a.n_heads + a.n_kv_heads], rope)
         keys, values = cache.update(i, slots, heads[:, :, a.n_heads :].unflatten(2, (2, a.n_kv_heads)), span)
-        o = F.scaled_dot_product_attention(
-            heads[:, :, : a.n_heads].transpose(1, 2), keys, values, attn_mask=mask, is_causal=False, enable_gqa=True
-        )  # [B, n_heads, T, hd]
-        x = x + matmul(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim), layer.wo)
+        o = self._attention(heads[:, :, : a.n_heads], keys, values, mask)
+        x = x + matmul(o, layer.wo)
         gate_up = matmul(rms_norm(x, layer.mlp_norm, a.norm_eps), layer.w_gate_up)
         inter = a.intermediate_size
         return x + matmul(F.silu(gate_up[..., :inter]).mul_(gate_up[..., inter:]), layer.w_down)
+
+    def _layer_fp32(self, i, x: np.ndarray, rope: np.ndarray, slots: np.ndarray, mask, cache: KVCache, span: int) -> np.ndarray:
+        """``_layer`` on numpy arrays (fp32 inference): the same operations in the same order."""
+        a, layer, eps = self.args, self._fp32_layers[i], np.float32(self.args.norm_eps)
+        B, T, dim = x.shape
+        h = (_rms_norm_np(x, layer.attn_norm, eps).reshape(B * T, dim) @ layer.wqkv).reshape(B, T, -1)
+        if layer.bqkv is not None:
+            h += layer.bqkv
+        qk = a.n_heads + a.n_kv_heads
+        pairs = h[..., : qk * a.head_dim].view(np.complex64).reshape(B, T, qk, a.head_dim // 2)
+        pairs *= rope
+        cache.kv.numpy()[i, :, cache.rows_np, :, slots] = h[..., a.n_heads * a.head_dim :].reshape(B, T, 2, a.n_kv_heads, a.head_dim)
+        keys, values = cache.kv[i, 0, :, :, :span], cache.kv[i, 1, :, :, :span]
+        q = torch.from_numpy(h[..., : a.n_heads * a.head_dim]).unflatten(-1, (a.n_heads, a.head_dim))
+        o = self._attention(q, keys, values, mask).numpy()
+        x = x + (o.reshape(B * T, -1) @ layer.wo).reshape(B, T, dim)
+        gate_up = _rms_norm_np(x, layer.mlp_norm, eps).reshape(B * T, dim) @ layer.w_gate_up
+        inter = a.intermediate_size
+        act = F.silu(torch.from_numpy(gate_up[:, :inter])).numpy()
+        act *= gate_up[:, inter:]
+        return x + (act @ layer.w_down).reshape(B, T, dim)
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [B, T, n_heads, hd] over keys/values [B, kv_heads, S, hd] -> [B, T, n_heads * hd].
+
+        The query heads that share a K/V head are attended as extra query rows of it (mask rows
+        repeated to match in ``forward_layers``): 20% faster than ``enable_gqa`` for one token."""
+        a = self.args
+        B, T = q.shape[:2]
+        group = a.n_heads // a.n_kv_heads
+        grouped = q.reshape(B, T, a.n_kv_heads, group, a.head_dim).permute(0, 2, 1, 3, 4).reshape(B, a.n_kv_heads, T * group, a.head_dim)
+        o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)  # [B, kv_heads, T * group, hd]
+        return o.view(B, a.n_kv_heads, T, group, a.head_dim).permute(0, 2, 1, 3, 4).reshape(B, T, a.n_heads * a.head_dim)
 
 
 def _rotate_(heads: torch.Tensor, rope: torch.Tensor) -> None:

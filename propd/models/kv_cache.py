@@ -17,6 +17,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
         self.max_len = max_len
         self._rows = torch.arange(batch_size).unsqueeze(1)  # [B, 1] row index for advanced indexing
+        self.rows_np = self._rows.numpy()
 
     @property
     def batch_size(self) -> int:
@@ -63,3 +64,4 @@ class KVCache:
         self.kv = self.kv[:, :, rows].contiguous()
         self.lengths = self.lengths[rows]
         self._rows = torch.arange(len(rows)).unsqueeze(1)
+        self.rows_np = self._rows.numpy()
