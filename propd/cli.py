@@ -14,8 +14,8 @@ from propd.errors import PropdError
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a HF model directory or a .gguf file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--method", default="ar", help="decoding method: ar, bpd, medusa")
-    p.add_argument("--heads", default="default", help="Medusa heads: 'default' (shipped for the default model) or a directory")
+    p.add_argument("--method", default="ar", help="decoding method: ar, bpd, medusa, draft")
+    p.add_argument("--heads", default="default", help="heads / draft layer: 'default' (shipped for the default model) or a directory")
     p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, chainN or a JSON file of rank paths")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
@@ -123,6 +123,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, num_heads=args.num_heads, num_layers=args.num_layers,
         early_layers=tuple(int(k) for k in args.early_layers.split(",")), epochs=args.epochs, early_epochs=args.early_epochs,
         lr=args.lr, candidate_vocab=args.candidate_vocab, root_conditioned=args.root_conditioned,
+        draft_epochs=args.draft_epochs, draft_depth=args.draft_depth,
     )
     report = run_training(Propd.from_pretrained(args.model, "float32"), cfg)
     print(report_markdown(report))
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--turn", type=int, default=0)
     b.add_argument("--limit", type=int, help="at most this many prompts")
     b.add_argument("--per-category", type=int, help="at most this many prompts of each category (e.g. 2: 16 MT-Bench questions)")
-    b.add_argument("--methods", default="hf,ar,bpd,medusa", help="comma-separated: hf (transformers generate), ar, bpd, medusa; medusa@TREE picks a tree per method")
+    b.add_argument("--methods", default="hf,ar,bpd,medusa", help="comma-separated: hf (transformers generate), ar, bpd, medusa, draft; medusa@TREE / draft@TREE picks a tree per method")
     b.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--out", default="bench-out", help="directory for results.json, report.md and plots")
     add_model_args(b)
@@ -200,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--candidate-vocab", type=int, default=8192, help="heads guess among the N most emitted tokens (0: all)")
     t.add_argument("--root-conditioned", action=argparse.BooleanOptionalAction, default=True,
                    help="heads also read the embedding of the token the hidden state produced (default: yes)")
+    t.add_argument("--draft-epochs", type=float, default=3.0, help="epochs for the EAGLE-style draft layer (0: no draft)")
+    t.add_argument("--draft-depth", type=int, default=3, help="tree depths the draft is unrolled over in training")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="stream one answer with a fast method, then compare its speed with AR")

@@ -12,16 +12,18 @@ from typing import Iterator
 import torch
 
 from propd.decoding.ar import ARMethod
+from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import Method, RowStats, generate_batch
 from propd.decoding.tree import TreeMethod
 from propd.errors import PropdError
+from propd.heads.draft import DraftHead
 from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder
 from propd.models.loading import DEFAULT_MODEL, load_hf
 from propd.tree.tree import load_tree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-METHODS = ("ar", "bpd", "medusa")
+METHODS = ("ar", "bpd", "medusa", "draft")
 DEFAULT_HEADS = Path(__file__).parent / "heads" / "default"
 
 
@@ -93,19 +95,39 @@ class Propd:
     def load_heads(self, heads: str | os.PathLike | MedusaHeads = "default") -> MedusaHeads:
         """Medusa heads for this model: ``default`` (shipped for the default model), a directory, or an object."""
         if not isinstance(heads, MedusaHeads):
-            if str(heads) == "default":
-                if self.name != DEFAULT_MODEL:
-                    raise PropdError("--heads default fits only the default model; pass --heads DIR trained for this model")
-                heads = DEFAULT_HEADS
-            heads = MedusaHeads.load(heads)
+            heads = MedusaHeads.load(self._heads_dir(heads))
         heads.check_fits(self.decoder.args.dim, self.decoder.args.vocab_size)
         return heads.to(self.dtype)
 
-    def method(self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads = "default") -> Method:
-        """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63) or
-        ``bpd`` (chain of each head's top-1)."""
+    def load_draft(self, heads: str | os.PathLike | DraftHead = "default") -> DraftHead:
+        """The draft layer for this model: ``default`` (shipped for the default model), a directory
+        holding draft.json, or an object."""
+        if not isinstance(heads, DraftHead):
+            directory = self._heads_dir(heads)
+            if not (directory / "draft.json").exists():
+                raise PropdError(f"{directory} holds no draft layer (draft.json); train one with `propd train --draft`")
+            heads = DraftHead.load(directory)
+        heads.check_fits(self.decoder.args)
+        return heads
+
+    def _heads_dir(self, heads: str | os.PathLike) -> Path:
+        if str(heads) == "default":
+            if self.name != DEFAULT_MODEL:
+                raise PropdError("--heads default fits only the default model; pass --heads DIR trained for this model")
+            return DEFAULT_HEADS
+        if not Path(heads).is_dir():
+            raise PropdError(f"heads directory not found: {heads}")
+        return Path(heads)
+
+    def method(self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads | DraftHead = "default") -> Method:
+        """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
+        ``bpd`` (chain of each head's top-1) or ``draft`` (the draft layer fills a static tree,
+        default mc_sim_7b_63)."""
         if name == "ar":
             return ARMethod()
+        if name == "draft":
+            d = self.load_draft(heads)
+            return DraftMethod(d, load_tree(tree or "mc_sim_7b_63", d.meta.get("rank_probabilities")))
         if name in ("medusa", "bpd"):
             h = self.load_heads(heads)
             spec = tree or ("mc_sim_7b_63" if name == "medusa" else f"chain{h.num_heads}")

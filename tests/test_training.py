@@ -34,6 +34,10 @@ def test_train_pipeline_runs_and_heads_learn(tiny_propd, tmp_path):
     prompts = ["Say something.", "Count to three."]
     with_heads = tiny_propd.generate(prompts, tiny_propd.method("bpd", heads=heads), max_new_tokens=16, batch_size=2)
     assert [g.token_ids for g in with_heads] == [g.token_ids for g in tiny_propd.generate(prompts, "ar", max_new_tokens=16)]
+    draft = tiny_propd.load_draft(tmp_path / "heads")
+    assert len(report["draft"]["per_depth"]) == len(draft.meta["rank_probabilities"]) == 5
+    drafted = tiny_propd.generate(prompts, tiny_propd.method("draft", "best8", heads=tmp_path / "heads"), max_new_tokens=16, batch_size=2)
+    assert [g.token_ids for g in drafted] == [g.token_ids for g in with_heads]
     assert EarlyHead.load(tmp_path / "heads").layer == report["early_layer"]
     assert "Early-pruning head" in (tmp_path / "heads" / "report.md").read_text()
     again = run_training(tiny_propd, cfg)  # resumes: no new answers, cached features

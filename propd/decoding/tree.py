@@ -12,6 +12,7 @@ One step, for every row of the batch (DESIGN.md section 2):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -61,6 +62,38 @@ def accepted_offsets(tree: TokenTree, last: torch.Tensor) -> tuple[torch.Tensor,
     return order.clamp(max=n - 1), counts
 
 
+@dataclass
+class Verified:
+    """What verifying one tree gave each row: the model's normed hidden state at every node
+    [B, N, dim], the accepted path's node indices [B, D+1] (root first, padded) and lengths [B],
+    and the new roots (bonus tokens) [B]."""
+
+    normed: torch.Tensor
+    offsets: torch.Tensor
+    counts: torch.Tensor
+    roots: torch.Tensor
+
+    def result(self, tokens: torch.Tensor) -> StepResult:
+        B, N = tokens.shape
+        path_tokens = tokens.gather(1, self.offsets)
+        accepted = [path_tokens[b, 1 : int(self.counts[b])].tolist() + [int(self.roots[b])] for b in range(B)]
+        return StepResult(accepted, self.roots, [N] * B, [N] * B)
+
+
+def verify(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor) -> Verified:
+    """Steps 3-5: run the tree's tokens [B, N] through the model after the cache, accept each row's
+    longest greedy path and keep only its K/V."""
+    B, N = tokens.shape
+    slots = cache.lengths.unsqueeze(1) + torch.arange(N)
+    positions = cache.lengths.unsqueeze(1) + tree.depths
+    mask = cache.attention_mask(slots, tree.ancestors.expand(B, N, N))
+    normed = decoder.final_norm(decoder.forward_layers(decoder.embed(tokens), positions, slots, mask, cache))  # [B, N, dim]
+    last, roots = greedy_walk(tokens, tree, lambda rows, nodes: decoder.greedy_tokens(normed[rows, nodes]))
+    offsets, counts = accepted_offsets(tree, last)
+    cache.keep(offsets, counts)
+    return Verified(normed, offsets, counts, roots)
+
+
 class TreeMethod:
     """Static-tree verification with Medusa heads; with a chain tree this is BPD."""
 
@@ -83,19 +116,11 @@ class TreeMethod:
         return roots
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
-        tree, B, N = self.tree, roots.shape[0], self.tree.size
-        tokens = tree_tokens(roots, self.candidates, tree)  # [B, N]
-        slots = cache.lengths.unsqueeze(1) + torch.arange(N)
-        positions = cache.lengths.unsqueeze(1) + tree.depths
-        mask = cache.attention_mask(slots, tree.ancestors.expand(B, N, N))
-        normed = decoder.final_norm(decoder.forward_layers(decoder.embed(tokens), positions, slots, mask, cache))  # [B, N, dim]
-        last, new_roots = greedy_walk(tokens, tree, lambda rows, nodes: decoder.greedy_tokens(normed[rows, nodes]))
-        offsets, counts = accepted_offsets(tree, last)
-        cache.keep(offsets, counts)
-        self.candidates = self.propose(decoder, normed[torch.arange(B), last], new_roots)
-        path_tokens = tokens.gather(1, offsets)
-        accepted = [path_tokens[b, 1 : int(counts[b])].tolist() + [int(new_roots[b])] for b in range(B)]
-        return StepResult(accepted, new_roots, [N] * B, [N] * B)
+        tokens = tree_tokens(roots, self.candidates, self.tree)  # [B, N]
+        v = verify(decoder, cache, self.tree, tokens)
+        last = v.offsets.gather(1, (v.counts - 1).unsqueeze(1)).squeeze(1)
+        self.candidates = self.propose(decoder, v.normed[torch.arange(len(last)), last], v.roots)
+        return v.result(tokens)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.candidates = self.candidates[rows]

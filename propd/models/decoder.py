@@ -133,7 +133,7 @@ class Decoder:
         inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
         angles = torch.outer(torch.arange(args.max_position, dtype=torch.float32), inv_freq)
         self.rope = torch.polar(torch.ones_like(angles), angles)  # [max_position, head_dim / 2] complex64
-        self._fp32_layers = [Layer(*(None if t is None else t.numpy() for t in vars(l).values())) for l in layers] if self.dtype == torch.float32 else []
+        self._fp32_layers = [Layer(*(None if t is None else t.detach().numpy() for t in vars(l).values())) for l in layers] if self.dtype == torch.float32 else []
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype = torch.float32) -> "Decoder":
@@ -223,14 +223,14 @@ class Decoder:
         span = int(slots.max()) + 1
         if mask is not None and self.args.n_heads != self.args.n_kv_heads:
             mask = mask.repeat_interleave(self.args.n_heads // self.args.n_kv_heads, dim=2)  # one row per grouped query
-        with blas_threads(self.dtype):  # callers need not remember: without it a pass costs ~3.7x more
-            if _numpy_ok(x, self.embed_tokens):
+        if _numpy_ok(x, self.embed_tokens):
+            with blas_threads(self.dtype):  # callers need not remember: without it a pass costs ~3.7x more
                 h = x.contiguous().numpy()
                 for i in range(start, end):
                     h = self._layer_fp32(i, h, rope.numpy(), slots.numpy(), mask, cache, span)
-                return torch.from_numpy(h)
-            for i in range(start, end):
-                x = self._layer(i, x, rope, slots, mask, cache, span)
+            return torch.from_numpy(h)
+        for i in range(start, end):
+            x = self._layer(i, x, rope, slots, mask, cache, span)
         return x
 
     def _layer(self, i, x, rope, slots, mask, cache: KVCache, span: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from propd.engine import Propd
 from propd.training.distill import generate_answers
 from propd.training.features import cache_features, load_features
-from propd.training.train import evaluate_early, evaluate_medusa, split_rows, train_early, train_medusa
+from propd.training.train import evaluate_draft, evaluate_early, evaluate_medusa, split_rows, train_draft, train_early, train_medusa
 
 
 @dataclass
@@ -32,6 +32,8 @@ class TrainConfig:
     lr: float = 1e-3
     candidate_vocab: int = 8192
     root_conditioned: bool = True
+    draft_epochs: float = 3.0
+    draft_depth: int = 3
 
 
 def run_training(model: Propd, cfg: TrainConfig) -> dict:
@@ -45,6 +47,11 @@ def run_training(model: Propd, cfg: TrainConfig) -> dict:
     heads, losses = train_medusa(dec, features, train_rows, cfg.num_heads, cfg.num_layers, cfg.epochs, lr=cfg.lr,
                                  candidate_vocab_size=cfg.candidate_vocab, root_conditioned=cfg.root_conditioned)
     medusa_eval = evaluate_medusa(dec, heads, features, held_rows)
+
+    draft = None
+    if cfg.draft_epochs > 0:
+        draft, draft_losses = train_draft(dec, features, train_rows, cfg.draft_epochs, cfg.draft_depth, lr=cfg.lr, candidate_vocab_size=cfg.candidate_vocab)
+        draft_eval = evaluate_draft(dec, draft, features, held_rows)
 
     early = {}
     for layer in cfg.early_layers:
@@ -66,9 +73,14 @@ def run_training(model: Propd, cfg: TrainConfig) -> dict:
         "early": {str(k): {kk: vv for kk, vv in v.items() if kk != "head"} for k, v in early.items()},
         "early_layer": chosen,
     }
+    if draft is not None:
+        report["draft"] = {"epochs": cfg.draft_epochs, "depth": cfg.draft_depth, "loss_first_last": [draft_losses[0], draft_losses[-1]], **draft_eval}
     heads.meta = {"base_model": model.name, "rank_probabilities": medusa_eval["rank_probabilities"], "per_head_accuracy": medusa_eval["per_head"]}
     heads_dir = cfg.out / "heads"
     heads.save(heads_dir, torch.float16)
+    if draft is not None:
+        draft.meta = {"base_model": model.name, "rank_probabilities": draft_eval["rank_probabilities"], "per_depth_accuracy": draft_eval["per_depth"]}
+        draft.save(heads_dir)
     early_head = early[chosen]["head"]
     early_head.meta = {"base_model": model.name, "recall": early[chosen]["trained"]}
     early_head.save(heads_dir)
@@ -100,6 +112,13 @@ def report_markdown(report: dict) -> str:
     ]
     for i, acc in enumerate(m["per_head"]):
         lines.append(f"| {i} (t+{i + 2}) | {acc['top1']:.3f} | {acc['top5']:.3f} | {acc['top10']:.3f} | {acc['top20']:.3f} |")
+    if "draft" in report:
+        dr = report["draft"]
+        lines += ["", f"## Draft layer (EAGLE-style, unrolled over {dr['depth']} depths in training, {dr['epochs']} epochs)", "",
+                  "Accuracy at each tree depth given the path before it is right.", "",
+                  "| depth (predicts t+k) | top-1 | top-5 | top-10 | top-20 |", "| --- | --- | --- | --- | --- |"]
+        for i, acc in enumerate(dr["per_depth"]):
+            lines.append(f"| {i + 1} (t+{i + 2}) | {acc['top1']:.3f} | {acc['top5']:.3f} | {acc['top10']:.3f} | {acc['top20']:.3f} |")
     lines += ["", "## Early-pruning head: recall of the final greedy token in the early top-K", "",
               "| layer | form | top-1 | top-5 | top-10 | top-20 |", "| --- | --- | --- | --- | --- | --- |"]
     for layer, e in report["early"].items():

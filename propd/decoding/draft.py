@@ -1,0 +1,98 @@
+"""Tree verification with the draft layer proposing the tree (EAGLE-style drafting).
+
+One step, for every row of the batch:
+  1. draft update: the draft reads the model's true features at the tokens accepted last step (for
+     the first step, the prompt's last position) and commits them to its own cache; its prediction
+     at the newest one gives the root's children;
+  2. draft expansion, depth by depth: each node with children in the static tree is fed its
+     parent's predicted feature and its own token, attending to the draft cache and its ancestors;
+     its top-k fills its children's ranks;
+  3. verification exactly as for Medusa trees (``verify``): the output never depends on the draft.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from propd.decoding.loop import StepResult
+from propd.decoding.tree import verify
+from propd.heads.draft import DraftHead
+from propd.models.decoder import Decoder
+from propd.models.kv_cache import KVCache
+from propd.tree.tree import TokenTree
+
+
+class DraftMethod:
+    def __init__(self, draft: DraftHead, tree: TokenTree):
+        self.draft = draft
+        self.tree = tree
+        self.tree_size = tree.size
+        self.cache: KVCache | None = None  # the draft's: one entry per answer position
+        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # features [B, M, dim], next tokens [B, M], counts [B]
+        self.levels = [self._level(d) for d in range(1, tree.depth + 1)]
+        self._projection: tuple[Decoder, torch.Tensor] | None = None  # (base, the draft's fp32 projection for it)
+
+    def _level(self, depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The nodes at ``depth``, their parents, ranks, and which of them have children."""
+        nodes = (self.tree.depths == depth).nonzero().flatten()
+        ranks = torch.tensor([self.tree.paths[int(n) - 1][-1] for n in nodes], dtype=torch.long)
+        expand = nodes[(self.tree.children[nodes] >= 0).any(dim=1)]
+        return nodes, self.tree.parents[nodes], ranks, expand
+
+    def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
+        normed = decoder.final_norm(hidden)
+        roots = decoder.greedy_tokens(normed)
+        self.pending = (normed.float().unsqueeze(1), roots.unsqueeze(1), torch.ones(len(roots), dtype=torch.long))
+        self.cache = None
+        return roots
+
+    @torch.no_grad()
+    def propose(self, decoder: Decoder, roots: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Steps 1-2: the tree's tokens [B, N], root first."""
+        draft, tree = self.draft, self.tree
+        dec = draft.decoder(decoder)
+        features, next_tokens, counts = self.pending
+        B, M = next_tokens.shape
+        if self.cache is None:
+            self.cache = dec.new_cache(B, max_len)
+        cache = self.cache
+        slots = cache.lengths.unsqueeze(1) + torch.arange(M)
+        mask = cache.attention_mask(slots, torch.ones(M, M, dtype=torch.bool).tril().expand(B, M, M))
+        out = dec.forward_layers(draft.inputs(features, next_tokens, decoder), slots, slots, mask, cache)
+        cache.advance(counts)
+
+        N = tree.size
+        predicted = torch.zeros(B, N, dec.args.dim)  # each node's predicted feature: its children's guess
+        predicted[:, 0] = out[torch.arange(B), counts - 1]
+        tokens = torch.empty(B, N, dtype=torch.long)
+        tokens[:, 0] = roots
+        node_slots = cache.lengths.unsqueeze(1) + torch.arange(N - 1)  # node i's entry at slot lengths + i - 1
+        node_mask = cache.attention_mask(node_slots, tree.ancestors[1:, 1:].expand(B, N - 1, N - 1))  # [B, 1, N-1, S]
+        if self._projection is None or self._projection[0] is not decoder:
+            self._projection = (decoder, draft.projection(decoder))
+        projection = self._projection[1]
+        for d, (nodes, parents, ranks, expand) in enumerate(self.levels, start=1):
+            guesses = draft.top_tokens(predicted[:, parents], projection, int(ranks.max()) + 1)  # [B, n, k]
+            tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
+            if len(expand) == 0:
+                break
+            x = draft.inputs(predicted[:, tree.parents[expand]], tokens[:, expand], decoder)
+            slots = node_slots[:, expand - 1]
+            span = int(slots.max()) + 1
+            positions = (cache.lengths - 1 + d).unsqueeze(1).expand(B, len(expand))
+            predicted[:, expand] = dec.forward_layers(x, positions, slots, node_mask[:, :, expand - 1, :span], cache)
+        return tokens
+
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
+        tokens = self.propose(decoder, roots, cache.max_len)
+        v = verify(decoder, cache, self.tree, tokens)
+        path_tokens = tokens.gather(1, v.offsets)  # root first
+        next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
+        next_tokens[torch.arange(len(roots)), v.counts - 1] = v.roots
+        self.pending = (v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)
+        return v.result(tokens)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        features, next_tokens, counts = self.pending
+        self.pending = (features[rows], next_tokens[rows], counts[rows])
+        self.cache.select_rows(rows)

@@ -1,0 +1,107 @@
+"""An EAGLE-style draft layer: one transformer layer that runs ahead of the model on its features.
+
+Medusa heads guess token t+k from the hidden state at t alone, so every depth of a tree is a guess
+made without the tokens before it. The draft instead reads, at each position j, the model's final
+normed hidden state n_j together with the token x_{j+1} it produced, and predicts n_{j+1}; the base
+model's frozen ``lm_head`` turns that into a guess for x_{j+2}. Fed its own prediction and a guessed
+token, it continues one more position, so each tree node's children come from a pass that knows the
+node's whole path (EAGLE, arXiv 2401.15077; here with the normed features as input and target).
+
+It is a one-layer ``Decoder`` of the base model's shape, so it runs with our own attention, KV cache
+and tree masks: its cache holds one entry per position of the answer (the prompt's last position
+first), written from the model's true features as tokens are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from propd.errors import PropdError
+from propd.heads.checkpoint import read_json, read_weights
+from propd.models.decoder import Decoder, Layer, ModelArgs, matmul
+
+
+class DraftHead(nn.Module):
+    def __init__(self, args: ModelArgs, meta: dict | None = None, candidate_vocab: torch.Tensor | None = None):
+        super().__init__()
+        self.args = ModelArgs(**{**vars(args), "n_layers": 1, "qkv_bias": False})
+        self.meta = dict(meta or {})
+        self.candidate_vocab = candidate_vocab  # [Vc] token ids the draft may guess, or None for all
+        a = self.args
+        dim, qkv = a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
+        self.fc = nn.Linear(2 * dim, dim, bias=False)  # [n_j, embed(x_{j+1})] -> the layer's input
+        with torch.no_grad():  # start as "the feature itself": the layer then learns the step forward
+            self.fc.weight.zero_()
+            self.fc.weight[:, :dim].copy_(torch.eye(dim))
+        self.attn_norm = nn.Parameter(torch.ones(dim))
+        self.wqkv = nn.Parameter(torch.randn(dim, qkv) * 0.02)  # [in, out], the layout ``Decoder`` uses in fp32
+        self.wo = nn.Parameter(torch.randn(a.n_heads * a.head_dim, dim) * 0.02)
+        self.mlp_norm = nn.Parameter(torch.ones(dim))
+        self.w_gate_up = nn.Parameter(torch.randn(dim, 2 * a.intermediate_size) * 0.02)
+        self.w_down = nn.Parameter(torch.zeros(dim, a.intermediate_size))  # [out, in]: ``Decoder`` reads its transpose
+        self._decoder: tuple[Decoder, Decoder] | None = None  # (base, draft as a Decoder)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    def decoder(self, base: Decoder) -> Decoder:
+        """The draft as a one-layer fp32 ``Decoder`` sharing these parameters (built once per base
+        model). It always runs in fp32: it only proposes, so its rounding never changes an output."""
+        if self._decoder is None or self._decoder[0] is not base:
+            layer = Layer(self.attn_norm, self.wqkv, None, self.wo, self.mlp_norm, self.w_gate_up, self.w_down.t())
+            self._decoder = (base, Decoder(self.args, base.embed_tokens.float(), [layer], base.norm.float(), base.lm_head_t.float()))
+        return self._decoder[1]
+
+    def inputs(self, features: torch.Tensor, next_tokens: torch.Tensor, base: Decoder) -> torch.Tensor:
+        """The layer's input [..., dim] from normed features [..., dim] and the tokens they produced [...]."""
+        return self.fc(torch.cat([features, base.embed(next_tokens).to(features.dtype)], dim=-1))
+
+    def projection(self, base: Decoder) -> torch.Tensor:
+        """The base lm_head's columns for the candidate vocabulary, in fp32 [dim, Vc]."""
+        cols = base.lm_head_t if self.candidate_vocab is None else base.lm_head_t[:, self.candidate_vocab]
+        return cols.float().contiguous()
+
+    def top_tokens(self, predicted: torch.Tensor, projection: torch.Tensor, k: int) -> torch.Tensor:
+        """The k best guesses [..., k] (token ids) after predicted features [..., dim]."""
+        index = matmul(predicted, projection).topk(k, dim=-1).indices
+        return index if self.candidate_vocab is None else self.candidate_vocab[index]
+
+    def check_fits(self, base: ModelArgs) -> None:
+        a = self.args
+        if (a.dim, a.vocab_size, a.n_heads, a.n_kv_heads, a.head_dim) != (base.dim, base.vocab_size, base.n_heads, base.n_kv_heads, base.head_dim):
+            raise PropdError(
+                f"draft expects hidden size {a.dim}, vocabulary {a.vocab_size} and {a.n_heads}/{a.n_kv_heads} heads of {a.head_dim}, "
+                f"but the model has {base.dim}, {base.vocab_size} and {base.n_heads}/{base.n_kv_heads} of {base.head_dim}"
+                + (f" (the draft was trained for {self.meta.get('base_model')})" if self.meta.get("base_model") else "")
+            )
+
+    def save(self, directory: str | Path, weight_dtype: torch.dtype = torch.float16) -> None:
+        """draft.safetensors + draft.json (shape, base model, acceptance statistics)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to(weight_dtype).contiguous() for k, v in self.state_dict().items()}
+        if self.candidate_vocab is not None:
+            tensors["candidate_vocab"] = self.candidate_vocab
+        save_file(tensors, directory / "draft.safetensors")
+        (directory / "draft.json").write_text(json.dumps({"format": "propd-draft", "args": vars(self.args), **self.meta}, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DraftHead":
+        directory = Path(directory)
+        config = read_json(directory / "draft.json")
+        if config.get("format") != "propd-draft" or "args" not in config:
+            raise PropdError(f"{directory / 'draft.json'} is not a propd draft configuration")
+        state = read_weights(directory / "draft.safetensors")
+        meta = {k: v for k, v in config.items() if k not in ("format", "args")}
+        try:
+            draft = cls(ModelArgs(**config["args"]), meta, state.pop("candidate_vocab", None))
+            draft.load_state_dict({k: v.float() for k, v in state.items()})
+        except (TypeError, RuntimeError) as e:
+            raise PropdError(f"{directory}: draft weights do not match its configuration: {str(e).splitlines()[0]}") from e
+        return draft.eval()

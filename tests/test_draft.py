@@ -1,0 +1,83 @@
+"""The EAGLE-style draft layer: lossless on random trees and batches, trains, round-trips, and
+proposes in a tree exactly what its training unroll computes."""
+
+import random
+
+import pytest
+import torch
+
+from propd.decoding.ar import ARMethod
+from propd.decoding.draft import DraftMethod
+from propd.decoding.loop import generate_batch
+from propd.errors import PropdError
+from propd.heads.draft import DraftHead
+from propd.models.decoder import Decoder, ModelArgs
+from propd.training.train import draft_unroll
+from propd.tree.tree import chain
+from tests.conftest import REAL_PROMPTS, tiny_hf_model
+from tests.test_tree import random_tree
+
+
+def random_draft(args: ModelArgs, seed: int, candidates: int = 0) -> DraftHead:
+    torch.manual_seed(seed)
+    vocab = torch.randperm(args.vocab_size)[:candidates].sort().values if candidates else None
+    draft = DraftHead(args, candidate_vocab=vocab)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.normal_(0, 0.3 if p.dim() == 2 else 1.0)
+    return draft.eval()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_draft_decoding_equals_ar_on_random_trees_and_batches(seed):
+    rng = random.Random(seed)
+    dec = Decoder.from_hf(tiny_hf_model(["llama", "mistral", "qwen2"][seed % 3], seed=seed))
+    draft = random_draft(dec.args, seed, candidates=48 if seed % 2 else 0)
+    depth, width = rng.randint(1, 6), rng.randint(1, 6)
+    tree = random_tree(rng, nodes=min(rng.randint(1, 24), sum(width**d for d in range(1, depth + 1))), depth=depth, width=width)
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(2, 20))] for _ in range(rng.randint(1, 5))]
+    ar = generate_batch(dec, ARMethod(), prompts, 40, {0})
+    for batch_size in (1, len(prompts)):
+        for i in range(0, len(prompts), batch_size):
+            out = generate_batch(dec, DraftMethod(draft, tree), prompts[i : i + batch_size], 40, {0})
+            assert [o.token_ids for o in out] == [a.token_ids for a in ar[i : i + batch_size]]
+
+
+def test_tree_drafting_computes_what_training_unrolls():
+    """Along a chain (each depth's top-1 after the path so far), the method's guesses equal those
+    of ``draft_unroll`` fed the same path: what training optimises is what decoding uses."""
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=1))
+    draft = random_draft(dec.args, 1)
+    method = DraftMethod(draft, chain(3))
+    roots = method.start(dec, torch.randn(1, dec.args.dim))
+    tokens = method.propose(dec, roots, 64)
+    with torch.no_grad():
+        unrolled = draft_unroll(draft, dec, method.pending[0], roots.view(1, 1), tokens[:, 1:].view(1, 1, 3))
+        guesses = [int((u[0, 0] @ draft.projection(dec)).argmax()) for u in unrolled]
+    assert guesses == tokens[0, 1:].tolist()
+
+
+def test_draft_checkpoint_round_trip_and_errors(tmp_path):
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=2))
+    draft = random_draft(dec.args, 2, candidates=32)
+    draft.meta = {"base_model": "tiny", "rank_probabilities": [[0.5, 0.2], [0.4, 0.1]]}
+    draft.save(tmp_path / "d")
+    loaded = DraftHead.load(tmp_path / "d")
+    assert loaded.meta["rank_probabilities"] == draft.meta["rank_probabilities"]
+    assert torch.equal(loaded.candidate_vocab, draft.candidate_vocab)
+    for name, p in draft.state_dict().items():
+        assert torch.allclose(loaded.state_dict()[name], p.half().float())
+    other = Decoder.from_hf(tiny_hf_model("llama", seed=2, vocab=80)).args
+    with pytest.raises(PropdError, match="vocabulary"):
+        loaded.check_fits(other)
+    (tmp_path / "d" / "draft.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(PropdError, match="corrupt"):
+        DraftHead.load(tmp_path / "d")
+
+
+def test_shipped_draft_equals_ar_on_the_default_model(default_model):
+    want = [w.token_ids for w in default_model.generate(REAL_PROMPTS, "ar", max_new_tokens=48)]
+    for tree, bs in (("mc_sim_7b_63", 1), ("best16", 4)):
+        got = default_model.generate(REAL_PROMPTS, default_model.method("draft", tree), max_new_tokens=48, batch_size=bs)
+        assert [g.token_ids for g in got] == want, (tree, bs)
+        assert sum(len(g.token_ids) for g in got) / sum(g.stats.steps for g in got) > 1.5
