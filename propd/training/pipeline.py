@@ -14,7 +14,15 @@ import torch
 from propd.engine import Propd
 from propd.training.distill import generate_answers
 from propd.training.features import cache_features, load_features
-from propd.training.train import evaluate_draft, evaluate_early, evaluate_medusa, split_rows, train_draft, train_early, train_medusa
+from propd.training.train import (
+    evaluate_draft,
+    evaluate_early,
+    evaluate_medusa,
+    split_rows,
+    train_draft,
+    train_early,
+    train_medusa,
+)
 
 
 @dataclass
