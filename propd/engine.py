@@ -105,7 +105,7 @@ class Propd:
         if not isinstance(heads, DraftHead):
             directory = self._heads_dir(heads)
             if not (directory / "draft.json").exists():
-                raise PropdError(f"{directory} holds no draft layer (draft.json); train one with `propd train --draft`")
+                raise PropdError(f"{directory} holds no draft layer (draft.json); `propd train` trains one (see --draft-epochs)")
             heads = DraftHead.load(directory)
         heads.check_fits(self.decoder.args)
         return heads
