@@ -30,7 +30,6 @@ class DraftMethod:
         self.cache: KVCache | None = None  # the draft's: one entry per answer position
         self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # features [B, M, dim], next tokens [B, M], counts [B]
         self.levels = [self._level(d) for d in range(1, tree.depth + 1)]
-        self._projection: tuple[Decoder, torch.Tensor] | None = None  # (base, the draft's fp32 projection for it)
 
     def _level(self, depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The nodes at ``depth``, their parents, ranks, and which of them have children."""
@@ -68,9 +67,7 @@ class DraftMethod:
         tokens[:, 0] = roots
         node_slots = cache.lengths.unsqueeze(1) + torch.arange(N - 1)  # node i's entry at slot lengths + i - 1
         node_mask = cache.attention_mask(node_slots, tree.ancestors[1:, 1:].expand(B, N - 1, N - 1))  # [B, 1, N-1, S]
-        if self._projection is None or self._projection[0] is not decoder:
-            self._projection = (decoder, draft.projection(decoder))
-        projection = self._projection[1]
+        projection = draft.projection(decoder)
         for d, (nodes, parents, ranks, expand) in enumerate(self.levels, start=1):
             guesses = draft.top_tokens(predicted[:, parents], projection, int(ranks.max()) + 1)  # [B, n, k]
             tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)

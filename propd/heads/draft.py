@@ -45,6 +45,7 @@ class DraftHead(nn.Module):
         self.w_gate_up = nn.Parameter(torch.randn(dim, 2 * a.intermediate_size) * 0.02)
         self.w_down = nn.Parameter(torch.zeros(dim, a.intermediate_size))  # [out, in]: ``Decoder`` reads its transpose
         self._decoder: tuple[Decoder, Decoder] | None = None  # (base, draft as a Decoder)
+        self._projection: tuple[Decoder, torch.Tensor] | None = None  # (base, its fp32 candidate columns)
 
     @property
     def vocab_size(self) -> int:
@@ -63,9 +64,11 @@ class DraftHead(nn.Module):
         return self.fc(torch.cat([features, base.embed(next_tokens).to(features.dtype)], dim=-1))
 
     def projection(self, base: Decoder) -> torch.Tensor:
-        """The base lm_head's columns for the candidate vocabulary, in fp32 [dim, Vc]."""
-        cols = base.lm_head_t if self.candidate_vocab is None else base.lm_head_t[:, self.candidate_vocab]
-        return cols.float().contiguous()
+        """The base lm_head's columns for the candidate vocabulary, in fp32 [dim, Vc] (sliced once per base model)."""
+        if self._projection is None or self._projection[0] is not base:
+            cols = base.lm_head_t if self.candidate_vocab is None else base.lm_head_t[:, self.candidate_vocab]
+            self._projection = (base, cols.float().contiguous())
+        return self._projection[1]
 
     def top_tokens(self, predicted: torch.Tensor, projection: torch.Tensor, k: int) -> torch.Tensor:
         """The k best guesses [..., k] (token ids) after predicted features [..., dim]."""

@@ -258,8 +258,7 @@ class Decoder:
         qk = a.n_heads + a.n_kv_heads
         pairs = h[..., : qk * a.head_dim].view(np.complex64).reshape(B, T, qk, a.head_dim // 2)
         pairs *= rope
-        cache.kv.numpy()[i, :, cache.rows_np, :, slots] = h[..., a.n_heads * a.head_dim :].reshape(B, T, 2, a.n_kv_heads, a.head_dim)
-        keys, values = cache.kv[i, 0, :, :, :span], cache.kv[i, 1, :, :, :span]
+        keys, values = cache.update(i, slots, h[..., a.n_heads * a.head_dim :].reshape(B, T, 2, a.n_kv_heads, a.head_dim), span)
         q = torch.from_numpy(h[..., : a.n_heads * a.head_dim]).unflatten(-1, (a.n_heads, a.head_dim))
         o = self._attention(q, keys, values, mask).numpy()
         x = x + (o.reshape(B * T, -1) @ layer.wo).reshape(B, T, dim)
