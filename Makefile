@@ -22,4 +22,4 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	.venv/bin/propd bench --prompts ../shared/data/mt_bench.jsonl --per-category 2 --methods hf,ar,medusa@best8,draft@best8,draft@best16,medusa@mc_sim_7b_63,draft@mc_sim_7b_63 --batch-sizes 1 --max-new-tokens 96 --out bench-out/mt_bench
+	.venv/bin/propd bench --prompts ../shared/data/mt_bench.jsonl --per-category 2 --methods hf,ar,medusa@best8,draft@best8,draft@best16,medusa@mc_sim_7b_63,draft@mc_sim_7b_63,draft@best64 --batch-sizes 1 --max-new-tokens 96 --out bench-out/mt_bench

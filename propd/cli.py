@@ -119,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from propd.training.pipeline import TrainConfig, report_markdown, run_training
 
     cfg = TrainConfig(
-        prompts=args.prompts, out=Path(args.out), num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+        prompts=args.prompts, out=Path(args.out), num_prompts=args.num_prompts, self_prompts=args.self_prompts, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, num_heads=args.num_heads, num_layers=args.num_layers,
         early_layers=tuple(int(k) for k in args.early_layers.split(",")), epochs=args.epochs, early_epochs=args.early_epochs,
         lr=args.lr, candidate_vocab=args.candidate_vocab, root_conditioned=args.root_conditioned,
@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field or Spec-Bench 'turns'")
     t.add_argument("--out", required=True, help="work directory; trained heads go to OUT/heads")
     t.add_argument("--model", default="default")
-    t.add_argument("--num-prompts", type=int, default=1000)
+    t.add_argument("--num-prompts", type=int, default=1000, help="prompts drawn (seeded shuffle) from --prompts")
+    t.add_argument("--self-prompts", type=int, default=0,
+                   help="also distil answers to this many prompts the model writes itself from its chat template (Magpie)")
     t.add_argument("--max-new-tokens", type=int, default=192, help="answer length for self-distillation")
     t.add_argument("--batch-size", type=int, default=8, help="generation batch size for self-distillation")
     t.add_argument("--num-heads", type=int, default=4)

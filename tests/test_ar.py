@@ -43,3 +43,16 @@ def test_stream_yields_the_generated_text(default_model):
     pieces = list(default_model.stream("Name a colour.", max_new_tokens=24))
     assert len(pieces) > 1
     assert "".join(pieces) == default_model.generate(["Name a colour."], max_new_tokens=24)[0].text
+
+
+def test_sampling_is_seeded_and_tends_to_greedy_as_temperature_falls():
+    dec = Decoder.from_hf(tiny_hf_model("llama"))
+    prompts = [[5, 17, 3], [9, 2, 44, 61, 7]]
+    greedy = [r.token_ids for r in generate_batch(dec, ARMethod(), prompts, 24, set())]
+
+    def sampled(temperature: float, seed: int) -> list[list[int]]:
+        return [r.token_ids for r in generate_batch(dec, ARMethod(temperature, torch.Generator().manual_seed(seed)), prompts, 24, set())]
+
+    assert sampled(1e-4, 0) == greedy
+    assert sampled(2.0, 0) == sampled(2.0, 0) != greedy
+    assert sampled(2.0, 0) != sampled(2.0, 1)

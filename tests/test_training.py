@@ -10,8 +10,11 @@ from propd.engine import Propd
 from propd.errors import PropdError
 from propd.heads.early import EarlyHead
 from propd.heads.medusa import MedusaHeads
-from propd.prompts import builtin_prompts_path
+from propd.prompts import builtin_prompts_path, load_prompts
+from propd.training.distill import generate_answers
+from propd.training.features import cache_features, load_features
 from propd.training.pipeline import TrainConfig, choose_early_layer, run_training
+from propd.training.self_prompts import write_self_prompts
 from tests.conftest import tiny_hf_model
 
 
@@ -93,3 +96,48 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_choose_early_layer_prefers_earliest_near_best():
     assert choose_early_layer({4: {"top10": 0.40}, 8: {"top10": 0.42}, 12: {"top10": 0.50}}) == 12
     assert choose_early_layer({4: {"top10": 0.48}, 8: {"top10": 0.49}, 12: {"top10": 0.50}}) == 4
+
+
+def test_model_writes_its_own_prompts_and_resumes(default_model, tmp_path):
+    path = tmp_path / "self.jsonl"
+    write_self_prompts(default_model, path, 3, batch_size=4, max_tokens=64)
+    first = load_prompts(path)
+    assert [p.id for p in first] == ["self-0", "self-1", "self-2"]
+    assert len({p.text for p in first}) == 3 and all(p.text.strip() for p in first)
+    write_self_prompts(default_model, path, 5, batch_size=4, max_tokens=64)
+    again = load_prompts(path)
+    assert len(again) == 5 and again[:3] == first and len({p.text for p in again}) == 5
+
+
+def test_self_prompts_need_a_model_that_ends_its_messages(tiny_propd, tmp_path):
+    with pytest.raises(PropdError, match="not seem to be a chat model"):
+        write_self_prompts(tiny_propd, tmp_path / "self.jsonl", 2, batch_size=2, max_tokens=4)
+
+
+def test_features_of_appended_answers_extend_the_cache(tiny_propd, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    rows = [{"id": str(i), "prompt_ids": torch.randint(1, 90, (3 + i,), generator=g).tolist(),
+             "answer_ids": torch.randint(1, 90, (n,), generator=g).tolist()} for i, n in enumerate((6, 1, 9, 4, 7))]
+    distill = tmp_path / "distill.jsonl"
+
+    def features_of(n: int, out: str) -> dict[str, torch.Tensor]:
+        distill.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+        return load_features(cache_features(tiny_propd.decoder, distill, tmp_path / out, [1]))
+
+    features_of(3, "grown.safetensors")
+    grown, scratch = features_of(5, "grown.safetensors"), features_of(5, "scratch.safetensors")
+    assert grown.keys() == scratch.keys() and all(torch.equal(grown[k], scratch[k]) for k in grown)
+    rows[0]["answer_ids"][0] += 1  # an earlier answer changed: nothing cached is reused
+    changed = features_of(5, "grown.safetensors")
+    assert torch.equal(changed["tokens"], torch.tensor([t for r in rows for t in r["prompt_ids"] + r["answer_ids"]]))
+    assert not torch.equal(changed["final"], grown["final"])
+
+
+def test_answers_to_several_prompt_files_share_one_distill_file(tiny_propd, tmp_path):
+    own = tmp_path / "own.jsonl"
+    own.write_text('{"id": "self-0", "prompt": "Name a river."}\n{"id": "self-1", "prompt": "Name a city."}\n')
+    for _ in range(2):  # the second round finds every answer and generates none
+        generate_answers(tiny_propd, builtin_prompts_path(), tmp_path, 3, 6, batch_size=2)
+        distill = generate_answers(tiny_propd, own, tmp_path, 2, 6, batch_size=2)
+        ids = [json.loads(line)["id"] for line in distill.read_text().splitlines()]
+        assert len(ids) == 5 and sorted(ids[-2:]) == ["self-0", "self-1"]

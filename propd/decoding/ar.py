@@ -1,4 +1,6 @@
-"""Autoregressive greedy decoding: the tree with the root only, one token per forward pass."""
+"""Autoregressive decoding: the tree with the root only, one token per forward pass. Greedy by
+default; with a temperature it samples, which only self-distillation uses (to let the model write
+its own prompts): the parallel methods are lossless with respect to the greedy output."""
 
 from __future__ import annotations
 
@@ -12,8 +14,12 @@ from propd.models.kv_cache import KVCache
 class ARMethod:
     tree_size = 1
 
+    def __init__(self, temperature: float = 0.0, generator: torch.Generator | None = None):
+        self.temperature = temperature
+        self.generator = generator
+
     def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
-        return decoder.greedy_tokens(decoder.final_norm(hidden))
+        return self._next_tokens(decoder, hidden)
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
         B = roots.shape[0]
@@ -22,8 +28,14 @@ class ARMethod:
         mask = None if B == 1 else cache.attention_mask(slots, torch.ones(B, 1, 1, dtype=torch.bool))
         hidden = decoder.forward_layers(decoder.embed(roots.unsqueeze(1)), slots, slots, mask, cache)
         cache.advance(torch.ones(B, dtype=torch.long))
-        roots = decoder.greedy_tokens(decoder.final_norm(hidden[:, -1]))
+        roots = self._next_tokens(decoder, hidden[:, -1])
         return StepResult([[int(t)] for t in roots], roots, [1] * B, [1] * B)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         pass
+
+    def _next_tokens(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
+        if self.temperature <= 0:
+            return decoder.greedy_tokens(decoder.final_norm(hidden))
+        probs = torch.softmax(decoder.logits(hidden).float() / self.temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)

@@ -27,7 +27,8 @@ def generate_answers(
         done = {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
     pool = [p for p in load_prompts(prompts_path) if len(p.text) <= max_prompt_chars]
     random.Random(seed).shuffle(pool)
-    prompts = [p for p in pool if p.id not in done][: max(0, num_prompts - len(done))]
+    answered = sum(p.id in done for p in pool)  # the file may also hold answers to other prompt files
+    prompts = [p for p in pool if p.id not in done][: max(0, num_prompts - answered)]
     # Similar lengths in a batch waste less padding in prefill.
     prompts.sort(key=lambda p: len(p.text))
     with path.open("a") as f, tqdm(total=len(prompts), initial=0, desc="self-distillation", unit="prompt") as bar:

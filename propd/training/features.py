@@ -38,42 +38,48 @@ def cache_features(decoder: Decoder, distill_path: Path, out: Path, early_layers
     """Write ``out`` (safetensors): ``final`` [N, dim], ``early.{k}`` [N, dim] (fp16), ``seq`` [N] the
     sequence index of each row, ``tokens`` (all sequences concatenated), ``next_index`` [N] the index
     in ``tokens`` of the token each row predicts and ``end_index`` [N] the end of its sequence there.
-    Reused when it exists for the same inputs."""
+    Reused when it exists for the same inputs; when answers were appended since, only those run."""
     rows = [json.loads(line) for line in distill_path.read_text().splitlines() if line.strip()]
     meta = {"sequences": str(len(rows)), "early_layers": ",".join(map(str, early_layers))}
-    if out.exists():
-        with safe_open(out, "pt") as existing:
-            if existing.metadata() == meta:
-                return out
-    finals, earlies, seq_ids, next_index, end_index, all_tokens = [], {k: [] for k in early_layers}, [], [], [], []
-    offset = 0
-    for i, row in enumerate(tqdm(rows, desc="hidden states", unit="seq")):
+    done, cached = _reusable(out, rows, meta["early_layers"])
+    if done == len(rows):
+        return out
+    offset = 0 if cached is None else len(cached["tokens"])
+    parts = {key: [] for key in ("final", "seq", "next_index", "end_index", "tokens", *(f"early.{k}" for k in early_layers))}
+    if cached is not None:
+        for key, value in cached.items():
+            parts[key].append(value)
+    for i, row in enumerate(tqdm(rows[done:], desc="hidden states", unit="seq"), start=done):
         tokens = row["prompt_ids"] + row["answer_ids"]
         P = len(row["prompt_ids"])
-        if len(row["answer_ids"]) < 2:
-            offset += len(tokens)
-            all_tokens += tokens
-            continue
-        final, early = hidden_states(decoder, tokens, early_layers)
-        positions = torch.arange(P - 1, len(tokens) - 1)  # each predicts the answer token after it
-        finals.append(final[positions].half())
-        for k in early_layers:
-            earlies[k].append(early[k][positions].half())
-        seq_ids.append(torch.full((len(positions),), i))
-        next_index.append(offset + positions + 1)
-        end_index.append(torch.full((len(positions),), offset + len(tokens)))
+        parts["tokens"].append(torch.tensor(tokens))
+        if len(row["answer_ids"]) >= 2:
+            final, early = hidden_states(decoder, tokens, early_layers)
+            positions = torch.arange(P - 1, len(tokens) - 1)  # each predicts the answer token after it
+            parts["final"].append(final[positions].half())
+            for k in early_layers:
+                parts[f"early.{k}"].append(early[k][positions].half())
+            parts["seq"].append(torch.full((len(positions),), i))
+            parts["next_index"].append(offset + positions + 1)
+            parts["end_index"].append(torch.full((len(positions),), offset + len(tokens)))
         offset += len(tokens)
-        all_tokens += tokens
-    tensors = {
-        "final": torch.cat(finals),
-        "seq": torch.cat(seq_ids),
-        "next_index": torch.cat(next_index),
-        "end_index": torch.cat(end_index),
-        "tokens": torch.tensor(all_tokens),
-        **{f"early.{k}": torch.cat(v) for k, v in earlies.items()},
-    }
-    save_file(tensors, out, metadata=meta)
+    save_file({key: torch.cat(value) for key, value in parts.items()}, out, metadata=meta)
     return out
+
+
+def _reusable(out: Path, rows: list[dict], early_layers: str) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """(how many of ``rows`` ``out`` already covers, its tensors) if it was computed for the same
+    early layers over the first rows of ``rows`` (its token stream is a prefix of theirs), else (0, None)."""
+    if not out.exists():
+        return 0, None
+    with safe_open(out, "pt") as existing:
+        meta = existing.metadata()
+    done = int(meta["sequences"])
+    if meta.get("early_layers") != early_layers or done > len(rows):
+        return 0, None
+    cached = load_file(out)
+    prefix = [t for row in rows[:done] for t in row["prompt_ids"] + row["answer_ids"]]
+    return (done, cached) if cached["tokens"].tolist() == prefix else (0, None)
 
 
 def load_features(path: Path) -> dict[str, torch.Tensor]:

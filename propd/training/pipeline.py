@@ -14,6 +14,7 @@ import torch
 from propd.engine import Propd
 from propd.training.distill import generate_answers
 from propd.training.features import cache_features, load_features
+from propd.training.self_prompts import write_self_prompts
 from propd.training.train import (
     evaluate_draft,
     evaluate_early,
@@ -30,6 +31,7 @@ class TrainConfig:
     prompts: str
     out: Path
     num_prompts: int = 1000
+    self_prompts: int = 0
     max_new_tokens: int = 192
     batch_size: int = 8
     num_heads: int = 4
@@ -47,6 +49,9 @@ class TrainConfig:
 def run_training(model: Propd, cfg: TrainConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     distill = generate_answers(model, cfg.prompts, cfg.out, cfg.num_prompts, cfg.max_new_tokens, cfg.batch_size)
+    if cfg.self_prompts:
+        own = write_self_prompts(model, cfg.out / "self_prompts.jsonl", cfg.self_prompts)
+        distill = generate_answers(model, own, cfg.out, cfg.self_prompts, cfg.max_new_tokens, cfg.batch_size)
     features = load_features(cache_features(model.decoder, distill, cfg.out / "features.safetensors", list(cfg.early_layers)))
     train_rows, held_rows = split_rows(features)
     dec = model.decoder
@@ -74,15 +79,17 @@ def run_training(model: Propd, cfg: TrainConfig) -> dict:
 
     report = {
         "base_model": model.name,
-        "data": {"prompts_file": str(cfg.prompts), "sequences": int(features["seq"].max()) + 1, "answer_tokens": len(features["seq"]),
+        "data": {"prompts_file": str(cfg.prompts), "num_prompts": cfg.num_prompts, "self_prompts": cfg.self_prompts,
+                 "sequences": int(features["seq"].max()) + 1, "answer_tokens": len(features["seq"]),
                  "train_rows": len(train_rows), "heldout_rows": len(held_rows), "max_new_tokens": cfg.max_new_tokens},
         "medusa": {"num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "epochs": cfg.epochs, "candidate_vocab": cfg.candidate_vocab,
-                   "root_conditioned": cfg.root_conditioned,                    "loss_first_last": [losses[0], losses[-1]], **medusa_eval},
+                   "root_conditioned": cfg.root_conditioned, "loss_first_last": [losses[0], losses[-1]], **medusa_eval},
         "early": {str(k): {kk: vv for kk, vv in v.items() if kk != "head"} for k, v in early.items()},
         "early_layer": chosen,
     }
     if draft is not None:
-        report["draft"] = {"epochs": cfg.draft_epochs, "depth": cfg.draft_depth, "loss_first_last": [draft_losses[0], draft_losses[-1]], **draft_eval}
+        report["draft"] = {"epochs": cfg.draft_epochs, "depth": cfg.draft_depth, "sequences": report["data"]["sequences"],
+                           "answer_tokens": report["data"]["answer_tokens"], "loss_first_last": [draft_losses[0], draft_losses[-1]], **draft_eval}
     heads.meta = {"base_model": model.name, "rank_probabilities": medusa_eval["rank_probabilities"], "per_head_accuracy": medusa_eval["per_head"]}
     heads_dir = cfg.out / "heads"
     heads.save(heads_dir, torch.float16)
@@ -105,11 +112,14 @@ def choose_early_layer(recall: dict[int, dict[str, float]]) -> int:
 
 def report_markdown(report: dict) -> str:
     d, m = report["data"], report["medusa"]
+    sources = f"{d['num_prompts']} prompts from `{d['prompts_file']}`"
+    if d["self_prompts"]:
+        sources += f" and {d['self_prompts']} prompts the model wrote itself"
     lines = [
         "# Head training report",
         "",
         f"Base model `{report['base_model']}`; {d['sequences']} self-distilled answers ({d['answer_tokens']} answer tokens, "
-        f"up to {d['max_new_tokens']} each) from `{d['prompts_file']}`; held-out rows: {d['heldout_rows']}.",
+        f"up to {d['max_new_tokens']} each) to {sources}; held-out rows: {d['heldout_rows']}.",
         "",
         f"## Medusa heads ({m['num_heads']} heads x {m['num_layers']} residual block, "
         f"{'reading the root token too, ' if m.get('root_conditioned') else ''}shared frozen lm_head over "
@@ -123,6 +133,7 @@ def report_markdown(report: dict) -> str:
     if "draft" in report:
         dr = report["draft"]
         lines += ["", f"## Draft layer (EAGLE-style, unrolled over {dr['depth']} depths in training, {dr['epochs']} epochs)", "",
+                  f"Trained on {dr['sequences']} answers ({dr['answer_tokens']} answer tokens). "
                   "Accuracy at each tree depth given the path before it is right.", "",
                   "| depth (predicts t+k) | top-1 | top-5 | top-10 | top-20 |", "| --- | --- | --- | --- | --- |"]
         for i, acc in enumerate(dr["per_depth"]):

@@ -1,0 +1,62 @@
+"""Prompts the model writes itself (Magpie, arXiv 2406.08464): fed its chat template up to where a
+user's message begins, a chat model samples the kind of request it was tuned on. Distilling answers
+to these covers the open-ended chat that benchmarks such as MT-Bench ask for, which task-template
+prompt sets (classification, short QA) leave out. Resumable: the file is appended to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from propd.decoding.ar import ARMethod
+from propd.decoding.loop import generate_batch
+from propd.engine import Propd
+from propd.errors import PropdError
+
+_MARK = "\x00propd-user-message\x00"
+
+
+def user_turn_prefix(model: Propd) -> list[int]:
+    """The chat template's tokens up to where the user's message begins (system prompt included)."""
+    if not model.tokenizer.chat_template:
+        raise PropdError("the model has no chat template, so it cannot write prompts for itself; pass --self-prompts 0")
+    text = model.tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False)
+    return model.tokenizer(text[: text.index(_MARK)], add_special_tokens=False).input_ids
+
+
+def write_self_prompts(
+    model: Propd, path: Path, num_prompts: int, batch_size: int = 16, max_tokens: int = 128, temperature: float = 0.8, seed: int = 0,
+) -> Path:
+    """Append ``{"id": "self-N", "prompt"}`` lines to ``path`` until it holds num_prompts. Only
+    messages the model ended itself, non-empty and not seen before, are kept."""
+    seen = []
+    if path.exists():
+        seen = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    prefix = user_turn_prefix(model)
+    known = set(seen)
+    with path.open("a") as f, tqdm(total=num_prompts, initial=min(len(seen), num_prompts), desc="self-prompts", unit="prompt") as bar:
+        attempt, fruitless = 0, 0
+        while len(seen) < num_prompts:
+            if fruitless == 5:
+                raise PropdError(f"the model ended none of {5 * batch_size} sampled user messages within {max_tokens} tokens; "
+                                 "it does not seem to be a chat model: pass --self-prompts 0")
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + len(seen) * 101 + attempt)
+            attempt += 1
+            fruitless += 1
+            stats = generate_batch(model.decoder, ARMethod(temperature, generator), [prefix] * batch_size, max_tokens, model.eos_ids)
+            for s in stats:
+                if not s.token_ids or s.token_ids[-1] not in model.eos_ids:
+                    continue
+                text = model.tokenizer.decode(s.token_ids, skip_special_tokens=True).strip()
+                if not text or text in known or len(seen) >= num_prompts:
+                    continue
+                known.add(text)
+                seen.append(text)
+                f.write(json.dumps({"id": f"self-{len(seen) - 1}", "prompt": text}) + "\n")
+                fruitless = 0
+                bar.update(1)
+            f.flush()
+    return path
