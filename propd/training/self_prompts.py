@@ -32,11 +32,10 @@ def write_self_prompts(
 ) -> Path:
     """Append ``{"id": "self-N", "prompt"}`` lines to ``path`` until it holds num_prompts. Only
     messages the model ended itself, non-empty and not seen before, are kept."""
-    seen = []
+    seen: set[str] = set()
     if path.exists():
-        seen = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+        seen = {json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()}
     prefix = user_turn_prefix(model)
-    known = set(seen)
     with path.open("a") as f, tqdm(total=num_prompts, initial=min(len(seen), num_prompts), desc="self-prompts", unit="prompt") as bar:
         attempt, fruitless = 0, 0
         while len(seen) < num_prompts:
@@ -51,11 +50,10 @@ def write_self_prompts(
                 if not s.token_ids or s.token_ids[-1] not in model.eos_ids:
                     continue
                 text = model.tokenizer.decode(s.token_ids, skip_special_tokens=True).strip()
-                if not text or text in known or len(seen) >= num_prompts:
+                if not text or text in seen or len(seen) >= num_prompts:
                     continue
-                known.add(text)
-                seen.append(text)
-                f.write(json.dumps({"id": f"self-{len(seen) - 1}", "prompt": text}) + "\n")
+                f.write(json.dumps({"id": f"self-{len(seen)}", "prompt": text}) + "\n")
+                seen.add(text)
                 fruitless = 0
                 bar.update(1)
             f.flush()
