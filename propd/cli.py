@@ -14,11 +14,16 @@ from propd.errors import PropdError
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a HF model directory or a .gguf file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_device_arg(p)
     p.add_argument("--method", default="ar", help="decoding method: ar, bpd, medusa, draft")
     p.add_argument("--heads", default="default", help="heads / draft layer: 'default' (shipped for the default model) or a directory")
     p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, chainN or a JSON file of rank paths")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -31,7 +36,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts = args.prompt
     else:
         raise PropdError("give a prompt, or --prompts FILE.jsonl")
-    model = Propd.from_pretrained(args.model, args.dtype)
+    model = Propd.from_pretrained(args.model, args.dtype, args.device)
     method = model.method(args.method, args.tree, args.heads)
     if args.json:
         for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw):
@@ -61,7 +66,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Stream one generation with the chosen method, then time plain AR on the same prompt."""
     from propd.engine import Propd, TextStream
 
-    model = Propd.from_pretrained(args.model, args.dtype)
+    model = Propd.from_pretrained(args.model, args.dtype, args.device)
     method = model.method(args.method, args.tree, args.heads)
     print(f"### {args.prompt}  [{args.method}]")
     stream = TextStream(model.tokenizer)
@@ -76,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from propd.engine import Propd
 
-    model = Propd.from_pretrained(args.model, args.dtype)
+    model = Propd.from_pretrained(args.model, args.dtype, args.device)
     method = model.method(args.method, args.tree, args.heads)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -102,13 +107,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompts = load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)
-    model = Propd.from_pretrained(args.model, args.dtype)
+    model = Propd.from_pretrained(args.model, args.dtype, args.device)
     runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree)
     config = {
         "prompts_file": str(args.prompts or builtin_prompts_path().name), "prompts": len(prompts), "methods": methods,
         "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens, "model": args.model, "heads": args.heads, "tree": args.tree,
     }
-    results = build_results(model, runs, machine_facts(args.dtype), config)
+    results = build_results(model, runs, machine_facts(args.dtype, model.device), config)
     paths = write_report(results, runs, Path(args.out))
     print((Path(args.out) / "report.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
@@ -117,15 +122,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from propd.engine import Propd
     from propd.training.pipeline import TrainConfig, report_markdown, run_training
+    from propd.training.self_prompts import DEFAULT_OPENINGS
 
     cfg = TrainConfig(
-        prompts=args.prompts, out=Path(args.out), num_prompts=args.num_prompts, self_prompts=args.self_prompts, max_new_tokens=args.max_new_tokens,
+        prompts=args.prompts, out=Path(args.out), num_prompts=args.num_prompts, self_prompts=args.self_prompts,
+        self_prompt_openings=tuple(args.self_prompt_opening or DEFAULT_OPENINGS), max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, num_heads=args.num_heads, num_layers=args.num_layers,
         early_layers=tuple(int(k) for k in args.early_layers.split(",")), epochs=args.epochs, early_epochs=args.early_epochs,
         lr=args.lr, candidate_vocab=args.candidate_vocab, root_conditioned=args.root_conditioned,
-        draft_epochs=args.draft_epochs, draft_depth=args.draft_depth,
+        draft_epochs=args.draft_epochs, draft_depth=args.draft_depth, draft_batch_size=args.draft_batch_size, draft_lr=args.draft_lr,
     )
-    report = run_training(Propd.from_pretrained(args.model, "float32"), cfg)
+    report = run_training(Propd.from_pretrained(args.model, "float32", args.device), cfg)
     print(report_markdown(report))
     print(f"heads written to {cfg.out / 'heads'}", file=sys.stderr)
 
@@ -136,7 +143,7 @@ def cmd_latency(args: argparse.Namespace) -> None:
     from propd.bench.latency import plot_latency, step_latency, tree_build_time
     from propd.engine import Propd
 
-    model = Propd.from_pretrained(args.model, args.dtype)
+    model = Propd.from_pretrained(args.model, args.dtype, args.device)
     sizes = [int(n) for n in args.sizes.split(",")]
     rows = step_latency(model.decoder, sizes, [int(b) for b in args.batch_sizes.split(",")], args.context)
     build_ms = tree_build_time()
@@ -179,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat = sub.add_parser("latency", help="verification step time by tree size, and tree build time")
     lat.add_argument("--model", default="default")
     lat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_device_arg(lat)
     lat.add_argument("--sizes", default="1,2,4,8,16,32,64", help="tree tokens per row (root included)")
     lat.add_argument("--batch-sizes", default="1")
     lat.add_argument("--context", type=int, default=256, help="cached tokens before the tree")
@@ -189,11 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field or Spec-Bench 'turns'")
     t.add_argument("--out", required=True, help="work directory; trained heads go to OUT/heads")
     t.add_argument("--model", default="default")
+    add_device_arg(t)
     t.add_argument("--num-prompts", type=int, default=1000, help="prompts drawn (seeded shuffle) from --prompts")
     t.add_argument("--self-prompts", type=int, default=0,
                    help="also distil answers to this many prompts the model writes itself from its chat template (Magpie)")
-    t.add_argument("--max-new-tokens", type=int, default=192, help="answer length for self-distillation")
-    t.add_argument("--batch-size", type=int, default=8, help="generation batch size for self-distillation")
+    t.add_argument("--self-prompt-opening", action="append", metavar="TEXT",
+                   help="start self-prompts with TEXT, in turn with the other openings given (repeatable; '' leaves the model free; "
+                        "default: 30 openings that cover MT-Bench's categories)")
+    t.add_argument("--max-new-tokens", type=int, default=192, help="answer (and self-prompt) length for self-distillation")
+    t.add_argument("--batch-size", type=int, default=8, help="batch size for self-distillation and for caching hidden states")
     t.add_argument("--num-heads", type=int, default=4)
     t.add_argument("--num-layers", type=int, default=1, help="residual blocks per head")
     t.add_argument("--early-layers", default="4,8,12", help="candidate layers for the early-pruning head")
@@ -205,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heads also read the embedding of the token the hidden state produced (default: yes)")
     t.add_argument("--draft-epochs", type=float, default=3.0, help="epochs for the EAGLE-style draft layer (0: no draft)")
     t.add_argument("--draft-depth", type=int, default=3, help="tree depths the draft is unrolled over in training")
+    t.add_argument("--draft-batch-size", type=int, default=8, help="answers per draft training step")
+    t.add_argument("--draft-lr", type=float, default=1e-3)
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="stream one answer with a fast method, then compare its speed with AR")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -61,23 +62,29 @@ class Generation:
 class Propd:
     """A model, its tokenizer and our decoder. ``Propd.from_pretrained("default")`` loads SmolLM2."""
 
-    def __init__(self, hf_model, tokenizer, dtype: torch.dtype = torch.float32, name: str = DEFAULT_MODEL):
-        self.hf_model = hf_model
+    def __init__(self, hf_model, tokenizer, dtype: torch.dtype = torch.float32, name: str = DEFAULT_MODEL, device: str | torch.device = "cpu"):
+        self.device = _available(device)
+        self.hf_model = hf_model.to(self.device)  # the reference runs where our decoder runs
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.name = name
-        self.decoder = Decoder.from_hf(hf_model, dtype)
+        self.decoder = Decoder.from_hf(hf_model, dtype).to(self.device)
         eos = {tokenizer.eos_token_id, *(_as_list(getattr(hf_model.generation_config, "eos_token_id", None)))}
         self.eos_ids = {int(e) for e in eos if e is not None}
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32) -> "Propd":
+    def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "Propd":
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise PropdError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
         hf_model, tokenizer = load_hf(model, dtype)  # the transformers reference runs in the same dtype
-        return cls(hf_model, tokenizer, dtype, str(model))
+        return cls(hf_model, tokenizer, dtype, str(model), device)
+
+    def on_device(self) -> AbstractContextManager:
+        """A scope in which new tensors are made on the model's device. On the CPU it is no scope at
+        all: torch's device mode would add its cost to every one of a decode step's small ops."""
+        return nullcontext() if self.device.type == "cpu" else torch.device(self.device)
 
     @property
     def max_context(self) -> int:
@@ -97,7 +104,7 @@ class Propd:
         if not isinstance(heads, MedusaHeads):
             heads = MedusaHeads.load(self._heads_dir(heads))
         heads.check_fits(self.decoder.args.dim, self.decoder.args.vocab_size)
-        return heads.to(self.dtype)
+        return heads.to(self.device, self.dtype)
 
     def load_draft(self, heads: str | os.PathLike | DraftHead = "default") -> DraftHead:
         """The draft layer for this model: ``default`` (shipped for the default model), a directory
@@ -108,7 +115,7 @@ class Propd:
                 raise PropdError(f"{directory} holds no draft layer (draft.json); `propd train` trains one (see --draft-epochs)")
             heads = DraftHead.load(directory)
         heads.check_fits(self.decoder.args)
-        return heads
+        return heads.to(self.device)
 
     def _heads_dir(self, heads: str | os.PathLike) -> Path:
         if str(heads) == "default":
@@ -123,15 +130,16 @@ class Propd:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
         ``bpd`` (chain of each head's top-1) or ``draft`` (the draft layer fills a static tree,
         default mc_sim_7b_63)."""
-        if name == "ar":
-            return ARMethod()
-        if name == "draft":
-            d = self.load_draft(heads)
-            return DraftMethod(d, load_tree(tree or "mc_sim_7b_63", d.meta.get("rank_probabilities")))
-        if name in ("medusa", "bpd"):
-            h = self.load_heads(heads)
-            spec = tree or ("mc_sim_7b_63" if name == "medusa" else f"chain{h.num_heads}")
-            return TreeMethod(h, load_tree(spec, h.meta.get("rank_probabilities")))
+        with self.on_device():
+            if name == "ar":
+                return ARMethod()
+            if name == "draft":
+                d = self.load_draft(heads)
+                return DraftMethod(d, load_tree(tree or "mc_sim_7b_63", d.meta.get("rank_probabilities")))
+            if name in ("medusa", "bpd"):
+                h = self.load_heads(heads)
+                spec = tree or ("mc_sim_7b_63" if name == "medusa" else f"chain{h.num_heads}")
+                return TreeMethod(h, load_tree(spec, h.meta.get("rank_probabilities")))
         raise PropdError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
 
     def generate(
@@ -161,7 +169,8 @@ class Propd:
         for start in range(0, len(prompts), batch_size):
             batch = encoded[start : start + batch_size]
             callback = None if on_tokens is None else (lambda row, toks, s=start: on_tokens(s + row, toks))
-            stats = generate_batch(self.decoder, m, batch, max_new_tokens, self.eos_ids, callback)
+            with self.on_device():
+                stats = generate_batch(self.decoder, m, batch, max_new_tokens, self.eos_ids, callback)
             for i, s in enumerate(stats):
                 text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
                 results.append(Generation(prompts[start + i], text, s.token_ids, s))
@@ -204,6 +213,21 @@ class TextStream:
             return ""
         piece, self.emitted = text[self.emitted :], len(text)
         return piece
+
+
+def device_name(device: torch.device) -> str:
+    """What a report calls the device: the GPU's name, or ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+def _available(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise PropdError(f"unknown device {str(device)!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PropdError(f"device {device} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+    return device
 
 
 def _as_list(x) -> list:

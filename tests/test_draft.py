@@ -43,6 +43,16 @@ def test_draft_decoding_equals_ar_on_random_trees_and_batches(seed):
             assert [o.token_ids for o in out] == [a.token_ids for a in ar[i : i + batch_size]]
 
 
+def test_a_row_that_ends_at_its_first_token_leaves_the_batch():
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=2))
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    eos = {generate_batch(dec, ARMethod(), prompts[:1], 1, set())[0].token_ids[0]}  # the first row's first token
+    ar = generate_batch(dec, ARMethod(), prompts, 20, eos)
+    assert len(ar[0].token_ids) == 1
+    out = generate_batch(dec, DraftMethod(random_draft(dec.args, 2), chain(3)), prompts, 20, eos)
+    assert [o.token_ids for o in out] == [a.token_ids for a in ar]
+
+
 def test_tree_drafting_computes_what_training_unrolls():
     """Along a chain (each depth's top-1 after the path so far), the method's guesses equal those
     of ``draft_unroll`` fed the same path: what training optimises is what decoding uses."""

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from propd.decoding.loop import RowStats
-from propd.engine import Generation, Propd
+from propd.engine import Generation, Propd, device_name
 from propd.errors import PropdError
 from propd.prompts import Prompt
 
@@ -37,7 +37,7 @@ class MethodRun:
         return sum(self.prompt_seconds)
 
 
-def machine_facts(dtype: str) -> dict:
+def machine_facts(dtype: str, device: torch.device) -> dict:
     cpu = platform.processor()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -49,7 +49,7 @@ def machine_facts(dtype: str) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "dtype": dtype,
-        "device": "cpu",
+        "device": device_name(device),
     }
 
 
@@ -58,8 +58,8 @@ def hf_generate(model: Propd, prompts: list[str], max_new_tokens: int) -> list[G
     encoded = [model.encode(p) for p in prompts]
     width = max(len(e) for e in encoded)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else min(model.eos_ids)
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
     t = time.perf_counter()
     with torch.inference_mode():
         out = model.hf_model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=sorted(model.eos_ids))

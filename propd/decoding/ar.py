@@ -29,7 +29,7 @@ class ARMethod:
         hidden = decoder.forward_layers(decoder.embed(roots.unsqueeze(1)), slots, slots, mask, cache)
         cache.advance(torch.ones(B, dtype=torch.long))
         roots = self._next_tokens(decoder, hidden[:, -1])
-        return StepResult([[int(t)] for t in roots], roots, [1] * B, [1] * B)
+        return StepResult([[t] for t in roots.tolist()], roots, [1] * B, [1] * B)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         pass

@@ -92,4 +92,5 @@ class DraftMethod:
     def select_rows(self, rows: torch.Tensor) -> None:
         features, next_tokens, counts = self.pending
         self.pending = (features[rows], next_tokens[rows], counts[rows])
-        self.cache.select_rows(rows)
+        if self.cache is not None:  # None when a row ended at its first token, before any step
+            self.cache.select_rows(rows)

@@ -91,7 +91,7 @@ def _generate_batch(decoder, method, prompts, max_new_tokens, eos_ids, on_tokens
     roots = method.start(decoder, hidden_last)
     prefill_seconds = time.perf_counter() - t0
     active = list(range(B))  # batch row -> original row
-    first = [[int(t)] for t in roots]
+    first = [[t] for t in roots.tolist()]
     done = _emit(first, active, stats, max_new_tokens, eos_ids, on_tokens)
     for s in stats:
         s.prefill_seconds = prefill_seconds

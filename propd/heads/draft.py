@@ -31,7 +31,7 @@ class DraftHead(nn.Module):
         super().__init__()
         self.args = ModelArgs(**{**vars(args), "n_layers": 1, "qkv_bias": False})
         self.meta = dict(meta or {})
-        self.candidate_vocab = candidate_vocab  # [Vc] token ids the draft may guess, or None for all
+        self.register_buffer("candidate_vocab", candidate_vocab, persistent=False)  # [Vc] token ids the draft may guess, or None for all
         a = self.args
         dim, qkv = a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
         self.fc = nn.Linear(2 * dim, dim, bias=False)  # [n_j, embed(x_{j+1})] -> the layer's input

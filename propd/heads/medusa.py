@@ -47,7 +47,7 @@ class MedusaHeads(nn.Module):
         self.dim, self.vocab_size, self.num_heads, self.num_layers = dim, vocab_size, num_heads, num_layers
         self.shared_lm_head = shared_lm_head
         self.meta = dict(meta or {})
-        self.candidate_vocab = candidate_vocab  # [Vc] token ids, or None for the whole vocabulary
+        self.register_buffer("candidate_vocab", candidate_vocab, persistent=False)  # [Vc] token ids, or None for the whole vocabulary
         self._projection: tuple[int, torch.Tensor] | None = None  # (lm_head_t's data_ptr, its candidate columns)
         heads = []
         for _ in range(num_heads):

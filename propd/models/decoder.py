@@ -58,7 +58,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _numpy_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """fp32 tensors outside autograd: the cases numpy computes faster than torch's CPU kernels here
     (called twice per product and norm, so kept to plain attribute checks)."""
-    return x.dtype == w.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    return x.dtype == w.dtype == torch.float32 and x.is_cpu and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -133,7 +133,17 @@ class Decoder:
         inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
         angles = torch.outer(torch.arange(args.max_position, dtype=torch.float32), inv_freq)
         self.rope = torch.polar(torch.ones_like(angles), angles)  # [max_position, head_dim / 2] complex64
-        self._fp32_layers = [Layer(*(None if t is None else t.detach().numpy() for t in vars(l).values())) for l in layers] if self.dtype == torch.float32 else []
+        self.rope = self.rope.to(embed.device)
+        on_cpu_fp32 = self.dtype == torch.float32 and embed.is_cpu
+        self._fp32_layers = [Layer(*(None if t is None else t.detach().numpy() for t in vars(l).values())) for l in layers] if on_cpu_fp32 else []
+
+    def to(self, device: str | torch.device) -> "Decoder":
+        """This decoder with its weights on ``device`` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.embed_tokens.device == device:
+            return self
+        layers = [Layer(*(None if t is None else t.to(device) for t in vars(l).values())) for l in self.layers]
+        return Decoder(self.args, self.embed_tokens.to(device), layers, self.norm.to(device), self.lm_head_t.to(device))
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype = torch.float32) -> "Decoder":
@@ -185,7 +195,7 @@ class Decoder:
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, batch_size, a.n_kv_heads, max_len, a.head_dim, self.dtype)
+        return KVCache(a.n_layers, batch_size, a.n_kv_heads, max_len, a.head_dim, self.dtype, self.embed_tokens.device)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens[tokens]

@@ -13,12 +13,11 @@ import torch
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype):
-        self.kv = torch.zeros(n_layers, 2, batch_size, n_kv_heads, max_len, head_dim, dtype=dtype)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device: torch.device | None = None):
+        self.kv = torch.zeros(n_layers, 2, batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
-        self._rows = torch.arange(batch_size).unsqueeze(1)  # [B, 1] row index for advanced indexing
-        self._rows_np = self._rows.numpy()
+        self._set_rows(batch_size)
 
     @property
     def batch_size(self) -> int:
@@ -68,5 +67,8 @@ class KVCache:
         """Keep only these batch rows (finished rows leave the batch)."""
         self.kv = self.kv[:, :, rows].contiguous()
         self.lengths = self.lengths[rows]
-        self._rows = torch.arange(len(rows)).unsqueeze(1)
-        self._rows_np = self._rows.numpy()
+        self._set_rows(len(rows))
+
+    def _set_rows(self, batch_size: int) -> None:
+        self._rows = torch.arange(batch_size, device=self.kv.device).unsqueeze(1)  # [B, 1] row index for advanced indexing
+        self._rows_np = self._rows.numpy() if self._rows.is_cpu else None  # only the CPU's fp32 decoder writes through numpy

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from propd.engine import Propd
+from propd.engine import Propd, device_name
 from propd.training.distill import generate_answers
 from propd.training.features import cache_features, load_features
-from propd.training.self_prompts import write_self_prompts
+from propd.training.self_prompts import DEFAULT_OPENINGS, write_self_prompts
 from propd.training.train import (
     evaluate_draft,
     evaluate_early,
@@ -32,6 +32,7 @@ class TrainConfig:
     out: Path
     num_prompts: int = 1000
     self_prompts: int = 0
+    self_prompt_openings: tuple[str, ...] = DEFAULT_OPENINGS
     max_new_tokens: int = 192
     batch_size: int = 8
     num_heads: int = 4
@@ -44,15 +45,24 @@ class TrainConfig:
     root_conditioned: bool = True
     draft_epochs: float = 3.0
     draft_depth: int = 3
+    draft_batch_size: int = 8
+    draft_lr: float = 1e-3
 
 
 def run_training(model: Propd, cfg: TrainConfig) -> dict:
+    """Every stage on the model's device."""
+    with model.on_device():
+        return _run_training(model, cfg)
+
+
+def _run_training(model: Propd, cfg: TrainConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     distill = generate_answers(model, cfg.prompts, cfg.out, cfg.num_prompts, cfg.max_new_tokens, cfg.batch_size)
     if cfg.self_prompts:
-        own = write_self_prompts(model, cfg.out / "self_prompts.jsonl", cfg.self_prompts)
+        own = write_self_prompts(model, cfg.out / "self_prompts.jsonl", cfg.self_prompts, cfg.batch_size, cfg.max_new_tokens, openings=cfg.self_prompt_openings)
         distill = generate_answers(model, own, cfg.out, cfg.self_prompts, cfg.max_new_tokens, cfg.batch_size)
-    features = load_features(cache_features(model.decoder, distill, cfg.out / "features.safetensors", list(cfg.early_layers)))
+    features_path = cache_features(model.decoder, distill, cfg.out / "features.safetensors", list(cfg.early_layers), cfg.batch_size)
+    features = load_features(features_path, model.device)
     train_rows, held_rows = split_rows(features)
     dec = model.decoder
 
@@ -63,7 +73,7 @@ def run_training(model: Propd, cfg: TrainConfig) -> dict:
 
     draft = None
     if cfg.draft_epochs > 0:
-        draft, draft_losses = train_draft(dec, features, train_rows, cfg.draft_epochs, cfg.draft_depth, lr=cfg.lr, candidate_vocab_size=cfg.candidate_vocab)
+        draft, draft_losses = train_draft(dec, features, train_rows, cfg.draft_epochs, cfg.draft_depth, cfg.draft_batch_size, cfg.draft_lr, cfg.candidate_vocab)
         draft_eval = evaluate_draft(dec, draft, features, held_rows)
 
     early = {}
@@ -88,7 +98,8 @@ def run_training(model: Propd, cfg: TrainConfig) -> dict:
         "early_layer": chosen,
     }
     if draft is not None:
-        report["draft"] = {"epochs": cfg.draft_epochs, "depth": cfg.draft_depth, "sequences": report["data"]["sequences"],
+        report["draft"] = {"epochs": cfg.draft_epochs, "depth": cfg.draft_depth, "device": device_name(model.device), "sources": data_sources(report["data"]),
+                           "sequences": report["data"]["sequences"],
                            "answer_tokens": report["data"]["answer_tokens"], "loss_first_last": [draft_losses[0], draft_losses[-1]], **draft_eval}
     heads.meta = {"base_model": model.name, "rank_probabilities": medusa_eval["rank_probabilities"], "per_head_accuracy": medusa_eval["per_head"]}
     heads_dir = cfg.out / "heads"
@@ -110,16 +121,20 @@ def choose_early_layer(recall: dict[int, dict[str, float]]) -> int:
     return min(k for k, r in recall.items() if r["top10"] >= best - 0.03)
 
 
+def data_sources(data: dict) -> str:
+    sources = f"{data['num_prompts']} prompts from `{data['prompts_file']}`"
+    if data["self_prompts"]:
+        sources += f" and {data['self_prompts']} prompts the model wrote itself"
+    return sources
+
+
 def report_markdown(report: dict) -> str:
     d, m = report["data"], report["medusa"]
-    sources = f"{d['num_prompts']} prompts from `{d['prompts_file']}`"
-    if d["self_prompts"]:
-        sources += f" and {d['self_prompts']} prompts the model wrote itself"
     lines = [
         "# Head training report",
         "",
         f"Base model `{report['base_model']}`; {d['sequences']} self-distilled answers ({d['answer_tokens']} answer tokens, "
-        f"up to {d['max_new_tokens']} each) to {sources}; held-out rows: {d['heldout_rows']}.",
+        f"up to {d['max_new_tokens']} each) to {data_sources(d)}; held-out rows: {d['heldout_rows']}.",
         "",
         f"## Medusa heads ({m['num_heads']} heads x {m['num_layers']} residual block, "
         f"{'reading the root token too, ' if m.get('root_conditioned') else ''}shared frozen lm_head over "
@@ -133,7 +148,7 @@ def report_markdown(report: dict) -> str:
     if "draft" in report:
         dr = report["draft"]
         lines += ["", f"## Draft layer (EAGLE-style, unrolled over {dr['depth']} depths in training, {dr['epochs']} epochs)", "",
-                  f"Trained on {dr['sequences']} answers ({dr['answer_tokens']} answer tokens). "
+                  f"Trained on {dr['sequences']} answers ({dr['answer_tokens']} answer tokens) to {dr['sources']}, on {dr['device']}. "
                   "Accuracy at each tree depth given the path before it is right.", "",
                   "| depth (predicts t+k) | top-1 | top-5 | top-10 | top-20 |", "| --- | --- | --- | --- | --- |"]
         for i, acc in enumerate(dr["per_depth"]):

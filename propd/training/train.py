@@ -27,7 +27,7 @@ def split_rows(features: dict[str, torch.Tensor], holdout: float = 0.05) -> tupl
     """Row indices for training and held-out evaluation, split by whole sequences."""
     seq = features["seq"]
     n_seq = int(seq.max()) + 1
-    held = torch.randperm(n_seq, generator=torch.Generator().manual_seed(0))[: max(1, int(n_seq * holdout))]
+    held = torch.randperm(n_seq, generator=torch.Generator().manual_seed(0), device="cpu")[: max(1, int(n_seq * holdout))].to(seq.device)
     is_held = torch.isin(seq, held)
     return (~is_held).nonzero().flatten(), is_held.nonzero().flatten()
 
@@ -68,13 +68,17 @@ def _fit(module: torch.nn.Module, loss_fn, rows: torch.Tensor, epochs: float, ba
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     losses = []
     module.train()
-    g = torch.Generator().manual_seed(0)
-    order = rows[torch.randperm(len(rows), generator=g)]
+    g = torch.Generator().manual_seed(0)  # on the CPU: the same order whatever the device
+
+    def shuffled() -> torch.Tensor:
+        return rows[torch.randperm(len(rows), generator=g, device="cpu").to(rows.device)]
+
+    order = shuffled()
     with tqdm(total=steps, desc=desc, unit="step") as bar:
         for step in range(steps):
             start = (step * batch_size) % len(order)
             if start + batch_size > len(order):
-                order = rows[torch.randperm(len(rows), generator=g)]
+                order = shuffled()
                 start = 0
             loss = loss_fn(order[start : start + batch_size])
             opt.zero_grad()
