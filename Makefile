@@ -16,7 +16,7 @@ setup: .venv/.setup-done
 
 # The best parallel method measured so far (README, Benchmark), streamed, then timed beside AR.
 run: setup
-	.venv/bin/propd demo --method medusa --tree best8 --max-new-tokens 128 "$(PROMPT)"
+	.venv/bin/propd demo --method draft --tree best8 --max-new-tokens 128 "$(PROMPT)"
 
 test: setup
 	$(PY) -m pytest -q
