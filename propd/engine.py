@@ -78,6 +78,7 @@ class Propd:
             if dtype not in DTYPES:
                 raise PropdError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
+        device = _available(device)  # before the model loads: a bad device fails at once
         hf_model, tokenizer = load_hf(model, dtype)  # the transformers reference runs in the same dtype
         return cls(hf_model, tokenizer, dtype, str(model), device)
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from propd.cli import main
 
@@ -30,12 +31,19 @@ def test_generate_json_fields():
         (["generate", "--model", "/no/such/model", "hi"], "does not exist"),
         (["generate", "--prompts", "/no/such.jsonl"], "not found"),
         (["generate", "--method", "nope", "hi"], "unknown method"),
+        (["generate", "--device", "gpu0", "hi"], "unknown device"),
     ],
 )
 def test_bad_input_gives_one_clear_error(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused(capsys):
+    assert main(["generate", "--device", "cuda", "hi"]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
 
 
 def test_bad_prompts_file_and_unsupported_architecture(tmp_path, capsys):

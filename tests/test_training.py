@@ -109,6 +109,13 @@ def test_model_writes_its_own_prompts_and_resumes(default_model, tmp_path):
     assert len(again) == 5 and again[:3] == first and len({p.text for p in again}) == 5
 
 
+def test_openings_steer_the_self_prompts(default_model, tmp_path):
+    openings = ["Write a Python function", "Extract"]
+    write_self_prompts(default_model, tmp_path / "self.jsonl", 4, batch_size=4, max_tokens=96, openings=openings)
+    prompts = load_prompts(tmp_path / "self.jsonl")
+    assert len(prompts) == 4 and all(any(p.text.startswith(o + " ") for o in openings) for p in prompts)
+
+
 def test_self_prompts_need_a_model_that_ends_its_messages(tiny_propd, tmp_path):
     with pytest.raises(PropdError, match="not seem to be a chat model"):
         write_self_prompts(tiny_propd, tmp_path / "self.jsonl", 2, batch_size=2, max_tokens=4)
