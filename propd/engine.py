@@ -68,7 +68,7 @@ class Propd:
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.name = name
-        self.decoder = Decoder.from_hf(hf_model, dtype).to(self.device)
+        self.decoder = Decoder.from_hf(self.hf_model, dtype)  # on the device its weights come from
         eos = {tokenizer.eos_token_id, *(_as_list(getattr(hf_model.generation_config, "eos_token_id", None)))}
         self.eos_ids = {int(e) for e in eos if e is not None}
 

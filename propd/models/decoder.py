@@ -132,8 +132,7 @@ class Decoder:
         self.dtype = embed.dtype
         inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
         angles = torch.outer(torch.arange(args.max_position, dtype=torch.float32), inv_freq)
-        self.rope = torch.polar(torch.ones_like(angles), angles)  # [max_position, head_dim / 2] complex64
-        self.rope = self.rope.to(embed.device)
+        self.rope = torch.polar(torch.ones_like(angles), angles).to(embed.device)  # [max_position, head_dim / 2] complex64
         on_cpu_fp32 = self.dtype == torch.float32 and embed.is_cpu
         self._fp32_layers = [Layer(*(None if t is None else t.detach().numpy() for t in vars(l).values())) for l in layers] if on_cpu_fp32 else []
 
