@@ -13,13 +13,20 @@ from propd.errors import PropdError
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a HF model directory or a .gguf file")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_dtype_args(p)
     add_device_arg(p)
     p.add_argument("--method", default="ar", help="decoding method: ar, bpd, medusa, draft")
     p.add_argument("--heads", default="default", help="heads / draft layer: 'default' (shipped for the default model) or a directory")
     p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, chainN or a JSON file of rank paths")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+
+
+def add_dtype_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: the fastest dtype whose products are exact on this machine (measured once, cached)")
+    p.add_argument("--route", help="matrix-product route instead of the measured choice, e.g. bfloat16-onednn, float32-torch-pad8 "
+                   "(also $PROPD_ROUTE)")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -36,7 +43,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts = args.prompt
     else:
         raise PropdError("give a prompt, or --prompts FILE.jsonl")
-    model = Propd.from_pretrained(args.model, args.dtype, args.device)
+    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     method = model.method(args.method, args.tree, args.heads)
     if args.json:
         for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw):
@@ -66,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Stream one generation with the chosen method, then time plain AR on the same prompt."""
     from propd.engine import Propd, TextStream
 
-    model = Propd.from_pretrained(args.model, args.dtype, args.device)
+    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     method = model.method(args.method, args.tree, args.heads)
     print(f"### {args.prompt}  [{args.method}]")
     stream = TextStream(model.tokenizer)
@@ -81,7 +88,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from propd.engine import Propd
 
-    model = Propd.from_pretrained(args.model, args.dtype, args.device)
+    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     method = model.method(args.method, args.tree, args.heads)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -107,19 +114,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompts = load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)
-    model = Propd.from_pretrained(args.model, args.dtype, args.device)
+    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree)
     config = {
         "prompts_file": str(args.prompts or builtin_prompts_path().name), "prompts": len(prompts), "methods": methods,
         "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens, "model": args.model, "heads": args.heads, "tree": args.tree,
     }
-    results = build_results(model, runs, machine_facts(args.dtype, model.device), config)
+    results = build_results(model, runs, machine_facts(model), config)
     paths = write_report(results, runs, Path(args.out))
     print((Path(args.out) / "report.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """Training runs in plain fp32 products: it needs gradients and speed, not row-invariance."""
+    import torch
+
     from propd.engine import Propd
     from propd.training.pipeline import TrainConfig, report_markdown, run_training
     from propd.training.self_prompts import DEFAULT_OPENINGS
@@ -132,7 +142,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         lr=args.lr, candidate_vocab=args.candidate_vocab, root_conditioned=args.root_conditioned,
         draft_epochs=args.draft_epochs, draft_depth=args.draft_depth, draft_batch_size=args.draft_batch_size, draft_lr=args.draft_lr,
     )
-    report = run_training(Propd.from_pretrained(args.model, "float32", args.device), cfg)
+    from propd.models.kernels import autograd_route
+
+    report = run_training(Propd.from_pretrained(args.model, device=args.device, route=autograd_route(torch.float32)), cfg)
     print(report_markdown(report))
     print(f"heads written to {cfg.out / 'heads'}", file=sys.stderr)
 
@@ -143,13 +155,13 @@ def cmd_latency(args: argparse.Namespace) -> None:
     from propd.bench.latency import plot_latency, step_latency, tree_build_time
     from propd.engine import Propd
 
-    model = Propd.from_pretrained(args.model, args.dtype, args.device)
+    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     sizes = [int(n) for n in args.sizes.split(",")]
     rows = step_latency(model.decoder, sizes, [int(b) for b in args.batch_sizes.split(",")], args.context)
     build_ms = tree_build_time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.json").write_text(json.dumps({"dtype": args.dtype, "context": args.context, "tree_build_ms_mc_sim_7b_63": build_ms, "steps": rows}, indent=1))
+    (out / "latency.json").write_text(json.dumps({"route": model.route.name, "exact": model.route.exact, "dtype": model.route.dtype_name, "context": args.context, "tree_build_ms_mc_sim_7b_63": build_ms, "steps": rows}, indent=1))
     plot_latency(rows, out / "latency.png")
     print("| batch | tree tokens | ms/step |\n| --- | --- | --- |")
     for r in rows:
@@ -185,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lat = sub.add_parser("latency", help="verification step time by tree size, and tree build time")
     lat.add_argument("--model", default="default")
-    lat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_dtype_args(lat)
     add_device_arg(lat)
     lat.add_argument("--sizes", default="1,2,4,8,16,32,64", help="tree tokens per row (root included)")
     lat.add_argument("--batch-sizes", default="1")

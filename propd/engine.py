@@ -19,11 +19,11 @@ from propd.decoding.tree import TreeMethod
 from propd.errors import PropdError
 from propd.heads.draft import DraftHead
 from propd.heads.medusa import MedusaHeads
-from propd.models.decoder import Decoder
+from propd.models.decoder import Decoder, ModelArgs
+from propd.models.kernels import DTYPES, Route, autograd_route, choose_route
 from propd.models.loading import DEFAULT_MODEL, load_hf
 from propd.tree.tree import load_tree
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHODS = ("ar", "bpd", "medusa", "draft")
 DEFAULT_HEADS = Path(__file__).parent / "heads" / "default"
 
@@ -62,25 +62,45 @@ class Generation:
 class Propd:
     """A model, its tokenizer and our decoder. ``Propd.from_pretrained("default")`` loads SmolLM2."""
 
-    def __init__(self, hf_model, tokenizer, dtype: torch.dtype = torch.float32, name: str = DEFAULT_MODEL, device: str | torch.device = "cpu"):
+    def __init__(
+        self, hf_model, tokenizer, dtype: torch.dtype | None = torch.float32, name: str = DEFAULT_MODEL,
+        device: str | torch.device = "cpu", route: str | Route | None = None, keep_reference: bool = True,
+    ):
+        """``dtype`` None: the fastest exact route of any dtype on this machine; ``route`` names one
+        (``kernels.Route``) instead. ``keep_reference`` False: let the ``transformers`` model go once
+        our decoder has its weights (``hf_model`` reloads it on demand)."""
         self.device = _available(device)
-        self.hf_model = hf_model.to(self.device)  # the reference runs where our decoder runs
         self.tokenizer = tokenizer
-        self.dtype = dtype
         self.name = name
-        self.decoder = Decoder.from_hf(self.hf_model, dtype)  # on the device its weights come from
+        self.route, self.route_measurements = pick_route(ModelArgs.from_hf_config(hf_model.config), dtype, route, self.device)
+        self.dtype = self.route.dtype
+        self.decoder = Decoder.from_hf(hf_model, self.route).to(self.device)
         eos = {tokenizer.eos_token_id, *(_as_list(getattr(hf_model.generation_config, "eos_token_id", None)))}
         self.eos_ids = {int(e) for e in eos if e is not None}
+        self._hf_model = hf_model if keep_reference else None
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "Propd":
+    def from_pretrained(
+        cls, model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+        route: str | Route | None = None,
+    ) -> "Propd":
+        """Load a model: ``default``, a local HF directory or a .gguf file. ``dtype`` None (or
+        "auto"): the fastest dtype whose products are exact on this machine."""
         if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise PropdError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-            dtype = DTYPES[dtype]
+            if dtype not in (*DTYPES, "auto"):
+                raise PropdError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+            dtype = DTYPES.get(dtype)
         device = _available(device)  # before the model loads: a bad device fails at once
-        hf_model, tokenizer = load_hf(model, dtype)  # the transformers reference runs in the same dtype
-        return cls(hf_model, tokenizer, dtype, str(model), device)
+        hf_model, tokenizer = load_hf(model, torch.float32)
+        return cls(hf_model, tokenizer, dtype, str(model), device, route, keep_reference=False)
+
+    @property
+    def hf_model(self):
+        """The ``transformers`` model in our dtype (the reference for ``hf`` benchmarks and
+        mismatch reports), loaded on first use."""
+        if self._hf_model is None:
+            self._hf_model = load_hf(self.name, self.dtype)[0]
+        return self._hf_model.to(self.device, self.dtype)
 
     def on_device(self) -> AbstractContextManager:
         """A scope in which new tensors are made on the model's device. On the CPU it is no scope at
@@ -105,7 +125,7 @@ class Propd:
         if not isinstance(heads, MedusaHeads):
             heads = MedusaHeads.load(self._heads_dir(heads))
         heads.check_fits(self.decoder.args.dim, self.decoder.args.vocab_size)
-        return heads.to(self.device, self.dtype)
+        return heads.to(self.device)  # heads compute in fp32 on the fp32 normed states
 
     def load_draft(self, heads: str | os.PathLike | DraftHead = "default") -> DraftHead:
         """The draft layer for this model: ``default`` (shipped for the default model), a directory
@@ -161,9 +181,9 @@ class Propd:
         m = self.method(method) if isinstance(method, str) else method
         encoded = [self.encode(p, chat) for p in prompts]
         for p, ids in zip(prompts, encoded):
-            if len(ids) + max_new_tokens + m.tree_size + 1 > self.max_context:
+            if len(ids) + max_new_tokens + m.tree_depth > self.max_context:
                 raise PropdError(
-                    f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens (+ a {m.tree_size}-token tree) exceeds "
+                    f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens (+ a tree {m.tree_depth} deep) exceeds "
                     f"the model's context of {self.max_context} tokens: {p[:60]!r}..."
                 )
         results: list[Generation] = []
@@ -197,6 +217,16 @@ class Propd:
                 yield piece
         if error:
             raise error[0]
+
+
+def pick_route(args: ModelArgs, dtype: torch.dtype | None, route: str | Route | None, device: torch.device) -> tuple[Route, list[dict]]:
+    """The products' route for this model on this device, and what was measured to choose it. On a
+    GPU, plain products in ``dtype`` (default fp32): row-invariance is not checked there."""
+    if isinstance(route, Route):
+        return route, []
+    if device.type != "cpu":
+        return autograd_route(dtype or torch.float32), []
+    return choose_route(args.product_shapes(), dtype, route)
 
 
 class TextStream:

@@ -37,6 +37,16 @@ def tiny_hf_model(family: str = "llama", seed: int = 0, vocab: int = 96, layers:
 
 @pytest.fixture(scope="session")
 def default_model():
+    """The default model as ``make run`` loads it: the fastest exact route measured on this machine."""
     from propd.engine import Propd
 
     return Propd.from_pretrained("default")
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    """The default model with plain fp32 products, the way transformers computes it."""
+    from propd.engine import Propd
+    from propd.models.kernels import autograd_route
+
+    return Propd.from_pretrained("default", route=autograd_route(torch.float32))

@@ -26,10 +26,10 @@ def test_tiny_batched_ar_equals_transformers_per_row():
         assert row.mean_accepted == 1.0
 
 
-def test_default_model_ar_equals_transformers_generate(default_model):
-    results = default_model.generate(REAL_PROMPTS, max_new_tokens=64)
+def test_default_model_ar_equals_transformers_generate(reference_model):
+    results = reference_model.generate(REAL_PROMPTS, max_new_tokens=64)
     for prompt, r in zip(REAL_PROMPTS, results):
-        assert r.token_ids == hf_greedy(default_model.hf_model, default_model.encode(prompt), 64, default_model.eos_ids), prompt
+        assert r.token_ids == hf_greedy(reference_model.hf_model, reference_model.encode(prompt), 64, reference_model.eos_ids), prompt
     assert sum(r.new_tokens for r in results) > 150
 
 

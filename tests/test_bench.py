@@ -24,7 +24,7 @@ def test_bench_writes_schema_report_and_plots(tiny_propd, tmp_path):
     prompts = load_prompts(limit=4)
     heads = random_heads(64, len(tiny_propd.tokenizer), 4, seed=1)
     runs = run_bench(tiny_propd, prompts, ["hf", "ar", "medusa"], [1, 2], 12, heads, "top8")
-    results = build_results(tiny_propd, runs, machine_facts("float32", tiny_propd.device), {"prompts_file": "builtin", "prompts": 4, "max_new_tokens": 12})
+    results = build_results(tiny_propd, runs, machine_facts(tiny_propd), {"prompts_file": "builtin", "prompts": 4, "max_new_tokens": 12})
     paths = write_report(results, runs, tmp_path)
     assert {p.name for p in paths} >= {"results.json", "report.md", "tokens_per_s.png", "steps.png"}
     data = json.loads((tmp_path / "results.json").read_text())
@@ -48,7 +48,7 @@ def test_lossless_flag_reports_first_difference(tiny_propd):
     runs = run_bench(tiny_propd, prompts, ["ar", "bpd"], [1], 6, random_heads(64, len(tiny_propd.tokenizer), 2, seed=2))
     bpd = next(r for r in runs if r.method == "bpd")
     bpd.generations[1].token_ids[3] = (bpd.generations[1].token_ids[3] + 1) % 100  # corrupt one output
-    results = build_results(tiny_propd, runs, machine_facts("float32", tiny_propd.device), {})
+    results = build_results(tiny_propd, runs, machine_facts(tiny_propd), {})
     rec = next(r for r in results["runs"] if r["method"] == "bpd")
     assert rec["lossless"] is False
     (m,) = rec["mismatches"]

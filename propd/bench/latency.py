@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from propd.models.decoder import Decoder, blas_threads  # noqa: E402
+from propd.models.decoder import Decoder  # noqa: E402
 from propd.tree.tree import TokenTree, load_tree, medusa_paths  # noqa: E402
 
 
@@ -27,21 +27,17 @@ def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], con
     cached tokens: every layer over every token, then the vocabulary projection of one node per row
     (each further accepted token adds one more matrix-vector product, see ``greedy_walk``)."""
     rows = []
-    with blas_threads(decoder.dtype), tqdm(total=len(sizes) * len(batch_sizes), desc="step latency", unit="point") as bar:
+    with tqdm(total=len(sizes) * len(batch_sizes), desc="step latency", unit="point") as bar:
         for b in batch_sizes:
             for n in sizes:
-                tree = load_tree(f"top{n - 1}") if n > 1 else None
-                anc = tree.ancestors if tree else torch.ones(1, 1, dtype=torch.bool)
-                depths = tree.depths if tree else torch.zeros(1, dtype=torch.long)
+                anc = load_tree(f"top{n - 1}").ancestors if n > 1 else torch.ones(1, 1, dtype=torch.bool)
                 cache = decoder.new_cache(b, context + n + 1)
                 cache.advance(torch.full((b,), context))
                 tokens = torch.randint(0, decoder.args.vocab_size, (b, n))
                 times = []
                 for _ in range(repeats + 1):
                     t = time.perf_counter()
-                    slots = cache.lengths.unsqueeze(1) + torch.arange(n)
-                    mask = cache.attention_mask(slots, anc.expand(b, n, n))
-                    hidden = decoder.forward_layers(decoder.embed(tokens), cache.lengths.unsqueeze(1) + depths, slots, mask, cache)
+                    hidden = decoder.extend(tokens, cache.tree(anc), cache)
                     decoder.greedy_tokens(decoder.final_norm(hidden[:, 0]))
                     times.append(time.perf_counter() - t)
                 rows.append({"batch_size": b, "tree_tokens": n, "ms": round(1e3 * statistics.median(times[1:]), 2)})

@@ -1,7 +1,7 @@
 """Bench results: records (results.json), Markdown tables (report.md) and PNG plots.
 
 results.json schema
-  machine: {cpu, threads, torch, python, dtype, device}
+  machine: {cpu, threads, torch, python, dtype, route, exact (the route's row-invariance check passed), device}
   config: {prompts, methods, batch_sizes, max_new_tokens, heads, tree}
   runs: one record per method x batch size:
     method, batch_size, prompts (count), new_tokens, seconds, tokens_per_s,
@@ -92,14 +92,19 @@ def markdown(results: dict) -> str:
     lines = [
         "# propd bench",
         "",
-        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['dtype']}. "
+        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['dtype']} (products: {m['route']}). "
         f"{c['prompts']} prompts from `{c['prompts_file']}`, up to {c['max_new_tokens']} new tokens, greedy.",
+        "",
+        "lossless: *exact* = token-identical to ar, and this route computes every token's logits bitwise as AR does "
+        "(row-invariant products, position-ordered attention); *token-identical* = the same tokens on a route that is "
+        "not checked exact here; `hf` is transformers' own implementation, whose rounding differs outside fp32.",
         "",
         "| method | batch | tokens/s | speed-up vs ar | speed-up vs hf | mean accepted | tree tokens/step | late tokens/step | ms/step | lossless |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["runs"]:
-        lossless = "yes" if r["lossless"] else f"**NO** (first at {r['mismatches'][0]['position']}, gap {r['mismatches'][0]['logit_gap']})"
+        same = "exact" if m.get("exact") and r["method"] != "hf" else "token-identical"
+        lossless = same if r["lossless"] else f"**NO** (first at {r['mismatches'][0]['position']}, gap {r['mismatches'][0]['logit_gap']})"
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | "
             f"{_fmt(r['speedup_vs_hf'], 'x')} | {_fmt(r['mean_accepted'])} | "

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from propd.decoding.loop import RowStats
 from propd.engine import Generation, Propd, device_name
 from propd.errors import PropdError
+from propd.models.kernels import cpu_name
 from propd.prompts import Prompt
 
 HF = "hf"
@@ -37,19 +38,17 @@ class MethodRun:
         return sum(self.prompt_seconds)
 
 
-def machine_facts(dtype: str, device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+def machine_facts(model: Propd) -> dict:
+    """Where a run happened and how the products ran (``exact``: the route's row-invariance check passed)."""
     return {
-        "cpu": cpu or platform.machine(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "dtype": dtype,
-        "device": device_name(device),
+        "dtype": model.route.dtype_name,
+        "route": model.route.name,
+        "exact": model.route.exact,
+        "device": device_name(model.device),
     }
 
 

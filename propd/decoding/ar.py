@@ -13,6 +13,7 @@ from propd.models.kv_cache import KVCache
 
 class ARMethod:
     tree_size = 1
+    tree_depth = 0
 
     def __init__(self, temperature: float = 0.0, generator: torch.Generator | None = None):
         self.temperature = temperature
@@ -23,11 +24,8 @@ class ARMethod:
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
         B = roots.shape[0]
-        slots = cache.lengths.unsqueeze(1)  # [B, 1]
-        # One row attends to all its slots; rows of different lengths need a mask.
-        mask = None if B == 1 else cache.attention_mask(slots, torch.ones(B, 1, 1, dtype=torch.bool))
-        hidden = decoder.forward_layers(decoder.embed(roots.unsqueeze(1)), slots, slots, mask, cache)
-        cache.advance(torch.ones(B, dtype=torch.long))
+        hidden = decoder.extend(roots.unsqueeze(1), cache.chain(1), cache)
+        cache.advance(torch.ones(B, dtype=torch.long, device=cache.device))
         roots = self._next_tokens(decoder, hidden[:, -1])
         return StepResult([[t] for t in roots.tolist()], roots, [1] * B, [1] * B)
 

@@ -18,7 +18,7 @@ from propd.decoding.loop import StepResult
 from propd.decoding.tree import verify
 from propd.heads.draft import DraftHead
 from propd.models.decoder import Decoder
-from propd.models.kv_cache import KVCache
+from propd.models.kv_cache import KVCache, path_slots
 from propd.tree.tree import TokenTree
 
 
@@ -27,16 +27,19 @@ class DraftMethod:
         self.draft = draft
         self.tree = tree
         self.tree_size = tree.size
+        self.tree_depth = tree.depth
         self.cache: KVCache | None = None  # the draft's: one entry per answer position
         self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # features [B, M, dim], next tokens [B, M], counts [B]
         self.levels = [self._level(d) for d in range(1, tree.depth + 1)]
 
-    def _level(self, depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The nodes at ``depth``, their parents, ranks, and which of them have children."""
+    def _level(self, depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The nodes at ``depth``, their parents, ranks, which of them have children, and those
+        nodes' paths below the root [n, depth] (node indices in depth order, the node last)."""
         nodes = (self.tree.depths == depth).nonzero().flatten()
         ranks = torch.tensor([self.tree.paths[int(n) - 1][-1] for n in nodes], dtype=torch.long)
         expand = nodes[(self.tree.children[nodes] >= 0).any(dim=1)]
-        return nodes, self.tree.parents[nodes], ranks, expand
+        paths = path_slots(self.tree.ancestors[expand, 1:].unsqueeze(0), torch.arange(1, self.tree.size).unsqueeze(0))[0]
+        return nodes, self.tree.parents[nodes], ranks, expand, paths
 
     def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
         normed = decoder.final_norm(hidden)
@@ -55,9 +58,7 @@ class DraftMethod:
         if self.cache is None:
             self.cache = dec.new_cache(B, max_len)
         cache = self.cache
-        slots = cache.lengths.unsqueeze(1) + torch.arange(M)
-        mask = cache.attention_mask(slots, torch.ones(M, M, dtype=torch.bool).tril().expand(B, M, M))
-        out = dec.forward_layers(draft.inputs(features, next_tokens, decoder), slots, slots, mask, cache)
+        out = dec.forward_layers(draft.inputs(features, next_tokens, decoder), cache.chain(M), cache)
         cache.advance(counts)
 
         N = tree.size
@@ -65,19 +66,15 @@ class DraftMethod:
         predicted[:, 0] = out[torch.arange(B), counts - 1]
         tokens = torch.empty(B, N, dtype=torch.long)
         tokens[:, 0] = roots
-        node_slots = cache.lengths.unsqueeze(1) + torch.arange(N - 1)  # node i's entry at slot lengths + i - 1
-        node_mask = cache.attention_mask(node_slots, tree.ancestors[1:, 1:].expand(B, N - 1, N - 1))  # [B, 1, N-1, S]
-        projection = draft.projection(decoder)
-        for d, (nodes, parents, ranks, expand) in enumerate(self.levels, start=1):
-            guesses = draft.top_tokens(predicted[:, parents], projection, int(ranks.max()) + 1)  # [B, n, k]
+        base = cache.lengths.view(B, 1, 1) - 1  # node i's entry goes to slot lengths + i - 1
+        for nodes, parents, ranks, expand, paths in self.levels:
+            guesses = draft.top_tokens(predicted[:, parents], decoder, int(ranks.max()) + 1)  # [B, n, k]
             tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
             if len(expand) == 0:
                 break
             x = draft.inputs(predicted[:, tree.parents[expand]], tokens[:, expand], decoder)
-            slots = node_slots[:, expand - 1]
-            span = int(slots.max()) + 1
-            positions = (cache.lengths - 1 + d).unsqueeze(1).expand(B, len(expand))
-            predicted[:, expand] = dec.forward_layers(x, positions, slots, node_mask[:, :, expand - 1, :span], cache)
+            layout = cache.paths(base[:, :, 0] + expand, torch.where(paths >= 0, base + paths, -1))
+            predicted[:, expand] = dec.forward_layers(x, layout, cache)
         return tokens
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from propd.models.decoder import Decoder, blas_threads
+from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache
 
 
@@ -25,7 +25,7 @@ class RowStats:
     """What happened to one sequence: its new tokens and what each decode step cost and gave."""
 
     token_ids: list[int] = field(default_factory=list)
-    step_accepted: list[int] = field(default_factory=list)  # tokens emitted by each step (bonus included)
+    step_accepted: list[int] = field(default_factory=list)  # tokens each step emitted (bonus included; EOS / the limit cut the last)
     step_tree_tokens: list[int] = field(default_factory=list)  # tokens verified by each step (root included)
     step_late_tokens: list[int] = field(default_factory=list)  # tokens that went through the late layers
     step_seconds: list[float] = field(default_factory=list)
@@ -44,7 +44,7 @@ class RowStats:
 
 @dataclass
 class StepResult:
-    accepted: list[list[int]]  # per active row: accepted tokens, bonus token last (always >= 1)
+    accepted: list[list[int]]  # per active row: accepted tokens, bonus token last (always >= 1; EOS / the limit may cut them)
     roots: torch.Tensor  # [B] each row's new root (= its bonus token)
     tree_tokens: list[int]  # per row: tokens verified (root included)
     late_tokens: list[int]  # per row: tokens that went through the late layers (ProPD prunes before them)
@@ -54,7 +54,8 @@ class Method(Protocol):
     """One decoding method. ``start`` sees the prefill's last hidden states [B, dim] and returns the first roots [B];
     ``step`` runs one forward pass over the roots (and whatever it guesses after them)."""
 
-    tree_size: int
+    tree_size: int  # tokens a step writes into the cache past a row's length
+    tree_depth: int  # positions a step reaches past a row's length
 
     def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor: ...
 
@@ -76,11 +77,6 @@ def generate_batch(
     on_tokens: StreamCallback | None = None,
 ) -> list[RowStats]:
     """Greedy-decode a batch of tokenised prompts; every row gets exactly what it would get alone."""
-    with blas_threads(decoder.dtype):
-        return _generate_batch(decoder, method, prompts, max_new_tokens, eos_ids, on_tokens)
-
-
-def _generate_batch(decoder, method, prompts, max_new_tokens, eos_ids, on_tokens) -> list[RowStats]:
     t0 = time.perf_counter()
     B = len(prompts)
     max_len = max(len(p) for p in prompts) + max_new_tokens + method.tree_size + 1
@@ -92,7 +88,7 @@ def _generate_batch(decoder, method, prompts, max_new_tokens, eos_ids, on_tokens
     prefill_seconds = time.perf_counter() - t0
     active = list(range(B))  # batch row -> original row
     first = [[t] for t in roots.tolist()]
-    done = _emit(first, active, stats, max_new_tokens, eos_ids, on_tokens)
+    _, done = _emit(first, active, stats, max_new_tokens, eos_ids, on_tokens)
     for s in stats:
         s.prefill_seconds = prefill_seconds
 
@@ -110,13 +106,13 @@ def _generate_batch(decoder, method, prompts, max_new_tokens, eos_ids, on_tokens
         result = method.step(decoder, cache, roots)
         roots = result.roots
         dt = time.perf_counter() - t
+        emitted, done = _emit(result.accepted, active, stats, max_new_tokens, eos_ids, on_tokens)
         for i, row in enumerate(active):
             s = stats[row]
-            s.step_accepted.append(len(result.accepted[i]))
+            s.step_accepted.append(emitted[i])
             s.step_tree_tokens.append(result.tree_tokens[i])
             s.step_late_tokens.append(result.late_tokens[i])
             s.step_seconds.append(dt)
-        done = _emit(result.accepted, active, stats, max_new_tokens, eos_ids, on_tokens)
 
     total = time.perf_counter() - t0
     for s in stats:
@@ -124,23 +120,32 @@ def _generate_batch(decoder, method, prompts, max_new_tokens, eos_ids, on_tokens
     return stats
 
 
+PREFILL_CHUNK = 256  # prompt tokens per pass: bounds the attention scores' memory on long prompts
+
+
 def _prefill(decoder: Decoder, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
-    """Run the right-padded prompts through the model; return each row's last hidden state [B, dim]."""
+    """Run the right-padded prompts through the model in chunks; return each row's last hidden
+    state [B, dim]. Padding comes after a row's tokens, so none of them sees it."""
     B, T = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.zeros(B, T, dtype=torch.long)
+    tokens = torch.zeros(B, T, dtype=torch.long, device=cache.device)
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.tensor(p)
-    slots = torch.arange(T).expand(B, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
-    hidden = decoder.forward_layers(decoder.embed(tokens), slots, slots, cache.attention_mask(slots, causal), cache)
-    lengths = torch.tensor([len(p) for p in prompts])
-    cache.advance(lengths)
-    return hidden[torch.arange(B), lengths - 1]
+    lengths = torch.tensor([len(p) for p in prompts], device=cache.device)
+    last = torch.empty(B, decoder.args.dim, device=cache.device)
+    for start in range(0, T, PREFILL_CHUNK):
+        chunk = tokens[:, start : start + PREFILL_CHUNK]
+        hidden = decoder.extend(chunk, cache.chain(chunk.shape[1]), cache)
+        cache.advance(torch.full((B,), chunk.shape[1], device=cache.device))
+        ends_here = (lengths > start) & (lengths <= start + chunk.shape[1])
+        last[ends_here] = hidden[ends_here, lengths[ends_here] - 1 - start]
+    cache.lengths = lengths
+    return last
 
 
-def _emit(accepted, active, stats, max_new_tokens, eos_ids, on_tokens) -> list[bool]:
-    """Append accepted tokens (cut at EOS / the limit), stream them, and say which rows are done."""
-    done = []
+def _emit(accepted, active, stats, max_new_tokens, eos_ids, on_tokens) -> tuple[list[int], list[bool]]:
+    """Append accepted tokens (cut at EOS / the limit), stream them; say how many each row emitted
+    and which rows are done."""
+    done, emitted = [], []
     for i, row in enumerate(active):
         out = stats[row].token_ids
         new = []
@@ -153,5 +158,6 @@ def _emit(accepted, active, stats, max_new_tokens, eos_ids, on_tokens) -> list[b
         out.extend(new)
         if on_tokens is not None and new:
             on_tokens(row, new)
+        emitted.append(len(new))
         done.append(len(out) >= max_new_tokens or (bool(out) and out[-1] in eos_ids))
-    return done
+    return emitted, done

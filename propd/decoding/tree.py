@@ -83,11 +83,7 @@ class Verified:
 def verify(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor) -> Verified:
     """Steps 3-5: run the tree's tokens [B, N] through the model after the cache, accept each row's
     longest greedy path and keep only its K/V."""
-    B, N = tokens.shape
-    slots = cache.lengths.unsqueeze(1) + torch.arange(N)
-    positions = cache.lengths.unsqueeze(1) + tree.depths
-    mask = cache.attention_mask(slots, tree.ancestors.expand(B, N, N))
-    normed = decoder.final_norm(decoder.forward_layers(decoder.embed(tokens), positions, slots, mask, cache))  # [B, N, dim]
+    normed = decoder.final_norm(decoder.extend(tokens, cache.tree(tree.ancestors), cache))  # [B, N, dim]
     last, roots = greedy_walk(tokens, tree, lambda rows, nodes: decoder.greedy_tokens(normed[rows, nodes]))
     offsets, counts = accepted_offsets(tree, last)
     cache.keep(offsets, counts)
@@ -103,6 +99,7 @@ class TreeMethod:
         self.heads = heads
         self.tree = tree
         self.tree_size = tree.size
+        self.tree_depth = tree.depth
         self.candidates: torch.Tensor | None = None  # [B, H, K]
 
     def propose(self, decoder: Decoder, normed: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ from torch import nn
 
 from propd.errors import PropdError
 from propd.heads.checkpoint import read_json, read_weights
-from propd.models.decoder import Decoder, Layer, ModelArgs, matmul
+from propd.models.decoder import Decoder, Layer, ModelArgs
+from propd.models.kernels import Linear, autograd_route
 
 
 class DraftHead(nn.Module):
@@ -44,35 +45,46 @@ class DraftHead(nn.Module):
         self.mlp_norm = nn.Parameter(torch.ones(dim))
         self.w_gate_up = nn.Parameter(torch.randn(dim, 2 * a.intermediate_size) * 0.02)
         self.w_down = nn.Parameter(torch.zeros(dim, a.intermediate_size))  # [out, in]: ``Decoder`` reads its transpose
-        self._decoder: tuple[Decoder, Decoder] | None = None  # (base, draft as a Decoder)
-        self._projection: tuple[Decoder, torch.Tensor] | None = None  # (base, its fp32 candidate columns)
+        self._decoders: dict[tuple, Decoder] = {}  # (base, training, weights' versions) -> the draft as a Decoder
+        self._projections: dict[tuple, torch.Tensor | Linear] = {}  # (base, packed) -> candidate projection
 
     @property
     def vocab_size(self) -> int:
         return self.args.vocab_size
 
     def decoder(self, base: Decoder) -> Decoder:
-        """The draft as a one-layer fp32 ``Decoder`` sharing these parameters (built once per base
-        model). It always runs in fp32: it only proposes, so its rounding never changes an output."""
-        if self._decoder is None or self._decoder[0] is not base:
-            layer = Layer(self.attn_norm, self.wqkv, None, self.wo, self.mlp_norm, self.w_gate_up, self.w_down.t())
-            self._decoder = (base, Decoder(self.args, base.embed_tokens.float(), [layer], base.norm.float(), base.lm_head_t.float()))
-        return self._decoder[1]
+        """The draft as a one-layer ``Decoder``. With gradients on, it multiplies these parameters
+        in fp32 (training); otherwise copies of them packed by the base model's route, made once
+        per base model and weights' version (it only proposes, so its rounding never changes an output)."""
+        training = torch.is_grad_enabled()
+        key = (id(base), training, tuple(p._version for p in self.parameters()))
+        if key not in self._decoders:
+            self._decoders.clear()
+            layer = Layer(self.attn_norm, self.wqkv.t(), None, self.wo.t(), self.mlp_norm, self.w_gate_up.t(), self.w_down)
+            route = autograd_route() if training else base.route
+            self._decoders[key] = Decoder(self.args, base.embed_tokens, [layer], base.norm, base.lm_head_weight, route)
+        return self._decoders[key]
 
     def inputs(self, features: torch.Tensor, next_tokens: torch.Tensor, base: Decoder) -> torch.Tensor:
         """The layer's input [..., dim] from normed features [..., dim] and the tokens they produced [...]."""
         return self.fc(torch.cat([features, base.embed(next_tokens).to(features.dtype)], dim=-1))
 
     def projection(self, base: Decoder) -> torch.Tensor:
-        """The base lm_head's columns for the candidate vocabulary, in fp32 [dim, Vc] (sliced once per base model)."""
-        if self._projection is None or self._projection[0] is not base:
-            cols = base.lm_head_t if self.candidate_vocab is None else base.lm_head_t[:, self.candidate_vocab]
-            self._projection = (base, cols.float().contiguous())
-        return self._projection[1]
+        """The base lm_head's columns for the candidate vocabulary, in fp32 [dim, Vc] (training)."""
+        return self._projection(base, packed=False)
 
-    def top_tokens(self, predicted: torch.Tensor, projection: torch.Tensor, k: int) -> torch.Tensor:
-        """The k best guesses [..., k] (token ids) after predicted features [..., dim]."""
-        index = matmul(predicted, projection).topk(k, dim=-1).indices
+    def _projection(self, base: Decoder, packed: bool) -> torch.Tensor | Linear:
+        """Sliced once per base model: fp32 columns, or a product by the base model's route."""
+        key = (id(base), packed)
+        if key not in self._projections:
+            rows = base.lm_head_weight if self.candidate_vocab is None else base.lm_head_weight[self.candidate_vocab]
+            self._projections[key] = base.linear(rows) if packed else rows.float().t().contiguous()
+        return self._projections[key]
+
+    def top_tokens(self, predicted: torch.Tensor, base: Decoder, k: int) -> torch.Tensor:
+        """The k best guesses [..., k] (token ids) after predicted features [..., dim], projected in
+        the base model's dtype and route."""
+        index = self._projection(base, packed=True)(predicted).topk(k, dim=-1).indices
         return index if self.candidate_vocab is None else self.candidate_vocab[index]
 
     def check_fits(self, base: ModelArgs) -> None:

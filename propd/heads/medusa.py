@@ -25,7 +25,7 @@ from torch import nn
 
 from propd.errors import PropdError
 from propd.heads.checkpoint import read_json, read_weights
-from propd.models.decoder import Decoder, matmul
+from propd.models.decoder import Decoder
 
 
 class ResBlock(nn.Module):
@@ -48,7 +48,7 @@ class MedusaHeads(nn.Module):
         self.shared_lm_head = shared_lm_head
         self.meta = dict(meta or {})
         self.register_buffer("candidate_vocab", candidate_vocab, persistent=False)  # [Vc] token ids, or None for the whole vocabulary
-        self._projection: tuple[int, torch.Tensor] | None = None  # (lm_head_t's data_ptr, its candidate columns)
+        self._projection: tuple[int, torch.Tensor] | None = None  # (lm_head's data_ptr, its candidate rows in fp32)
         heads = []
         for _ in range(num_heads):
             layers: list[nn.Module] = [ResBlock(dim) for _ in range(num_layers)]
@@ -61,14 +61,11 @@ class MedusaHeads(nn.Module):
             self.root_proj = nn.Linear(dim, num_heads * dim, bias=False)
             nn.init.zeros_(self.root_proj.weight)
 
-    def projection(self, lm_head_t: torch.Tensor) -> torch.Tensor:
-        """The shared projection restricted to the candidate vocabulary [dim, Vc], sliced once."""
-        if self.candidate_vocab is None:
-            return lm_head_t
-        if self._projection is None or self._projection[0] != lm_head_t.data_ptr():
-            # Keep the projection's memory layout, which ``matmul`` chose for its dtype.
-            cols = lm_head_t[:, self.candidate_vocab].contiguous() if lm_head_t.is_contiguous() else lm_head_t.t()[self.candidate_vocab].t()
-            self._projection = (lm_head_t.data_ptr(), cols)
+    def projection(self, lm_head: torch.Tensor) -> torch.Tensor:
+        """The shared projection [Vc, dim] in fp32, restricted to the candidate vocabulary, made once."""
+        if self._projection is None or self._projection[0] != lm_head.data_ptr():
+            rows = lm_head if self.candidate_vocab is None else lm_head[self.candidate_vocab]
+            self._projection = (lm_head.data_ptr(), rows.float())
         return self._projection[1]
 
     @property
@@ -84,7 +81,7 @@ class MedusaHeads(nn.Module):
         if self.root_proj is not None:
             inputs = inputs + self.root_proj(decoder.embed(roots)).unflatten(-1, (self.num_heads, self.dim))[..., :H, :]
         out = torch.stack([head(x) for head, x in zip(self.heads[:H], inputs.unbind(-2))], dim=-2)
-        return matmul(out, self.projection(decoder.lm_head_t)) if self.shared_lm_head else out
+        return nn.functional.linear(out, self.projection(decoder.lm_head_weight)) if self.shared_lm_head else out
 
     def top_tokens(self, hidden: torch.Tensor, roots: torch.Tensor, decoder: Decoder, num_heads: int, k: int) -> torch.Tensor:
         """Each head's k best guesses as token ids [N, num_heads, k]."""

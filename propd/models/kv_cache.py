@@ -1,20 +1,37 @@
 """Preallocated KV cache for a batch of rows, each with its own length.
 
-One tensor holds every layer's keys and values, [layers, 2, B, kv_heads, max_len, head_dim], so
-compaction after acceptance or pruning is a single gather/scatter over all layers at once.
+One tensor holds every layer's keys and values, [layers, 2, B, kv_heads, max_len, head_dim + 1], so
+compaction after acceptance or pruning is a single gather/scatter over all layers at once. The last
+feature of every entry is 1: attention multiplies its weights by the values and this column in one
+product, which gives the weights' sum in the same (row-invariant) reduction (see ``attention``).
 Row b's valid entries are slots [0, lengths[b]); new tokens are written at slots >= lengths[b]
 and only become part of the row when ``keep`` (or ``advance``) commits them.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+
 import torch
+
+from propd.models.attention import BLOCK, Plan, chain_plan, path_plan, round_up
+
+
+@dataclass
+class Layout:
+    """Where one step's new tokens [B, T] go and what each of them sees."""
+
+    slots: torch.Tensor  # [B, T] cache slot receiving each token's K/V
+    positions: torch.Tensor  # [B, T] RoPE position
+    plan: Plan  # how attention reads the cache
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device: torch.device | None = None):
-        self.kv = torch.zeros(n_layers, 2, batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device: torch.device | str | None = None):
+        max_len = round_up(max_len) + BLOCK  # attention reads whole blocks, and one more past a tree
+        self.kv = torch.zeros(n_layers, 2, batch_size, n_kv_heads, max_len, head_dim + 1, device=device)
+        self.kv[..., head_dim] = 1.0
+        self.head_dim = head_dim
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self._set_rows(batch_size)
@@ -23,24 +40,36 @@ class KVCache:
     def batch_size(self) -> int:
         return self.kv.shape[2]
 
-    def update(self, layer: int, slots: torch.Tensor | np.ndarray, kv: torch.Tensor | np.ndarray, span: int):
-        """Write new keys and values kv [B, T, 2, kv_heads, hd] at slots [B, T]; return this layer's
-        keys and values for slots [0, span) as [B, kv_heads, span, hd] views. The fp32 decoder
-        passes numpy arrays: numpy's indexed write costs a fraction of torch's for a few tokens."""
-        if isinstance(kv, np.ndarray):
-            self.kv.numpy()[layer, :, self._rows_np, :, slots] = kv
-        else:
-            self.kv[layer, :, self._rows, :, slots] = kv
-        return self.kv[layer, 0, :, :, :span], self.kv[layer, 1, :, :, :span]
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
 
-    def attention_mask(self, slots: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
-        """Mask [B, 1, T, S] for new tokens at slots [B, T]: each sees its row's committed cache and,
-        among the new tokens, those marked in ancestors [B, T, T] (itself included)."""
-        B, T = slots.shape
-        span = int(slots.max()) + 1
-        mask = (torch.arange(span) < self.lengths.unsqueeze(1)).unsqueeze(1).expand(B, T, span).clone()
-        mask.scatter_(2, slots.unsqueeze(1).expand(B, T, T), ancestors)
-        return mask.unsqueeze(1)
+    def chain(self, T: int) -> Layout:
+        """T new tokens after each row's cache, each seeing the cache and the new tokens before it."""
+        slots = self.lengths.unsqueeze(1) + torch.arange(T, device=self.device)
+        return Layout(slots, slots, chain_plan(self.lengths, T))
+
+    def tree(self, ancestors: torch.Tensor) -> Layout:
+        """N new tokens after each row's cache forming a tree: ancestors [N, N] or [B, N, N] bool
+        (ancestors[i, j]: j is i or an ancestor of i; ancestors come before their descendants)."""
+        B, N = self.batch_size, ancestors.shape[-1]
+        ancestors = ancestors.to(self.device).expand(B, N, N)
+        slots = self.lengths.unsqueeze(1) + torch.arange(N, device=self.device)
+        return self.paths(slots, path_slots(ancestors, slots))
+
+    def paths(self, slots: torch.Tensor, path: torch.Tensor, base: torch.Tensor | None = None) -> Layout:
+        """New tokens at ``slots`` [B, T] whose paths ``path`` [B, T, D] (slots of positions base,
+        base + 1, ..., the token itself last; -1 after) follow the committed entries [0, base):
+        base [B, T] defaults to each row's length."""
+        base = self.lengths.unsqueeze(1).expand_as(slots) if base is None else base
+        positions = base + (path >= 0).sum(-1) - 1
+        return Layout(slots, positions, path_plan(base, path, self.kv.shape[3], self.max_len))
+
+    def update(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys and values kv [B, T, 2, kv_heads, hd] at slots [B, T]; return this layer's
+        keys and values, [B, kv_heads, max_len, hd + 1] views."""
+        self.kv[layer, :, self._rows, :, slots, : self.head_dim] = kv.to(self.kv.dtype)
+        return self.kv[layer, 0], self.kv[layer, 1]
 
     def keep(self, offsets: torch.Tensor, counts: torch.Tensor, layers: slice = slice(None)) -> None:
         """Keep, for every row b, the new entries at slots lengths[b] + offsets[b, :counts[b]], packed in
@@ -48,8 +77,8 @@ class KVCache:
         if offsets.shape[1] == 0:
             return
         base = self.lengths.unsqueeze(1)
-        dst = base + torch.arange(offsets.shape[1])
-        moved = self.kv[layers, :, self._rows, :, base + offsets]  # [B, n, layers, 2, kv_heads, hd]
+        dst = base + torch.arange(offsets.shape[1], device=self.device)
+        moved = self.kv[layers, :, self._rows, :, base + offsets]  # [B, n, layers, 2, kv_heads, hd + 1]
         self.kv[layers, :, self._rows, :, dst] = moved
         self.lengths += counts
 
@@ -71,4 +100,13 @@ class KVCache:
 
     def _set_rows(self, batch_size: int) -> None:
         self._rows = torch.arange(batch_size, device=self.kv.device).unsqueeze(1)  # [B, 1] row index for advanced indexing
-        self._rows_np = self._rows.numpy() if self._rows.is_cpu else None  # only the CPU's fp32 decoder writes through numpy
+
+
+def path_slots(ancestors: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Slots [B, N, D] of each node's ancestors in depth order (itself last, -1 after) from an
+    ancestor mask [B, N, N] whose nodes come after their ancestors, and the nodes' slots [B, N]."""
+    depth = int(ancestors.sum(-1).amax()) if ancestors.numel() else 0
+    order = torch.where(ancestors, torch.arange(ancestors.shape[-1], device=slots.device), ancestors.shape[-1]).sort(-1).values[..., :depth]
+    found = order < ancestors.shape[-1]
+    picked = slots.unsqueeze(1).expand_as(ancestors).gather(2, order.clamp(max=ancestors.shape[-1] - 1))
+    return torch.where(found, picked, -1)

@@ -27,11 +27,10 @@ def hidden_states(decoder: Decoder, sequences: list[list[int]], early_layers: li
     for b, s in enumerate(sequences):
         tokens[b, : len(s)] = torch.tensor(s)
     cache = decoder.new_cache(B, T)
-    slots = torch.arange(T).expand(B, T)
-    mask = cache.attention_mask(slots, torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T))
+    layout = cache.chain(T)
     x, early, start = decoder.embed(tokens), {}, 0
     for layer in sorted(early_layers) + [decoder.args.n_layers]:
-        x = decoder.forward_layers(x, slots, slots, mask, cache, start, layer)
+        x = decoder.forward_layers(x, layout, cache, start, layer)
         early[layer], start = x, layer
     final = early.pop(decoder.args.n_layers)
     return decoder.final_norm(final), early

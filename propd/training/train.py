@@ -200,16 +200,14 @@ def draft_unroll(draft: DraftHead, decoder: Decoder, features: torch.Tensor, nex
     dec = draft.decoder(decoder)
     cache = dec.new_cache(B, depth * T)
     j = torch.arange(T)
-    slots = j.expand(B, T)
-    committed = (j.unsqueeze(0) <= j.unsqueeze(1)).expand(B, T, T)  # position j sees entries <= j
-    predicted = [dec.forward_layers(draft.inputs(features, next_tokens, decoder), slots, slots, cache.attention_mask(slots, committed), cache)]
-    own = torch.zeros(B, T, 0, dtype=torch.bool)
+    predicted = [dec.forward_layers(draft.inputs(features, next_tokens, decoder), cache.chain(T), cache)]
     for d in range(1, depth):
-        own = torch.cat([own, torch.eye(T, dtype=torch.bool).expand(B, T, T)], dim=2)
-        mask = torch.cat([committed, own], dim=2).unsqueeze(1)
+        # position j + d: the true entries up to j, then its own steps at depths 1..d (slots d' T + j)
+        path = (torch.arange(1, d + 1) * T).view(1, 1, d) + j.view(1, T, 1)
+        layout = cache.paths((d * T + j).expand(B, T), path.expand(B, T, d), (j + 1).expand(B, T))
         x = draft.inputs(predicted[-1], targets[..., d - 1].clamp(min=0), decoder)
         cache.kv = cache.kv.clone()  # writing in place would change the keys autograd kept from depth d-1
-        predicted.append(dec.forward_layers(x, (j + d).expand(B, T), (d * T + j).expand(B, T), mask, cache))
+        predicted.append(dec.forward_layers(x, layout, cache))
     return predicted
 
 

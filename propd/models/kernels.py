@@ -1,0 +1,195 @@
+"""Matrix products whose result for one row never depends on how many rows share the call.
+
+Tree verification multiplies N rows where AR multiplies one; if a kernel's blocking or its choice
+between a matrix-vector and a matrix-matrix routine depends on the row count, a token's logits
+depend on how many tokens share its step and a near-tie can flip the output. A ``Route`` is one
+kernel family at one dtype, called with a fixed row tile: a product of M rows runs as calls of at
+most ``tile`` rows (``pad``: exactly ``tile`` rows, zero-padded), so every row sees one code path.
+
+Which route is fastest, and which kernels are row-invariant, differs between machines (oneDNN's
+AMX kernels on an Intel Xeon, OpenBLAS or MKL elsewhere). ``choose_route`` measures both for the
+model's own shapes once per machine, torch version and model, and caches the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from propd.errors import PropdError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+KERNELS = ("onednn", "torch")
+TILE = 32  # rows per call; oneDNN's prepacked bf16 kernels were row-invariant up to 32 rows (not at 64) on AMX
+ROUTE_ENV = "PROPD_ROUTE"
+
+
+@dataclass(frozen=True)
+class Route:
+    kernel: str  # "onednn" (weights prepacked once) or "torch" (F.linear)
+    dtype_name: str  # "float32" or "bfloat16"
+    tile: int = TILE  # 0: one call whatever the row count (autograd, GPUs)
+    pad: bool = False  # pad every call to exactly ``tile`` rows
+    exact: bool = False  # the row-invariance check passed on this machine
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def name(self) -> str:
+        return f"{self.dtype_name}-{self.kernel}" + (f"-pad{self.tile}" if self.pad else "")
+
+    @classmethod
+    def parse(cls, name: str) -> "Route":
+        """``bfloat16-onednn``, ``float32-torch-pad8`` ... (what ``name`` gives)."""
+        parts = name.split("-")
+        if len(parts) not in (2, 3) or parts[0] not in DTYPES or parts[1] not in KERNELS or (len(parts) == 3 and not parts[2].startswith("pad")):
+            raise PropdError(f"unknown route {name!r}: use DTYPE-KERNEL[-padN], DTYPE one of {', '.join(DTYPES)}, KERNEL one of {', '.join(KERNELS)}")
+        tile = int(parts[2][3:]) if len(parts) == 3 and parts[2][3:].isdigit() else TILE
+        return cls(parts[1], parts[0], tile, len(parts) == 3)
+
+
+def autograd_route(dtype: torch.dtype = torch.float32) -> Route:
+    """Plain ``F.linear`` in one call: for training (gradients) and for devices without a check."""
+    return Route("torch", next(k for k, v in DTYPES.items() if v == dtype), tile=0)
+
+
+class Linear:
+    """y = x W^T by one route. ``weight`` [out, in]; x [..., in] in any float dtype; y in the route's dtype."""
+
+    def __init__(self, weight: torch.Tensor, route: Route):
+        self.route = route
+        self.weight = weight if route.tile == 0 else weight.detach().to(route.dtype).contiguous()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, route.tile) if route.kernel == "onednn" else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.route
+        x = x.to(route.dtype)
+        if route.tile == 0:
+            return F.linear(x, self.weight)
+        rows = x.reshape(-1, self.in_features)
+        M = rows.shape[0]
+        if M <= route.tile and not route.pad:
+            return self._call(rows).view(*x.shape[:-1], self.out_features)
+        out = torch.empty(M, self.out_features, dtype=route.dtype, device=x.device)
+        for start in range(0, M, route.tile):
+            chunk = rows[start : start + route.tile]
+            n = chunk.shape[0]
+            if route.pad and n < route.tile:
+                chunk = F.pad(chunk, (0, 0, 0, route.tile - n))
+            out[start : start + n] = self._call(chunk)[:n]
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _call(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
+        return F.linear(rows, self.weight)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def is_row_invariant(route: Route, weight: torch.Tensor, max_rows: int) -> bool:
+    """Whether every row of a product of 1..max_rows rows equals the same row computed in one
+    call of max_rows rows, bitwise (random inputs; the route's own tiling and padding)."""
+    gen = torch.Generator().manual_seed(0)
+    lin = Linear(weight, route)
+    x = torch.randn(max_rows, weight.shape[1], generator=gen)
+    full = lin(x)
+    counts = sorted({1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 24, max_rows - 1, max_rows} & set(range(1, max_rows + 1)))
+    return all(torch.equal(lin(x[start : start + m]), full[start : start + m]) for m in counts for start in {0, max_rows - m})
+
+
+def _median_ms(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def measure_route(route: Route, shapes: list[tuple[int, int, int]], rows: tuple[int, ...] = (1, 8, 32)) -> dict:
+    """Invariance on every shape and the time of the model's products (shapes: (out, in, count))
+    at a few row counts, with random weights of the model's shapes."""
+    gen = torch.Generator().manual_seed(1)
+    weights = [(torch.randn(o, i, generator=gen) * 0.05, n) for o, i, n in shapes]
+    try:
+        exact = all(is_row_invariant(route, w, max(route.tile, TILE)) for w, _ in weights)
+        lins = [(Linear(w, route), n) for w, n in weights]
+        ms = {}
+        for m in rows:
+            xs = [torch.randn(m, lin.in_features) for lin, _ in lins]
+            ms[str(m)] = round(sum(n * _median_ms(lambda lin=lin, x=x: lin(x)) for (lin, n), x in zip(lins, xs)), 3)
+    except RuntimeError as e:  # a kernel this torch build or CPU lacks
+        return {"route": route.name, "error": str(e).splitlines()[0]}
+    return {"route": route.name, "exact": exact, "ms": ms}
+
+
+PAD_TILE = 8  # a padded route multiplies at least this many rows per call, so AR pays for them
+
+
+def calibrate(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None) -> list[dict]:
+    """Measure every kernel at every dtype asked; a kernel that is not row-invariant by itself is
+    measured again padded to a fixed tile, which is invariant by construction (one call shape)."""
+    results = []
+    for name in [n for n, d in DTYPES.items() if dtype is None or d == dtype]:
+        for kernel in KERNELS:
+            results.append(measure_route(Route(kernel, name), shapes))
+            if results[-1].get("exact") is False:
+                results.append(measure_route(Route(kernel, name, PAD_TILE, pad=True), shapes))
+    return results
+
+
+def choose_route(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None = None, override: str | None = None) -> tuple[Route, list[dict]]:
+    """The fastest exact route for these product shapes on this machine (``dtype`` None: any dtype),
+    and the measurements behind the choice. ``override`` (or ``$PROPD_ROUTE``) names a route instead;
+    it is still checked for exactness. Measurements are cached under ``$PROPD_CACHE/routes``."""
+    from propd.models.loading import cache_dir
+
+    override = override or os.environ.get(ROUTE_ENV)
+    if override:
+        route = Route.parse(override)
+        if dtype is not None and route.dtype != dtype:
+            raise PropdError(f"route {override!r} runs in {route.dtype_name}, but dtype {dtype} was asked for")
+        result = measure_route(route, shapes, rows=(1,))
+        if "error" in result:
+            raise PropdError(f"route {override!r} does not run here: {result['error']}")
+        return Route(route.kernel, route.dtype_name, route.tile, route.pad, result["exact"]), [result]
+    key = json.dumps({"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype)})
+    path = cache_dir() / "routes" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    try:
+        results = json.loads(path.read_text())["results"]
+    except (OSError, ValueError, KeyError):
+        results = calibrate(shapes, dtype)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": json.loads(key), "results": results}, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass  # an unwritable cache costs a calibration per load, nothing more
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        raise PropdError("no matrix-product route runs on this machine: " + "; ".join(f"{r['route']}: {r['error']}" for r in results))
+    exact = [r for r in ok if r["exact"]] or ok
+    best = min(exact, key=lambda r: sum(r["ms"].values()))
+    route = Route.parse(best["route"])
+    return Route(route.kernel, route.dtype_name, route.tile, route.pad, best["exact"]), results

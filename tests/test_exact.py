@@ -1,0 +1,109 @@
+"""Exact by construction: a token's logits are bitwise the same whichever tokens and rows share its
+step, on every route the machine's check calls exact; and the route choice itself."""
+
+import json
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from propd.decoding.loop import _prefill
+from propd.models.decoder import Decoder
+from propd.models.kernels import Route, choose_route, is_row_invariant, measure_route
+from propd.models.kv_cache import path_slots
+from tests.conftest import REAL_PROMPTS, tiny_hf_model
+
+TINY = tiny_hf_model("llama", seed=5, layers=2)
+ROUTES = [r for r in (Route.parse(n) for n in ("float32-torch-pad8", "bfloat16-onednn", "bfloat16-torch"))
+          if measure_route(r, Decoder.from_hf(TINY).args.product_shapes(), rows=(1,)).get("exact")]
+
+
+def ar_logits(dec: Decoder, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    """Logits after each of ``tokens`` fed one per step after ``prompt``, as AR decoding computes them."""
+    cache = dec.new_cache(1, len(prompt) + len(tokens) + 1)
+    _prefill(dec, cache, [prompt])
+    out = []
+    for t in tokens:
+        out.append(dec.logits(dec.extend(torch.tensor([[t]]), cache.chain(1), cache))[0, 0])
+        cache.advance(torch.ones(1, dtype=torch.long))
+    return out
+
+
+def random_tree_with_path(rng: random.Random, size: int, depth: int) -> tuple[torch.Tensor, list[int]]:
+    """An ancestor mask [N, N] of a random tree (nodes after their parents) and one root-to-leaf path in it."""
+    parents = [0] + [rng.randrange(i) for i in range(1, size)]
+    depths = [0]
+    for i in range(1, size):
+        if depths[parents[i]] >= depth:
+            parents[i] = 0
+        depths.append(depths[parents[i]] + 1)
+    ancestors = torch.eye(size, dtype=torch.bool)
+    for i in range(1, size):
+        ancestors[i] |= ancestors[parents[i]]
+    leaf = max(range(size), key=lambda i: (depths[i], rng.random()))
+    return ancestors, ancestors[leaf].nonzero().flatten().tolist()
+
+
+def tree_logits_equal_ar(dec: Decoder, rng: random.Random, prompts: list[list[int]], size: int, depth: int) -> None:
+    """Verify one random tree per batch (rows: ragged prompts, their own tokens) and compare the
+    logits of every node on a root-to-leaf path with AR's at that position, bitwise."""
+    ancestors, path = random_tree_with_path(rng, size, depth)
+    vocab = dec.args.vocab_size
+    tokens = torch.randint(0, vocab, (len(prompts), size), generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
+    cache = dec.new_cache(len(prompts), max(map(len, prompts)) + size + 1)
+    _prefill(dec, cache, prompts)
+    logits = dec.logits(dec.extend(tokens, cache.tree(ancestors), cache))
+    for b, prompt in enumerate(prompts):
+        want = ar_logits(dec, prompt, tokens[b, path].tolist())
+        for k, node in enumerate(path):
+            assert torch.equal(logits[b, node], want[k]), (b, k, float((logits[b, node].float() - want[k].float()).abs().max()))
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), size=st.integers(1, 40), depth=st.integers(1, 7))
+def test_tree_logits_equal_ar_logits_bitwise_on_random_trees_and_batches(route, seed, batch, size, depth):
+    rng = random.Random(seed)
+    dec = Decoder.from_hf(TINY, route)
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(1, 75))] for _ in range(batch)]  # lengths cross attention blocks
+    tree_logits_equal_ar(dec, rng, prompts, size, depth)
+
+
+def test_default_model_tree_logits_equal_ar_logits_bitwise(default_model):
+    """On the real model and this machine's chosen route: batch 1 and 4, ragged prompts, 64-node trees."""
+    assert default_model.route.exact, f"no exact route found here: {default_model.route_measurements}"
+    rng = random.Random(0)
+    prompts = [default_model.encode(p) for p in REAL_PROMPTS]
+    tree_logits_equal_ar(default_model.decoder, rng, prompts[:1], 64, 6)
+    tree_logits_equal_ar(default_model.decoder, rng, prompts[1:], 48, 8)
+
+
+def test_path_slots_lists_each_nodes_ancestors_in_depth_order():
+    ancestors = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool).unsqueeze(0)
+    slots = torch.tensor([[10, 11, 12, 13]])
+    assert path_slots(ancestors, slots)[0].tolist() == [[10, -1, -1], [10, 11, -1], [10, 12, -1], [10, 12, 13]]
+
+
+def test_padded_route_is_row_invariant_and_routes_parse():
+    weight = torch.randn(40, 24)
+    assert is_row_invariant(Route.parse("float32-torch-pad8"), weight, 8)
+    for name in ("bfloat16-onednn", "float32-torch-pad8", "float32-torch"):
+        assert Route.parse(name).name == name
+    with pytest.raises(Exception, match="unknown route"):
+        Route.parse("int4-magic")
+
+
+def test_route_choice_is_measured_once_cached_and_overridable(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROPD_CACHE", str(tmp_path))
+    shapes = [(48, 32, 2), (96, 32, 1)]
+    route, measured = choose_route(shapes, torch.float32)
+    assert route.exact and route.dtype == torch.float32
+    assert {m["route"] for m in measured} >= {"float32-torch", "float32-onednn"}
+    cached = list((tmp_path / "routes").glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["results"] == measured
+    assert choose_route(shapes, torch.float32)[0] == route  # from the cache
+    monkeypatch.setenv("PROPD_ROUTE", "float32-torch-pad8")
+    forced, _ = choose_route(shapes, torch.float32)
+    assert forced.name == "float32-torch-pad8" and forced.exact
