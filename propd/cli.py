@@ -15,7 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a HF model directory or a .gguf file")
     add_dtype_args(p)
     add_device_arg(p)
-    p.add_argument("--method", default="ar", help="decoding method: ar, bpd, medusa, draft")
+    p.add_argument("--method", default="ar", help="decoding method: ar, bpd, medusa, draft, propd (a tree chosen every step)")
+    p.add_argument("--drafter", default="draft", choices=["draft", "medusa"], help="what fills propd's trees: the draft layer or the Medusa heads")
     p.add_argument("--heads", default="default", help="heads / draft layer: 'default' (shipped for the default model) or a directory")
     p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, chainN or a JSON file of rank paths")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -44,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         raise PropdError("give a prompt, or --prompts FILE.jsonl")
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    method = model.method(args.method, args.tree, args.heads)
+    method = model.method(args.method, args.tree, args.heads, args.drafter)
     if args.json:
         for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw):
             print(json.dumps(g.to_json()), flush=True)
@@ -74,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from propd.engine import Propd, TextStream
 
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    method = model.method(args.method, args.tree, args.heads)
+    method = model.method(args.method, args.tree, args.heads, args.drafter)
     print(f"### {args.prompt}  [{args.method}]")
     stream = TextStream(model.tokenizer)
     fast = model.generate([args.prompt], method, args.max_new_tokens, 1, not args.raw, lambda _, t: print(stream.push(t), end="", flush=True))[0]
@@ -89,7 +90,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from propd.engine import Propd
 
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    method = model.method(args.method, args.tree, args.heads)
+    method = model.method(args.method, args.tree, args.heads, args.drafter)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:

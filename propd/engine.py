@@ -15,6 +15,7 @@ import torch
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import Method, RowStats, generate_batch
+from propd.decoding.propd import PropdMethod
 from propd.decoding.tree import TreeMethod
 from propd.errors import PropdError
 from propd.heads.draft import DraftHead
@@ -22,9 +23,11 @@ from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder, ModelArgs
 from propd.models.kernels import DTYPES, Route, autograd_route, choose_route
 from propd.models.loading import DEFAULT_MODEL, load_hf
+from propd.tree.dynamic import AcceptanceModel, TreeChooser
 from propd.tree.tree import load_tree
 
-METHODS = ("ar", "bpd", "medusa", "draft")
+METHODS = ("ar", "bpd", "medusa", "draft", "propd")
+DRAFTERS = ("draft", "medusa")
 DEFAULT_HEADS = Path(__file__).parent / "heads" / "default"
 
 
@@ -147,13 +150,25 @@ class Propd:
             raise PropdError(f"heads directory not found: {heads}")
         return Path(heads)
 
-    def method(self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads | DraftHead = "default") -> Method:
+    def method(
+        self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads | DraftHead = "default", drafter: str = "draft",
+    ) -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
-        ``bpd`` (chain of each head's top-1) or ``draft`` (the draft layer fills a static tree,
-        default mc_sim_7b_63)."""
+        ``bpd`` (chain of each head's top-1), ``draft`` (the draft layer fills a static tree,
+        default mc_sim_7b_63) or ``propd`` (a tree chosen every step, filled by ``drafter``:
+        the draft layer or the Medusa heads)."""
         with self.on_device():
             if name == "ar":
                 return ARMethod()
+            if name == "propd":
+                if drafter not in DRAFTERS:
+                    raise PropdError(f"unknown drafter {drafter!r}; available: {', '.join(DRAFTERS)}")
+                d = self.load_draft(heads) if drafter == "draft" else self.load_heads(heads)
+                stats = d.meta.get("rank_probabilities")
+                if not stats:
+                    raise PropdError(f"propd needs the {drafter}'s acceptance statistics (rank_probabilities), and these have none")
+                inner = DraftMethod(d, load_tree("chain1")) if drafter == "draft" else TreeMethod(d, load_tree("chain1"))
+                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats)))
             if name == "draft":
                 d = self.load_draft(heads)
                 return DraftMethod(d, load_tree(tree or "mc_sim_7b_63", d.meta.get("rank_probabilities")))

@@ -38,7 +38,7 @@ def test_tree_structure_of_a_small_tree():
     assert tree.parents.tolist() == [0, 0, 0, 1, 1, 2]
     assert tree.depths.tolist() == [0, 1, 1, 2, 2, 2]
     assert tree.ancestors[5].nonzero().flatten().tolist() == [0, 2, 5]
-    assert tree.candidate_index.tolist() == [0, 1, 2, 3, 2]  # [heads, 2] flattened
+    assert tree.ranks.tolist() == [0, 0, 1, 0, 1, 0]
     assert tree.children.tolist() == [[1, 2], [3, 4], [5, -1], [-1, -1], [-1, -1], [-1, -1]]
     with pytest.raises(PropdError, match="no parent"):
         TokenTree.from_paths([[0, 1]])

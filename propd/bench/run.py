@@ -86,7 +86,7 @@ def run_bench(
 ) -> list[MethodRun]:
     if "ar" not in methods:
         raise PropdError("bench needs 'ar' among the methods: it is the reference for speed-up and losslessness")
-    builders = {m: (None if m == HF else model.method(*_method_and_tree(m, tree), heads=heads)) for m in methods}
+    builders = {m: (None if m == HF else _build(model, m, tree, heads)) for m in methods}
 
     def run_one(method: str, batch: list[Prompt], n: int) -> tuple[list[Generation], float]:
         texts = [p.text for p in batch]
@@ -116,10 +116,13 @@ def run_bench(
     return runs
 
 
-def _method_and_tree(spec: str, default_tree: str | None) -> tuple[str, str | None]:
-    """``medusa@top16`` names a method with its own tree; a bare name takes ``--tree``."""
-    name, _, tree = spec.partition("@")
-    return name, tree or default_tree
+def _build(model: Propd, spec: str, default_tree: str | None, heads):
+    """``medusa@top16`` names a method with its own tree (a bare name takes ``--tree``);
+    ``propd@medusa`` names propd's drafter (default the draft layer)."""
+    name, _, suffix = spec.partition("@")
+    if name == "propd":
+        return model.method(name, heads=heads, drafter=suffix or "draft")
+    return model.method(name, suffix or default_tree, heads=heads)
 
 
 def first_mismatch(model: Propd, prompt: Prompt, reference: list[int], got: list[int]) -> dict | None:

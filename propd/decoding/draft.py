@@ -23,23 +23,32 @@ from propd.tree.tree import TokenTree
 
 
 class DraftMethod:
+    """A static tree filled by the draft layer."""
+
     def __init__(self, draft: DraftHead, tree: TokenTree):
         self.draft = draft
         self.tree = tree
-        self.tree_size = tree.size
-        self.tree_depth = tree.depth
+        self.reserve(tree.size, tree.depth, tree.max_rank)
         self.cache: KVCache | None = None  # the draft's: one entry per answer position
         self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # features [B, M, dim], next tokens [B, M], counts [B]
-        self.levels = [self._level(d) for d in range(1, tree.depth + 1)]
+        self._levels: dict[tuple, list] = {}
 
-    def _level(self, depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The nodes at ``depth``, their parents, ranks, which of them have children, and those
+    def reserve(self, size: int, depth: int, ranks: int) -> None:
+        """Make ``step_tree`` take trees of up to this many tokens and depth (any ranks)."""
+        self.tree_size, self.tree_depth = size, depth
+
+    def levels(self, tree: TokenTree) -> list[tuple[torch.Tensor, ...]]:
+        """Per depth: the nodes there, their parents, ranks, which of them have children, and those
         nodes' paths below the root [n, depth] (node indices in depth order, the node last)."""
-        nodes = (self.tree.depths == depth).nonzero().flatten()
-        ranks = torch.tensor([self.tree.paths[int(n) - 1][-1] for n in nodes], dtype=torch.long)
-        expand = nodes[(self.tree.children[nodes] >= 0).any(dim=1)]
-        paths = path_slots(self.tree.ancestors[expand, 1:].unsqueeze(0), torch.arange(1, self.tree.size).unsqueeze(0))[0]
-        return nodes, self.tree.parents[nodes], ranks, expand, paths
+        if tree.paths not in self._levels:
+            out = []
+            for depth in range(1, tree.depth + 1):
+                nodes = (tree.depths == depth).nonzero().flatten()
+                expand = nodes[(tree.children[nodes] >= 0).any(dim=1)]
+                paths = path_slots(tree.ancestors[expand, 1:].unsqueeze(0), torch.arange(1, tree.size).unsqueeze(0))[0]
+                out.append((nodes, tree.parents[nodes], tree.ranks[nodes], expand, paths))
+            self._levels[tree.paths] = out
+        return self._levels[tree.paths]
 
     def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
         normed = decoder.final_norm(hidden)
@@ -49,9 +58,9 @@ class DraftMethod:
         return roots
 
     @torch.no_grad()
-    def propose(self, decoder: Decoder, roots: torch.Tensor, max_len: int) -> torch.Tensor:
+    def propose(self, decoder: Decoder, roots: torch.Tensor, max_len: int, tree: TokenTree | None = None) -> torch.Tensor:
         """Steps 1-2: the tree's tokens [B, N], root first."""
-        draft, tree = self.draft, self.tree
+        draft, tree = self.draft, tree or self.tree
         dec = draft.decoder(decoder)
         features, next_tokens, counts = self.pending
         B, M = next_tokens.shape
@@ -67,7 +76,7 @@ class DraftMethod:
         tokens = torch.empty(B, N, dtype=torch.long)
         tokens[:, 0] = roots
         base = cache.lengths.view(B, 1, 1) - 1  # node i's entry goes to slot lengths + i - 1
-        for nodes, parents, ranks, expand, paths in self.levels:
+        for nodes, parents, ranks, expand, paths in self.levels(tree):
             guesses = draft.top_tokens(predicted[:, parents], decoder, int(ranks.max()) + 1)  # [B, n, k]
             tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
             if len(expand) == 0:
@@ -78,13 +87,17 @@ class DraftMethod:
         return tokens
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
-        tokens = self.propose(decoder, roots, cache.max_len)
-        v = verify(decoder, cache, self.tree, tokens)
+        return self.step_tree(decoder, cache, roots, self.tree)[0]
+
+    def step_tree(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, tree: TokenTree) -> tuple[StepResult, torch.Tensor]:
+        """One step over ``tree``: its result and each row's last accepted node [B]."""
+        tokens = self.propose(decoder, roots, cache.max_len, tree)
+        v = verify(decoder, cache, tree, tokens)
         path_tokens = tokens.gather(1, v.offsets)  # root first
         next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
         next_tokens[torch.arange(len(roots)), v.counts - 1] = v.roots
         self.pending = (v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)
-        return v.result(tokens)
+        return v.result(tokens), v.last_nodes()
 
     def select_rows(self, rows: torch.Tensor) -> None:
         features, next_tokens, counts = self.pending

@@ -27,7 +27,7 @@ from propd.tree.tree import TokenTree
 
 def tree_tokens(roots: torch.Tensor, candidates: torch.Tensor, tree: TokenTree) -> torch.Tensor:
     """[B] roots + [B, H, K] candidates -> [B, N] tokens at the tree's nodes (root first)."""
-    return torch.cat([roots.unsqueeze(1), candidates.flatten(1)[:, tree.candidate_index]], dim=1)
+    return torch.cat([roots.unsqueeze(1), candidates[:, tree.depths[1:] - 1, tree.ranks[1:]]], dim=1)
 
 
 def greedy_walk(tokens: torch.Tensor, tree: TokenTree, next_token: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +73,10 @@ class Verified:
     counts: torch.Tensor
     roots: torch.Tensor
 
+    def last_nodes(self) -> torch.Tensor:
+        """Each row's last accepted node [B] (the one the bonus token follows)."""
+        return self.offsets.gather(1, (self.counts - 1).unsqueeze(1)).squeeze(1)
+
     def result(self, tokens: torch.Tensor) -> StepResult:
         B, N = tokens.shape
         path_tokens = tokens.gather(1, self.offsets)
@@ -94,17 +98,21 @@ class TreeMethod:
     """Static-tree verification with Medusa heads; with a chain tree this is BPD."""
 
     def __init__(self, heads: MedusaHeads, tree: TokenTree):
-        if tree.depth > heads.num_heads:
-            raise PropdError(f"tree depth {tree.depth} needs {tree.depth} heads; the checkpoint has {heads.num_heads}")
         self.heads = heads
         self.tree = tree
-        self.tree_size = tree.size
-        self.tree_depth = tree.depth
         self.candidates: torch.Tensor | None = None  # [B, H, K]
+        self.reserve(tree.size, tree.depth, tree.max_rank)
+
+    def reserve(self, size: int, depth: int, ranks: int) -> None:
+        """Make ``step_tree`` take trees of up to this many tokens, depth and ranks per depth."""
+        if depth > self.heads.num_heads:
+            raise PropdError(f"tree depth {depth} needs {depth} heads; the checkpoint has {self.heads.num_heads}")
+        self.tree_size, self.tree_depth = size, depth
+        self.candidate_shape = (max(1, depth), max(1, ranks))
 
     def propose(self, decoder: Decoder, normed: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
         """Heads' top-k tokens [B, H, K] from normed hidden states [B, dim] and the roots [B] they produced."""
-        return self.heads.top_tokens(normed, roots, decoder, max(1, self.tree.depth), max(1, self.tree.max_rank))
+        return self.heads.top_tokens(normed, roots, decoder, *self.candidate_shape)
 
     def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
         normed = decoder.final_norm(hidden)
@@ -113,11 +121,15 @@ class TreeMethod:
         return roots
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
-        tokens = tree_tokens(roots, self.candidates, self.tree)  # [B, N]
-        v = verify(decoder, cache, self.tree, tokens)
-        last = v.offsets.gather(1, (v.counts - 1).unsqueeze(1)).squeeze(1)
+        return self.step_tree(decoder, cache, roots, self.tree)[0]
+
+    def step_tree(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, tree: TokenTree) -> tuple[StepResult, torch.Tensor]:
+        """One step over ``tree``: its result and each row's last accepted node [B]."""
+        tokens = tree_tokens(roots, self.candidates, tree)  # [B, N]
+        v = verify(decoder, cache, tree, tokens)
+        last = v.last_nodes()
         self.candidates = self.propose(decoder, v.normed[torch.arange(len(last)), last], v.roots)
-        return v.result(tokens)
+        return v.result(tokens), last
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.candidates = self.candidates[rows]

@@ -102,6 +102,8 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: P
         gathered = values.reshape(B * KV * S, hd + 1).index_select(0, plan.recent_rows).view(B, KV, T, R // BLOCK, BLOCK, hd + 1)
         recent_sums = (weights @ gathered).transpose(2, 3)  # [B, KV, blocks, T, g, hd + 1]
         sums.scatter_add_(2, plan.recent_block.expand_as(recent_sums), recent_sums)  # into the query's empty blocks after its in-place ones
-    total = sums.sum(2)  # in position order; empty blocks are only at the end
+    # In position order, by a sequential scan: ``sum`` picks its reduction order by the whole
+    # tensor's shape (measured: a row's sum changes with the number of queries beside it).
+    total = sums.cumsum(2)[:, :, -1]
     out = total[..., :hd] / total[..., hd:]
     return out.transpose(1, 2).reshape(B, T, H * hd)

@@ -15,6 +15,7 @@ multiply over q and k together (scores are unchanged because q and k share the o
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from propd.models.attention import attention
-from propd.models.kernels import Linear, Route, autograd_route
+from propd.models.kernels import Linear, Route, autograd_route, torch_threads
 from propd.models.kv_cache import KVCache, Layout
 
 
@@ -187,8 +188,9 @@ class Decoder:
         K/V into ``cache`` (committed later by ``cache.keep`` / ``advance``)."""
         end = self.args.n_layers if end is None else end
         rope = self.rope[layout.positions].unsqueeze(2)  # [B, T, 1, hd / 2]
-        for i in range(start, end):
-            x = self._layer(i, x, rope, layout, cache)
+        with torch_threads(1) if self.route.tile else nullcontext():  # products take every thread (``Linear``)
+            for i in range(start, end):
+                x = self._layer(i, x, rope, layout, cache)
         return x
 
     def extend(self, tokens: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:

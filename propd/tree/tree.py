@@ -27,7 +27,7 @@ class TokenTree:
     parents: torch.Tensor  # [N] parent node index (root: 0)
     depths: torch.Tensor  # [N] 0 for the root
     ancestors: torch.Tensor  # [N, N] bool: ancestors[i, j] = j is i or an ancestor of i
-    candidate_index: torch.Tensor  # [N-1] index into the flattened [heads, max_rank] candidates
+    ranks: torch.Tensor  # [N] each node's rank among its parent's candidates (root: 0)
     children: torch.Tensor  # [N, C] each node's children, padded with -1
 
     @property
@@ -55,19 +55,18 @@ class TokenTree:
                 raise PropdError(f"tree path {list(p)} has no parent {list(p[:-1])} in the tree")
             index[p] = len(index)
         n = len(index)
-        k = max((max(p) for p in nodes), default=-1) + 1  # candidates taken per head
         parents = torch.tensor([0] + [index[p[:-1]] for p in nodes])
         depths = torch.tensor([0] + [len(p) for p in nodes])
         ancestors = torch.eye(n, dtype=torch.bool)
         for i, p in enumerate(nodes, 1):
             ancestors[i] |= ancestors[index[p[:-1]]]
-        candidate_index = torch.tensor([(len(p) - 1) * k + p[-1] for p in nodes], dtype=torch.long)
+        ranks = torch.tensor([0] + [p[-1] for p in nodes])
         kids: list[list[int]] = [[] for _ in range(n)]
         for i in range(1, n):
             kids[int(parents[i])].append(i)
         width = max(1, max(len(c) for c in kids))
         children = torch.tensor([c + [-1] * (width - len(c)) for c in kids])
-        return cls(tuple(nodes), parents, depths, ancestors, candidate_index, children)
+        return cls(tuple(nodes), parents, depths, ancestors, ranks, children)
 
 
 def chain(depth: int) -> TokenTree:
@@ -94,20 +93,26 @@ def expected_accepted(tree: TokenTree, rank_probabilities: list[list[float]]) ->
     return 1.0 + sum(path_probability(rank_probabilities, p) for p in tree.paths)
 
 
-def best_tree(rank_probabilities: list[list[float]], size: int) -> TokenTree:
-    """The ``size``-token tree (root included) with the most expected accepted tokens: the size-1
-    most probable paths. A path is never more probable than its prefix, so they form a tree;
-    a best-first search over the heads' ranks finds them."""
+def best_paths(rank_probabilities: list[list[float]], count: int) -> list[tuple[float, RankPath]]:
+    """The ``count`` most probable paths with their probabilities, most probable first. A path is
+    never more probable than its prefix, so every prefix of this list is a tree; a best-first
+    search over the ranks finds them."""
     frontier = [(-p, (rank,)) for rank, p in enumerate(rank_probabilities[0])]
     heapq.heapify(frontier)
-    chosen: list[RankPath] = []
-    while frontier and len(chosen) < size - 1:
+    chosen: list[tuple[float, RankPath]] = []
+    while frontier and len(chosen) < count:
         neg_prob, path = heapq.heappop(frontier)
-        chosen.append(path)
+        chosen.append((-neg_prob, path))
         if len(path) < len(rank_probabilities):
             for rank, p in enumerate(rank_probabilities[len(path)]):
                 heapq.heappush(frontier, (neg_prob * p, path + (rank,)))
-    return TokenTree.from_paths(chosen)
+    return chosen
+
+
+def best_tree(rank_probabilities: list[list[float]], size: int) -> TokenTree:
+    """The ``size``-token tree (root included) with the most expected accepted tokens: the size-1
+    most probable paths."""
+    return TokenTree.from_paths([path for _, path in best_paths(rank_probabilities, size - 1)])
 
 
 def tree_names() -> list[str]:

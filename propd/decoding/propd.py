@@ -1,0 +1,45 @@
+"""ProPD (arXiv 2402.13485): parallel decoding over the token tree that, at every step, buys the
+most accepted tokens per second on this machine, at this batch size and context length.
+
+A step reads as ProPD's: choose the tree from the acceptance and latency models (dynamic tree
+generation, ``TreeChooser``); fill it with the drafter's candidates, verify it and accept the
+longest greedy path (``step_tree`` of the draft layer or of the Medusa heads: output identical to
+AR whatever the tree); feed the step's accepted path and wall time back to both models.
+Early pruning (ProPD's other mechanism) is not built yet.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from propd.decoding.draft import DraftMethod
+from propd.decoding.loop import StepResult
+from propd.decoding.tree import TreeMethod
+from propd.models.decoder import Decoder
+from propd.models.kv_cache import KVCache
+from propd.tree.dynamic import TreeChooser
+
+
+class PropdMethod:
+    def __init__(self, drafter: DraftMethod | TreeMethod, chooser: TreeChooser):
+        self.drafter = drafter
+        self.chooser = chooser
+        depth = len(chooser.acceptance.p)
+        drafter.reserve(max(chooser.sizes), depth, len(chooser.acceptance.p[0]))
+        self.tree_size, self.tree_depth = drafter.tree_size, drafter.tree_depth
+
+    def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
+        return self.drafter.start(decoder, hidden)
+
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
+        rows, context = cache.batch_size, int(cache.lengths.max())
+        choice = self.chooser.choose(rows, context)  # dynamic tree generation
+        t = time.perf_counter()
+        result, last = self.drafter.step_tree(decoder, cache, roots, choice.tree)  # candidates, verify, accept
+        self.chooser.observe(choice, rows, context, last.tolist(), time.perf_counter() - t)  # statistics
+        return result
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.drafter.select_rows(rows)

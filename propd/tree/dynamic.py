@@ -1,0 +1,157 @@
+"""ProPD's dynamic token tree: each step, the tree that buys the most accepted tokens per second.
+
+Two online models (ProPD, arXiv 2402.13485, section 4.2):
+
+- ``AcceptanceModel``: p[d][r], the running probability that the rank-r guess at depth d is the
+  model's token given that its parent was; a node's probability is the product along its path, a
+  tree's expected accepted length is 1 + the sum over its nodes, and the best n-token tree holds the
+  n - 1 most probable nodes (``best_tree``).
+- ``LatencyModel``: step seconds as a line in the tree's size, fitted by weighted least squares over
+  a moving average per size, weights decaying with the measurement's age; one line per batch size
+  and context bucket, since both change what a tree token costs.
+
+``TreeChooser`` puts them together: argmax over candidate sizes of E[accepted(n)] / T(n), size 1
+(plain AR) included. The first steps explore a few sizes, so that the line has a span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from propd.tree.tree import TokenTree, best_paths
+
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CONTEXT_BUCKET = 512  # tokens: a tree's cost is measured separately per bucket of cache length
+
+
+class AcceptanceModel:
+    """Moving averages of per-depth, per-rank acceptance, started from shipped statistics."""
+
+    def __init__(self, rank_probabilities: list[list[float]], rate: float = 0.02):
+        self.p = [list(map(float, row)) for row in rank_probabilities]
+        self.rate = rate
+        self.version = 0  # bumped on every update; trees built from the model are cached per version
+
+    def observe(self, tree: TokenTree, last: int) -> None:
+        """A row's step ended at node ``last``: along its path each depth's guess of that rank was
+        right; after it, none of ``last``'s children was. Only the ranks the tree held are seen."""
+        nodes = tree.ancestors[last].nonzero().flatten().tolist()  # root .. last
+        for depth, (parent, child) in enumerate(zip(nodes, nodes[1:])):
+            self._update(depth, int(tree.ranks[child]), tree, parent)
+        if len(nodes) - 1 < len(self.p):
+            self._update(len(nodes) - 1, -1, tree, last)
+        self.version += 1
+
+    def _update(self, depth: int, rank: int, tree: TokenTree, parent: int) -> None:
+        row = self.p[depth]
+        for child in tree.children[parent].tolist():
+            r = int(tree.ranks[child]) if child >= 0 else len(row)
+            if r < len(row):
+                row[r] += self.rate * ((r == rank) - row[r])
+
+
+@dataclass
+class _SizeStats:
+    seconds: float  # moving average of step time at this size
+    weight: float  # how much it counts, decaying with age
+    step: int  # when it was last measured
+
+
+@dataclass
+class LatencyModel:
+    """Step time against tree size by weighted linear regression (one line per bucket)."""
+
+    half_life: float = 64.0  # steps after which a measurement counts half
+    rate: float = 0.3  # moving-average rate per size
+    buckets: dict[tuple[int, int], dict[int, _SizeStats]] = field(default_factory=dict)
+    steps: int = 0
+
+    def observe(self, key: tuple[int, int], size: int, seconds: float) -> None:
+        self.steps += 1
+        sizes = self.buckets.setdefault(key, {})
+        s = sizes.get(size)
+        if s is None:
+            sizes[size] = _SizeStats(seconds, 1.0, self.steps)
+        else:
+            s.seconds += self.rate * (seconds - s.seconds)
+            s.weight = self._decayed(s) + 1.0
+            s.step = self.steps
+
+    def _decayed(self, s: _SizeStats) -> float:
+        return s.weight * 0.5 ** ((self.steps - s.step) / self.half_life)
+
+    def seed(self, key: tuple[int, int], source: tuple[int, int]) -> None:
+        """Start a bucket from another's measurements, at half their weight."""
+        self.buckets[key] = {n: _SizeStats(s.seconds, 0.5 * self._decayed(s), self.steps) for n, s in self.buckets[source].items()}
+
+    def measured(self, key: tuple[int, int]) -> list[int]:
+        return sorted(self.buckets.get(key, {}))
+
+    def line(self, key: tuple[int, int]) -> tuple[float, float] | None:
+        """(intercept, slope) in seconds and seconds per token, or None before two sizes are measured."""
+        sizes = self.buckets.get(key, {})
+        if len(sizes) < 2:
+            return None
+        w = {n: self._decayed(s) for n, s in sizes.items()}
+        total = sum(w.values())
+        mean_n = sum(w[n] * n for n in sizes) / total
+        mean_t = sum(w[n] * s.seconds for n, s in sizes.items()) / total
+        var = sum(w[n] * (n - mean_n) ** 2 for n in sizes)
+        slope = max(0.0, sum(w[n] * (n - mean_n) * (s.seconds - mean_t) for n, s in sizes.items()) / var) if var else 0.0
+        return mean_t - slope * mean_n, slope
+
+    def predict(self, key: tuple[int, int], size: int) -> float | None:
+        fit = self.line(key)
+        return None if fit is None else max(1e-6, fit[0] + fit[1] * size)
+
+
+@dataclass
+class Choice:
+    tree: TokenTree
+    expected: float  # accepted tokens per step the acceptance model expects
+    seconds: float | None  # step time the latency model predicts (None while exploring)
+
+
+class TreeChooser:
+    """Picks each step's tree from the two models (``choose``) and learns from the step (``observe``)."""
+
+    def __init__(self, acceptance: AcceptanceModel, latency: LatencyModel | None = None, sizes: tuple[int, ...] = SIZES):
+        self.acceptance = acceptance
+        self.latency = latency or LatencyModel()
+        self.sizes = tuple(sorted(sizes))
+        self.explore = sorted({self.sizes[0], self.sizes[len(sizes) // 2], self.sizes[-1]})  # tried first, so that the line has a span
+        self._version = -1_000_000  # the acceptance model's version the trees below were built at
+        self._paths: list[tuple[float, tuple[int, ...]]] = []
+        self._trees: dict[int, tuple[TokenTree, float]] = {}
+
+    def tree(self, size: int) -> tuple[TokenTree, float]:
+        """The best tree of ``size`` tokens and its expected accepted length. The most probable
+        paths are ranked again after the acceptance model has moved by a few dozen observations."""
+        if self.acceptance.version - self._version >= 32:
+            self._version = self.acceptance.version
+            self._paths = best_paths(self.acceptance.p, max(self.sizes) - 1)
+            self._trees = {}
+        if size not in self._trees:
+            chosen = self._paths[: size - 1]
+            self._trees[size] = (TokenTree.from_paths([p for _, p in chosen]), 1.0 + sum(prob for prob, _ in chosen))
+        return self._trees[size]
+
+    def choose(self, batch_size: int, context: int) -> Choice:
+        """A new bucket starts from the nearest measured one (rows leaving a batch, a context
+        growing past a bucket); only the first explores."""
+        key = (batch_size, context // CONTEXT_BUCKET)
+        if not self.latency.measured(key):
+            fitted = [k for k in self.latency.buckets if self.latency.line(k) is not None]
+            if fitted:
+                self.latency.seed(key, min(fitted, key=lambda k: (abs(k[0] - key[0]), abs(k[1] - key[1]))))
+        unexplored = [n for n in self.explore if self.tree(n)[0].size not in self.latency.measured(key)]
+        if unexplored:
+            return Choice(*self.tree(unexplored[0]), None)
+        best = max(self.sizes, key=lambda n: self.tree(n)[1] / self.latency.predict(key, n))
+        return Choice(*self.tree(best), self.latency.predict(key, best))
+
+    def observe(self, choice: Choice, batch_size: int, context: int, last_nodes: list[int], seconds: float) -> None:
+        self.latency.observe((batch_size, context // CONTEXT_BUCKET), choice.tree.size, seconds)
+        for last in last_nodes:
+            self.acceptance.observe(choice.tree, last)
+

@@ -1,0 +1,78 @@
+"""ProPD's dynamic trees: the acceptance and latency models learn what they should, the chooser
+trades them as ProPD says, and decoding with a tree chosen every step stays identical to AR."""
+
+import random
+
+import pytest
+import torch
+
+from propd.decoding.ar import ARMethod
+from propd.decoding.draft import DraftMethod
+from propd.decoding.loop import generate_batch
+from propd.decoding.propd import PropdMethod
+from propd.decoding.tree import TreeMethod
+from propd.models.decoder import Decoder
+from propd.models.kernels import Route
+from propd.tree.dynamic import AcceptanceModel, LatencyModel, TreeChooser
+from propd.tree.tree import chain
+from tests.conftest import REAL_PROMPTS, tiny_hf_model
+from tests.test_draft import random_draft
+from tests.test_tree import random_heads
+
+STATS = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]]
+
+
+def test_acceptance_model_moves_toward_what_each_step_shows():
+    model = AcceptanceModel([row[:] for row in STATS], rate=0.5)
+    tree = chain(3)
+    model.observe(tree, 2)  # depths 1 and 2 right, depth 3 wrong
+    assert model.p[0][0] == pytest.approx(0.8) and model.p[1][0] == pytest.approx(0.75)
+    assert model.p[2][0] == pytest.approx(0.2)
+    assert model.p[0][1] == 0.2  # rank 1 was not in the chain: nothing learnt about it
+
+
+def test_latency_line_fits_and_forgets():
+    lat = LatencyModel(half_life=4, rate=1.0)
+    key = (1, 0)
+    assert lat.predict(key, 8) is None
+    lat.observe(key, 1, 0.030)
+    lat.observe(key, 9, 0.046)
+    assert lat.predict(key, 5) == pytest.approx(0.038)
+    assert lat.line(key)[1] == pytest.approx(0.002)
+    for _ in range(40):  # the machine got slower at size 9; size 1 was not measured again
+        lat.observe(key, 9, 0.060)
+    assert lat.predict(key, 9) == pytest.approx(0.060, rel=1e-3)
+
+
+def test_chooser_explores_then_picks_ar_when_trees_cost_and_big_trees_when_they_do_not():
+    for slope, want_big in ((0.05, False), (0.0001, True)):
+        chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
+        for _ in range(3):
+            choice = chooser.choose(1, 100)
+            assert choice.seconds is None  # exploring the smallest, a middle and the largest size
+            chooser.latency.observe((1, 0), choice.tree.size, 0.03 + slope * choice.tree.size)
+        size = chooser.choose(1, 100).tree.size
+        assert (size > 8) if want_big else (size == 1), (slope, size)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_propd_equals_ar_on_tiny_models_with_trees_changing_every_step(seed):
+    rng = random.Random(seed)
+    dec = Decoder.from_hf(tiny_hf_model(["llama", "mistral", "qwen2"][seed % 3], seed=seed), Route.parse("float32-torch-pad8"))
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(2, 40))] for _ in range(rng.randint(1, 4))]
+    ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
+    stats = [[rng.random() / (r + 1) for r in range(4)] for _ in range(4)]
+    drafter = DraftMethod(random_draft(dec.args, seed), chain(1)) if seed % 2 else TreeMethod(random_heads(64, 96, 4, seed), chain(1))
+    chooser = TreeChooser(AcceptanceModel(stats), sizes=(1, 3, 8, 20))
+    chooser.latency.observe((len(prompts), 0), 1, 1.0)  # make every size look free to try
+    method = PropdMethod(drafter, chooser)
+    out = generate_batch(dec, method, prompts, 40, {0})
+    assert [s.token_ids for s in out] == ar
+    assert len({n for s in out for n in s.step_tree_tokens}) > 1  # the tree did change
+
+
+def test_default_model_propd_equals_ar_batch_1_and_4(default_model):
+    want = [w.token_ids for w in default_model.generate(REAL_PROMPTS, "ar", max_new_tokens=48)]
+    for drafter, bs in (("draft", 1), ("draft", 4), ("medusa", 1)):
+        got = default_model.generate(REAL_PROMPTS, default_model.method("propd", drafter=drafter), max_new_tokens=48, batch_size=bs)
+        assert [g.token_ids for g in got] == want, (drafter, bs)
