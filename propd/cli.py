@@ -8,18 +8,65 @@ import sys
 import time
 from pathlib import Path
 
+from propd.engine import METHODS
 from propd.errors import PropdError
+
+
+def positive_int(text: str) -> int:
+    n = _int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def non_negative_int(text: str) -> int:
+    n = _int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of positive integers, e.g. ``1,4,8``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("needs one or more comma-separated integers")
+    return [positive_int(p) for p in parts]
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def check_method_args(args: argparse.Namespace) -> None:
+    """Before the model loads: the tree must parse, and options the method ignores are named once."""
+    from propd.tree.tree import check_tree_spec
+
+    ignored = []
+    if args.method == "ar":
+        ignored += [o for o, set_ in (("--tree", args.tree), ("--heads", args.heads != "default")) if set_]
+    if args.method == "propd" and args.tree:
+        ignored.append("--tree")
+    if args.method != "propd" and args.drafter != "draft":
+        ignored.append("--drafter")
+    for option in ignored:
+        print(f"propd: warning: {option} is ignored by --method {args.method}", file=sys.stderr)
+    if args.tree and "--tree" not in ignored:
+        check_tree_spec(args.tree, root_only_ok=args.method != "draft")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a HF model directory or a .gguf file")
     add_dtype_args(p)
     add_device_arg(p)
-    p.add_argument("--method", default="ar", help="decoding method: ar, bpd, medusa, draft, propd (a tree chosen every step)")
+    p.add_argument("--method", default="ar", choices=METHODS, help="decoding method; propd: a tree chosen every step")
     p.add_argument("--drafter", default="draft", choices=["draft", "medusa"], help="what fills propd's trees: the draft layer or the Medusa heads")
     p.add_argument("--heads", default="default", help="heads / draft layer: 'default' (shipped for the default model) or a directory")
     p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, chainN or a JSON file of rank paths")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
 
 
@@ -38,12 +85,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from propd.engine import Propd, TextStream
     from propd.prompts import load_prompts
 
+    check_method_args(args)
     if args.prompts:
         prompts = [p.text for p in load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)]
     elif args.prompt:
         prompts = args.prompt
     else:
         raise PropdError("give a prompt, or --prompts FILE.jsonl")
+    if any(not p.strip() for p in prompts):
+        raise PropdError("empty prompt")
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     method = model.method(args.method, args.tree, args.heads, args.drafter)
     if args.json:
@@ -66,6 +116,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for j, g in zip(chunk, results):
             if not single:
                 print(f"### {prompts[j]}\n{g.text}")
+            if single:
+                print()  # the streamed answer's own line
             s = g.to_json()
             print(f"\n[{s['new_tokens']} tokens, {s['tokens_per_s']} tok/s, {s['steps']} steps, {s['mean_accepted']} tokens/step]\n", file=sys.stderr)
 
@@ -74,6 +126,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Stream one generation with the chosen method, then time plain AR on the same prompt."""
     from propd.engine import Propd, TextStream
 
+    check_method_args(args)
+    if not args.prompt.strip():
+        raise PropdError("empty prompt")
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     method = model.method(args.method, args.tree, args.heads, args.drafter)
     print(f"### {args.prompt}  [{args.method}]")
@@ -89,6 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from propd.engine import Propd
 
+    check_method_args(args)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     method = model.method(args.method, args.tree, args.heads, args.drafter)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
@@ -113,7 +169,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from propd.prompts import builtin_prompts_path, load_prompts
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    unknown = [m for m in methods if m.partition("@")[0] not in (*METHODS, "hf")]
+    if unknown:
+        raise PropdError(f"unknown method {unknown[0]!r} in --methods; available: hf, {', '.join(METHODS)}")
+    batch_sizes = args.batch_sizes
     prompts = load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree)
@@ -153,21 +212,29 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_latency(args: argparse.Namespace) -> None:
     import json
 
-    from propd.bench.latency import plot_latency, step_latency, tree_build_time
+    from propd.bench.latency import memory_bandwidth, plot_latency, step_latency, tree_build_time, weight_bytes
     from propd.engine import Propd
+    from propd.models.kernels import cpu_name
 
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    sizes = [int(n) for n in args.sizes.split(",")]
-    rows = step_latency(model.decoder, sizes, [int(b) for b in args.batch_sizes.split(",")], args.context)
+    print(f"{cpu_name()}: products by {model.route.name} ({'exact' if model.route.exact else 'not checked exact'})")
+    rows = step_latency(model.decoder, args.sizes, args.batch_sizes, args.context)
     build_ms = tree_build_time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.json").write_text(json.dumps({"route": model.route.name, "exact": model.route.exact, "dtype": model.route.dtype_name, "context": args.context, "tree_build_ms_mc_sim_7b_63": build_ms, "steps": rows}, indent=1))
+    bandwidth = memory_bandwidth()
+    floor_ms = 1e3 * weight_bytes(model.decoder) / (bandwidth * 1e9)
+    record = {
+        "cpu": cpu_name(), "route": model.route.name, "exact": model.route.exact, "dtype": model.route.dtype_name, "context": args.context,
+        "bandwidth_gb_s": round(bandwidth, 2), "weight_read_floor_ms": round(floor_ms, 2), "tree_build_ms_mc_sim_7b_63": build_ms, "steps": rows,
+    }
+    (out / "latency.json").write_text(json.dumps(record, indent=1))
     plot_latency(rows, out / "latency.png")
-    print("| batch | tree tokens | ms/step |\n| --- | --- | --- |")
+    print("| batch | tree tokens | ms/step | x weight-read floor |\n| --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['batch_size']} | {r['tree_tokens']} | {r['ms']} |")
-    print(f"\nbuilding mc_sim_7b_63's tensors: {build_ms:.3f} ms; wrote {out / 'latency.json'}, {out / 'latency.png'}")
+        print(f"| {r['batch_size']} | {r['tree_tokens']} | {r['ms']} | {r['ms'] / floor_ms:.2f} |")
+    print(f"\nread bandwidth {bandwidth:.1f} GB/s: reading the weights once takes {floor_ms:.1f} ms (the floor of a decode step)")
+    print(f"building mc_sim_7b_63's tensors: {build_ms:.3f} ms; wrote {out / 'latency.json'}, {out / 'latency.png'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,21 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text for prompts")
     g.add_argument("prompt", nargs="*", help="prompt text(s)")
     g.add_argument("--prompts", help="JSONL file: Spec-Bench/MT-Bench 'turns' or a 'prompt' field")
-    g.add_argument("--turn", type=int, default=0, help="which turn of multi-turn questions")
-    g.add_argument("--limit", type=int, help="at most this many prompts from --prompts")
-    g.add_argument("--per-category", type=int, help="at most this many prompts of each category")
-    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--turn", type=non_negative_int, default=0, help="which turn of multi-turn questions (0: the first)")
+    g.add_argument("--limit", type=positive_int, help="at most this many prompts from --prompts")
+    g.add_argument("--per-category", type=positive_int, help="at most this many prompts of each category")
+    g.add_argument("--batch-size", type=positive_int, default=1)
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="side-by-side benchmark of decoding methods")
     b.add_argument("--prompts", help="question.jsonl (Spec-Bench / MT-Bench format); default: propd's built-in set")
-    b.add_argument("--turn", type=int, default=0)
-    b.add_argument("--limit", type=int, help="at most this many prompts")
-    b.add_argument("--per-category", type=int, help="at most this many prompts of each category (e.g. 2: 16 MT-Bench questions)")
-    b.add_argument("--methods", default="hf,ar,bpd,medusa", help="comma-separated: hf (transformers generate), ar, bpd, medusa, draft; medusa@TREE / draft@TREE picks a tree per method")
-    b.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,2,4,8")
+    b.add_argument("--turn", type=non_negative_int, default=0)
+    b.add_argument("--limit", type=positive_int, help="at most this many prompts")
+    b.add_argument("--per-category", type=positive_int, help="at most this many prompts of each category (e.g. 2: 16 MT-Bench questions)")
+    b.add_argument("--methods", default="hf,ar,bpd,medusa,propd",
+                   help="comma-separated: hf (transformers generate), ar, bpd, medusa, draft, propd; medusa@TREE / draft@TREE picks a tree per method, "
+                        "propd@medusa propd's drafter")
+    b.add_argument("--batch-sizes", type=positive_ints, default=[1], help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--out", default="bench-out", help="directory for results.json, report.md and plots")
     add_model_args(b)
     b.set_defaults(func=cmd_bench, max_new_tokens=128)
@@ -200,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--model", default="default")
     add_dtype_args(lat)
     add_device_arg(lat)
-    lat.add_argument("--sizes", default="1,2,4,8,16,32,64", help="tree tokens per row (root included)")
-    lat.add_argument("--batch-sizes", default="1")
-    lat.add_argument("--context", type=int, default=256, help="cached tokens before the tree")
+    lat.add_argument("--sizes", type=positive_ints, default=[1, 2, 4, 8, 16, 32, 64], help="tree tokens per row (root included)")
+    lat.add_argument("--batch-sizes", type=positive_ints, default=[1])
+    lat.add_argument("--context", type=positive_int, default=256, help="cached tokens before the tree")
     lat.add_argument("--out", default="bench-out")
     lat.set_defaults(func=cmd_latency)
 
@@ -211,26 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="work directory; trained heads go to OUT/heads")
     t.add_argument("--model", default="default")
     add_device_arg(t)
-    t.add_argument("--num-prompts", type=int, default=1000, help="prompts drawn (seeded shuffle) from --prompts")
-    t.add_argument("--self-prompts", type=int, default=0,
+    t.add_argument("--num-prompts", type=non_negative_int, default=1000, help="prompts drawn (seeded shuffle) from --prompts")
+    t.add_argument("--self-prompts", type=non_negative_int, default=0,
                    help="also distil answers to this many prompts the model writes itself from its chat template (Magpie)")
     t.add_argument("--self-prompt-opening", action="append", metavar="TEXT",
                    help="start self-prompts with TEXT, in turn with the other openings given (repeatable; '' leaves the model free; "
                         "default: 30 openings that cover MT-Bench's categories)")
-    t.add_argument("--max-new-tokens", type=int, default=192, help="answer (and self-prompt) length for self-distillation")
-    t.add_argument("--batch-size", type=int, default=8, help="batch size for self-distillation and for caching hidden states")
-    t.add_argument("--num-heads", type=int, default=4)
-    t.add_argument("--num-layers", type=int, default=1, help="residual blocks per head")
+    t.add_argument("--max-new-tokens", type=positive_int, default=192, help="answer (and self-prompt) length for self-distillation")
+    t.add_argument("--batch-size", type=positive_int, default=8, help="batch size for self-distillation and for caching hidden states")
+    t.add_argument("--num-heads", type=positive_int, default=4)
+    t.add_argument("--num-layers", type=positive_int, default=1, help="residual blocks per head")
     t.add_argument("--early-layers", default="4,8,12", help="candidate layers for the early-pruning head")
     t.add_argument("--epochs", type=float, default=2.0)
     t.add_argument("--early-epochs", type=float, default=1.0)
     t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--candidate-vocab", type=int, default=8192, help="heads guess among the N most emitted tokens (0: all)")
+    t.add_argument("--candidate-vocab", type=non_negative_int, default=8192, help="heads guess among the N most emitted tokens (0: all)")
     t.add_argument("--root-conditioned", action=argparse.BooleanOptionalAction, default=True,
                    help="heads also read the embedding of the token the hidden state produced (default: yes)")
     t.add_argument("--draft-epochs", type=float, default=3.0, help="epochs for the EAGLE-style draft layer (0: no draft)")
-    t.add_argument("--draft-depth", type=int, default=3, help="tree depths the draft is unrolled over in training")
-    t.add_argument("--draft-batch-size", type=int, default=8, help="answers per draft training step")
+    t.add_argument("--draft-depth", type=positive_int, default=3, help="tree depths the draft is unrolled over in training")
+    t.add_argument("--draft-batch-size", type=positive_int, default=8, help="answers per draft training step")
     t.add_argument("--draft-lr", type=float, default=1e-3)
     t.set_defaults(func=cmd_train)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ class Propd:
         self.tokenizer = tokenizer
         self.name = name
         self.route, self.route_measurements = pick_route(ModelArgs.from_hf_config(hf_model.config), dtype, route, self.device)
+        if self.route.tile and not self.route.exact:
+            print(f"propd: warning: no exact product route here; {self.route.name} is used, and parallel methods are checked "
+                  "token by token only (logits may differ from AR's in the last bits)", file=sys.stderr)
         self.dtype = self.route.dtype
         self.decoder = Decoder.from_hf(hf_model, self.route).to(self.device)
         eos = {tokenizer.eos_token_id, *(_as_list(getattr(hf_model.generation_config, "eos_token_id", None)))}
@@ -171,7 +175,10 @@ class Propd:
                 return PropdMethod(inner, TreeChooser(AcceptanceModel(stats)))
             if name == "draft":
                 d = self.load_draft(heads)
-                return DraftMethod(d, load_tree(tree or "mc_sim_7b_63", d.meta.get("rank_probabilities")))
+                t = load_tree(tree or "mc_sim_7b_63", d.meta.get("rank_probabilities"))
+                if t.size < 2:
+                    raise PropdError(f"tree {tree!r} holds only the root: the draft needs nodes to fill (use --method ar for plain decoding)")
+                return DraftMethod(d, t)
             if name in ("medusa", "bpd"):
                 h = self.load_heads(heads)
                 spec = tree or ("mc_sim_7b_63" if name == "medusa" else f"chain{h.num_heads}")

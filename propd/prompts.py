@@ -26,6 +26,11 @@ def load_prompts(path: str | Path | None = None, turn: int = 0, limit: int | Non
     """Read prompts; ``turn`` picks which user turn of multi-turn questions to use. ``per_category``
     keeps the first N of each category (MT-Bench lists its 8 categories one after another, so
     ``limit`` alone samples only the first ones); ``limit`` then caps the total."""
+    if turn < 0:
+        raise PropdError(f"turn must be 0 or more, got {turn}")
+    for name, value in (("limit", limit), ("per_category", per_category)):
+        if value is not None and value < 1:
+            raise PropdError(f"{name} must be at least 1, got {value}")
     path = Path(path) if path else builtin_prompts_path()
     if not path.is_file():
         raise PropdError(f"prompts file not found: {path}")
@@ -49,7 +54,9 @@ def load_prompts(path: str | Path | None = None, turn: int = 0, limit: int | Non
                 text = row["prompt"]
             else:
                 raise PropdError(f"{path}:{n}: needs a 'turns' list or a 'prompt' field")
-            if not isinstance(text, str) or not text.strip():
+            if not isinstance(text, str):
+                raise PropdError(f"{path}:{n}: the prompt must be a string, got {type(text).__name__}")
+            if not text.strip():
                 raise PropdError(f"{path}:{n}: empty prompt")
             pid = str(row.get("question_id", row.get("id", n)))
             category = str(row.get("category", "general"))

@@ -14,6 +14,15 @@ REAL_PROMPTS = [
 ]
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that load the real default model (a fixture, or the CLI in a subprocess) are ``slow``:
+    ``pytest -m "not slow"`` runs the rest in a fraction of the time; ``make test`` runs all."""
+    for item in items:
+        code = getattr(getattr(item, "function", None), "__code__", None)
+        if {"default_model", "reference_model"} & set(item.fixturenames) or (code is not None and "run_cli" in code.co_names):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_hf_model(family: str = "llama", seed: int = 0, vocab: int = 96, layers: int = 3):
     """A randomly initialised transformers model small enough to run in milliseconds."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -22,7 +31,8 @@ def tiny_hf_model(family: str = "llama", seed: int = 0, vocab: int = 96, layers:
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
     )
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_cls, model_cls = classes[family]
     torch.manual_seed(seed)
     config = config_cls(**common)
     model = model_cls(config).eval()

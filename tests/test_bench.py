@@ -11,7 +11,10 @@ from propd.prompts import load_prompts
 from tests.conftest import tiny_hf_model
 from tests.test_tree import random_heads
 
-RUN_KEYS = {"method", "batch_size", "tokens_per_s", "mean_accepted", "speedup_vs_ar", "speedup_vs_hf", "lossless", "prompts", "new_tokens", "tree_tokens_per_step", "late_tokens_per_step"}
+RUN_KEYS = {
+    "method", "batch_size", "tokens_per_s", "mean_accepted", "speedup_vs_ar", "speedup_vs_hf", "lossless", "prompts", "new_tokens",
+    "tree_tokens_per_step", "late_tokens_per_step",
+}
 
 
 @pytest.fixture(scope="module")

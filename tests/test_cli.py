@@ -30,7 +30,6 @@ def test_generate_json_fields():
         (["generate", "   "], "empty prompt"),
         (["generate", "--model", "/no/such/model", "hi"], "does not exist"),
         (["generate", "--prompts", "/no/such.jsonl"], "not found"),
-        (["generate", "--method", "nope", "hi"], "unknown method"),
         (["generate", "--device", "gpu0", "hi"], "unknown device"),
     ],
 )
@@ -67,14 +66,22 @@ def test_over_long_prompt_is_refused(default_model):
 
 def test_shipped_heads_decode_identically_to_ar_from_the_cli():
     outputs = {}
-    for method in ("ar", "bpd", "medusa"):
+    for method in ("ar", "bpd", "medusa", "propd"):
         r = run_cli("generate", "--json", "--method", method, "--tree", "top8" if method == "medusa" else "chain4",
                     "--max-new-tokens", "24", "--batch-size", "2", "Name three fruits.", "What is 2+2?")
         assert r.returncode == 0, r.stderr
         outputs[method] = [json.loads(line) for line in r.stdout.splitlines()]
-    for method in ("bpd", "medusa"):
+    for method in ("bpd", "medusa", "propd"):
         assert [o["token_ids"] for o in outputs[method]] == [o["token_ids"] for o in outputs["ar"]]
         assert all(o["mean_accepted"] >= 1.0 for o in outputs[method])
+
+
+def test_streamed_answers_end_their_lines():
+    r = run_cli("generate", "--max-new-tokens", "6", "Say hello.", "Count to three.")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "### Say hello." and [line for line in lines if line.startswith("### ")] == ["### Say hello.", "### Count to three."]
+    assert lines[lines.index("### Count to three.") - 1] != ""  # the first answer ended its own line, no blank line needed
 
 
 def test_demo_latency_and_chat_commands(tmp_path):
@@ -83,8 +90,10 @@ def test_demo_latency_and_chat_commands(tmp_path):
     assert "speed-up over ar" in demo.stdout and "identical output: yes" in demo.stdout
     lat = run_cli("latency", "--sizes", "1,2", "--out", str(tmp_path))
     assert lat.returncode == 0, lat.stderr
-    rows = json.loads((tmp_path / "latency.json").read_text())["steps"]
+    record = json.loads((tmp_path / "latency.json").read_text())
+    rows = record["steps"]
     assert [r["tree_tokens"] for r in rows] == [1, 2] and all(r["ms"] > 0 for r in rows)
+    assert record["route"] in lat.stdout and record["weight_read_floor_ms"] > 0 and "floor" in lat.stdout
     assert (tmp_path / "latency.png").stat().st_size > 0
     chat = subprocess.run([sys.executable, "-m", "propd.cli", "chat", "--max-new-tokens", "8"], input="Hello!\n\n", capture_output=True, text=True, timeout=600)
     assert chat.returncode == 0, chat.stderr

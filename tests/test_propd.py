@@ -4,7 +4,6 @@ trades them as ProPD says, and decoding with a tree chosen every step stays iden
 import random
 
 import pytest
-import torch
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod

@@ -45,6 +45,23 @@ def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], con
     return rows
 
 
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: the median time of summing a buffer far larger than the caches."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - t)
+    return buffer.numel() * 4 / statistics.median(times[1:]) / 1e9
+
+
+def weight_bytes(decoder: Decoder) -> int:
+    """Bytes of weights one decode step must read: every product's weights and the lm_head."""
+    products = [lin.weight for layer in decoder.products for lin in layer] + [decoder.lm_head_weight]
+    return sum(w.numel() * decoder.dtype.itemsize for w in products)
+
+
 def tree_build_time(name: str = "mc_sim_7b_63", repeats: int = 50) -> float:
     """Median milliseconds to build a tree's tensors (parents, depths, ancestor mask) from its paths."""
     paths = medusa_paths(name)

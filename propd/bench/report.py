@@ -73,7 +73,8 @@ def _per_category(run: MethodRun, ref: MethodRun) -> list[dict]:
 
     mine, ref_cats = grouped(run), grouped(ref)
     return [
-        {"method": run.method, "batch_size": run.batch_size, "category": cat, "new_tokens": s["new_tokens"], "seconds": s["seconds"], "tokens_per_s": s["tokens_per_s"],
+        {"method": run.method, "batch_size": run.batch_size, "category": cat, "new_tokens": s["new_tokens"], "seconds": s["seconds"],
+         "tokens_per_s": s["tokens_per_s"],
          "mean_accepted": s["mean_accepted"], "speedup_vs_ar": round(s["tokens_per_s"] / ref_cats[cat]["tokens_per_s"], 3)}
         for cat, s in sorted(mine.items())
     ]
@@ -112,7 +113,9 @@ def markdown(results: dict) -> str:
         )
     lines += ["", "## Per category", "", "| method | batch | category | tokens/s | speed-up vs ar | mean accepted |", "| --- | --- | --- | --- | --- | --- |"]
     for r in results["per_category"]:
-        lines.append(f"| {r['method']} | {r['batch_size']} | {r['category']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | {_fmt(r['mean_accepted'])} |")
+        lines.append(
+            f"| {r['method']} | {r['batch_size']} | {r['category']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | {_fmt(r['mean_accepted'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -61,7 +61,9 @@ def hf_generate(model: Propd, prompts: list[str], max_new_tokens: int) -> list[G
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
     t = time.perf_counter()
     with torch.inference_mode():
-        out = model.hf_model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=sorted(model.eos_ids))
+        out = model.hf_model.generate(
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=sorted(model.eos_ids)
+        )
     seconds = time.perf_counter() - t
     results = []
     for p, row in zip(prompts, out[:, width:].tolist()):
@@ -133,7 +135,10 @@ def first_mismatch(model: Propd, prompt: Prompt, reference: list[int], got: list
         if len(reference) == len(got):
             return None
         n = min(len(reference), len(got))
-        return {"prompt_id": prompt.id, "position": n, "ar_token": reference[n] if n < len(reference) else None, "method_token": got[n] if n < len(got) else None, "logit_gap": None}
+        return {
+            "prompt_id": prompt.id, "position": n, "ar_token": reference[n] if n < len(reference) else None,
+            "method_token": got[n] if n < len(got) else None, "logit_gap": None,
+        }
     ids = torch.tensor([model.encode(prompt.text) + reference[:n]])
     with torch.inference_mode():
         logits = model.hf_model(ids).logits[0, -1]

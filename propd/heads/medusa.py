@@ -4,7 +4,8 @@ Each head is a stack of residual blocks ``x + SiLU(W x + b)`` and a vocabulary p
 (Medusa-1 checkpoints) or the base model's frozen ``lm_head`` (``shared_lm_head``, a checkpoint of a
 few MB). Shared-projection heads may guess only among a *candidate vocabulary* (the tokens the model
 actually emits most): on a CPU the full 49k-row projection per head costs more than the guess is
-worth, and since heads only propose, restricting them never changes the output. Checkpoints load from Medusa's own layout (``config.json`` + ``medusa_lm_head.pt`` or
+worth, and since heads only propose, restricting them never changes the output. Checkpoints load from
+Medusa's own layout (``config.json`` + ``medusa_lm_head.pt`` or
 ``.safetensors``, keys ``{head}.{block}.linear.weight`` and ``{head}.{blocks}.weight``) and from
 ours (``heads.safetensors`` + ``heads.json`` recording the base model and the acceptance statistics).
 

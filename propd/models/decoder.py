@@ -93,7 +93,7 @@ class Decoder:
         self.layers = layers
         self.norm = norm
         self.lm_head_weight = lm_head  # [vocab, dim]
-        self.products = [tuple(Linear(w, self.route) for w in (l.wqkv, l.wo, l.w_gate_up, l.w_down)) for l in layers]
+        self.products = [tuple(Linear(w, self.route) for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)) for layer in layers]
         inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
         angles = torch.outer(torch.arange(args.max_position, dtype=torch.float32), inv_freq)
         self.rope = torch.polar(torch.ones_like(angles), angles).to(embed.device)  # [max_position, head_dim / 2] complex64
@@ -116,7 +116,7 @@ class Decoder:
         device = torch.device(device)
         if self.device == device and route in (None, self.route):
             return self
-        layers = [Layer(*(None if t is None else t.to(device) for t in vars(l).values())) for l in self.layers]
+        layers = [Layer(*(None if t is None else t.to(device) for t in vars(layer).values())) for layer in self.layers]
         return Decoder(self.args, self.embed_tokens.to(device), layers, self.norm.to(device), self.lm_head_weight.to(device), route or self.route)
 
     @classmethod

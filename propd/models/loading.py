@@ -10,6 +10,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
+import struct
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,17 +46,50 @@ def packaged_gguf() -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    """De-quantise a GGUF file once into an HF directory (config, tokenizer, safetensors)."""
+    """De-quantise a GGUF file once into an HF directory (config, tokenizer, safetensors), written
+    in a directory of its own and renamed into place: a crash leaves no half-written cache, and of
+    two first runs at once, the second to finish keeps the first's copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise PropdError(f"cannot write the model cache in {out.parent} ({e}); set PROPD_CACHE to a writable directory") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    except OSError as e:
+        if not (out / "config.json").exists():
+            raise PropdError(f"cannot write the model cache {out} ({e}); set PROPD_CACHE to a writable directory") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def damage(model_dir: Path) -> str | None:
+    """What is wrong with a converted model directory, or None: every safetensors file must hold
+    all the bytes its header promises, and the JSON files must parse."""
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with path.open("rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(size))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
+            return f"{path.name} is unreadable ({e})"
+        if path.stat().st_size < 8 + size + end:
+            return f"{path.name} is truncated ({path.stat().st_size} of {8 + size + end} bytes)"
+    for path in sorted(model_dir.glob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return f"{path.name} is unreadable ({e})"
+    return None
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
@@ -64,8 +101,13 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
         raise PropdError(f"model path does not exist: {path}")
     if path.is_file() and path.suffix == ".gguf":
         out = cache_dir() / f"{path.stem}-{path.stat().st_size}"
-        if not (out / "config.json").exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists() and (problem := damage(out) or (None if (out / "config.json").exists() else "config.json is missing")):
+            print(f"propd: warning: the cached conversion {out} is damaged ({problem}); converting again", file=sys.stderr)
+            try:
+                shutil.rmtree(out)
+            except OSError as e:
+                raise PropdError(f"cannot remove the damaged cache {out} ({e}): delete it by hand") from e
+        if not out.exists():
             _convert_gguf(path, out)
         return out
     if not (path / "config.json").exists():
@@ -92,6 +134,8 @@ def load_hf(model: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch
 
     model_dir = resolve_model_dir(model)
     check_architecture(model_dir)
+    if problem := damage(model_dir):
+        raise PropdError(f"cannot load model from {model_dir}: {problem}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

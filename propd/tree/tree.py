@@ -136,8 +136,30 @@ def load_tree(spec: str, rank_probabilities: list[list[float]] | None = None) ->
         return chain(int(spec[5:]))
     path = Path(spec)
     if path.is_file():
-        try:
-            return TokenTree.from_paths(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise PropdError(f"{path}: expected a JSON list of rank paths ({e})") from e
+        return TokenTree.from_paths(read_paths(path))
     raise PropdError(f"unknown tree {spec!r}: use one of {', '.join(tree_names())}, topN, bestN, chainN or a JSON file")
+
+
+def read_paths(path: Path) -> list[list[int]]:
+    """A JSON file's list of rank paths, each a list of non-negative integers."""
+    try:
+        paths = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PropdError(f"{path}: cannot read a JSON tree ({e})") from e
+    if not isinstance(paths, list):
+        raise PropdError(f"{path}: expected a JSON list of rank paths such as [[0], [1], [0, 0]], got {type(paths).__name__}")
+    for p in paths:
+        if not isinstance(p, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in p):
+            raise PropdError(f"{path}: every rank path must be a list of integers, got {json.dumps(p)}")
+    return paths
+
+
+def check_tree_spec(spec: str, root_only_ok: bool = True) -> None:
+    """Fail before any work when ``spec`` names no tree (bestN is checked for its size only: its
+    statistics come with the heads). ``root_only_ok`` False: the tree must hold a node past the root."""
+    if spec.startswith("best") and spec[4:].isdigit():
+        size = int(spec[4:])
+    else:
+        size = load_tree(spec).size
+    if size < 1 or (size == 1 and not root_only_ok):
+        raise PropdError(f"tree {spec!r} holds {'no' if size < 1 else 'only the root and no'} nodes to verify: use a larger one")
