@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from propd.models.kernels import serial
+
 BLOCK = 32
 
 
@@ -79,9 +81,10 @@ def path_plan(base: torch.Tensor, path_slots: torch.Tensor, n_kv_heads: int, max
     return Plan(span, shared[:, None, :, None], slots[:, None, :, None], valid[:, None, :, None], rows, block)
 
 
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan) -> torch.Tensor:
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, exact: bool = True) -> torch.Tensor:
     """q [B, T, H, hd] (fp32) over one layer's cache entries keys/values [B, KV, S, hd + 1] (the
-    last feature of every entry is 1) -> [B, T, H * hd]. Query heads sharing a K/V head are its rows."""
+    last feature of every entry is 1) -> [B, T, H * hd]. Query heads sharing a K/V head are its rows.
+    ``exact``: exponentials on one thread (``serial``)."""
     B, T, H, hd = q.shape
     KV, S = keys.shape[1], keys.shape[2]
     g = H // KV
@@ -95,10 +98,12 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: P
         recent = scores.gather(-1, plan.recent_slots.expand(B, KV, T, g, R)).masked_fill(~plan.recent_valid, float("-inf"))
         top = recent.amax(-1, keepdim=True) if top is None else torch.maximum(top, recent.amax(-1, keepdim=True))
     # Per block of positions: weighted values | summed weights, [B, KV, blocks, T, g, hd + 1].
-    weights = torch.exp(inplace - top).view(B, KV, T * g, width // BLOCK, BLOCK).transpose(2, 3)
+    with serial(exact):
+        weights = torch.exp(inplace - top).view(B, KV, T * g, width // BLOCK, BLOCK).transpose(2, 3)
     sums = (weights @ values[:, :, :width].unflatten(2, (-1, BLOCK))).view(B, KV, width // BLOCK, T, g, hd + 1)
     if plan.recent_slots is not None:
-        weights = torch.exp(recent - top).unflatten(-1, (-1, BLOCK)).transpose(3, 4)  # [B, KV, T, blocks, g, BLOCK]
+        with serial(exact):
+            weights = torch.exp(recent - top).unflatten(-1, (-1, BLOCK)).transpose(3, 4)  # [B, KV, T, blocks, g, BLOCK]
         gathered = values.reshape(B * KV * S, hd + 1).index_select(0, plan.recent_rows).view(B, KV, T, R // BLOCK, BLOCK, hd + 1)
         recent_sums = (weights @ gathered).transpose(2, 3)  # [B, KV, blocks, T, g, hd + 1]
         sums.scatter_add_(2, plan.recent_block.expand_as(recent_sums), recent_sums)  # into the query's empty blocks after its in-place ones

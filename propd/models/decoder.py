@@ -15,7 +15,6 @@ multiply over q and k together (scores are unchanged because q and k share the o
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from propd.models.attention import attention
-from propd.models.kernels import Linear, Route, autograd_route, torch_threads
+from propd.models.kernels import Linear, Route, autograd_route, serial
 from propd.models.kv_cache import KVCache, Layout
 
 
@@ -188,9 +187,8 @@ class Decoder:
         K/V into ``cache`` (committed later by ``cache.keep`` / ``advance``)."""
         end = self.args.n_layers if end is None else end
         rope = self.rope[layout.positions].unsqueeze(2)  # [B, T, 1, hd / 2]
-        with torch_threads(1) if self.route.tile else nullcontext():  # products take every thread (``Linear``)
-            for i in range(start, end):
-                x = self._layer(i, x, rope, layout, cache)
+        for i in range(start, end):
+            x = self._layer(i, x, rope, layout, cache)
         return x
 
     def extend(self, tokens: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
@@ -206,12 +204,16 @@ class Decoder:
             h = h + layer.bqkv
         heads = h.view(B, T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)  # q heads | k heads | v heads
         q, k, v = heads.split([a.n_heads, a.n_kv_heads, a.n_kv_heads], dim=2)
-        q, k = _rotate(q, rope), _rotate(k, rope)
+        exact = self.route.tile > 0
+        with serial(exact):
+            q, k = _rotate(q, rope), _rotate(k, rope)
         keys, values = cache.update(i, layout.slots, torch.stack([k, v], dim=2))
-        x = x + wo(attention(q, keys, values, layout.plan))
+        x = x + wo(attention(q, keys, values, layout.plan, exact))
         gu = gate_up(F.rms_norm(x, (a.dim,), layer.mlp_norm, a.norm_eps))
         inter = a.intermediate_size
-        return x + down(F.silu(gu[..., :inter]) * gu[..., inter:])
+        with serial(exact):
+            act = F.silu(gu[..., :inter])
+        return x + down(act * gu[..., inter:])
 
 
 def _rotate(heads: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import os
 import platform
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -61,17 +61,22 @@ class Route:
 
 @contextmanager
 def torch_threads(n: int):
-    """Run torch's ops on ``n`` threads for a while.
-
-    Exact routes run the products on every thread and all other ops on one: an elementwise op
-    split across threads cuts rows at a point that depends on the tensor's size, and the rows' ends
-    then go through a scalar loop whose exp and silu round differently from the vector loop's."""
+    """Run torch's ops on ``n`` threads for a while."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def serial(enabled: bool = True):
+    """A scope for the ops whose vector and scalar loops round differently (exp, silu, complex
+    products). Split across threads, such an op cuts the tensor where its size says, and the rows
+    cut there end in the scalar loop: a token's result would depend on how many share its step.
+    On one thread every row runs the same loops. Adds, products and copies round the same in
+    both loops and keep every thread."""
+    return torch_threads(1) if enabled else nullcontext()
 
 
 def autograd_route(dtype: torch.dtype = torch.float32) -> Route:
@@ -87,17 +92,12 @@ class Linear:
         self.weight = weight if route.tile == 0 else weight.detach().to(route.dtype).contiguous()
         self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, route.tile) if route.kernel == "onednn" else None
-        self.threads = torch.get_num_threads()  # the products' threads, whatever the caller runs on
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
         x = x.to(route.dtype)
         if route.tile == 0:
             return F.linear(x, self.weight)
-        with torch_threads(self.threads):
-            return self._tiled(x)
-
-    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
         rows = x.reshape(-1, self.in_features)
         M = rows.shape[0]
