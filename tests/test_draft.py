@@ -91,3 +91,37 @@ def test_shipped_draft_equals_ar_on_the_default_model(default_model):
         got = default_model.generate(REAL_PROMPTS, default_model.method("draft", tree), max_new_tokens=48, batch_size=bs)
         assert [g.token_ids for g in got] == want, (tree, bs)
         assert sum(len(g.token_ids) for g in got) / sum(g.stats.steps for g in got) > 1.5
+
+
+def test_root_only_steps_queue_the_drafts_reading_and_stay_lossless():
+    """ProPD may pick plain AR for a while: the draft skips those steps and reads their entries
+    later, in order, as if it had read them one by one."""
+    rng = random.Random(7)
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=7))
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(2, 20))] for _ in range(3)]
+    ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 30, {0})]
+    draft = random_draft(dec.args, 7)
+    trees = [chain(1), random_tree(rng, nodes=6, depth=3, width=2), chain(1), chain(1), chain(3)]
+
+    class Alternating(DraftMethod):
+        steps = 0
+
+        def step(self, decoder, cache, roots):
+            self.steps += 1
+            return self.step_tree(decoder, cache, roots, trees[self.steps % len(trees)])[0]
+
+    method = Alternating(draft, chain(3))
+    assert [s.token_ids for s in generate_batch(dec, method, prompts, 30, {0})] == ar
+    features, next_tokens, counts = method.pending
+    assert features.shape[:2] == next_tokens.shape and int(counts.max()) <= next_tokens.shape[1]
+
+
+def test_queue_puts_each_rows_entries_after_its_own():
+    from propd.decoding.draft import _queue
+
+    first = (torch.tensor([[[1.0], [2.0]], [[5.0], [0.0]]]), torch.tensor([[11, 12], [15, 0]]), torch.tensor([2, 1]))
+    then = (torch.tensor([[[3.0]], [[6.0]]]), torch.tensor([[13], [16]]), torch.tensor([1, 1]))
+    features, tokens, counts = _queue(first, then)
+    assert counts.tolist() == [3, 2]
+    assert tokens[0].tolist() == [11, 12, 13] and tokens[1, :2].tolist() == [15, 16]
+    assert features[0, :, 0].tolist() == [1.0, 2.0, 3.0] and features[1, :2, 0].tolist() == [5.0, 6.0]

@@ -90,13 +90,16 @@ class DraftMethod:
         return self.step_tree(decoder, cache, roots, self.tree)[0]
 
     def step_tree(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, tree: TokenTree) -> tuple[StepResult, torch.Tensor]:
-        """One step over ``tree``: its result and each row's last accepted node [B]."""
-        tokens = self.propose(decoder, roots, cache.max_len, tree)
+        """One step over ``tree``: its result and each row's last accepted node [B]. A tree of the
+        root alone is a plain AR step: the draft does not run, and reads the step's entry later."""
+        root_only = tree.size == 1
+        tokens = roots.unsqueeze(1) if root_only else self.propose(decoder, roots, cache.max_len, tree)
         v = verify(decoder, cache, tree, tokens)
         path_tokens = tokens.gather(1, v.offsets)  # root first
         next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
         next_tokens[torch.arange(len(roots)), v.counts - 1] = v.roots
-        self.pending = (v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)
+        entries = (v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)
+        self.pending = _queue(self.pending, entries) if root_only else entries
         return v.result(tokens), v.last_nodes()
 
     def select_rows(self, rows: torch.Tensor) -> None:
@@ -104,3 +107,16 @@ class DraftMethod:
         self.pending = (features[rows], next_tokens[rows], counts[rows])
         if self.cache is not None:  # None when a row ended at its first token, before any step
             self.cache.select_rows(rows)
+
+
+def _queue(first: tuple[torch.Tensor, ...], then: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Entries for the draft to read, (features [B, M, dim], next tokens [B, M], counts [B]) each,
+    one queue after the other per row (rows hold different counts, padded on the right)."""
+    (f1, t1, c1), (f2, t2, c2) = first, then
+    j = torch.arange(f1.shape[1] + f2.shape[1])
+    old = j < c1.unsqueeze(1)  # [B, M1 + M2]: from the first queue
+    i1 = j.clamp(max=f1.shape[1] - 1).expand_as(old)
+    i2 = (j - c1.unsqueeze(1)).clamp(0, f2.shape[1] - 1)
+    dim = f1.shape[-1]
+    features = torch.where(old.unsqueeze(-1), f1.gather(1, i1.unsqueeze(-1).expand(-1, -1, dim)), f2.gather(1, i2.unsqueeze(-1).expand(-1, -1, dim)))
+    return features, torch.where(old, t1.gather(1, i1), t2.gather(1, i2)), c1 + c2

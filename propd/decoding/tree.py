@@ -86,7 +86,12 @@ class Verified:
 
 def verify(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor) -> Verified:
     """Steps 3-5: run the tree's tokens [B, N] through the model after the cache, accept each row's
-    longest greedy path and keep only its K/V."""
+    longest greedy path and keep only its K/V. The root alone is an AR step, and costs what one does."""
+    if tree.size == 1:
+        normed = decoder.final_norm(decoder.extend(tokens, cache.chain(1), cache))  # [B, 1, dim]
+        cache.advance(torch.ones(len(tokens), dtype=torch.long, device=cache.device))
+        ones = torch.ones(len(tokens), dtype=torch.long)
+        return Verified(normed, torch.zeros(len(tokens), 1, dtype=torch.long), ones, decoder.greedy_tokens(normed[:, 0]))
     normed = decoder.final_norm(decoder.extend(tokens, cache.tree(tree.ancestors), cache))  # [B, N, dim]
     last, roots = greedy_walk(tokens, tree, lambda rows, nodes: decoder.greedy_tokens(normed[rows, nodes]))
     offsets, counts = accepted_offsets(tree, last)

@@ -8,10 +8,11 @@ Two online models (ProPD, arXiv 2402.13485, section 4.2):
   n - 1 most probable nodes (``best_tree``).
 - ``LatencyModel``: step seconds as a line in the tree's size, fitted by weighted least squares over
   a moving average per size, weights decaying with the measurement's age; one line per batch size
-  and context bucket, since both change what a tree token costs.
+  and context bucket, since both change what a tree token costs. A plain AR step (the root alone)
+  runs no drafter and keeps its own average.
 
 ``TreeChooser`` puts them together: argmax over candidate sizes of E[accepted(n)] / T(n), size 1
-(plain AR) included. The first steps explore a few sizes, so that the line has a span.
+(plain AR) included. The first steps explore AR and two tree sizes, so that the line has a span.
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ class LatencyModel:
         return sorted(self.buckets.get(key, {}))
 
     def line(self, key: tuple[int, int]) -> tuple[float, float] | None:
-        """(intercept, slope) in seconds and seconds per token, or None before two sizes are measured."""
-        sizes = self.buckets.get(key, {})
+        """(intercept, slope) in seconds and seconds per token over the trees (sizes > 1), or None
+        before two are measured. A step of the root alone runs no drafter: it is no point of the line."""
+        sizes = {n: s for n, s in self.buckets.get(key, {}).items() if n > 1}
         if len(sizes) < 2:
             return None
         w = {n: self._decayed(s) for n, s in sizes.items()}
@@ -101,6 +103,8 @@ class LatencyModel:
         return mean_t - slope * mean_n, slope
 
     def predict(self, key: tuple[int, int], size: int) -> float | None:
+        if size == 1 and 1 in self.buckets.get(key, {}):
+            return self.buckets[key][1].seconds
         fit = self.line(key)
         return None if fit is None else max(1e-6, fit[0] + fit[1] * size)
 
@@ -119,7 +123,8 @@ class TreeChooser:
         self.acceptance = acceptance
         self.latency = latency or LatencyModel()
         self.sizes = tuple(sorted(sizes))
-        self.explore = sorted({self.sizes[0], self.sizes[len(sizes) // 2], self.sizes[-1]})  # tried first, so that the line has a span
+        # tried first, so that the line has a span: plain AR and two trees short of the largest (which can cost ten AR steps)
+        self.explore = sorted({self.sizes[0], self.sizes[len(sizes) // 3], self.sizes[2 * len(sizes) // 3]})
         self._version = -1_000_000  # the acceptance model's version the trees below were built at
         self._paths: list[tuple[float, tuple[int, ...]]] = []
         self._trees: dict[int, tuple[TokenTree, float]] = {}
