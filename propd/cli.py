@@ -131,6 +131,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise PropdError("empty prompt")
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     method = model.method(args.method, args.tree, args.heads, args.drafter)
+    for warm_up in (method, "ar"):  # first-call allocations, and propd's first measurements of its step costs
+        model.generate(["Say hello."], warm_up, 16)
     print(f"### {args.prompt}  [{args.method}]")
     stream = TextStream(model.tokenizer)
     fast = model.generate([args.prompt], method, args.max_new_tokens, 1, not args.raw, lambda _, t: print(stream.push(t), end="", flush=True))[0]
