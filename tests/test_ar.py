@@ -60,25 +60,11 @@ def test_sampling_is_seeded_and_tends_to_greedy_as_temperature_falls():
 
 def test_steps_count_only_the_tokens_they_emitted():
     """The token limit cuts a step's accepted tokens: the per-step counts add up to the output."""
-    from propd.decoding.tree import TreeMethod
-    from propd.tree.tree import chain
-    from tests.test_tree import random_heads
+    from tests.test_tree import OracleTree
 
     dec = Decoder.from_hf(tiny_hf_model("llama", seed=3))
     prompt = [5, 17, 33]
     full = prompt + generate_batch(dec, ARMethod(), [prompt], 40, set())[0].token_ids
-
-    class Oracle(TreeMethod):  # heads that know the greedy continuation: 5 tokens a step
-        cache = None
-
-        def step(self, decoder, cache, roots):
-            self.cache = cache
-            return super().step(decoder, cache, roots)
-
-        def propose(self, decoder, normed, roots):
-            position = len(prompt) if self.cache is None else int(self.cache.lengths[0])
-            return torch.tensor([full[min(position + i, len(full) - 1)] for i in range(1, 5)]).view(1, 4, 1)
-
-    for limit in (1, 6, 13):
-        s = generate_batch(dec, Oracle(random_heads(64, 96, 4, 0), chain(4)), [prompt], limit, set())[0]
+    for limit in (1, 6, 13):  # the oracle's chain of 4 gives 5 tokens a step
+        s = generate_batch(dec, OracleTree(full, len(prompt), 4), [prompt], limit, set())[0]
         assert 1 + sum(s.step_accepted) == len(s.token_ids) == limit

@@ -33,26 +33,27 @@ def test_acceptance_model_moves_toward_what_each_step_shows():
 def test_latency_line_fits_and_forgets():
     lat = LatencyModel(half_life=4, rate=1.0)
     key = (1, 0)
-    assert lat.predict(key, 8) is None
+    assert lat.predict(key, [8]) is None
     lat.observe(key, 1, 0.020)  # plain AR: no drafter, not on the trees' line
     lat.observe(key, 2, 0.030)
     lat.observe(key, 10, 0.046)
-    assert lat.predict(key, 6) == pytest.approx(0.038)
+    assert lat.predict(key, [6, 1]) == pytest.approx([0.038, 0.020])
     assert lat.line(key)[1] == pytest.approx(0.002)
-    assert lat.predict(key, 1) == pytest.approx(0.020)
     for _ in range(40):  # the machine got slower at size 10; size 2 was not measured again
         lat.observe(key, 10, 0.060)
-    assert lat.predict(key, 10) == pytest.approx(0.060, rel=1e-3)
+    assert lat.predict(key, [10]) == pytest.approx([0.060], rel=1e-3)
 
 
 def test_chooser_explores_then_picks_ar_when_trees_cost_and_big_trees_when_they_do_not():
     for slope, want_big in ((0.05, False), (0.0001, True)):
         chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
-        for _ in range(3):
-            choice = chooser.choose(1, 100)
-            assert choice.seconds is None  # exploring AR and two tree sizes
-            chooser.latency.observe((1, 0), choice.tree.size, 0.03 + slope * choice.tree.size + 0.01 * (choice.tree.size > 1))
-        size = chooser.choose(1, 100).tree.size
+        explored = []
+        for _ in range(3):  # AR and two tree sizes first
+            size = chooser.choose(1, 100).size
+            explored.append(size)
+            chooser.latency.observe((1, 0), size, 0.03 + slope * size + 0.01 * (size > 1))
+        assert explored[0] == 1 and len(set(explored)) == 3
+        size = chooser.choose(1, 100).size
         assert (size > 8) if want_big else (size == 1), (slope, size)
 
 

@@ -55,7 +55,8 @@ def test_heads_checkpoint_round_trip_and_fit_check(tmp_path):
     heads.save(tmp_path)
     loaded = MedusaHeads.load(tmp_path)
     assert loaded.root_conditioned
-    decoder = SimpleNamespace(lm_head_weight=torch.randn(40, 16), embed=torch.nn.Embedding(40, 16))
+    lm_head = torch.randn(40, 16)
+    decoder = SimpleNamespace(vocab_rows=lambda tokens: lm_head, embed=torch.nn.Embedding(40, 16))
     x, roots = torch.randn(5, 16), torch.randint(0, 40, (5,))
     assert torch.equal(heads.logits(x, roots, decoder), loaded.logits(x, roots, decoder))
     assert not torch.equal(heads.logits(x, roots, decoder), heads.logits(x, (roots + 1) % 40, decoder))

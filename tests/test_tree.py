@@ -105,28 +105,30 @@ def test_tree_decoding_equals_ar_on_random_trees_and_batches(seed):
                 assert t.steps <= a.steps
 
 
+class OracleTree(TreeMethod):
+    """A chain whose heads know the model's greedy continuation ``full`` (prompt + answer)."""
+
+    def __init__(self, full: list[int], prompt_len: int, depth: int):
+        super().__init__(random_heads(64, 96, depth, 0), chain(depth))
+        self.full, self.prompt_len, self.cache = full, prompt_len, None
+
+    def step(self, decoder, cache, roots):
+        self.cache = cache
+        return super().step(decoder, cache, roots)
+
+    def propose(self, decoder, normed, roots):
+        # The root sits at the cache length: every accepted token but the root is cached.
+        position = self.prompt_len if self.cache is None else int(self.cache.lengths[0])
+        guesses = [self.full[min(position + i, len(self.full) - 1)] for i in range(1, self.tree.depth + 1)]
+        return torch.tensor(guesses).view(1, self.tree.depth, 1)
+
+
 def test_tree_decoding_accepts_several_tokens_when_heads_guess_right():
     """Heads that know the model's greedy continuation get a whole chain accepted every step."""
-    hf = tiny_hf_model("llama", seed=3)
-    dec = Decoder.from_hf(hf)
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=3))
     prompt = [5, 17, 33]
     ar = generate_batch(dec, ARMethod(), [prompt], 30, set())[0].token_ids
-    full = prompt + ar
-
-    class OracleTree(TreeMethod):
-        cache = None
-
-        def step(self, decoder, cache, roots):
-            self.cache = cache
-            return super().step(decoder, cache, roots)
-
-        def propose(self, decoder, normed, roots):
-            # The root sits at the cache length: every accepted token but the root is cached.
-            position = len(prompt) if self.cache is None else int(self.cache.lengths[0])
-            guesses = [full[min(position + i, len(full) - 1)] for i in range(1, 4)]
-            return torch.tensor(guesses).view(1, 3, 1)
-
-    stats = generate_batch(dec, OracleTree(random_heads(64, 96, 3, 0), chain(3)), [prompt], 30, set())[0]
+    stats = generate_batch(dec, OracleTree(prompt + ar, len(prompt), 3), [prompt], 30, set())[0]
     assert stats.token_ids == ar
     assert stats.mean_accepted > 3.5
 

@@ -35,10 +35,10 @@ class PropdMethod:
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
         rows, context = cache.batch_size, int(cache.lengths.max())
-        choice = self.chooser.choose(rows, context)  # dynamic tree generation
+        tree = self.chooser.choose(rows, context)  # dynamic tree generation
         t = time.perf_counter()
-        result, last = self.drafter.step_tree(decoder, cache, roots, choice.tree)  # candidates, verify, accept
-        self.chooser.observe(choice, rows, context, last.tolist(), time.perf_counter() - t)  # statistics
+        result, last = self.drafter.step_tree(decoder, cache, roots, tree)  # candidates, verify, accept
+        self.chooser.observe(tree, rows, context, last.tolist(), time.perf_counter() - t)  # statistics
         return result
 
     def select_rows(self, rows: torch.Tensor) -> None:

@@ -46,7 +46,7 @@ class DraftHead(nn.Module):
         self.w_gate_up = nn.Parameter(torch.randn(dim, 2 * a.intermediate_size) * 0.02)
         self.w_down = nn.Parameter(torch.zeros(dim, a.intermediate_size))  # [out, in]: ``Decoder`` reads its transpose
         self._decoders: dict[tuple, Decoder] = {}  # (base, training, weights' versions) -> the draft as a Decoder
-        self._projections: dict[tuple, torch.Tensor | Linear] = {}  # (base, packed) -> candidate projection
+        self._packed: tuple[int, Linear] | None = None  # (base's id, its candidate rows by the base's route)
 
     @property
     def vocab_size(self) -> int:
@@ -71,20 +71,15 @@ class DraftHead(nn.Module):
 
     def projection(self, base: Decoder) -> torch.Tensor:
         """The base lm_head's columns for the candidate vocabulary, in fp32 [dim, Vc] (training)."""
-        return self._projection(base, packed=False)
-
-    def _projection(self, base: Decoder, packed: bool) -> torch.Tensor | Linear:
-        """Sliced once per base model: fp32 columns, or a product by the base model's route."""
-        key = (id(base), packed)
-        if key not in self._projections:
-            rows = base.lm_head_weight if self.candidate_vocab is None else base.lm_head_weight[self.candidate_vocab]
-            self._projections[key] = base.linear(rows) if packed else rows.float().t().contiguous()
-        return self._projections[key]
+        return base.vocab_rows(self.candidate_vocab).t()
 
     def top_tokens(self, predicted: torch.Tensor, base: Decoder, k: int) -> torch.Tensor:
         """The k best guesses [..., k] (token ids) after predicted features [..., dim], projected in
-        the base model's dtype and route."""
-        index = self._projection(base, packed=True)(predicted).topk(k, dim=-1).indices
+        the base model's dtype and route (the rows packed once per base model)."""
+        if self._packed is None or self._packed[0] != id(base):
+            rows = base.lm_head_weight if self.candidate_vocab is None else base.lm_head_weight[self.candidate_vocab]
+            self._packed = (id(base), base.linear(rows))
+        index = self._packed[1](predicted).topk(k, dim=-1).indices
         return index if self.candidate_vocab is None else self.candidate_vocab[index]
 
     def check_fits(self, base: ModelArgs) -> None:

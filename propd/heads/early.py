@@ -26,14 +26,11 @@ class EarlyHead(nn.Module):
         self.dim, self.vocab_size, self.layer, self.num_layers = dim, vocab_size, layer, num_layers
         self.meta = dict(meta or {})
         self.blocks = nn.Sequential(*[ResBlock(dim) for _ in range(num_layers)])
-        self._projection: tuple[int, torch.Tensor] | None = None  # (lm_head's data_ptr, lm_head in fp32)
 
     def logits(self, hidden: torch.Tensor, decoder: Decoder) -> torch.Tensor:
         """Residual stream after layer ``self.layer`` [..., dim] -> next-token logits [..., vocab]
         (in fp32 through the frozen final norm and lm_head, so that it trains)."""
-        if self._projection is None or self._projection[0] != decoder.lm_head_weight.data_ptr():
-            self._projection = (decoder.lm_head_weight.data_ptr(), decoder.lm_head_weight.float())
-        return nn.functional.linear(decoder.final_norm(self.blocks(hidden)), self._projection[1])
+        return nn.functional.linear(decoder.final_norm(self.blocks(hidden)), decoder.vocab_rows())
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -49,7 +49,6 @@ class MedusaHeads(nn.Module):
         self.shared_lm_head = shared_lm_head
         self.meta = dict(meta or {})
         self.register_buffer("candidate_vocab", candidate_vocab, persistent=False)  # [Vc] token ids, or None for the whole vocabulary
-        self._projection: tuple[int, torch.Tensor] | None = None  # (lm_head's data_ptr, its candidate rows in fp32)
         heads = []
         for _ in range(num_heads):
             layers: list[nn.Module] = [ResBlock(dim) for _ in range(num_layers)]
@@ -61,13 +60,6 @@ class MedusaHeads(nn.Module):
         if root_conditioned:
             self.root_proj = nn.Linear(dim, num_heads * dim, bias=False)
             nn.init.zeros_(self.root_proj.weight)
-
-    def projection(self, lm_head: torch.Tensor) -> torch.Tensor:
-        """The shared projection [Vc, dim] in fp32, restricted to the candidate vocabulary, made once."""
-        if self._projection is None or self._projection[0] != lm_head.data_ptr():
-            rows = lm_head if self.candidate_vocab is None else lm_head[self.candidate_vocab]
-            self._projection = (lm_head.data_ptr(), rows.float())
-        return self._projection[1]
 
     @property
     def root_conditioned(self) -> bool:
@@ -82,7 +74,7 @@ class MedusaHeads(nn.Module):
         if self.root_proj is not None:
             inputs = inputs + self.root_proj(decoder.embed(roots)).unflatten(-1, (self.num_heads, self.dim))[..., :H, :]
         out = torch.stack([head(x) for head, x in zip(self.heads[:H], inputs.unbind(-2))], dim=-2)
-        return nn.functional.linear(out, self.projection(decoder.lm_head_weight)) if self.shared_lm_head else out
+        return nn.functional.linear(out, decoder.vocab_rows(self.candidate_vocab)) if self.shared_lm_head else out
 
     def top_tokens(self, hidden: torch.Tensor, roots: torch.Tensor, decoder: Decoder, num_heads: int, k: int) -> torch.Tensor:
         """Each head's k best guesses as token ids [N, num_heads, k]."""

@@ -34,7 +34,7 @@ class Plan:
     scores [B, KV, T, group, *]."""
 
     span: int  # key slots [0, span) are scored
-    shared: torch.Tensor  # [B, 1, T|1, 1, Cs] bool: which of the in-place columns [0, Cs) each query sees (Cs % BLOCK == 0)
+    shared: torch.Tensor  # [B, 1, T, 1, Cs] bool: which of the in-place columns [0, Cs) each query sees (Cs: a positive multiple of BLOCK)
     recent_slots: torch.Tensor | None  # [B, 1, T, 1, R] long: slot holding position start + r on the query's path
     recent_valid: torch.Tensor | None  # [B, 1, T, 1, R] bool
     recent_rows: torch.Tensor | None  # [B * KV * T * R] those slots as rows of the cache flattened to [B * KV * S, hd + 1]
@@ -92,11 +92,11 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: P
     scores = (rows @ keys[:, :, : plan.span, :hd].transpose(2, 3)).view(B, KV, T, g, plan.span)
     width = plan.shared.shape[-1]
     inplace = scores[..., :width].masked_fill(~plan.shared, float("-inf"))
-    top = inplace.amax(-1, keepdim=True) if width else None
+    top = inplace.amax(-1, keepdim=True)
     if plan.recent_slots is not None:
         R = plan.recent_slots.shape[-1]
         recent = scores.gather(-1, plan.recent_slots.expand(B, KV, T, g, R)).masked_fill(~plan.recent_valid, float("-inf"))
-        top = recent.amax(-1, keepdim=True) if top is None else torch.maximum(top, recent.amax(-1, keepdim=True))
+        top = torch.maximum(top, recent.amax(-1, keepdim=True))
     # Per block of positions: weighted values | summed weights, [B, KV, blocks, T, g, hd + 1].
     with serial(exact):
         weights = torch.exp(inplace - top).view(B, KV, T * g, width // BLOCK, BLOCK).transpose(2, 3)

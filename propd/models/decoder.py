@@ -92,6 +92,7 @@ class Decoder:
         self.layers = layers
         self.norm = norm
         self.lm_head_weight = lm_head  # [vocab, dim]
+        self._vocab_rows: dict[tuple[int, int] | None, torch.Tensor] = {}
         self.products = [tuple(Linear(w, self.route) for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)) for layer in layers]
         inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
         angles = torch.outer(torch.arange(args.max_position, dtype=torch.float32), inv_freq)
@@ -106,17 +107,25 @@ class Decoder:
         """The vocabulary projection, packed on first use (a draft layer's decoder never uses it)."""
         return Linear(self.lm_head_weight, self.route)
 
+    def vocab_rows(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The lm_head's rows for ``tokens`` (None: the whole vocabulary) in fp32 [V, dim]: the frozen
+        projection heads train and guess through. Made once per token set."""
+        key = None if tokens is None else (tokens.data_ptr(), len(tokens))
+        if key not in self._vocab_rows:
+            self._vocab_rows[key] = (self.lm_head_weight if tokens is None else self.lm_head_weight[tokens]).float()
+        return self._vocab_rows[key]
+
     def linear(self, weight: torch.Tensor) -> Linear:
         """Another product [out, in] by this decoder's route (heads' projections)."""
         return Linear(weight, self.route)
 
-    def to(self, device: str | torch.device, route: Route | None = None) -> "Decoder":
+    def to(self, device: str | torch.device) -> "Decoder":
         """This decoder with its weights on ``device`` (itself when they are there already)."""
         device = torch.device(device)
-        if self.device == device and route in (None, self.route):
+        if self.device == device:
             return self
         layers = [Layer(*(None if t is None else t.to(device) for t in vars(layer).values())) for layer in self.layers]
-        return Decoder(self.args, self.embed_tokens.to(device), layers, self.norm.to(device), self.lm_head_weight.to(device), route or self.route)
+        return Decoder(self.args, self.embed_tokens.to(device), layers, self.norm.to(device), self.lm_head_weight.to(device), self.route)
 
     @classmethod
     def from_hf(cls, hf_model, route: Route | torch.dtype = torch.float32) -> "Decoder":

@@ -98,7 +98,6 @@ class Linear:
         x = x.to(route.dtype)
         if route.tile == 0:
             return F.linear(x, self.weight)
-        route = self.route
         rows = x.reshape(-1, self.in_features)
         M = rows.shape[0]
         if M <= route.tile and not route.pad:

@@ -102,18 +102,13 @@ class LatencyModel:
         slope = max(0.0, sum(w[n] * (n - mean_n) * (s.seconds - mean_t) for n, s in sizes.items()) / var) if var else 0.0
         return mean_t - slope * mean_n, slope
 
-    def predict(self, key: tuple[int, int], size: int) -> float | None:
-        if size == 1 and 1 in self.buckets.get(key, {}):
-            return self.buckets[key][1].seconds
+    def predict(self, key: tuple[int, int], sizes: list[int]) -> list[float] | None:
+        """Predicted step seconds for each size (plain AR: its own average), or None before a line."""
         fit = self.line(key)
-        return None if fit is None else max(1e-6, fit[0] + fit[1] * size)
-
-
-@dataclass
-class Choice:
-    tree: TokenTree
-    expected: float  # accepted tokens per step the acceptance model expects
-    seconds: float | None  # step time the latency model predicts (None while exploring)
+        if fit is None:
+            return None
+        ar = self.buckets[key].get(1)
+        return [ar.seconds if n == 1 and ar else max(1e-6, fit[0] + fit[1] * n) for n in sizes]
 
 
 class TreeChooser:
@@ -141,7 +136,7 @@ class TreeChooser:
             self._trees[size] = (TokenTree.from_paths([p for _, p in chosen]), 1.0 + sum(prob for prob, _ in chosen))
         return self._trees[size]
 
-    def choose(self, batch_size: int, context: int) -> Choice:
+    def choose(self, batch_size: int, context: int) -> TokenTree:
         """A new bucket starts from the nearest measured one (rows leaving a batch, a context
         growing past a bucket); only the first explores."""
         key = (batch_size, context // CONTEXT_BUCKET)
@@ -151,12 +146,13 @@ class TreeChooser:
                 self.latency.seed(key, min(fitted, key=lambda k: (abs(k[0] - key[0]), abs(k[1] - key[1]))))
         unexplored = [n for n in self.explore if self.tree(n)[0].size not in self.latency.measured(key)]
         if unexplored:
-            return Choice(*self.tree(unexplored[0]), None)
-        best = max(self.sizes, key=lambda n: self.tree(n)[1] / self.latency.predict(key, n))
-        return Choice(*self.tree(best), self.latency.predict(key, best))
+            return self.tree(unexplored[0])[0]
+        trees = [self.tree(n) for n in self.sizes]  # (tree, expected accepted tokens)
+        seconds = self.latency.predict(key, [tree.size for tree, _ in trees])
+        return max(zip(trees, seconds), key=lambda option: option[0][1] / option[1])[0][0]
 
-    def observe(self, choice: Choice, batch_size: int, context: int, last_nodes: list[int], seconds: float) -> None:
-        self.latency.observe((batch_size, context // CONTEXT_BUCKET), choice.tree.size, seconds)
+    def observe(self, tree: TokenTree, batch_size: int, context: int, last_nodes: list[int], seconds: float) -> None:
+        self.latency.observe((batch_size, context // CONTEXT_BUCKET), tree.size, seconds)
         for last in last_nodes:
-            self.acceptance.observe(choice.tree, last)
+            self.acceptance.observe(tree, last)
 
