@@ -12,6 +12,7 @@ from propd.decoding.loop import generate_batch
 from propd.errors import PropdError
 from propd.heads.draft import DraftHead
 from propd.models.decoder import Decoder, ModelArgs
+from propd.models.kernels import autograd_route
 from propd.training.train import draft_unroll
 from propd.tree.tree import chain
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
@@ -51,6 +52,14 @@ def test_a_row_that_ends_at_its_first_token_leaves_the_batch():
     assert len(ar[0].token_ids) == 1
     out = generate_batch(dec, DraftMethod(random_draft(dec.args, 2), chain(3)), prompts, 20, eos)
     assert [o.token_ids for o in out] == [a.token_ids for a in ar]
+
+
+def test_the_draft_runs_on_a_plain_bf16_route_as_on_gpus():
+    """GPUs take ``F.linear`` in the model's dtype (no packing): the draft's fp32 weights follow it."""
+    dec = Decoder.from_hf(tiny_hf_model("qwen2", seed=4), autograd_route(torch.bfloat16))
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    out = generate_batch(dec, DraftMethod(random_draft(dec.args, 4), chain(3)), prompts, 12, {0})
+    assert [len(o.token_ids) for o in out] == [len(a.token_ids) for a in generate_batch(dec, ARMethod(), prompts, 12, {0})]
 
 
 def test_tree_drafting_computes_what_training_unrolls():

@@ -32,28 +32,36 @@ def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], con
             for n in sizes:
                 anc = load_tree(f"top{n - 1}").ancestors if n > 1 else torch.ones(1, 1, dtype=torch.bool)
                 cache = decoder.new_cache(b, context + n + 1)
-                cache.advance(torch.full((b,), context))
-                tokens = torch.randint(0, decoder.args.vocab_size, (b, n))
+                cache.advance(torch.full((b,), context, device=decoder.device))
+                tokens = torch.randint(0, decoder.args.vocab_size, (b, n), device=decoder.device)
                 times = []
                 for _ in range(repeats + 1):
                     t = time.perf_counter()
                     hidden = decoder.extend(tokens, cache.tree(anc), cache)
                     decoder.greedy_tokens(decoder.final_norm(hidden[:, 0]))
+                    synchronize(decoder.device)
                     times.append(time.perf_counter() - t)
                 rows.append({"batch_size": b, "tree_tokens": n, "ms": round(1e3 * statistics.median(times[1:]), 2)})
                 bar.update(1)
     return rows
 
 
-def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: the median time of summing a buffer far larger than the caches."""
-    buffer = torch.ones(megabytes * 2**20 // 4)
+def memory_bandwidth(device: torch.device = torch.device("cpu"), megabytes: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth of ``device``'s memory in GB/s: the median time of summing a buffer far larger than the caches."""
+    buffer = torch.ones(megabytes * 2**20 // 4, device=device)
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
         buffer.sum()
+        synchronize(device)
         times.append(time.perf_counter() - t)
     return buffer.numel() * 4 / statistics.median(times[1:]) / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for a GPU's queued work, so that wall clocks measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def weight_bytes(decoder: Decoder) -> int:

@@ -139,7 +139,7 @@ def first_mismatch(model: Propd, prompt: Prompt, reference: list[int], got: list
             "prompt_id": prompt.id, "position": n, "ar_token": reference[n] if n < len(reference) else None,
             "method_token": got[n] if n < len(got) else None, "logit_gap": None,
         }
-    ids = torch.tensor([model.encode(prompt.text) + reference[:n]])
+    ids = torch.tensor([model.encode(prompt.text) + reference[:n]], device=model.device)
     with torch.inference_mode():
         logits = model.hf_model(ids).logits[0, -1]
     return {

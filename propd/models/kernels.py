@@ -89,7 +89,7 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, route: Route):
         self.route = route
-        self.weight = weight if route.tile == 0 else weight.detach().to(route.dtype).contiguous()
+        self.weight = weight.to(route.dtype) if route.tile == 0 else weight.detach().to(route.dtype).contiguous()  # .to keeps autograd
         self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, route.tile) if route.kernel == "onednn" else None
 
