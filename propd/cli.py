@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -117,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             if not single:
                 print(f"### {prompts[j]}\n{g.text}")
             if single:
-                print()  # the streamed answer's own line
+                print(streams[j].finish())  # what was held back, and the streamed answer's own line
             s = g.to_json()
             print(f"\n[{s['new_tokens']} tokens, {s['tokens_per_s']} tok/s, {s['steps']} steps, {s['mean_accepted']} tokens/step]\n", file=sys.stderr)
 
@@ -136,6 +137,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"### {args.prompt}  [{args.method}]")
     stream = TextStream(model.tokenizer)
     fast = model.generate([args.prompt], method, args.max_new_tokens, 1, not args.raw, lambda _, t: print(stream.push(t), end="", flush=True))[0]
+    print(stream.finish(), end="")
     ar = model.generate([args.prompt], "ar", args.max_new_tokens, 1, not args.raw)[0]
     f, a = fast.to_json(), ar.to_json()
     print(f"\n\n{args.method}: {f['tokens_per_s']} tokens/s, {f['mean_accepted']} tokens/step, {f['tree_tokens_per_step']} tree tokens/step")
@@ -150,6 +152,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     method = model.method(args.method, args.tree, args.heads, args.drafter)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    conversation: list[dict] = []
     while True:
         try:
             line = input("> ")
@@ -158,9 +161,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             break
         t = time.perf_counter()
-        for piece in model.stream(line, method, args.max_new_tokens, not args.raw):
+        conversation.append({"role": "user", "content": line})
+        answer = []
+        for piece in model.stream(conversation if not args.raw else line, method, args.max_new_tokens, not args.raw):
+            answer.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
+        conversation.append({"role": "assistant", "content": "".join(answer)})
         print(f"\n[{time.perf_counter() - t:.1f} s]", file=sys.stderr)
 
 
@@ -240,6 +247,42 @@ def cmd_latency(args: argparse.Namespace) -> None:
     print(f"building mc_sim_7b_63's tensors: {build_ms:.3f} ms; wrote {out / 'latency.json'}, {out / 'latency.png'}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from propd.engine import Propd
+    from propd.server.app import create_app
+
+    check_method_args(args)
+    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
+    method = model.method(args.method, args.tree, args.heads, args.drafter)
+    with model.on_device():
+        model.generate(["Say hello."], method, 16)  # first-call allocations before the first client waits on them
+    name = args.served_model_name or args.model
+    app = create_app(model, method, args.method, name, args.max_batch_size, args.max_queue, args.max_new_tokens)
+    print(f"propd serve: {name} by {args.method} on http://{args.host}:{args.port}/v1 (up to {args.max_batch_size} rows a step)", file=sys.stderr)
+    signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn shuts down gracefully, then re-raises SIGTERM: exit 0 after it
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
+def cmd_load(args: argparse.Namespace) -> None:
+    from propd.prompts import load_prompts
+    from propd.server.load import load_test
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise PropdError(f"unknown method {unknown[0]!r} in --methods; available: {', '.join(METHODS)}")
+    prompts = [p.text for p in load_prompts(args.prompts, limit=args.limit, per_category=args.per_category)]
+    summaries = load_test(methods, prompts, args.clients, args.seconds, args.max_tokens, Path(args.out), args.model, args.max_batch_size)
+    print("| method | clients | requests | errors | not identical to solo | tokens/s | TTFT median s | TTFT p90 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for s in summaries:
+        print(f"| {s['method']} | {s['clients']} | {s['requests']} | {s['errors']} | {s['mismatches']} | {s['tokens_per_s']} | "
+              f"{s['ttft_median_s']} | {s['ttft_p90_s']} |")
+    print(f"wrote {Path(args.out) / 'load.json'}, {Path(args.out) / 'load.png'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="propd", description="Lossless parallel decoding (ProPD) for LLaMA-family models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -314,6 +357,29 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive chat, streamed")
     add_model_args(c)
     c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=positive_int, default=8000)
+    s.add_argument("--max-batch-size", type=positive_int, default=8, help="rows decoding together (requests beyond wait)")
+    s.add_argument("--max-queue", type=positive_int, default=64, help="requests that may wait; more get HTTP 429")
+    s.add_argument("--served-model-name", help="the model id clients send (default: --model)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve, method="propd", max_new_tokens=256)
+
+    ld = sub.add_parser("load", help="concurrent streaming clients against `propd serve` (loopback), one server per method")
+    ld.add_argument("--methods", default="ar,propd", help="comma-separated methods, one server each")
+    ld.add_argument("--model", default="default")
+    ld.add_argument("--prompts", help="question.jsonl (Spec-Bench / MT-Bench format); default: propd's built-in set")
+    ld.add_argument("--limit", type=positive_int)
+    ld.add_argument("--per-category", type=positive_int)
+    ld.add_argument("--clients", type=positive_int, default=16)
+    ld.add_argument("--seconds", type=float, default=120.0, help="how long clients keep asking (then in-flight answers finish)")
+    ld.add_argument("--max-tokens", type=positive_int, default=96)
+    ld.add_argument("--max-batch-size", type=positive_int, default=8)
+    ld.add_argument("--out", default="bench-out/load")
+    ld.set_defaults(func=cmd_load)
     return parser
 
 

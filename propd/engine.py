@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import queue
 import sys
-import threading
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,7 @@ import torch
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
-from propd.decoding.loop import Method, RowStats, generate_batch
+from propd.decoding.loop import DecodeLoop, Method, RowStats, generate_batch
 from propd.decoding.propd import PropdMethod
 from propd.decoding.tree import TreeMethod
 from propd.errors import PropdError
@@ -118,14 +116,36 @@ class Propd:
     def max_context(self) -> int:
         return self.decoder.args.max_position
 
-    def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        """Tokenise a prompt, through the model's chat template unless ``chat`` is False."""
+    def encode(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
+        """Tokenise a prompt, through the model's chat template unless ``chat`` is False; a list of
+        ``{"role", "content"}`` messages is a conversation (earlier turns kept)."""
+        if isinstance(prompt, list):
+            return self._encode_messages(prompt)
         if not prompt or not prompt.strip():
             raise PropdError("empty prompt")
         if chat and self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False).input_ids
+            return self._encode_messages([{"role": "user", "content": prompt}])
         return self.tokenizer(prompt).input_ids
+
+    def _encode_messages(self, messages: list[dict]) -> list[int]:
+        if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
+            raise PropdError("a conversation is a non-empty list of {'role': ..., 'content': '...'} messages")
+        if not any(m["content"].strip() for m in messages):
+            raise PropdError("empty prompt")
+        if not self.tokenizer.chat_template:
+            return self.tokenizer("\n".join(m["content"] for m in messages)).input_ids
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def check_fits(self, prompt_ids: list[int], max_new_tokens: int, method: Method) -> None:
+        """Refuse a generation that would run past the model's context (a tree reaches ``tree_depth`` further)."""
+        if max_new_tokens < 1:
+            raise PropdError("max_new_tokens must be at least 1")
+        if len(prompt_ids) + max_new_tokens + method.tree_depth > self.max_context:
+            raise PropdError(
+                f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens (+ a tree {method.tree_depth} deep) exceeds "
+                f"the model's context of {self.max_context} tokens"
+            )
 
     def load_heads(self, heads: str | os.PathLike | MedusaHeads = "default") -> MedusaHeads:
         """Medusa heads for this model: ``default`` (shipped for the default model), a directory, or an object."""
@@ -196,18 +216,15 @@ class Propd:
     ) -> list[Generation]:
         """Greedy generation for every prompt, ``batch_size`` prompts decoding together.
         ``on_tokens(prompt_index, new_token_ids)`` is called as tokens are accepted."""
-        if max_new_tokens < 1:
-            raise PropdError("max_new_tokens must be at least 1")
         if batch_size < 1:
             raise PropdError("batch_size must be at least 1")
         m = self.method(method) if isinstance(method, str) else method
         encoded = [self.encode(p, chat) for p in prompts]
         for p, ids in zip(prompts, encoded):
-            if len(ids) + max_new_tokens + m.tree_depth > self.max_context:
-                raise PropdError(
-                    f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens (+ a tree {m.tree_depth} deep) exceeds "
-                    f"the model's context of {self.max_context} tokens: {p[:60]!r}..."
-                )
+            try:
+                self.check_fits(ids, max_new_tokens, m)
+            except PropdError as e:
+                raise PropdError(f"{e}: {str(p)[:60]!r}...") from None
         results: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
             batch = encoded[start : start + batch_size]
@@ -219,26 +236,23 @@ class Propd:
                 results.append(Generation(prompts[start + i], text, s.token_ids, s))
         return results
 
-    def stream(self, prompt: str, method: str | Method = "ar", max_new_tokens: int = 128, chat: bool = True) -> Iterator[str]:
-        """Yield the text of one generation as it is produced."""
-        pieces: queue.Queue = queue.Queue()
+    def stream(self, prompt: str | list[dict], method: str | Method = "ar", max_new_tokens: int = 128, chat: bool = True) -> Iterator[str]:
+        """Yield the text of one generation as it is produced; decoding stops when the caller stops
+        reading. ``prompt``: a string or a conversation (a list of messages)."""
+        m = self.method(method) if isinstance(method, str) else method
+        ids = self.encode(prompt, chat)
+        self.check_fits(ids, max_new_tokens, m)
+        loop = DecodeLoop(self.decoder, m, self.eos_ids)
+        loop.submit([ids], max_new_tokens)
         text = TextStream(self.tokenizer)
-        error: list[BaseException] = []
-
-        def run():
-            try:
-                self.generate([prompt], method, max_new_tokens, 1, chat, lambda _, toks: pieces.put(text.push(toks)))
-            except BaseException as e:  # re-raised in the consumer's thread
-                error.append(e)
-            finally:
-                pieces.put(None)
-
-        threading.Thread(target=run, daemon=True).start()
-        while (piece := pieces.get()) is not None:
-            if piece:
-                yield piece
-        if error:
-            raise error[0]
+        while loop.busy:
+            with self.on_device():
+                events = loop.advance()
+            for _, tokens in events:
+                if piece := text.push(tokens):
+                    yield piece
+        if rest := text.finish():
+            yield rest
 
 
 def pick_route(args: ModelArgs, dtype: torch.dtype | None, route: str | Route | None, device: torch.device) -> tuple[Route, list[dict]]:
@@ -252,7 +266,8 @@ def pick_route(args: ModelArgs, dtype: torch.dtype | None, route: str | Route | 
 
 
 class TextStream:
-    """Turns token ids into text increments, holding back incomplete UTF-8 sequences."""
+    """Turns token ids into text increments. A multi-byte character split across tokens is held
+    back until it is complete (the text before it is not); ``finish`` gives whatever is left."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -262,8 +277,13 @@ class TextStream:
     def push(self, token_ids: list[int]) -> str:
         self.ids.extend(token_ids)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
+        complete = len(text.rstrip("\ufffd"))
+        piece, self.emitted = text[self.emitted : complete], max(self.emitted, complete)
+        return piece
+
+    def finish(self) -> str:
+        """The rest of the text, incomplete characters included (as the tokenizer renders them)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         piece, self.emitted = text[self.emitted :], len(text)
         return piece
 

@@ -68,10 +68,11 @@ def test_tree_drafting_computes_what_training_unrolls():
     dec = Decoder.from_hf(tiny_hf_model("llama", seed=1))
     draft = random_draft(dec.args, 1)
     method = DraftMethod(draft, chain(3))
-    roots = method.start(dec, torch.randn(1, dec.args.dim))
-    tokens = method.propose(dec, roots, 64)
+    roots, state = method.start(dec, dec.new_cache(1, 64), torch.randn(1, dec.args.dim))
+    first_features = state.pending[0]
+    tokens = method.propose(dec, roots, state)
     with torch.no_grad():
-        unrolled = draft_unroll(draft, dec, method.pending[0], roots.view(1, 1), tokens[:, 1:].view(1, 1, 3))
+        unrolled = draft_unroll(draft, dec, first_features, roots.view(1, 1), tokens[:, 1:].view(1, 1, 3))
         guesses = [int((u[0, 0] @ draft.projection(dec)).argmax()) for u in unrolled]
     assert guesses == tokens[0, 1:].tolist()
 
@@ -115,13 +116,14 @@ def test_root_only_steps_queue_the_drafts_reading_and_stay_lossless():
     class Alternating(DraftMethod):
         steps = 0
 
-        def step(self, decoder, cache, roots):
+        def step(self, decoder, cache, roots, state):
             self.steps += 1
-            return self.step_tree(decoder, cache, roots, trees[self.steps % len(trees)])[0]
+            self.state = state
+            return self.step_tree(decoder, cache, roots, state, trees[self.steps % len(trees)])[0]
 
     method = Alternating(draft, chain(3))
     assert [s.token_ids for s in generate_batch(dec, method, prompts, 30, {0})] == ar
-    features, next_tokens, counts = method.pending
+    features, next_tokens, counts = method.state.pending
     assert features.shape[:2] == next_tokens.shape and int(counts.max()) <= next_tokens.shape[1]
 
 

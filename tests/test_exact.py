@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from propd.decoding.loop import _prefill
+from propd.decoding.loop import prefill
 from propd.models.decoder import Decoder
 from propd.models.kernels import Route, choose_route, is_row_invariant, measure_route
 from propd.models.kv_cache import path_slots
@@ -23,7 +23,7 @@ ROUTES = [r for r in (Route.parse(n) for n in ("float32-torch-pad8", "bfloat16-o
 def ar_logits(dec: Decoder, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
     """Logits after each of ``tokens`` fed one per step after ``prompt``, as AR decoding computes them."""
     cache = dec.new_cache(1, len(prompt) + len(tokens) + 1)
-    _prefill(dec, cache, [prompt])
+    prefill(dec, cache, [prompt])
     out = []
     for t in tokens:
         out.append(dec.logits(dec.extend(torch.tensor([[t]]), cache.chain(1), cache))[0, 0])
@@ -53,7 +53,7 @@ def tree_logits_equal_ar(dec: Decoder, rng: random.Random, prompts: list[list[in
     vocab = dec.args.vocab_size
     tokens = torch.randint(0, vocab, (len(prompts), size), generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
     cache = dec.new_cache(len(prompts), max(map(len, prompts)) + size + 1)
-    _prefill(dec, cache, prompts)
+    prefill(dec, cache, prompts)
     logits = dec.logits(dec.extend(tokens, cache.tree(ancestors), cache))
     for b, prompt in enumerate(prompts):
         want = ar_logits(dec, prompt, tokens[b, path].tolist())

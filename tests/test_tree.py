@@ -112,9 +112,9 @@ class OracleTree(TreeMethod):
         super().__init__(random_heads(64, 96, depth, 0), chain(depth))
         self.full, self.prompt_len, self.cache = full, prompt_len, None
 
-    def step(self, decoder, cache, roots):
+    def step(self, decoder, cache, roots, state):
         self.cache = cache
-        return super().step(decoder, cache, roots)
+        return super().step(decoder, cache, roots, state)
 
     def propose(self, decoder, normed, roots):
         # The root sits at the cache length: every accepted token but the root is cached.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from propd.decoding.loop import StepResult
+from propd.decoding.loop import Stateless, StepResult
 from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache
 
@@ -19,18 +19,15 @@ class ARMethod:
         self.temperature = temperature
         self.generator = generator
 
-    def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
-        return self._next_tokens(decoder, hidden)
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor) -> tuple[torch.Tensor, Stateless]:
+        return self._next_tokens(decoder, hidden), Stateless()
 
-    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: Stateless) -> StepResult:
         B = roots.shape[0]
         hidden = decoder.extend(roots.unsqueeze(1), cache.chain(1), cache)
         cache.advance(torch.ones(B, dtype=torch.long, device=cache.device))
         roots = self._next_tokens(decoder, hidden[:, -1])
         return StepResult([[t] for t in roots.tolist()], roots, [1] * B, [1] * B)
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        pass
 
     def _next_tokens(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
         if self.temperature <= 0:

@@ -12,7 +12,10 @@ One step, for every row of the batch:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from propd.decoding.loop import StepResult
 from propd.decoding.tree import verify
@@ -20,6 +23,34 @@ from propd.heads.draft import DraftHead
 from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache, path_slots
 from propd.tree.tree import TokenTree
+
+Entries = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # features [B, M, dim], next tokens [B, M], counts [B]
+
+
+@dataclass
+class DraftState:
+    """The draft layer's cache (one entry per answer position) and the entries it has yet to read:
+    the model's features at the tokens accepted since, with the token after each."""
+
+    cache: KVCache
+    pending: Entries
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.select_rows(rows)
+        self.pending = tuple(x[rows] for x in self.pending)
+
+    def join(self, other: "DraftState") -> None:
+        self.cache.join(other.cache)
+        width = max(self.pending[1].shape[1], other.pending[1].shape[1])
+        mine, theirs = _pad_entries(self.pending, width), _pad_entries(other.pending, width)
+        self.pending = tuple(torch.cat(pair) for pair in zip(mine, theirs))
+
+
+def _pad_entries(entries: Entries, width: int) -> Entries:
+    """The same entries with room for ``width`` per row (padding past each row's count)."""
+    features, tokens, counts = entries
+    extra = width - tokens.shape[1]
+    return F.pad(features, (0, 0, 0, extra)), F.pad(tokens, (0, extra)), counts
 
 
 class DraftMethod:
@@ -29,8 +60,6 @@ class DraftMethod:
         self.draft = draft
         self.tree = tree
         self.reserve(tree.size, tree.depth, tree.max_rank)
-        self.cache: KVCache | None = None  # the draft's: one entry per answer position
-        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # features [B, M, dim], next tokens [B, M], counts [B]
         self._levels: dict[tuple, list] = {}
 
     def reserve(self, size: int, depth: int, ranks: int) -> None:
@@ -50,23 +79,20 @@ class DraftMethod:
             self._levels[tree.paths] = out
         return self._levels[tree.paths]
 
-    def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor) -> tuple[torch.Tensor, DraftState]:
         normed = decoder.final_norm(hidden)
         roots = decoder.greedy_tokens(normed)
-        self.pending = (normed.float().unsqueeze(1), roots.unsqueeze(1), torch.ones(len(roots), dtype=torch.long))
-        self.cache = None
-        return roots
+        pending = (normed.float().unsqueeze(1), roots.unsqueeze(1), torch.ones(len(roots), dtype=torch.long, device=roots.device))
+        return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.max_len), pending)
 
     @torch.no_grad()
-    def propose(self, decoder: Decoder, roots: torch.Tensor, max_len: int, tree: TokenTree | None = None) -> torch.Tensor:
+    def propose(self, decoder: Decoder, roots: torch.Tensor, state: DraftState, tree: TokenTree | None = None) -> torch.Tensor:
         """Steps 1-2: the tree's tokens [B, N], root first."""
         draft, tree = self.draft, tree or self.tree
         dec = draft.decoder(decoder)
-        features, next_tokens, counts = self.pending
+        features, next_tokens, counts = state.pending
         B, M = next_tokens.shape
-        if self.cache is None:
-            self.cache = dec.new_cache(B, max_len)
-        cache = self.cache
+        cache = state.cache
         out = dec.forward_layers(draft.inputs(features, next_tokens, decoder), cache.chain(M), cache)
         cache.advance(counts)
 
@@ -86,30 +112,24 @@ class DraftMethod:
             predicted[:, expand] = dec.forward_layers(x, layout, cache)
         return tokens
 
-    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
-        return self.step_tree(decoder, cache, roots, self.tree)[0]
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState) -> StepResult:
+        return self.step_tree(decoder, cache, roots, state, self.tree)[0]
 
-    def step_tree(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, tree: TokenTree) -> tuple[StepResult, torch.Tensor]:
+    def step_tree(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, tree: TokenTree) -> tuple[StepResult, torch.Tensor]:
         """One step over ``tree``: its result and each row's last accepted node [B]. A tree of the
         root alone is a plain AR step: the draft does not run, and reads the step's entry later."""
         root_only = tree.size == 1
-        tokens = roots.unsqueeze(1) if root_only else self.propose(decoder, roots, cache.max_len, tree)
+        tokens = roots.unsqueeze(1) if root_only else self.propose(decoder, roots, state, tree)
         v = verify(decoder, cache, tree, tokens)
         path_tokens = tokens.gather(1, v.offsets)  # root first
         next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
         next_tokens[torch.arange(len(roots)), v.counts - 1] = v.roots
         entries = (v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)
-        self.pending = _queue(self.pending, entries) if root_only else entries
+        state.pending = _queue(state.pending, entries) if root_only else entries
         return v.result(tokens), v.last_nodes()
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        features, next_tokens, counts = self.pending
-        self.pending = (features[rows], next_tokens[rows], counts[rows])
-        if self.cache is not None:  # None when a row ended at its first token, before any step
-            self.cache.select_rows(rows)
 
-
-def _queue(first: tuple[torch.Tensor, ...], then: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def _queue(first: Entries, then: Entries) -> Entries:
     """Entries for the draft to read, (features [B, M, dim], next tokens [B, M], counts [B]) each,
     one queue after the other per row (rows hold different counts, padded on the right)."""
     (f1, t1, c1), (f2, t2, c2) = first, then

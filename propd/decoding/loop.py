@@ -1,8 +1,11 @@
-"""The batched generation loop shared by every method.
+"""The decode loop shared by every method, with rows joining and leaving between steps.
 
 A method (AR, tree verification, ProPD) only says how one step turns the current state into newly
-accepted tokens per row; this loop owns prefill, stopping at EOS / the token limit, dropping
-finished rows from the batch, streaming, and the per-row metrics.
+accepted tokens per row; this loop owns prefill, stopping at EOS / the token limit, rows joining
+(continuous batching: a prompt is prefilled a chunk at a time between decode steps, then its row
+joins the batch) and leaving (done or cancelled), and the per-row metrics. A method object holds
+configuration only; what a generation carries from step to step lives in a ``State`` the method
+makes in ``start`` and the loop owns, row by row.
 
 Invariant between steps: the KV cache holds every accepted token of a row except the newest one,
 its ``root``, which the next step feeds to the model.
@@ -11,8 +14,9 @@ its ``root``, which the next step feeds to the model.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -30,7 +34,7 @@ class RowStats:
     step_late_tokens: list[int] = field(default_factory=list)  # tokens that went through the late layers
     step_seconds: list[float] = field(default_factory=list)
     prefill_seconds: float = 0.0
-    seconds: float = 0.0
+    seconds: float = 0.0  # from submission to the last token
 
     @property
     def steps(self) -> int:
@@ -50,24 +54,201 @@ class StepResult:
     late_tokens: list[int]  # per row: tokens that went through the late layers (ProPD prunes before them)
 
 
+class State(Protocol):
+    """What a method carries for its rows from one step to the next (the drafter's next guesses,
+    the draft layer's cache), changed in place by ``step``."""
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (others left the batch)."""
+
+    def join(self, other: State) -> None:
+        """Append ``other``'s rows after these (new rows joined the batch)."""
+
+
+class Stateless:
+    """The state of a method that carries nothing between steps (AR)."""
+
+    def select(self, rows: torch.Tensor) -> None:
+        pass
+
+    def join(self, other: State) -> None:
+        pass
+
+
 class Method(Protocol):
-    """One decoding method. ``start`` sees the prefill's last hidden states [B, dim] and returns the first roots [B];
-    ``step`` runs one forward pass over the roots (and whatever it guesses after them)."""
+    """One decoding method. ``start`` sees the prefill's last hidden states [B, dim] of rows whose
+    prompts fill ``cache`` and returns their first roots [B] and state; ``step`` runs one forward
+    pass over the roots (and whatever it guesses after them)."""
 
     tree_size: int  # tokens a step writes into the cache past a row's length
     tree_depth: int  # positions a step reaches past a row's length
 
-    def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor: ...
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor) -> tuple[torch.Tensor, State]: ...
 
-    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult: ...
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State) -> StepResult: ...
 
-    def select_rows(self, rows: torch.Tensor) -> None: ...
+
+@dataclass(eq=False)
+class Row:
+    """One sequence in the loop: its prompt, its token limit, and what it produced."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    stats: RowStats = field(default_factory=RowStats)
+    done: bool = False
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    @property
+    def finish_reason(self) -> str:
+        """``stop`` (EOS or cancelled by a stop string), or ``length`` (the token limit)."""
+        return "length" if len(self.stats.token_ids) >= self.max_new_tokens else "stop"
+
+
+@dataclass
+class StepRecord:
+    """One decode step of the running rows: its wall time and, per row, tokens emitted, verified
+    and sent through the late layers."""
+
+    seconds: float
+    emitted: list[int]
+    tree_tokens: list[int]
+    late_tokens: list[int]
+
+
+PREFILL_CHUNK = 256  # prompt tokens per pass: bounds the attention scores' memory and the stall of running rows
+
+
+class _Joining:
+    """Rows whose prompts are being prefilled, one chunk per ``DecodeLoop.advance``, in a cache of their own."""
+
+    def __init__(self, decoder: Decoder, rows: list[Row], tree_size: int):
+        self.rows = rows
+        self.cache = decoder.new_cache(len(rows), max(len(r.prompt) + r.max_new_tokens for r in rows) + tree_size + 1)
+        self.chunks = prefill_chunks(decoder, self.cache, [r.prompt for r in rows])
+        self.seconds = 0.0
+
+
+class DecodeLoop:
+    """Rows decoding together. ``submit`` queues prompts; each ``advance`` runs one prefill chunk of
+    the oldest queued group (whose rows join the batch once their prompts are in) and one decode step
+    of the running rows. Every row gets exactly the tokens it would get alone."""
+
+    def __init__(self, decoder: Decoder, method: Method, eos_ids: set[int]):
+        self.decoder, self.method, self.eos_ids = decoder, method, eos_ids
+        self.rows: list[Row] = []  # running rows, in the cache's row order
+        self.cache: KVCache | None = None
+        self.state: State | None = None
+        self.roots: torch.Tensor | None = None
+        self.joining: deque[_Joining] = deque()
+        self.last_step: StepRecord | None = None  # the step of the latest ``advance``, if it ran one
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.joining)
+
+    @property
+    def waiting(self) -> int:
+        """Rows submitted whose prompts are not in yet."""
+        return sum(len(j.rows) for j in self.joining)
+
+    def submit(self, prompts: list[list[int]], max_new_tokens: int | list[int]) -> list[Row]:
+        """Queue prompts (token ids) to decode, prefilled together; returns their rows."""
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        rows = [Row(p, n) for p, n in zip(prompts, limits)]
+        self.joining.append(_Joining(self.decoder, rows, self.method.tree_size))
+        return rows
+
+    def cancel(self, row: Row) -> None:
+        """Stop a row: it leaves the batch before the next step (a client went away, a stop string)."""
+        row.cancelled = row.done = True
+
+    @torch.inference_mode()
+    def advance(self) -> list[tuple[Row, list[int]]]:
+        """One prefill chunk (if prompts wait) and one decode step (if rows run); the new tokens of
+        every row that got some, in order. Rows that finished have ``done`` set."""
+        self.last_step = None
+        events = self._prefill_chunk() if self.joining else []
+        self._leave()
+        if self.rows:
+            events += self._step()
+        return events
+
+    def _prefill_chunk(self) -> list[tuple[Row, list[int]]]:
+        group = self.joining[0]
+        t = time.perf_counter()
+        hidden = next(group.chunks)
+        group.seconds += time.perf_counter() - t
+        if hidden is None:
+            return []
+        self.joining.popleft()
+        roots, state = self.method.start(self.decoder, group.cache, hidden)
+        for row in group.rows:
+            row.stats.prefill_seconds = group.seconds
+        if self.cache is None:
+            self.cache, self.state, self.roots, self.rows = group.cache, state, roots, []
+        else:
+            self.cache.join(group.cache)
+            self.state.join(state)
+            self.roots = torch.cat([self.roots, roots])
+        self.rows += group.rows
+        events = self._emit(group.rows, [[t] for t in roots.tolist()])[0]
+        return events
+
+    def _leave(self) -> None:
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.state, self.roots = [], None, None, None
+            return
+        rows = torch.tensor(keep, device=self.cache.device)
+        self.cache.select_rows(rows)
+        self.state.select(rows)
+        self.roots = self.roots[rows]
+        self.rows = [self.rows[i] for i in keep]
+
+    def _step(self) -> list[tuple[Row, list[int]]]:
+        t = time.perf_counter()
+        result = self.method.step(self.decoder, self.cache, self.roots, self.state)
+        self.roots = result.roots
+        dt = time.perf_counter() - t
+        events, emitted = self._emit(self.rows, result.accepted)
+        for i, row in enumerate(self.rows):
+            s = row.stats
+            s.step_accepted.append(emitted[i])
+            s.step_tree_tokens.append(result.tree_tokens[i])
+            s.step_late_tokens.append(result.late_tokens[i])
+            s.step_seconds.append(dt)
+        self.last_step = StepRecord(dt, emitted, result.tree_tokens, result.late_tokens)
+        return events
+
+    def _emit(self, rows: list[Row], accepted: list[list[int]]) -> tuple[list[tuple[Row, list[int]]], list[int]]:
+        """Append accepted tokens (cut at EOS / the limit); the rows' new tokens and how many each emitted."""
+        events, emitted = [], []
+        now = time.perf_counter()
+        for row, tokens in zip(rows, accepted):
+            out = row.stats.token_ids
+            new = []
+            for tok in tokens if not row.done else []:
+                if len(out) + len(new) >= row.max_new_tokens:
+                    break
+                new.append(tok)
+                if tok in self.eos_ids:
+                    break
+            out.extend(new)
+            if new:
+                events.append((row, new))
+            emitted.append(len(new))
+            if len(out) >= row.max_new_tokens or (out and out[-1] in self.eos_ids):
+                row.done = True
+            row.stats.seconds = now - row.submitted
+        return events, emitted
 
 
 StreamCallback = Callable[[int, list[int]], None]  # (row index in the batch, new token ids)
 
 
-@torch.inference_mode()
 def generate_batch(
     decoder: Decoder,
     method: Method,
@@ -76,56 +257,21 @@ def generate_batch(
     eos_ids: set[int],
     on_tokens: StreamCallback | None = None,
 ) -> list[RowStats]:
-    """Greedy-decode a batch of tokenised prompts; every row gets exactly what it would get alone."""
-    t0 = time.perf_counter()
-    B = len(prompts)
-    max_len = max(len(p) for p in prompts) + max_new_tokens + method.tree_size + 1
-    cache = decoder.new_cache(B, max_len)
-    stats = [RowStats() for _ in range(B)]
-
-    hidden_last = _prefill(decoder, cache, prompts)
-    roots = method.start(decoder, hidden_last)
-    prefill_seconds = time.perf_counter() - t0
-    active = list(range(B))  # batch row -> original row
-    first = [[t] for t in roots.tolist()]
-    _, done = _emit(first, active, stats, max_new_tokens, eos_ids, on_tokens)
-    for s in stats:
-        s.prefill_seconds = prefill_seconds
-
-    while True:
-        keep = [i for i, d in enumerate(done) if not d]
-        if not keep:
-            break
-        if len(keep) < len(active):
-            rows = torch.tensor(keep)
-            cache.select_rows(rows)
-            method.select_rows(rows)
-            roots = roots[rows]
-            active = [active[i] for i in keep]
-        t = time.perf_counter()
-        result = method.step(decoder, cache, roots)
-        roots = result.roots
-        dt = time.perf_counter() - t
-        emitted, done = _emit(result.accepted, active, stats, max_new_tokens, eos_ids, on_tokens)
-        for i, row in enumerate(active):
-            s = stats[row]
-            s.step_accepted.append(emitted[i])
-            s.step_tree_tokens.append(result.tree_tokens[i])
-            s.step_late_tokens.append(result.late_tokens[i])
-            s.step_seconds.append(dt)
-
-    total = time.perf_counter() - t0
-    for s in stats:
-        s.seconds = total
-    return stats
+    """Greedy-decode a batch of tokenised prompts, prefilled together; every row gets exactly what it would get alone."""
+    loop = DecodeLoop(decoder, method, eos_ids)
+    rows = loop.submit(prompts, max_new_tokens)
+    index = {id(row): i for i, row in enumerate(rows)}
+    while loop.busy:
+        for row, tokens in loop.advance():
+            if on_tokens is not None:
+                on_tokens(index[id(row)], tokens)
+    return [row.stats for row in rows]
 
 
-PREFILL_CHUNK = 256  # prompt tokens per pass: bounds the attention scores' memory on long prompts
-
-
-def _prefill(decoder: Decoder, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
-    """Run the right-padded prompts through the model in chunks; return each row's last hidden
-    state [B, dim]. Padding comes after a row's tokens, so none of them sees it."""
+def prefill_chunks(decoder: Decoder, cache: KVCache, prompts: list[list[int]]) -> Iterator[torch.Tensor | None]:
+    """Run the right-padded prompts through the model a chunk at a time, yielding None after each
+    chunk but the last, and then each row's last hidden state [B, dim]. Padding comes after a row's
+    tokens, so none of them sees it."""
     B, T = len(prompts), max(len(p) for p in prompts)
     tokens = torch.zeros(B, T, dtype=torch.long, device=cache.device)
     for b, p in enumerate(prompts):
@@ -138,26 +284,13 @@ def _prefill(decoder: Decoder, cache: KVCache, prompts: list[list[int]]) -> torc
         cache.advance(torch.full((B,), chunk.shape[1], device=cache.device))
         ends_here = (lengths > start) & (lengths <= start + chunk.shape[1])
         last[ends_here] = hidden[ends_here, lengths[ends_here] - 1 - start]
+        if start + PREFILL_CHUNK < T:
+            yield None
     cache.lengths = lengths
+    yield last
+
+
+def prefill(decoder: Decoder, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
+    """All of ``prefill_chunks`` at once: the rows' last hidden states [B, dim]."""
+    *_, last = prefill_chunks(decoder, cache, prompts)
     return last
-
-
-def _emit(accepted, active, stats, max_new_tokens, eos_ids, on_tokens) -> tuple[list[int], list[bool]]:
-    """Append accepted tokens (cut at EOS / the limit), stream them; say how many each row emitted
-    and which rows are done."""
-    done, emitted = [], []
-    for i, row in enumerate(active):
-        out = stats[row].token_ids
-        new = []
-        for tok in accepted[i]:
-            if len(out) + len(new) >= max_new_tokens:
-                break
-            new.append(tok)
-            if tok in eos_ids:
-                break
-        out.extend(new)
-        if on_tokens is not None and new:
-            on_tokens(row, new)
-        emitted.append(len(new))
-        done.append(len(out) >= max_new_tokens or (bool(out) and out[-1] in eos_ids))
-    return emitted, done

@@ -15,7 +15,7 @@ import time
 import torch
 
 from propd.decoding.draft import DraftMethod
-from propd.decoding.loop import StepResult
+from propd.decoding.loop import State, StepResult
 from propd.decoding.tree import TreeMethod
 from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache
@@ -30,16 +30,13 @@ class PropdMethod:
         drafter.reserve(max(chooser.sizes), depth, len(chooser.acceptance.p[0]))
         self.tree_size, self.tree_depth = drafter.tree_size, drafter.tree_depth
 
-    def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
-        return self.drafter.start(decoder, hidden)
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor) -> tuple[torch.Tensor, State]:
+        return self.drafter.start(decoder, cache, hidden)
 
-    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State) -> StepResult:
         rows, context = cache.batch_size, int(cache.lengths.max())
         tree = self.chooser.choose(rows, context)  # dynamic tree generation
         t = time.perf_counter()
-        result, last = self.drafter.step_tree(decoder, cache, roots, tree)  # candidates, verify, accept
+        result, last = self.drafter.step_tree(decoder, cache, roots, state, tree)  # candidates, verify, accept
         self.chooser.observe(tree, rows, context, last.tolist(), time.perf_counter() - t)  # statistics
         return result
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.drafter.select_rows(rows)

@@ -1,7 +1,7 @@
 """Tree verification (Medusa / BPD): verify the heads' guesses arranged in a token tree in one pass.
 
 One step, for every row of the batch (DESIGN.md section 2):
-  1. candidates: the heads' top-k at the previous step's last accepted node (kept in ``self.candidates``);
+  1. candidates: the heads' top-k at the previous step's last accepted node (kept in the rows' ``TreeState``);
   2. tree: root + candidate tokens at the tree's nodes;
   3. verify: all tokens through the model with the tree mask, K/V appended after the cache;
   4. accept: the longest path whose every token is its parent's argmax, plus the bonus token
@@ -99,13 +99,25 @@ def verify(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tens
     return Verified(normed, offsets, counts, roots)
 
 
+@dataclass
+class TreeState:
+    """The heads' top-k guesses [B, H, K] after each row's last accepted node."""
+
+    candidates: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.candidates = self.candidates[rows]
+
+    def join(self, other: "TreeState") -> None:
+        self.candidates = torch.cat([self.candidates, other.candidates])
+
+
 class TreeMethod:
     """Static-tree verification with Medusa heads; with a chain tree this is BPD."""
 
     def __init__(self, heads: MedusaHeads, tree: TokenTree):
         self.heads = heads
         self.tree = tree
-        self.candidates: torch.Tensor | None = None  # [B, H, K]
         self.reserve(tree.size, tree.depth, tree.max_rank)
 
     def reserve(self, size: int, depth: int, ranks: int) -> None:
@@ -119,22 +131,18 @@ class TreeMethod:
         """Heads' top-k tokens [B, H, K] from normed hidden states [B, dim] and the roots [B] they produced."""
         return self.heads.top_tokens(normed, roots, decoder, *self.candidate_shape)
 
-    def start(self, decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor) -> tuple[torch.Tensor, TreeState]:
         normed = decoder.final_norm(hidden)
         roots = decoder.greedy_tokens(normed)
-        self.candidates = self.propose(decoder, normed, roots)
-        return roots
+        return roots, TreeState(self.propose(decoder, normed, roots))
 
-    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor) -> StepResult:
-        return self.step_tree(decoder, cache, roots, self.tree)[0]
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: TreeState) -> StepResult:
+        return self.step_tree(decoder, cache, roots, state, self.tree)[0]
 
-    def step_tree(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, tree: TokenTree) -> tuple[StepResult, torch.Tensor]:
+    def step_tree(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: TreeState, tree: TokenTree) -> tuple[StepResult, torch.Tensor]:
         """One step over ``tree``: its result and each row's last accepted node [B]."""
-        tokens = tree_tokens(roots, self.candidates, tree)  # [B, N]
+        tokens = tree_tokens(roots, state.candidates, tree)  # [B, N]
         v = verify(decoder, cache, tree, tokens)
         last = v.last_nodes()
-        self.candidates = self.propose(decoder, v.normed[torch.arange(len(last)), last], v.roots)
+        state.candidates = self.propose(decoder, v.normed[torch.arange(len(last)), last], v.roots)
         return v.result(tokens), last
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.candidates = self.candidates[rows]

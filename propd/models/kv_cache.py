@@ -98,6 +98,19 @@ class KVCache:
         self.lengths = self.lengths[rows]
         self._set_rows(len(rows))
 
+    def join(self, other: "KVCache") -> None:
+        """Append ``other``'s rows after these (rows whose prompts are in join a running batch)."""
+        B, max_len = self.batch_size, max(self.max_len, other.max_len)
+        shape = list(self.kv.shape)
+        shape[2], shape[4] = B + other.batch_size, max_len
+        kv = torch.zeros(shape, dtype=self.kv.dtype, device=self.device)
+        kv[..., self.head_dim] = 1.0
+        kv[:, :, :B, :, : self.max_len] = self.kv
+        kv[:, :, B:, :, : other.max_len] = other.kv
+        self.kv, self.max_len = kv, max_len
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self._set_rows(self.batch_size)
+
     def _set_rows(self, batch_size: int) -> None:
         self._rows = torch.arange(batch_size, device=self.kv.device).unsqueeze(1)  # [B, 1] row index for advanced indexing
 
