@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -69,6 +70,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, chainN or a JSON file of rank paths")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    add_sampling_args(p)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sample (every method; see --acceptance)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens holding this probability")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="sample from the k most probable tokens (0: all)")
+    p.add_argument("--seed", type=int, help="sampling seed (prompt k takes seed + k); default: a random one")
+    p.add_argument("--acceptance", default="exact", choices=["exact", "typical"],
+                   help="tree methods when sampling: exact (AR sampling's very tokens for a seed) or typical (Medusa's; faster, lossy)")
+
+
+def sampling_from(args: argparse.Namespace):
+    """The ``Sampling`` the options ask for, its seed drawn now if none is given, or None (greedy)."""
+    from propd.decoding.sampling import Sampling
+
+    if args.temperature < 0:
+        raise PropdError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if args.temperature == 0:
+        return None
+    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed, args.acceptance)
+    return dataclasses.replace(sampling, seed=sampling.base_seed())
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:
@@ -95,10 +118,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise PropdError("give a prompt, or --prompts FILE.jsonl")
     if any(not p.strip() for p in prompts):
         raise PropdError("empty prompt")
+    sampling = sampling_from(args)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     method = model.method(args.method, args.tree, args.heads, args.drafter)
     if args.json:
-        for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw):
+        for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw, sampling=sampling):
             print(json.dumps(g.to_json()), flush=True)
         return
     streams = [TextStream(model.tokenizer) for _ in prompts]
@@ -113,7 +137,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         chunk = list(range(i, min(len(prompts), i + args.batch_size)))
         if single:
             print(f"### {prompts[i]}")
-        results = model.generate([prompts[j] for j in chunk], method, args.max_new_tokens, args.batch_size, not args.raw, lambda r, t: show(chunk[r], t))
+        results = model.generate([prompts[j] for j in chunk], method, args.max_new_tokens, args.batch_size, not args.raw, lambda r, t: show(chunk[r], t),
+                                 None if sampling is None else dataclasses.replace(sampling, seed=sampling.seed + i))
         for j, g in zip(chunk, results):
             if not single:
                 print(f"### {prompts[j]}\n{g.text}")
@@ -130,15 +155,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     check_method_args(args)
     if not args.prompt.strip():
         raise PropdError("empty prompt")
+    sampling = sampling_from(args)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     method = model.method(args.method, args.tree, args.heads, args.drafter)
     for warm_up in (method, "ar"):  # first-call allocations, and propd's first measurements of its step costs
         model.generate(["Say hello."], warm_up, 16)
     print(f"### {args.prompt}  [{args.method}]")
     stream = TextStream(model.tokenizer)
-    fast = model.generate([args.prompt], method, args.max_new_tokens, 1, not args.raw, lambda _, t: print(stream.push(t), end="", flush=True))[0]
+    fast = model.generate([args.prompt], method, args.max_new_tokens, 1, not args.raw, lambda _, t: print(stream.push(t), end="", flush=True),
+                          sampling)[0]
     print(stream.finish(), end="")
-    ar = model.generate([args.prompt], "ar", args.max_new_tokens, 1, not args.raw)[0]
+    ar = model.generate([args.prompt], "ar", args.max_new_tokens, 1, not args.raw, sampling=sampling)[0]
     f, a = fast.to_json(), ar.to_json()
     print(f"\n\n{args.method}: {f['tokens_per_s']} tokens/s, {f['mean_accepted']} tokens/step, {f['tree_tokens_per_step']} tree tokens/step")
     print(f"ar: {a['tokens_per_s']} tokens/s")
@@ -163,7 +190,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         t = time.perf_counter()
         conversation.append({"role": "user", "content": line})
         answer = []
-        for piece in model.stream(conversation if not args.raw else line, method, args.max_new_tokens, not args.raw):
+        for piece in model.stream(conversation if not args.raw else line, method, args.max_new_tokens, not args.raw, sampling_from(args)):
             answer.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -183,11 +210,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise PropdError(f"unknown method {unknown[0]!r} in --methods; available: hf, {', '.join(METHODS)}")
     batch_sizes = args.batch_sizes
     prompts = load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)
+    sampling = sampling_from(args)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree)
+    runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree, sampling)
     config = {
         "prompts_file": str(args.prompts or builtin_prompts_path().name), "prompts": len(prompts), "methods": methods,
         "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens, "model": args.model, "heads": args.heads, "tree": args.tree,
+        "sampling": dataclasses.asdict(sampling) if sampling else None,
     }
     results = build_results(model, runs, machine_facts(model), config)
     paths = write_report(results, runs, Path(args.out))
@@ -259,7 +288,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     with model.on_device():
         model.generate(["Say hello."], method, 16)  # first-call allocations before the first client waits on them
     name = args.served_model_name or args.model
-    app = create_app(model, method, args.method, name, args.max_batch_size, args.max_queue, args.max_new_tokens)
+    app = create_app(model, method, args.method, name, args.max_batch_size, args.max_queue, args.max_new_tokens, sampling_from(args),
+                     args.acceptance)
     print(f"propd serve: {name} by {args.method} on http://{args.host}:{args.port}/v1 (up to {args.max_batch_size} rows a step)", file=sys.stderr)
     signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn shuts down gracefully, then re-raises SIGTERM: exit 0 after it
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

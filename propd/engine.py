@@ -15,6 +15,7 @@ from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import DecodeLoop, Method, RowStats, generate_batch
 from propd.decoding.propd import PropdMethod
+from propd.decoding.sampling import Sampling
 from propd.decoding.tree import TreeMethod
 from propd.errors import PropdError
 from propd.heads.draft import DraftHead
@@ -213,9 +214,12 @@ class Propd:
         batch_size: int = 1,
         chat: bool = True,
         on_tokens=None,
+        sampling: Sampling | None = None,
     ) -> list[Generation]:
-        """Greedy generation for every prompt, ``batch_size`` prompts decoding together.
-        ``on_tokens(prompt_index, new_token_ids)`` is called as tokens are accepted."""
+        """Generation for every prompt, ``batch_size`` prompts decoding together: greedy, or by
+        ``sampling`` (prompt k takes seed ``sampling.seed + k``: the same text at any batch size
+        and with any method under exact acceptance). ``on_tokens(prompt_index, new_token_ids)``
+        is called as tokens are accepted."""
         if batch_size < 1:
             raise PropdError("batch_size must be at least 1")
         m = self.method(method) if isinstance(method, str) else method
@@ -226,24 +230,28 @@ class Propd:
             except PropdError as e:
                 raise PropdError(f"{e}: {str(p)[:60]!r}...") from None
         results: list[Generation] = []
+        base = sampling.base_seed() if sampling is not None else 0
         for start in range(0, len(prompts), batch_size):
             batch = encoded[start : start + batch_size]
             callback = None if on_tokens is None else (lambda row, toks, s=start: on_tokens(s + row, toks))
+            seeds = [base + start + k for k in range(len(batch))]
             with self.on_device():
-                stats = generate_batch(self.decoder, m, batch, max_new_tokens, self.eos_ids, callback)
+                stats = generate_batch(self.decoder, m, batch, max_new_tokens, self.eos_ids, callback, sampling, seeds)
             for i, s in enumerate(stats):
                 text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
                 results.append(Generation(prompts[start + i], text, s.token_ids, s))
         return results
 
-    def stream(self, prompt: str | list[dict], method: str | Method = "ar", max_new_tokens: int = 128, chat: bool = True) -> Iterator[str]:
+    def stream(
+        self, prompt: str | list[dict], method: str | Method = "ar", max_new_tokens: int = 128, chat: bool = True, sampling: Sampling | None = None,
+    ) -> Iterator[str]:
         """Yield the text of one generation as it is produced; decoding stops when the caller stops
         reading. ``prompt``: a string or a conversation (a list of messages)."""
         m = self.method(method) if isinstance(method, str) else method
         ids = self.encode(prompt, chat)
         self.check_fits(ids, max_new_tokens, m)
         loop = DecodeLoop(self.decoder, m, self.eos_ids)
-        loop.submit([ids], max_new_tokens)
+        loop.submit([ids], max_new_tokens, sampling)
         text = TextStream(self.tokenizer)
         while loop.busy:
             with self.on_device():

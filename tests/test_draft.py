@@ -9,6 +9,7 @@ import torch
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import generate_batch
+from propd.decoding.sampling import Picker
 from propd.errors import PropdError
 from propd.heads.draft import DraftHead
 from propd.models.decoder import Decoder, ModelArgs
@@ -68,7 +69,7 @@ def test_tree_drafting_computes_what_training_unrolls():
     dec = Decoder.from_hf(tiny_hf_model("llama", seed=1))
     draft = random_draft(dec.args, 1)
     method = DraftMethod(draft, chain(3))
-    roots, state = method.start(dec, dec.new_cache(1, 64), torch.randn(1, dec.args.dim))
+    roots, state = method.start(dec, dec.new_cache(1, 64), torch.randn(1, dec.args.dim), Picker.all_greedy(1))
     first_features = state.pending[0]
     tokens = method.propose(dec, roots, state)
     with torch.no_grad():
@@ -116,10 +117,10 @@ def test_root_only_steps_queue_the_drafts_reading_and_stay_lossless():
     class Alternating(DraftMethod):
         steps = 0
 
-        def step(self, decoder, cache, roots, state):
+        def step(self, decoder, cache, roots, state, picker):
             self.steps += 1
             self.state = state
-            return self.step_tree(decoder, cache, roots, state, trees[self.steps % len(trees)])[0]
+            return self.step_tree(decoder, cache, roots, state, picker, trees[self.steps % len(trees)])[0]
 
     method = Alternating(draft, chain(3))
     assert [s.token_ids for s in generate_batch(dec, method, prompts, 30, {0})] == ar

@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 from openai import OpenAI
 
+from propd.decoding.sampling import Sampling
 from propd.server.app import StopText, create_app
 from tests.conftest import REAL_PROMPTS
 
@@ -123,6 +124,16 @@ def test_concurrent_requests_share_steps_and_each_equals_its_solo_run(server, de
     assert 'propd_accepted_depth_total{depth="1"}' in values and values["propd_tree_tokens_total"] >= values["propd_late_tokens_total"]
 
 
+def test_sampled_requests_are_seeded_and_equal_generate(server, default_model):
+    settings = Sampling(0.9, top_p=0.95, seed=7)
+    want = default_model.generate([REAL_PROMPTS[3]], "ar", max_new_tokens=40, sampling=settings)[0].text
+    ask = dict(model="default", messages=[{"role": "user", "content": REAL_PROMPTS[3]}], max_tokens=40, temperature=0.9, top_p=0.95)
+    client = server.client()
+    assert client.chat.completions.create(**ask, seed=7).choices[0].message.content == want
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, seed=7, stream=True)) == want
+    assert client.chat.completions.create(**ask, seed=8).choices[0].message.content != want
+
+
 def test_stop_strings_cut_the_text(server, default_model):
     full = default_model.generate([REAL_PROMPTS[4]], "ar", max_new_tokens=48)[0].text
     stop = full[20:24]
@@ -160,7 +171,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         ({**good, "messages": [{"role": "user", "content": "word " * 9000}]}, 400),
         ({**good, "messages": [{"role": "user", "content": "   "}]}, 400),
         ({**good, "model": "gpt-4"}, 404),
-        ({**good, "temperature": 0.7}, 400),
+        ({**good, "temperature": 3.0}, 400),
+        ({**good, "top_p": 0}, 400),
         ({**good, "n": 2}, 400),
     ]
     for body, status in cases:

@@ -7,7 +7,7 @@ import torch
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.loop import generate_batch
-from propd.decoding.tree import TreeMethod, accepted_offsets, greedy_walk
+from propd.decoding.tree import TreeMethod, accepted_offsets, walk
 from propd.errors import PropdError
 from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder
@@ -67,18 +67,19 @@ def test_best_tree_holds_the_most_probable_paths_and_beats_other_trees_of_its_si
         load_tree("best6")
 
 
-def test_greedy_walk_follows_longest_correct_path_and_offsets_pack_it():
+def test_walk_follows_longest_correct_path_and_offsets_pack_it():
     tree = TokenTree.from_paths([[0], [1], [0, 0], [1, 0]])
     # nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0), 4 (1,0)
     tokens = torch.tensor([[5, 7, 8, 9, 3], [5, 7, 8, 9, 3]])
     predictions = torch.tensor([[8, 1, 3, 0, 2], [6, 1, 3, 0, 0]])  # row 0: 8 then 3 -> path 0,2,4
     asked = []
 
-    def next_token(rows, nodes):
+    def accept(rows, nodes, kids, valid):
         asked.extend(zip(rows.tolist(), nodes.tolist()))
-        return predictions[rows, nodes]
+        picked = predictions[rows, nodes]
+        return valid & (kids == picked.unsqueeze(1)), picked
 
-    last, bonus = greedy_walk(tokens, tree, next_token)
+    last, bonus = walk(tokens, tree, accept)
     assert last.tolist() == [4, 0] and bonus.tolist() == [2, 6]
     assert sorted(asked) == [(0, 0), (0, 2), (0, 4), (1, 0)]  # only accepted nodes are projected
     offsets, counts = accepted_offsets(tree, last)
@@ -112,9 +113,9 @@ class OracleTree(TreeMethod):
         super().__init__(random_heads(64, 96, depth, 0), chain(depth))
         self.full, self.prompt_len, self.cache = full, prompt_len, None
 
-    def step(self, decoder, cache, roots, state):
+    def step(self, decoder, cache, roots, state, picker):
         self.cache = cache
-        return super().step(decoder, cache, roots, state)
+        return super().step(decoder, cache, roots, state, picker)
 
     def propose(self, decoder, normed, roots):
         # The root sits at the cache length: every accepted token but the root is cached.

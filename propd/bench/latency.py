@@ -25,7 +25,7 @@ from propd.tree.tree import TokenTree, load_tree, medusa_paths  # noqa: E402
 def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], context: int = 256, repeats: int = 5) -> list[dict]:
     """Median wall time of one verification step over ``size`` tree tokens per row, after ``context``
     cached tokens: every layer over every token, then the vocabulary projection of one node per row
-    (each further accepted token adds one more matrix-vector product, see ``greedy_walk``)."""
+    (each further accepted token adds one more matrix-vector product, see ``tree.walk``)."""
     rows = []
     with tqdm(total=len(sizes) * len(batch_sizes), desc="step latency", unit="point") as bar:
         for b in batch_sizes:

@@ -7,6 +7,7 @@ its new tokens over its wall time; its output must be token-identical to ``ar``'
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from propd.decoding.loop import RowStats
+from propd.decoding.sampling import Sampling
 from propd.engine import Generation, Propd, device_name
 from propd.errors import PropdError
 from propd.models.kernels import cpu_name
@@ -85,15 +87,20 @@ def run_bench(
     max_new_tokens: int,
     heads: str = "default",
     tree: str | None = None,
+    sampling: Sampling | None = None,
 ) -> list[MethodRun]:
+    """Every method on every batch of prompts, side by side. With ``sampling`` (its seed set),
+    prompt k samples with seed + k under every method and batch size, so exact acceptance must
+    give AR sampling's very tokens; ``hf`` stays greedy."""
     if "ar" not in methods:
         raise PropdError("bench needs 'ar' among the methods: it is the reference for speed-up and losslessness")
     builders = {m: (None if m == HF else _build(model, m, tree, heads)) for m in methods}
 
-    def run_one(method: str, batch: list[Prompt], n: int) -> tuple[list[Generation], float]:
+    def run_one(method: str, batch: list[Prompt], n: int, start: int = 0) -> tuple[list[Generation], float]:
         texts = [p.text for p in batch]
+        seeded = None if sampling is None else dataclasses.replace(sampling, seed=sampling.seed + start)
         t = time.perf_counter()
-        gens = hf_generate(model, texts, n) if method == HF else model.generate(texts, builders[method], n, len(texts))
+        gens = hf_generate(model, texts, n) if method == HF else model.generate(texts, builders[method], n, len(texts), sampling=seeded)
         return gens, time.perf_counter() - t
 
     for m in methods:  # warm-up: first-call allocations and caches
@@ -107,7 +114,7 @@ def run_bench(
                 batch = prompts[start : start + b]
                 order = methods[k % len(methods) :] + methods[: k % len(methods)]
                 for m in order:
-                    gens, seconds = run_one(m, batch, max_new_tokens)
+                    gens, seconds = run_one(m, batch, max_new_tokens, start)
                     r = by_method[m]
                     r.generations += gens
                     r.prompts += batch

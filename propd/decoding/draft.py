@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from propd.decoding.loop import StepResult
+from propd.decoding.sampling import Picker
 from propd.decoding.tree import verify
 from propd.heads.draft import DraftHead
 from propd.models.decoder import Decoder
@@ -79,9 +80,9 @@ class DraftMethod:
             self._levels[tree.paths] = out
         return self._levels[tree.paths]
 
-    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor) -> tuple[torch.Tensor, DraftState]:
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, DraftState]:
         normed = decoder.final_norm(hidden)
-        roots = decoder.greedy_tokens(normed)
+        roots = picker.pick(decoder, normed, torch.arange(len(normed)), torch.zeros(len(normed), dtype=torch.long))
         pending = (normed.float().unsqueeze(1), roots.unsqueeze(1), torch.ones(len(roots), dtype=torch.long, device=roots.device))
         return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.max_len), pending)
 
@@ -112,15 +113,17 @@ class DraftMethod:
             predicted[:, expand] = dec.forward_layers(x, layout, cache)
         return tokens
 
-    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState) -> StepResult:
-        return self.step_tree(decoder, cache, roots, state, self.tree)[0]
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker) -> StepResult:
+        return self.step_tree(decoder, cache, roots, state, picker, self.tree)[0]
 
-    def step_tree(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, tree: TokenTree) -> tuple[StepResult, torch.Tensor]:
+    def step_tree(
+        self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker, tree: TokenTree,
+    ) -> tuple[StepResult, torch.Tensor]:
         """One step over ``tree``: its result and each row's last accepted node [B]. A tree of the
         root alone is a plain AR step: the draft does not run, and reads the step's entry later."""
         root_only = tree.size == 1
         tokens = roots.unsqueeze(1) if root_only else self.propose(decoder, roots, state, tree)
-        v = verify(decoder, cache, tree, tokens)
+        v = verify(decoder, cache, tree, tokens, picker)
         path_tokens = tokens.gather(1, v.offsets)  # root first
         next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
         next_tokens[torch.arange(len(roots)), v.counts - 1] = v.roots

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
+from propd.decoding.sampling import Picker, RowChoice, Sampling
 from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache
 
@@ -78,14 +79,15 @@ class Stateless:
 class Method(Protocol):
     """One decoding method. ``start`` sees the prefill's last hidden states [B, dim] of rows whose
     prompts fill ``cache`` and returns their first roots [B] and state; ``step`` runs one forward
-    pass over the roots (and whatever it guesses after them)."""
+    pass over the roots (and whatever it guesses after them). ``picker`` says how each row picks
+    its tokens (greedy or sampled)."""
 
     tree_size: int  # tokens a step writes into the cache past a row's length
     tree_depth: int  # positions a step reaches past a row's length
 
-    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor) -> tuple[torch.Tensor, State]: ...
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, State]: ...
 
-    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State) -> StepResult: ...
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State, picker: Picker) -> StepResult: ...
 
 
 @dataclass(eq=False)
@@ -94,6 +96,8 @@ class Row:
 
     prompt: list[int]
     max_new_tokens: int
+    sampling: Sampling | None = None  # None: greedy
+    seed: int = 0
     stats: RowStats = field(default_factory=RowStats)
     done: bool = False
     cancelled: bool = False
@@ -103,6 +107,9 @@ class Row:
     def finish_reason(self) -> str:
         """``stop`` (EOS or cancelled by a stop string), or ``length`` (the token limit)."""
         return "length" if len(self.stats.token_ids) >= self.max_new_tokens else "stop"
+
+    def choice(self) -> RowChoice:
+        return RowChoice(self.sampling, self.seed, len(self.stats.token_ids))
 
 
 @dataclass
@@ -152,10 +159,16 @@ class DecodeLoop:
         """Rows submitted whose prompts are not in yet."""
         return sum(len(j.rows) for j in self.joining)
 
-    def submit(self, prompts: list[list[int]], max_new_tokens: int | list[int]) -> list[Row]:
-        """Queue prompts (token ids) to decode, prefilled together; returns their rows."""
+    def submit(self, prompts: list[list[int]], max_new_tokens: int | list[int], sampling: Sampling | list[Sampling | None] | None = None,
+               seeds: list[int] | None = None) -> list[Row]:
+        """Queue prompts (token ids) to decode, prefilled together; returns their rows. ``sampling``
+        None decodes greedily; sampled row k takes seed ``seeds[k]`` (default: the settings' seed + k)."""
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-        rows = [Row(p, n) for p, n in zip(prompts, limits)]
+        settings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if seeds is None:
+            bases = {id(s): s.base_seed() for s in settings if s is not None}
+            seeds = [bases[id(s)] + k if s is not None else 0 for k, s in enumerate(settings)]
+        rows = [Row(p, n, s, seed) for p, n, s, seed in zip(prompts, limits, settings, seeds)]
         self.joining.append(_Joining(self.decoder, rows, self.method.tree_size))
         return rows
 
@@ -182,7 +195,7 @@ class DecodeLoop:
         if hidden is None:
             return []
         self.joining.popleft()
-        roots, state = self.method.start(self.decoder, group.cache, hidden)
+        roots, state = self.method.start(self.decoder, group.cache, hidden, Picker([r.choice() for r in group.rows]))
         for row in group.rows:
             row.stats.prefill_seconds = group.seconds
         if self.cache is None:
@@ -210,7 +223,7 @@ class DecodeLoop:
 
     def _step(self) -> list[tuple[Row, list[int]]]:
         t = time.perf_counter()
-        result = self.method.step(self.decoder, self.cache, self.roots, self.state)
+        result = self.method.step(self.decoder, self.cache, self.roots, self.state, Picker([r.choice() for r in self.rows]))
         self.roots = result.roots
         dt = time.perf_counter() - t
         events, emitted = self._emit(self.rows, result.accepted)
@@ -256,10 +269,13 @@ def generate_batch(
     max_new_tokens: int,
     eos_ids: set[int],
     on_tokens: StreamCallback | None = None,
+    sampling: Sampling | None = None,
+    seeds: list[int] | None = None,
 ) -> list[RowStats]:
-    """Greedy-decode a batch of tokenised prompts, prefilled together; every row gets exactly what it would get alone."""
+    """Decode a batch of tokenised prompts, prefilled together, greedily or by ``sampling``; every
+    row gets exactly what it would get alone."""
     loop = DecodeLoop(decoder, method, eos_ids)
-    rows = loop.submit(prompts, max_new_tokens)
+    rows = loop.submit(prompts, max_new_tokens, sampling, seeds)
     index = {id(row): i for i, row in enumerate(rows)}
     while loop.busy:
         for row, tokens in loop.advance():

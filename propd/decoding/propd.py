@@ -16,6 +16,7 @@ import torch
 
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import State, StepResult
+from propd.decoding.sampling import Picker
 from propd.decoding.tree import TreeMethod
 from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache
@@ -30,13 +31,13 @@ class PropdMethod:
         drafter.reserve(max(chooser.sizes), depth, len(chooser.acceptance.p[0]))
         self.tree_size, self.tree_depth = drafter.tree_size, drafter.tree_depth
 
-    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor) -> tuple[torch.Tensor, State]:
-        return self.drafter.start(decoder, cache, hidden)
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, State]:
+        return self.drafter.start(decoder, cache, hidden, picker)
 
-    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State) -> StepResult:
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State, picker: Picker) -> StepResult:
         rows, context = cache.batch_size, int(cache.lengths.max())
         tree = self.chooser.choose(rows, context)  # dynamic tree generation
         t = time.perf_counter()
-        result, last = self.drafter.step_tree(decoder, cache, roots, state, tree)  # candidates, verify, accept
+        result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree)  # candidates, verify, accept
         self.chooser.observe(tree, rows, context, last.tolist(), time.perf_counter() - t)  # statistics
         return result

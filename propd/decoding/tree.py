@@ -4,8 +4,9 @@ One step, for every row of the batch (DESIGN.md section 2):
   1. candidates: the heads' top-k at the previous step's last accepted node (kept in the rows' ``TreeState``);
   2. tree: root + candidate tokens at the tree's nodes;
   3. verify: all tokens through the model with the tree mask, K/V appended after the cache;
-  4. accept: the longest path whose every token is its parent's argmax, plus the bonus token
-     (walked from the root, projecting only accepted nodes to the vocabulary);
+  4. accept: the longest path whose every token is the token its parent picks (the argmax, or a
+     sample: ``sampling``), plus the bonus token (walked from the root, projecting only accepted
+     nodes to the vocabulary);
   5. cache: keep only the accepted nodes' K/V, packed;
   6. the heads at the last accepted node give the next step's candidates.
 """
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 
 from propd.decoding.loop import StepResult
+from propd.decoding.sampling import Picker
 from propd.errors import PropdError
 from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder
@@ -30,23 +32,24 @@ def tree_tokens(roots: torch.Tensor, candidates: torch.Tensor, tree: TokenTree) 
     return torch.cat([roots.unsqueeze(1), candidates[:, tree.depths[1:] - 1, tree.ranks[1:]]], dim=1)
 
 
-def greedy_walk(tokens: torch.Tensor, tree: TokenTree, next_token: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Follow each row's tree from the root while some child carries the model's greedy choice.
+def walk(tokens: torch.Tensor, tree: TokenTree, accept: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Follow each row's tree from the root while the row accepts a child.
 
-    tokens: [B, N]; ``next_token(rows, nodes)`` gives the model's argmax [R] after those nodes.
-    Returns the last accepted node [B] and the bonus token after it [B]. Siblings carry distinct
-    tokens (one head's distinct top-k), so at most one child matches. Only nodes on the accepted
+    tokens: [B, N]; ``accept(rows, nodes, kids, valid)`` says, for rows [R] at nodes [R] whose
+    children carry tokens kids [R, C] (``valid`` where a child exists), which children they accept
+    [R, C] (the first counts) and the token each would emit instead [R] (``Picker.accept``).
+    Returns the last accepted node [B] and the bonus token after it [B]. Only nodes on the accepted
     paths are projected to the vocabulary: one matrix-vector product per accepted token, as in AR."""
     B = tokens.shape[0]
     last = torch.zeros(B, dtype=torch.long)
     bonus = torch.empty(B, dtype=torch.long)
     rows = torch.arange(B)
     while len(rows):
-        pred = next_token(rows, last[rows])
         kids = tree.children[last[rows]]  # [R, C]
-        match = (kids >= 0) & (tokens[rows.unsqueeze(1), kids.clamp(min=0)] == pred.unsqueeze(1))
+        valid = kids >= 0
+        match, picked = accept(rows, last[rows], tokens[rows.unsqueeze(1), kids.clamp(min=0)], valid)
         found = match.any(dim=1)
-        bonus[rows[~found]] = pred[~found]
+        bonus[rows[~found]] = picked[~found]
         child = kids.gather(1, match.int().argmax(dim=1, keepdim=True)).squeeze(1)
         last[rows[found]] = child[found]
         rows = rows[found]
@@ -84,16 +87,18 @@ class Verified:
         return StepResult(accepted, self.roots, [N] * B, [N] * B)
 
 
-def verify(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor) -> Verified:
+def verify(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor, picker: Picker) -> Verified:
     """Steps 3-5: run the tree's tokens [B, N] through the model after the cache, accept each row's
-    longest greedy path and keep only its K/V. The root alone is an AR step, and costs what one does."""
+    longest path that ``picker`` accepts (greedy, or sampled: see ``sampling``) and keep only its
+    K/V. The root alone is an AR step, and costs what one does."""
+    B = len(tokens)
     if tree.size == 1:
         normed = decoder.final_norm(decoder.extend(tokens, cache.chain(1), cache))  # [B, 1, dim]
-        cache.advance(torch.ones(len(tokens), dtype=torch.long, device=cache.device))
-        ones = torch.ones(len(tokens), dtype=torch.long)
-        return Verified(normed, torch.zeros(len(tokens), 1, dtype=torch.long), ones, decoder.greedy_tokens(normed[:, 0]))
+        cache.advance(torch.ones(B, dtype=torch.long, device=cache.device))
+        ones, zeros = torch.ones(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+        return Verified(normed, zeros.unsqueeze(1), ones, picker.pick(decoder, normed[:, 0], torch.arange(B), zeros))
     normed = decoder.final_norm(decoder.extend(tokens, cache.tree(tree.ancestors), cache))  # [B, N, dim]
-    last, roots = greedy_walk(tokens, tree, lambda rows, nodes: decoder.greedy_tokens(normed[rows, nodes]))
+    last, roots = walk(tokens, tree, lambda rows, nodes, kids, valid: picker.accept(decoder, normed[rows, nodes], rows, tree.depths[nodes], kids, valid))
     offsets, counts = accepted_offsets(tree, last)
     cache.keep(offsets, counts)
     return Verified(normed, offsets, counts, roots)
@@ -131,18 +136,20 @@ class TreeMethod:
         """Heads' top-k tokens [B, H, K] from normed hidden states [B, dim] and the roots [B] they produced."""
         return self.heads.top_tokens(normed, roots, decoder, *self.candidate_shape)
 
-    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor) -> tuple[torch.Tensor, TreeState]:
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, TreeState]:
         normed = decoder.final_norm(hidden)
-        roots = decoder.greedy_tokens(normed)
+        roots = picker.pick(decoder, normed, torch.arange(len(normed)), torch.zeros(len(normed), dtype=torch.long))
         return roots, TreeState(self.propose(decoder, normed, roots))
 
-    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: TreeState) -> StepResult:
-        return self.step_tree(decoder, cache, roots, state, self.tree)[0]
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: TreeState, picker: Picker) -> StepResult:
+        return self.step_tree(decoder, cache, roots, state, picker, self.tree)[0]
 
-    def step_tree(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: TreeState, tree: TokenTree) -> tuple[StepResult, torch.Tensor]:
+    def step_tree(
+        self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: TreeState, picker: Picker, tree: TokenTree,
+    ) -> tuple[StepResult, torch.Tensor]:
         """One step over ``tree``: its result and each row's last accepted node [B]."""
         tokens = tree_tokens(roots, state.candidates, tree)  # [B, N]
-        v = verify(decoder, cache, tree, tokens)
+        v = verify(decoder, cache, tree, tokens, picker)
         last = v.last_nodes()
         state.candidates = self.propose(decoder, v.normed[torch.arange(len(last)), last], v.roots)
         return v.result(tokens), last

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from propd.decoding.loop import Method
+from propd.decoding.sampling import Sampling
 from propd.engine import Propd, TextStream
 from propd.errors import PropdError
 from propd.server.metrics import Metrics
@@ -40,8 +41,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
-    """Fields both endpoints share. propd decodes greedily: temperature 0 (or absent) only."""
+class Common(BaseModel):
+    """Fields both endpoints share. Temperature 0 is greedy; absent, the server's --temperature."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str
@@ -51,15 +52,17 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = None
     n: int = Field(1, ge=1)
 
 
-class ChatRequest(Sampling):
+class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(Common):
     prompt: str | list[str]
     echo: bool = False
 
@@ -98,7 +101,9 @@ class StopText:
 
 
 def create_app(model: Propd, method: Method, method_name: str, model_name: str, max_batch_size: int = 8, max_queue: int = 64,
-               default_max_tokens: int = 256) -> FastAPI:
+               default_max_tokens: int = 256, default_sampling: Sampling | None = None, acceptance: str = "exact") -> FastAPI:
+    """The app; requests that send no temperature sample by ``default_sampling`` (None: greedy);
+    sampled requests accept tree tokens by ``acceptance`` (exact or typical)."""
     metrics = Metrics(max_depth=max(1, method.tree_depth))
     scheduler = Scheduler(model, method, metrics, max_batch_size, max_queue)
 
@@ -146,12 +151,23 @@ def create_app(model: Propd, method: Method, method_name: str, model_name: str, 
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "propd"}]}
 
-    def check(body: Sampling, prompt_ids: list[int], max_tokens: int | None) -> int:
+    def sampling(body: Common) -> Sampling | None:
+        """The request's sampling: its fields over the server's defaults; None for greedy."""
+        base = default_sampling or Sampling()
+        temperature = body.temperature if body.temperature is not None else (default_sampling.temperature if default_sampling else 0)
+        if temperature == 0:
+            return None
+        top_p = body.top_p if body.top_p is not None else base.top_p
+        top_k = body.top_k if body.top_k is not None else base.top_k
+        try:
+            return Sampling(temperature, top_p, top_k, body.seed, acceptance)
+        except PropdError as e:
+            raise ApiError(400, str(e)) from None
+
+    def check(body: Common, prompt_ids: list[int], max_tokens: int | None) -> int:
         """Refuse what propd cannot do or what does not fit; the request's token limit."""
         if body.model != model_name:
             raise ApiError(404, f"model {body.model!r} not found; this server has {model_name!r}", "model", "model_not_found")
-        if body.temperature not in (None, 0):
-            raise ApiError(400, "propd decodes greedily (lossless parallel decoding); send temperature 0 or leave it out", "temperature")
         if body.n != 1:
             raise ApiError(400, "n must be 1", "n")
         room = model.max_context - len(prompt_ids) - method.tree_depth
@@ -186,9 +202,9 @@ def create_app(model: Propd, method: Method, method_name: str, model_name: str, 
         limit = check(body, ids, body.max_tokens)
         return await respond(request, body, ids, limit, "text_completion")
 
-    async def respond(request: Request, body: Sampling, ids: list[int], limit: int, kind: str):
+    async def respond(request: Request, body: Common, ids: list[int], limit: int, kind: str):
         try:
-            ticket = scheduler.submit(ids, limit)
+            ticket = scheduler.submit(ids, limit, sampling(body))
         except QueueFull as e:
             raise ApiError(429, str(e), None, "rate_limit_exceeded", "rate_limit_error") from None
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from propd.decoding.loop import DecodeLoop, Method, Row
+from propd.decoding.sampling import Sampling
 from propd.engine import Propd
 from propd.errors import PropdError
 from propd.server.metrics import Metrics
@@ -27,6 +28,8 @@ class Ticket:
 
     prompt_ids: list[int]
     max_tokens: int
+    sampling: Sampling | None  # None: greedy
+    seed: int
     queue: asyncio.Queue
     event_loop: asyncio.AbstractEventLoop
     row: Row | None = None
@@ -62,9 +65,10 @@ class Scheduler:
         self.wake.set()
         self.thread.join(timeout=30)
 
-    def submit(self, prompt_ids: list[int], max_tokens: int) -> Ticket:
+    def submit(self, prompt_ids: list[int], max_tokens: int, sampling: Sampling | None = None) -> Ticket:
         """Queue a request; called on the server's event loop."""
-        ticket = Ticket(prompt_ids, max_tokens, asyncio.Queue(), asyncio.get_running_loop())
+        seed = sampling.base_seed() if sampling is not None else 0
+        ticket = Ticket(prompt_ids, max_tokens, sampling, seed, asyncio.Queue(), asyncio.get_running_loop())
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue}); retry later")
@@ -112,7 +116,8 @@ class Scheduler:
             room = self.max_batch_size - len(self.loop.rows) - self.loop.waiting
             admitted, self.waiting = self.waiting[: max(0, room)], self.waiting[max(0, room) :]
         if admitted:
-            rows = self.loop.submit([t.prompt_ids for t in admitted], [t.max_tokens for t in admitted])
+            rows = self.loop.submit([t.prompt_ids for t in admitted], [t.max_tokens for t in admitted], [t.sampling for t in admitted],
+                                    [t.seed for t in admitted])
             for ticket, row in zip(admitted, rows):
                 ticket.row = row
                 self.tickets[id(row)] = ticket

@@ -9,11 +9,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.loop import generate_batch
+from propd.decoding.sampling import Sampling
 from propd.engine import Propd
 from propd.errors import PropdError
 
@@ -54,12 +54,13 @@ def write_self_prompts(
             if fruitless == 5:
                 raise PropdError(f"the model ended none of {5 * batch_size} sampled user messages within {max_tokens} tokens; "
                                  "it does not seem to be a chat model: pass --self-prompts 0")
-            generator = torch.Generator(model.device).manual_seed(seed * 1_000_003 + len(seen) * 101 + attempt)
+            base = seed * 1_000_003 + len(seen) * 101 + attempt * batch_size
             attempt += 1
             fruitless += 1
             batch = [starts[(attempt * batch_size + i) % len(starts)] for i in range(batch_size)]
             with model.on_device():
-                stats = generate_batch(model.decoder, ARMethod(temperature, generator), [ids for _, ids in batch], max_tokens, model.eos_ids)
+                stats = generate_batch(model.decoder, ARMethod(), [ids for _, ids in batch], max_tokens, model.eos_ids,
+                                       sampling=Sampling(temperature), seeds=[base + i for i in range(batch_size)])
             for (opening, _), s in zip(batch, stats):
                 if not s.token_ids or s.token_ids[-1] not in model.eos_ids:
                     continue
