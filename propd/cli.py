@@ -58,10 +58,14 @@ def check_method_args(args: argparse.Namespace) -> None:
         print(f"propd: warning: {option} is ignored by --method {args.method}", file=sys.stderr)
     if args.tree and "--tree" not in ignored:
         check_tree_spec(args.tree, root_only_ok=args.method != "draft")
+    if args.method != "ar" and args.heads == "default" and args.model != "default":
+        raise PropdError(f"--method {args.method} needs heads trained for {args.model}: the shipped ones (--heads default) fit only the default "
+                         "model; use --method ar, or pass --heads DIR (`propd train --model ...` trains them)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a HF model directory or a .gguf file")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), qwen2.5-coder-0.5b, qwen2.5-coder-1.5b (see README: "
+                   "Other models), a HF model directory or a .gguf file")
     add_dtype_args(p)
     add_device_arg(p)
     p.add_argument("--method", default="ar", choices=METHODS, help="decoding method; propd: a tree chosen every step")

@@ -23,8 +23,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
-def tiny_hf_model(family: str = "llama", seed: int = 0, vocab: int = 96, layers: int = 3):
-    """A randomly initialised transformers model small enough to run in milliseconds."""
+def tiny_hf_model(family: str = "llama", seed: int = 0, vocab: int = 96, layers: int = 3, **config):
+    """A randomly initialised transformers model small enough to run in milliseconds (``config``:
+    more of the config's fields, e.g. ``tie_word_embeddings=True``)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(
@@ -34,7 +35,7 @@ def tiny_hf_model(family: str = "llama", seed: int = 0, vocab: int = 96, layers:
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
     config_cls, model_cls = classes[family]
     torch.manual_seed(seed)
-    config = config_cls(**common)
+    config = config_cls(**{**common, **config})
     model = model_cls(config).eval()
     with torch.no_grad():  # larger weights than the default init so that greedy choices are not near-ties
         for p in model.parameters():

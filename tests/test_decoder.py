@@ -36,6 +36,32 @@ def test_bfloat16_logits_follow_transformers_bfloat16(family):
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+def test_tied_embeddings_match_transformers_and_are_held_once():
+    hf = tiny_hf_model("qwen2", tie_word_embeddings=True)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    ids = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (prefill_logits(Decoder.from_hf(hf), ids) - ref).abs().max() < 1e-4
+    bf16 = Decoder.from_hf(hf, torch.bfloat16)
+    assert bf16.lm_head_weight is bf16.embed_tokens
+
+
+def test_a_bfloat16_decoder_holds_nothing_of_the_transformers_model():
+    """Weights in the route's dtype, norms and biases as fp32 copies: dropping the transformers model
+    frees its weights (a memory-mapped checkpoint included)."""
+    hf = tiny_hf_model("qwen2")
+    theirs = {p.untyped_storage().data_ptr() for p in hf.state_dict().values()}
+    dec = Decoder.from_hf(hf, torch.bfloat16)
+    ours = [dec.embed_tokens, dec.norm, dec.lm_head_weight, *(t for layer in dec.layers for t in vars(layer).values() if t is not None)]
+    assert not theirs & {t.untyped_storage().data_ptr() for t in ours}
+
+
+def test_sliding_window_layers_are_refused():
+    with pytest.raises(ValueError, match="sliding-window"):
+        Decoder.from_hf(tiny_hf_model("qwen2", layers=2, use_sliding_window=True, sliding_window=8, max_window_layers=1))
+
+
 def test_layer_ranges_compose_and_steps_match_full_pass():
     """Running layers [0,k) then [k,L), and decoding token by token, equals one full pass."""
     hf = tiny_hf_model("llama", layers=4)

@@ -46,6 +46,8 @@ class ModelArgs:
         rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"rope type {rope['rope_type']!r} is not supported")
+        if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+            raise ValueError("sliding-window attention layers are not supported (every layer here attends to the whole context)")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(
             vocab_size=config.vocab_size,
@@ -139,8 +141,8 @@ class Decoder:
         def w(name: str) -> torch.Tensor:
             return sd[prefix + name].to(route.dtype)
 
-        def f32(name: str) -> torch.Tensor:
-            return sd[prefix + name].float()
+        def f32(name: str) -> torch.Tensor:  # a copy: a view would keep the whole checkpoint file mapped (and resident)
+            return sd[prefix + name].to(torch.float32, copy=True)
 
         half = args.head_dim // 2
         pairs = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # rotate-half -> interleaved
@@ -168,7 +170,9 @@ class Decoder:
                 )
             )
         embed = w("embed_tokens.weight")
-        lm_head = sd["lm_head.weight"].to(route.dtype) if "lm_head.weight" in sd else embed
+        head = sd.get("lm_head.weight")
+        tied = head is None or head.data_ptr() == sd[prefix + "embed_tokens.weight"].data_ptr()
+        lm_head = embed if tied else head.to(route.dtype)  # tied: one copy in the route's dtype, not two
         return cls(args, embed, layers, f32("norm.weight"), lm_head, route)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

