@@ -50,8 +50,10 @@ def check_method_args(args: argparse.Namespace) -> None:
     ignored = []
     if args.method == "ar":
         ignored += [o for o, set_ in (("--tree", args.tree), ("--heads", args.heads != "default")) if set_]
-    if args.method == "propd" and args.tree:
+    if args.method == "propd" and args.tree and args.dynamic:
         ignored.append("--tree")
+    if args.method != "propd":
+        ignored += [o for o, set_ in (("--prune", args.prune is not None), ("--no-dynamic", not args.dynamic)) if set_]
     if args.method != "propd" and args.drafter != "draft":
         ignored.append("--drafter")
     for option in ignored:
@@ -74,7 +76,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, chainN or a JSON file of rank paths")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    add_propd_args(p)
     add_sampling_args(p)
+
+
+def add_propd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prune", action=argparse.BooleanOptionalAction, default=None,
+                   help="propd: early pruning by the early head (default: off, see README: ProPD); --no-prune for the ablation")
+    p.add_argument("--prune-top-k", type=positive_int, default=10, help="propd: a node survives if its token is in its parent's early top-k")
+    p.add_argument("--prune-keep-ranks", type=non_negative_int, default=0, help="propd: never prune the drafter's best N guesses at a node")
+    p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
+                   help="propd: choose the tree every step (default); --no-dynamic keeps --tree (default best16) every step")
+
+
+def build_method(model, args: argparse.Namespace):
+    """The method the options name (propd's switches included)."""
+    from propd.engine import PRUNE_BY_DEFAULT
+
+    prune = PRUNE_BY_DEFAULT if args.prune is None else args.prune
+    return model.method(args.method, args.tree, args.heads, args.drafter, prune, args.dynamic, args.prune_top_k, args.prune_keep_ranks)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -124,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise PropdError("empty prompt")
     sampling = sampling_from(args)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    method = model.method(args.method, args.tree, args.heads, args.drafter)
+    method = build_method(model, args)
     if args.json:
         for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw, sampling=sampling):
             print(json.dumps(g.to_json()), flush=True)
@@ -161,7 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise PropdError("empty prompt")
     sampling = sampling_from(args)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    method = model.method(args.method, args.tree, args.heads, args.drafter)
+    method = build_method(model, args)
     for warm_up in (method, "ar"):  # first-call allocations, and propd's first measurements of its step costs
         model.generate(["Say hello."], warm_up, 16)
     print(f"### {args.prompt}  [{args.method}]")
@@ -181,7 +201,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     check_method_args(args)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    method = model.method(args.method, args.tree, args.heads, args.drafter)
+    method = build_method(model, args)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     conversation: list[dict] = []
     while True:
@@ -288,7 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     check_method_args(args)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    method = model.method(args.method, args.tree, args.heads, args.drafter)
+    method = build_method(model, args)
     with model.on_device():
         model.generate(["Say hello."], method, 16)  # first-call allocations before the first client waits on them
     name = args.served_model_name or args.model
@@ -339,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--per-category", type=positive_int, help="at most this many prompts of each category (e.g. 2: 16 MT-Bench questions)")
     b.add_argument("--methods", default="hf,ar,bpd,medusa,propd",
                    help="comma-separated: hf (transformers generate), ar, bpd, medusa, draft, propd; medusa@TREE / draft@TREE picks a tree per method, "
-                        "propd@medusa propd's drafter")
+                        "propd@medusa propd's drafter; propd+prune / propd+prune20 (early top-20) / propd+prune20r1 (and the drafter's top guess) / "
+                        "propd+noprune, propd+static / propd+staticTREE (one tree every step): the ablations")
     b.add_argument("--batch-sizes", type=positive_ints, default=[1], help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--out", default="bench-out", help="directory for results.json, report.md and plots")
     add_model_args(b)

@@ -15,10 +15,12 @@ from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import DecodeLoop, Method, RowStats, generate_batch
 from propd.decoding.propd import PropdMethod
+from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Sampling
 from propd.decoding.tree import TreeMethod
 from propd.errors import PropdError
 from propd.heads.draft import DraftHead
+from propd.heads.early import EarlyHead
 from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder, ModelArgs
 from propd.models.kernels import DTYPES, Route, autograd_route, choose_route
@@ -29,6 +31,7 @@ from propd.tree.tree import load_tree
 METHODS = ("ar", "bpd", "medusa", "draft", "propd")
 DRAFTERS = ("draft", "medusa")
 DEFAULT_HEADS = Path(__file__).parent / "heads" / "default"
+PRUNE_BY_DEFAULT = False  # the shipped early head rules out too many accepted tokens to pay (README: ProPD, early pruning)
 
 
 @dataclass
@@ -58,6 +61,8 @@ class Generation:
             "mean_accepted": round(s.mean_accepted, 4),
             "tree_tokens_per_step": round(sum(s.step_tree_tokens) / max(1, s.steps), 3),
             "late_tokens_per_step": round(sum(s.step_late_tokens) / max(1, s.steps), 3),
+            "pruning_ratio": round(1 - sum(s.step_late_tokens) / sum(s.step_tree_tokens), 4) if s.steps else 0.0,
+            "tree_sizes": s.step_tree_tokens,
             "ms_per_step": round(1e3 * sum(s.step_seconds) / max(1, s.steps), 3),
         }
 
@@ -166,6 +171,16 @@ class Propd:
         heads.check_fits(self.decoder.args)
         return heads.to(self.device)
 
+    def load_early_head(self, heads: str | os.PathLike = "default") -> EarlyHead:
+        """The early-pruning head: ``default`` (shipped for the default model) or a directory holding early_head.json."""
+        directory = self._heads_dir(heads if isinstance(heads, (str, os.PathLike)) else "default")
+        if not (directory / "early_head.json").exists():
+            raise PropdError(f"{directory} holds no early head (early_head.json) for pruning; pass --no-prune, or train one (`propd train`)")
+        head = EarlyHead.load(directory)
+        if head.dim != self.decoder.args.dim or head.vocab_size != self.decoder.args.vocab_size or head.layer >= self.decoder.args.n_layers:
+            raise PropdError(f"{directory}: the early head (dim {head.dim}, vocab {head.vocab_size}, layer {head.layer}) does not fit this model")
+        return head.to(self.device)
+
     def _heads_dir(self, heads: str | os.PathLike) -> Path:
         if str(heads) == "default":
             if self.name != DEFAULT_MODEL:
@@ -177,11 +192,14 @@ class Propd:
 
     def method(
         self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads | DraftHead = "default", drafter: str = "draft",
+        prune: bool = PRUNE_BY_DEFAULT, dynamic: bool = True, prune_top_k: int = 10, prune_keep_ranks: int = 0,
     ) -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
         ``bpd`` (chain of each head's top-1), ``draft`` (the draft layer fills a static tree,
-        default mc_sim_7b_63) or ``propd`` (a tree chosen every step, filled by ``drafter``:
-        the draft layer or the Medusa heads)."""
+        default mc_sim_7b_63) or ``propd`` (a tree chosen every step, filled by ``drafter``: the
+        draft layer or the Medusa heads; ``prune``: early pruning by the early head's top
+        ``prune_top_k``, sparing the drafter's ``prune_keep_ranks`` best guesses; ``dynamic``
+        False: the static ``tree`` every step, default best16)."""
         with self.on_device():
             if name == "ar":
                 return ARMethod()
@@ -192,8 +210,10 @@ class Propd:
                 stats = d.meta.get("rank_probabilities")
                 if not stats:
                     raise PropdError(f"propd needs the {drafter}'s acceptance statistics (rank_probabilities), and these have none")
-                inner = DraftMethod(d, load_tree("chain1")) if drafter == "draft" else TreeMethod(d, load_tree("chain1"))
-                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats)))
+                static = load_tree(tree or "best16", stats) if not dynamic else load_tree("chain1")
+                inner = DraftMethod(d, static) if drafter == "draft" else TreeMethod(d, static)
+                pruner = Pruner(self.load_early_head(heads), prune_top_k, prune_keep_ranks) if prune else None
+                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats)) if dynamic else None, pruner)
             if name == "draft":
                 d = self.load_draft(heads)
                 t = load_tree(tree or "mc_sim_7b_63", d.meta.get("rank_probabilities"))

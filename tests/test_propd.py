@@ -4,19 +4,22 @@ trades them as ProPD says, and decoding with a tree chosen every step stays iden
 import random
 
 import pytest
+import torch
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import generate_batch
 from propd.decoding.propd import PropdMethod
+from propd.decoding.pruning import Pruner
 from propd.decoding.tree import TreeMethod
+from propd.heads.early import EarlyHead
 from propd.models.decoder import Decoder
 from propd.models.kernels import Route
 from propd.tree.dynamic import AcceptanceModel, LatencyModel, TreeChooser
 from propd.tree.tree import chain
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 from tests.test_draft import random_draft
-from tests.test_tree import random_heads
+from tests.test_tree import random_heads, random_tree
 
 STATS = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]]
 
@@ -73,8 +76,58 @@ def test_propd_equals_ar_on_tiny_models_with_trees_changing_every_step(seed):
     assert len({n for s in out for n in s.step_tree_tokens}) > 1  # the tree did change
 
 
+class RandomPruner(Pruner):
+    """Prunes nodes at random (the root never), with their subtrees, after layer ``layer``."""
+
+    def __init__(self, seed: int, layer: int):
+        self.generator, self._layer = torch.Generator().manual_seed(seed), layer
+
+    @property
+    def layer(self) -> int:
+        return self._layer
+
+    def survivors(self, decoder, early, tokens, tree):
+        ok = torch.rand(tokens.shape, generator=self.generator) > 0.35
+        ok[:, 0] = True
+        return ~(tree.ancestors.unsqueeze(0) & ~ok.unsqueeze(1)).any(-1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_early_pruning_is_lossless_with_random_decisions_trees_and_ragged_batches(seed):
+    rng = random.Random(seed)
+    dec = Decoder.from_hf(tiny_hf_model(["llama", "mistral", "qwen2"][seed % 3], seed=seed), Route.parse("float32-torch-pad8"))
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(2, 40))] for _ in range(rng.randint(1, 4))]
+    ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
+    tree = random_tree(rng, nodes=rng.randint(4, 20), depth=4, width=3)
+    drafter = DraftMethod(random_draft(dec.args, seed), tree) if seed % 2 else TreeMethod(random_heads(64, 96, 4, seed), tree)
+    chooser = None
+    if seed >= 2:  # both mechanisms
+        chooser = TreeChooser(AcceptanceModel([[rng.random() / (r + 1) for r in range(3)] for _ in range(4)]), sizes=(1, 6, 12))
+        chooser.latency.observe((len(prompts), 0), 1, 1.0)
+    out = generate_batch(dec, PropdMethod(drafter, chooser, RandomPruner(seed, layer=rng.randint(1, 2))), prompts, 40, {0})
+    assert [s.token_ids for s in out] == ar
+    late, tree_tokens = sum(sum(s.step_late_tokens) for s in out), sum(sum(s.step_tree_tokens) for s in out)
+    assert late < tree_tokens  # something was pruned, and the step counted it
+
+
+def test_the_early_head_prunes_what_its_parent_does_not_predict():
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=2), Route.parse("float32-torch-pad8"))
+    head = EarlyHead(dec.args.dim, dec.args.vocab_size, layer=1).eval()
+    tree = chain(3)
+    early = torch.randn(1, 4, dec.args.dim)
+    with torch.no_grad():
+        top = dec.lm_head(dec.final_norm(head.blocks(early))).topk(3, dim=-1).indices[0]  # [4, 3]
+    tokens = torch.tensor([[7, int(top[0, 1]), int(top[1, 0]), 95 if int(top[2, 0]) != 95 and 95 not in top[2].tolist() else 94]])
+    keep = Pruner(head, top_k=3).survivors(dec, early, tokens, tree)
+    assert keep.tolist() == [[True, True, True, 94 in top[2].tolist() and tokens[0, 3] == 94]]
+    assert Pruner(head, top_k=3, keep_ranks=1).survivors(dec, early, tokens, tree).all()  # a chain holds the drafter's top guesses only
+
+
 def test_default_model_propd_equals_ar_batch_1_and_4(default_model):
     want = [w.token_ids for w in default_model.generate(REAL_PROMPTS, "ar", max_new_tokens=48)]
-    for drafter, bs in (("draft", 1), ("draft", 4), ("medusa", 1)):
-        got = default_model.generate(REAL_PROMPTS, default_model.method("propd", drafter=drafter), max_new_tokens=48, batch_size=bs)
-        assert [g.token_ids for g in got] == want, (drafter, bs)
+    for drafter, bs, prune, dynamic in (("draft", 1, False, True), ("draft", 4, True, True), ("medusa", 1, True, False), ("draft", 2, True, False)):
+        method = default_model.method("propd", drafter=drafter, prune=prune, dynamic=dynamic)
+        got = default_model.generate(REAL_PROMPTS, method, max_new_tokens=48, batch_size=bs)
+        assert [g.token_ids for g in got] == want, (drafter, bs, prune, dynamic)
+        if prune:
+            assert sum(sum(g.stats.step_late_tokens) for g in got) < sum(sum(g.stats.step_tree_tokens) for g in got)

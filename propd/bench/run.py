@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -127,11 +128,25 @@ def run_bench(
 
 def _build(model: Propd, spec: str, default_tree: str | None, heads):
     """``medusa@top16`` names a method with its own tree (a bare name takes ``--tree``);
-    ``propd@medusa`` names propd's drafter (default the draft layer)."""
-    name, _, suffix = spec.partition("@")
-    if name == "propd":
-        return model.method(name, heads=heads, drafter=suffix or "draft")
-    return model.method(name, suffix or default_tree, heads=heads)
+    ``propd@medusa`` names propd's drafter (default the draft layer); ``+prune[K][rR]``,
+    ``+noprune`` and ``+static[TREE]`` set propd's mechanisms (``propd+static+prune``: prune-only)."""
+    head, *switches = spec.split("+")
+    name, _, suffix = head.partition("@")
+    if name != "propd":
+        if switches:
+            raise PropdError(f"{spec!r}: only propd takes +prune / +static")
+        return model.method(name, suffix or default_tree, heads=heads)
+    options = {"drafter": suffix or "draft"}
+    for switch in switches:
+        if switch.startswith("noprune"):
+            options["prune"] = False
+        elif match := re.fullmatch(r"prune(\d*)(?:r(\d+))?", switch):
+            options.update(prune=True, prune_top_k=int(match[1] or 10), prune_keep_ranks=int(match[2] or 0))
+        elif switch.startswith("static"):
+            options.update(dynamic=False, tree=switch[6:] or None)
+        else:
+            raise PropdError(f"{spec!r}: unknown switch +{switch}; use +prune[K], +noprune, +static[TREE]")
+    return model.method(name, heads=heads, **options)
 
 
 def first_mismatch(model: Propd, prompt: Prompt, reference: list[int], got: list[int]) -> dict | None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from propd.decoding.loop import StepResult
+from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
 from propd.decoding.tree import verify
 from propd.heads.draft import DraftHead
@@ -117,13 +118,13 @@ class DraftMethod:
         return self.step_tree(decoder, cache, roots, state, picker, self.tree)[0]
 
     def step_tree(
-        self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker, tree: TokenTree,
+        self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker, tree: TokenTree, pruner: Pruner | None = None,
     ) -> tuple[StepResult, torch.Tensor]:
         """One step over ``tree``: its result and each row's last accepted node [B]. A tree of the
         root alone is a plain AR step: the draft does not run, and reads the step's entry later."""
         root_only = tree.size == 1
         tokens = roots.unsqueeze(1) if root_only else self.propose(decoder, roots, state, tree)
-        v = verify(decoder, cache, tree, tokens, picker)
+        v = verify(decoder, cache, tree, tokens, picker, pruner)
         path_tokens = tokens.gather(1, v.offsets)  # root first
         next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
         next_tokens[torch.arange(len(roots)), v.counts - 1] = v.roots

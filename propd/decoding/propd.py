@@ -4,8 +4,8 @@ most accepted tokens per second on this machine, at this batch size and context 
 A step reads as ProPD's: choose the tree from the acceptance and latency models (dynamic tree
 generation, ``TreeChooser``); fill it with the drafter's candidates, verify it and accept the
 longest greedy path (``step_tree`` of the draft layer or of the Medusa heads: output identical to
-AR whatever the tree); feed the step's accepted path and wall time back to both models.
-Early pruning (ProPD's other mechanism) is not built yet.
+AR whatever the tree), with early pruning dropping the nodes the early layers rule out before the
+late layers (``pruning``); feed the step's accepted path and wall time back to both models.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import State, StepResult
+from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
 from propd.decoding.tree import TreeMethod
 from propd.models.decoder import Decoder
@@ -24,11 +25,13 @@ from propd.tree.dynamic import TreeChooser
 
 
 class PropdMethod:
-    def __init__(self, drafter: DraftMethod | TreeMethod, chooser: TreeChooser):
-        self.drafter = drafter
-        self.chooser = chooser
-        depth = len(chooser.acceptance.p)
-        drafter.reserve(max(chooser.sizes), depth, len(chooser.acceptance.p[0]))
+    """ProPD's step. ``chooser`` None keeps the drafter's own static tree (the prune-only ablation);
+    ``pruner`` None verifies every tree token through every layer (the dynamic-only ablation)."""
+
+    def __init__(self, drafter: DraftMethod | TreeMethod, chooser: TreeChooser | None, pruner: Pruner | None = None):
+        self.drafter, self.chooser, self.pruner = drafter, chooser, pruner
+        if chooser is not None:
+            drafter.reserve(max(chooser.sizes), len(chooser.acceptance.p), len(chooser.acceptance.p[0]))
         self.tree_size, self.tree_depth = drafter.tree_size, drafter.tree_depth
 
     def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, State]:
@@ -36,8 +39,9 @@ class PropdMethod:
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State, picker: Picker) -> StepResult:
         rows, context = cache.batch_size, int(cache.lengths.max())
-        tree = self.chooser.choose(rows, context)  # dynamic tree generation
+        tree = self.chooser.choose(rows, context) if self.chooser else self.drafter.tree  # dynamic tree generation
         t = time.perf_counter()
-        result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree)  # candidates, verify, accept
-        self.chooser.observe(tree, rows, context, last.tolist(), time.perf_counter() - t)  # statistics
+        result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)  # candidates, early pruning, verify, accept
+        if self.chooser:
+            self.chooser.observe(tree, rows, context, last.tolist(), time.perf_counter() - t)  # statistics
         return result

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from propd.decoding.loop import StepResult
+from propd.decoding.pruning import Pruner, run_pruned
 from propd.decoding.sampling import Picker
 from propd.errors import PropdError
 from propd.heads.medusa import MedusaHeads
@@ -32,8 +33,11 @@ def tree_tokens(roots: torch.Tensor, candidates: torch.Tensor, tree: TokenTree) 
     return torch.cat([roots.unsqueeze(1), candidates[:, tree.depths[1:] - 1, tree.ranks[1:]]], dim=1)
 
 
-def walk(tokens: torch.Tensor, tree: TokenTree, accept: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Follow each row's tree from the root while the row accepts a child.
+def walk(
+    tokens: torch.Tensor, tree: TokenTree, accept: Callable[..., tuple[torch.Tensor, torch.Tensor]], alive: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Follow each row's tree from the root while the row accepts a child (among those ``alive``
+    [B, N], where early pruning left some).
 
     tokens: [B, N]; ``accept(rows, nodes, kids, valid)`` says, for rows [R] at nodes [R] whose
     children carry tokens kids [R, C] (``valid`` where a child exists), which children they accept
@@ -47,6 +51,8 @@ def walk(tokens: torch.Tensor, tree: TokenTree, accept: Callable[..., tuple[torc
     while len(rows):
         kids = tree.children[last[rows]]  # [R, C]
         valid = kids >= 0
+        if alive is not None:
+            valid &= alive[rows.unsqueeze(1), kids.clamp(min=0)]
         match, picked = accept(rows, last[rows], tokens[rows.unsqueeze(1), kids.clamp(min=0)], valid)
         found = match.any(dim=1)
         bonus[rows[~found]] = picked[~found]
@@ -75,6 +81,7 @@ class Verified:
     offsets: torch.Tensor
     counts: torch.Tensor
     roots: torch.Tensor
+    late: list[int]  # per row: tokens that went through the late layers (fewer than N where pruning dropped some)
 
     def last_nodes(self) -> torch.Tensor:
         """Each row's last accepted node [B] (the one the bonus token follows)."""
@@ -84,24 +91,30 @@ class Verified:
         B, N = tokens.shape
         path_tokens = tokens.gather(1, self.offsets)
         accepted = [path_tokens[b, 1 : int(self.counts[b])].tolist() + [int(self.roots[b])] for b in range(B)]
-        return StepResult(accepted, self.roots, [N] * B, [N] * B)
+        return StepResult(accepted, self.roots, [N] * B, self.late)
 
 
-def verify(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor, picker: Picker) -> Verified:
-    """Steps 3-5: run the tree's tokens [B, N] through the model after the cache, accept each row's
-    longest path that ``picker`` accepts (greedy, or sampled: see ``sampling``) and keep only its
-    K/V. The root alone is an AR step, and costs what one does."""
+def verify(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor, picker: Picker, pruner: Pruner | None = None) -> Verified:
+    """Steps 3-5: run the tree's tokens [B, N] through the model after the cache (with ``pruner``,
+    the late layers on the early survivors only), accept each row's longest path that ``picker``
+    accepts (greedy, or sampled: see ``sampling``) and keep only its K/V. The root alone is an AR
+    step, and costs what one does."""
     B = len(tokens)
     if tree.size == 1:
         normed = decoder.final_norm(decoder.extend(tokens, cache.chain(1), cache))  # [B, 1, dim]
         cache.advance(torch.ones(B, dtype=torch.long, device=cache.device))
         ones, zeros = torch.ones(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-        return Verified(normed, zeros.unsqueeze(1), ones, picker.pick(decoder, normed[:, 0], torch.arange(B), zeros))
-    normed = decoder.final_norm(decoder.extend(tokens, cache.tree(tree.ancestors), cache))  # [B, N, dim]
-    last, roots = walk(tokens, tree, lambda rows, nodes, kids, valid: picker.accept(decoder, normed[rows, nodes], rows, tree.depths[nodes], kids, valid))
+        return Verified(normed, zeros.unsqueeze(1), ones, picker.pick(decoder, normed[:, 0], torch.arange(B), zeros), [1] * B)
+    if pruner is None:
+        normed = decoder.final_norm(decoder.extend(tokens, cache.tree(tree.ancestors), cache))  # [B, N, dim]
+        alive = None
+    else:
+        normed, alive = run_pruned(decoder, cache, tree, tokens, pruner)
+    last, roots = walk(tokens, tree, lambda rows, nodes, kids, valid: picker.accept(decoder, normed[rows, nodes], rows, tree.depths[nodes], kids, valid),
+                       alive)
     offsets, counts = accepted_offsets(tree, last)
     cache.keep(offsets, counts)
-    return Verified(normed, offsets, counts, roots)
+    return Verified(normed, offsets, counts, roots, [tree.size] * B if alive is None else alive.sum(1).tolist())
 
 
 @dataclass
@@ -145,11 +158,11 @@ class TreeMethod:
         return self.step_tree(decoder, cache, roots, state, picker, self.tree)[0]
 
     def step_tree(
-        self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: TreeState, picker: Picker, tree: TokenTree,
+        self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: TreeState, picker: Picker, tree: TokenTree, pruner: Pruner | None = None,
     ) -> tuple[StepResult, torch.Tensor]:
-        """One step over ``tree``: its result and each row's last accepted node [B]."""
+        """One step over ``tree`` (pruned by ``pruner``, if any): its result and each row's last accepted node [B]."""
         tokens = tree_tokens(roots, state.candidates, tree)  # [B, N]
-        v = verify(decoder, cache, tree, tokens, picker)
+        v = verify(decoder, cache, tree, tokens, picker, pruner)
         last = v.last_nodes()
         state.candidates = self.propose(decoder, v.normed[torch.arange(len(last)), last], v.roots)
         return v.result(tokens), last

@@ -1,0 +1,66 @@
+"""Early pruning (ProPD): layers [0, k) run on every tree token; the early head reads each node's
+state after layer k and predicts its children's tokens; a child whose token is not among its
+parent's top-K there is dropped with its subtree; layers [k, L) run on the survivors only.
+
+Lossless whatever the head predicts: pruning only removes candidates. A survivor's late layers see
+exactly the K/V of its ancestors (survivors all), written in the same pass, so its logits are the
+ones the whole tree would give it; the accepted path stops where the model's token was pruned, and
+the bonus token comes from the last survivor on it. Pruned nodes' early K/V are never committed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from propd.heads.early import EarlyHead
+from propd.models.decoder import Decoder
+from propd.models.kv_cache import KVCache, path_slots
+from propd.tree.tree import TokenTree
+
+
+class Pruner:
+    """Drops tree nodes whose token is not in the top ``top_k`` of their parent's early prediction,
+    except the drafter's ``keep_ranks`` best guesses at each node (a score of both predictors: the
+    drafter's top guesses carry most accepted tokens, and the early head is weakest on them)."""
+
+    def __init__(self, head: EarlyHead, top_k: int = 10, keep_ranks: int = 0):
+        self.head, self.top_k, self.keep_ranks = head, top_k, keep_ranks
+
+    @property
+    def layer(self) -> int:
+        return self.head.layer
+
+    def survivors(self, decoder: Decoder, early: torch.Tensor, tokens: torch.Tensor, tree: TokenTree) -> torch.Tensor:
+        """Which nodes [B, N] survive, from the states after the early layers [B, N, dim] and the tokens [B, N]."""
+        B, N = tokens.shape
+        parents = (tree.children >= 0).any(dim=1).nonzero().flatten()  # nodes with children
+        with torch.no_grad():
+            logits = decoder.lm_head(decoder.final_norm(self.head.blocks(early[:, parents])))  # [B, P, V]
+        top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices  # [B, P, K]
+        slot = torch.full((N,), -1, dtype=torch.long)
+        slot[parents] = torch.arange(len(parents))
+        predicted = top[:, slot[tree.parents[1:]]]  # [B, N - 1, K]: each non-root node's parent's guesses
+        ok = torch.ones(B, N, dtype=torch.bool)
+        ok[:, 1:] = (predicted == tokens[:, 1:].unsqueeze(-1)).any(-1) | (tree.ranks[1:] < self.keep_ranks)
+        return ~(tree.ancestors.unsqueeze(0) & ~ok.unsqueeze(1)).any(-1)  # every node on its path passes
+
+
+def run_pruned(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor, pruner: Pruner) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tree's tokens [B, N] through the model with early pruning: the final-normed states of
+    the survivors [B, N, dim] (zeros elsewhere) and which nodes survived [B, N]."""
+    B, N = tokens.shape
+    layout = cache.tree(tree.ancestors)
+    early = decoder.forward_layers(decoder.embed(tokens), layout, cache, 0, pruner.layer)
+    keep = pruner.survivors(decoder, early, tokens, tree)
+    counts = keep.sum(1)
+    S = int(counts.max())
+    order = torch.where(keep, torch.arange(N), N).sort(dim=1).values[:, :S]
+    real = order < N
+    order = torch.where(real, order, 0)  # rows with fewer survivors repeat the root: same slot, same values, output unused
+    paths = path_slots(tree.ancestors.expand(B, N, N), layout.slots).gather(1, order.unsqueeze(-1).expand(-1, -1, tree.depth + 1))
+    late = cache.paths(layout.slots.gather(1, order), paths)
+    hidden = decoder.forward_layers(early.gather(1, order.unsqueeze(-1).expand(-1, -1, early.shape[-1])), late, cache, pruner.layer)
+    normed = torch.zeros(B, N, hidden.shape[-1])
+    rows, at = real.nonzero(as_tuple=True)
+    normed[rows, order[rows, at]] = decoder.final_norm(hidden[rows, at])
+    return normed, keep
