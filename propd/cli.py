@@ -229,7 +229,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from propd.prompts import builtin_prompts_path, load_prompts
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m.partition("@")[0] not in (*METHODS, "hf")]
+    unknown = [m for m in methods if m.split("+")[0].partition("@")[0] not in (*METHODS, "hf")]
     if unknown:
         raise PropdError(f"unknown method {unknown[0]!r} in --methods; available: hf, {', '.join(METHODS)}")
     batch_sizes = args.batch_sizes
