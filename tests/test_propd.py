@@ -10,7 +10,7 @@ from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import generate_batch
 from propd.decoding.propd import PropdMethod
-from propd.decoding.pruning import Pruner
+from propd.decoding.pruning import Pruner, whole_paths
 from propd.decoding.tree import TreeMethod
 from propd.heads.early import EarlyHead
 from propd.models.decoder import Decoder
@@ -60,12 +60,17 @@ def test_chooser_explores_then_picks_ar_when_trees_cost_and_big_trees_when_they_
         assert (size > 8) if want_big else (size == 1), (slope, size)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_propd_equals_ar_on_tiny_models_with_trees_changing_every_step(seed):
+def tiny_case(seed: int) -> tuple[random.Random, Decoder, list[list[int]], list[list[int]]]:
+    """A tiny model on an exact route, 1-4 ragged prompts and their AR tokens."""
     rng = random.Random(seed)
     dec = Decoder.from_hf(tiny_hf_model(["llama", "mistral", "qwen2"][seed % 3], seed=seed), Route.parse("float32-torch-pad8"))
     prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(2, 40))] for _ in range(rng.randint(1, 4))]
-    ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
+    return rng, dec, prompts, [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_propd_equals_ar_on_tiny_models_with_trees_changing_every_step(seed):
+    rng, dec, prompts, ar = tiny_case(seed)
     stats = [[rng.random() / (r + 1) for r in range(4)] for _ in range(4)]
     drafter = DraftMethod(random_draft(dec.args, seed), chain(1)) if seed % 2 else TreeMethod(random_heads(64, 96, 4, seed), chain(1))
     chooser = TreeChooser(AcceptanceModel(stats), sizes=(1, 3, 8, 20))
@@ -89,15 +94,12 @@ class RandomPruner(Pruner):
     def survivors(self, decoder, early, tokens, tree):
         ok = torch.rand(tokens.shape, generator=self.generator) > 0.35
         ok[:, 0] = True
-        return ~(tree.ancestors.unsqueeze(0) & ~ok.unsqueeze(1)).any(-1)
+        return whole_paths(ok, tree)
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_early_pruning_is_lossless_with_random_decisions_trees_and_ragged_batches(seed):
-    rng = random.Random(seed)
-    dec = Decoder.from_hf(tiny_hf_model(["llama", "mistral", "qwen2"][seed % 3], seed=seed), Route.parse("float32-torch-pad8"))
-    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(2, 40))] for _ in range(rng.randint(1, 4))]
-    ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
+    rng, dec, prompts, ar = tiny_case(seed)
     tree = random_tree(rng, nodes=rng.randint(4, 20), depth=4, width=3)
     drafter = DraftMethod(random_draft(dec.args, seed), tree) if seed % 2 else TreeMethod(random_heads(64, 96, 4, seed), tree)
     chooser = None

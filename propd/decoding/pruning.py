@@ -42,7 +42,12 @@ class Pruner:
         predicted = top[:, slot[tree.parents[1:]]]  # [B, N - 1, K]: each non-root node's parent's guesses
         ok = torch.ones(B, N, dtype=torch.bool)
         ok[:, 1:] = (predicted == tokens[:, 1:].unsqueeze(-1)).any(-1) | (tree.ranks[1:] < self.keep_ranks)
-        return ~(tree.ancestors.unsqueeze(0) & ~ok.unsqueeze(1)).any(-1)  # every node on its path passes
+        return whole_paths(ok, tree)
+
+
+def whole_paths(ok: torch.Tensor, tree: TokenTree) -> torch.Tensor:
+    """Nodes [B, N] whose every node on the path from the root is ``ok`` [B, N]: a pruned node takes its subtree."""
+    return ~(tree.ancestors.unsqueeze(0) & ~ok.unsqueeze(1)).any(-1)
 
 
 def run_pruned(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor, pruner: Pruner) -> tuple[torch.Tensor, torch.Tensor]:
