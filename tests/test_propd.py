@@ -79,6 +79,7 @@ def test_propd_equals_ar_on_tiny_models_with_trees_changing_every_step(seed):
     out = generate_batch(dec, method, prompts, 40, {0})
     assert [s.token_ids for s in out] == ar
     assert len({n for s in out for n in s.step_tree_tokens}) > 1  # the tree did change
+    assert all(len(s.step_expected) == s.steps and min(s.step_expected) >= 1.0 for s in out)  # the acceptance model's prediction, per step
 
 
 class RandomPruner(Pruner):

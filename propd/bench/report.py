@@ -30,12 +30,14 @@ def _summary(gens, seconds: float) -> dict:
     new = sum(g.new_tokens for g in gens)
     steps = sum(g.stats.steps for g in gens)
     step_tokens = sum(sum(g.stats.step_accepted) for g in gens)
+    expected = [e for g in gens for e in g.stats.step_expected]
     return {
         "new_tokens": new,
         "seconds": round(seconds, 4),
         "tokens_per_s": round(new / seconds, 3) if seconds else None,
         "steps": steps,
         "mean_accepted": round(step_tokens / steps, 4) if steps else None,
+        "expected_accepted": round(sum(expected) / len(expected), 4) if expected else None,  # ProPD's acceptance model, per step
         "tree_tokens_per_step": round(sum(sum(g.stats.step_tree_tokens) for g in gens) / steps, 3) if steps else None,
         "late_tokens_per_step": round(sum(sum(g.stats.step_late_tokens) for g in gens) / steps, 3) if steps else None,
         "ms_per_step": round(1e3 * sum(g.stats.step_seconds[i] for g in gens for i in range(g.stats.steps)) / steps, 3) if steps else None,
@@ -75,7 +77,8 @@ def _per_category(run: MethodRun, ref: MethodRun) -> list[dict]:
     return [
         {"method": run.method, "batch_size": run.batch_size, "category": cat, "new_tokens": s["new_tokens"], "seconds": s["seconds"],
          "tokens_per_s": s["tokens_per_s"],
-         "mean_accepted": s["mean_accepted"], "speedup_vs_ar": round(s["tokens_per_s"] / ref_cats[cat]["tokens_per_s"], 3)}
+         "mean_accepted": s["mean_accepted"], "expected_accepted": s["expected_accepted"],
+         "speedup_vs_ar": round(s["tokens_per_s"] / ref_cats[cat]["tokens_per_s"], 3)}
         for cat, s in sorted(mine.items())
     ]
 
@@ -111,10 +114,12 @@ def markdown(results: dict) -> str:
             f"{_fmt(r['speedup_vs_hf'], 'x')} | {_fmt(r['mean_accepted'])} | "
             f"{_fmt(r['tree_tokens_per_step'])} | {_fmt(r['late_tokens_per_step'])} | {_fmt(r['ms_per_step'])} | {lossless} |"
         )
-    lines += ["", "## Per category", "", "| method | batch | category | tokens/s | speed-up vs ar | mean accepted |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Per category", "", "*expected*: ProPD's acceptance model's prediction for the trees it chose (accepted tokens per step).", "",
+              "| method | batch | category | tokens/s | speed-up vs ar | mean accepted | expected |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["per_category"]:
         lines.append(
-            f"| {r['method']} | {r['batch_size']} | {r['category']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | {_fmt(r['mean_accepted'])} |"
+            f"| {r['method']} | {r['batch_size']} | {r['category']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | {_fmt(r['mean_accepted'])} | "
+            f"{_fmt(r['expected_accepted'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -34,6 +34,7 @@ class RowStats:
     step_tree_tokens: list[int] = field(default_factory=list)  # tokens verified by each step (root included)
     step_late_tokens: list[int] = field(default_factory=list)  # tokens that went through the late layers
     step_seconds: list[float] = field(default_factory=list)
+    step_expected: list[float] = field(default_factory=list)  # ProPD: tokens its acceptance model expected of each step's tree
     prefill_seconds: float = 0.0
     seconds: float = 0.0  # from submission to the last token
 
@@ -53,6 +54,7 @@ class StepResult:
     roots: torch.Tensor  # [B] each row's new root (= its bonus token)
     tree_tokens: list[int]  # per row: tokens verified (root included)
     late_tokens: list[int]  # per row: tokens that went through the late layers (ProPD prunes before them)
+    expected: float | None = None  # ProPD: accepted tokens its acceptance model expected of the step's tree
 
 
 class State(Protocol):
@@ -233,6 +235,8 @@ class DecodeLoop:
             s.step_tree_tokens.append(result.tree_tokens[i])
             s.step_late_tokens.append(result.late_tokens[i])
             s.step_seconds.append(dt)
+            if result.expected is not None:
+                s.step_expected.append(result.expected)
         self.last_step = StepRecord(dt, emitted, result.tree_tokens, result.late_tokens)
         return events
 

@@ -44,4 +44,5 @@ class PropdMethod:
         result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)  # candidates, early pruning, verify, accept
         if self.chooser:
             self.chooser.observe(tree, rows, context, last.tolist(), time.perf_counter() - t)  # statistics
+            result.expected = self.chooser.tree(tree.size)[1]
         return result
