@@ -9,7 +9,7 @@ import torch
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import generate_batch
-from propd.decoding.sampling import Picker
+from propd.decoding.sampling import Picker, RowChoice
 from propd.errors import PropdError
 from propd.heads.draft import DraftHead
 from propd.models.decoder import Decoder, ModelArgs
@@ -69,7 +69,7 @@ def test_tree_drafting_computes_what_training_unrolls():
     dec = Decoder.from_hf(tiny_hf_model("llama", seed=1))
     draft = random_draft(dec.args, 1)
     method = DraftMethod(draft, chain(3))
-    roots, state = method.start(dec, dec.new_cache(1, 64), torch.randn(1, dec.args.dim), Picker.all_greedy(1))
+    roots, state = method.start(dec, dec.new_cache(1, 64), torch.randn(1, dec.args.dim), Picker([RowChoice(None, 0, 0)]))
     first_features = state.pending[0]
     tokens = method.propose(dec, roots, state)
     with torch.no_grad():

@@ -92,10 +92,6 @@ class Picker:
         self.rows = rows
         self.greedy = all(r.sampling is None for r in rows)
 
-    @classmethod
-    def all_greedy(cls, batch_size: int) -> "Picker":
-        return cls([RowChoice(None, 0, 0)] * batch_size)
-
     def pick(self, decoder: Decoder, normed: torch.Tensor, rows: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
         """Tokens [R] after nodes at ``depths`` [R] below the roots of batch rows ``rows`` [R], from their normed states [R, dim]."""
         if self.greedy:
