@@ -89,12 +89,13 @@ def add_propd_args(p: argparse.ArgumentParser) -> None:
                    help="propd: choose the tree every step (default); --no-dynamic keeps --tree (default best16) every step")
 
 
-def build_method(model, args: argparse.Namespace):
-    """The method the options name (propd's switches included)."""
-    from propd.engine import PRUNE_BY_DEFAULT
+def load_model_and_method(args: argparse.Namespace):
+    """The model and the method the options name (propd's switches included)."""
+    from propd.engine import PRUNE_BY_DEFAULT, Propd
 
+    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     prune = PRUNE_BY_DEFAULT if args.prune is None else args.prune
-    return model.method(args.method, args.tree, args.heads, args.drafter, prune, args.dynamic, args.prune_top_k, args.prune_keep_ranks)
+    return model, model.method(args.method, args.tree, args.heads, args.drafter, prune, args.dynamic, args.prune_top_k, args.prune_keep_ranks)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -130,7 +131,7 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from propd.engine import Propd, TextStream
+    from propd.engine import TextStream
     from propd.prompts import load_prompts
 
     check_method_args(args)
@@ -143,8 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if any(not p.strip() for p in prompts):
         raise PropdError("empty prompt")
     sampling = sampling_from(args)
-    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    method = build_method(model, args)
+    model, method = load_model_and_method(args)
     if args.json:
         for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw, sampling=sampling):
             print(json.dumps(g.to_json()), flush=True)
@@ -174,14 +174,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Stream one generation with the chosen method, then time plain AR on the same prompt."""
-    from propd.engine import Propd, TextStream
+    from propd.engine import TextStream
 
     check_method_args(args)
     if not args.prompt.strip():
         raise PropdError("empty prompt")
     sampling = sampling_from(args)
-    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    method = build_method(model, args)
+    model, method = load_model_and_method(args)
     for warm_up in (method, "ar"):  # first-call allocations, and propd's first measurements of its step costs
         model.generate(["Say hello."], warm_up, 16)
     print(f"### {args.prompt}  [{args.method}]")
@@ -197,11 +196,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from propd.engine import Propd
 
     check_method_args(args)
-    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    method = build_method(model, args)
+    model, method = load_model_and_method(args)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     conversation: list[dict] = []
     while True:
@@ -303,12 +300,10 @@ def cmd_latency(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from propd.engine import Propd
     from propd.server.app import create_app
 
     check_method_args(args)
-    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    method = build_method(model, args)
+    model, method = load_model_and_method(args)
     with model.on_device():
         model.generate(["Say hello."], method, 16)  # first-call allocations before the first client waits on them
     name = args.served_model_name or args.model

@@ -66,7 +66,7 @@ def test_a_cancelled_row_leaves_and_the_others_go_on():
     while loop.busy:
         loop.advance()
         assert rows[1] not in loop.rows
-    assert rows[1].stats.token_ids == alone[1][:cut] and rows[1].cancelled
+    assert rows[1].stats.token_ids == alone[1][:cut] and rows[1].done
     assert [rows[0].stats.token_ids, rows[2].stats.token_ids] == [alone[0], alone[2]]
 
 

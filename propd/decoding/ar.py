@@ -16,15 +16,12 @@ class ARMethod:
     tree_depth = 0
 
     def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, Stateless]:
-        return self._next_tokens(decoder, hidden, picker), Stateless()
+        return picker.next_tokens(decoder, decoder.final_norm(hidden)), Stateless()
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: Stateless, picker: Picker) -> StepResult:
         B = roots.shape[0]
         hidden = decoder.extend(roots.unsqueeze(1), cache.chain(1), cache)
         cache.advance(torch.ones(B, dtype=torch.long, device=cache.device))
-        roots = self._next_tokens(decoder, hidden[:, -1], picker)
+        roots = picker.next_tokens(decoder, decoder.final_norm(hidden[:, -1]))
         return StepResult([[t] for t in roots.tolist()], roots, [1] * B, [1] * B)
 
-    def _next_tokens(self, decoder: Decoder, hidden: torch.Tensor, picker: Picker) -> torch.Tensor:
-        B = hidden.shape[0]
-        return picker.pick(decoder, decoder.final_norm(hidden), torch.arange(B), torch.zeros(B, dtype=torch.long))

@@ -83,7 +83,7 @@ class DraftMethod:
 
     def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, DraftState]:
         normed = decoder.final_norm(hidden)
-        roots = picker.pick(decoder, normed, torch.arange(len(normed)), torch.zeros(len(normed), dtype=torch.long))
+        roots = picker.next_tokens(decoder, normed)
         pending = (normed.float().unsqueeze(1), roots.unsqueeze(1), torch.ones(len(roots), dtype=torch.long, device=roots.device))
         return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.max_len), pending)
 

@@ -102,7 +102,6 @@ class Row:
     seed: int = 0
     stats: RowStats = field(default_factory=RowStats)
     done: bool = False
-    cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
     @property
@@ -176,7 +175,7 @@ class DecodeLoop:
 
     def cancel(self, row: Row) -> None:
         """Stop a row: it leaves the batch before the next step (a client went away, a stop string)."""
-        row.cancelled = row.done = True
+        row.done = True
 
     @torch.inference_mode()
     def advance(self) -> list[tuple[Row, list[int]]]:

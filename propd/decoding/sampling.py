@@ -107,12 +107,19 @@ class Picker:
                     out[j] = (r.sampling.log_probs(logits[j]).cpu() + gumbel(r.seed, r.emitted + d, logits.shape[-1])).argmax()
         return out
 
+    def next_tokens(self, decoder: Decoder, normed: torch.Tensor) -> torch.Tensor:
+        """Every row's token [B] right after its newest one, from the normed states there [B, dim]."""
+        B = len(normed)
+        return self.pick(decoder, normed, torch.arange(B), torch.zeros(B, dtype=torch.long))
+
     def accept(self, decoder: Decoder, normed: torch.Tensor, rows: torch.Tensor, depths: torch.Tensor,
                kids: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Which children [R, C] (their tokens ``kids``, ``valid`` where a child exists) each row
         accepts (the first True counts), and the token it emits if none: [R]."""
         picked = self.pick(decoder, normed, rows, depths)
         match = valid & (kids == picked.unsqueeze(1))
+        if self.greedy:
+            return match, picked
         typical = [j for j, b in enumerate(rows.tolist()) if self.rows[b].sampling is not None and self.rows[b].sampling.acceptance == "typical"]
         if typical:
             logits = decoder.lm_head(normed[typical])

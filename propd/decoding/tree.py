@@ -104,7 +104,7 @@ def verify(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tens
         normed = decoder.final_norm(decoder.extend(tokens, cache.chain(1), cache))  # [B, 1, dim]
         cache.advance(torch.ones(B, dtype=torch.long, device=cache.device))
         ones, zeros = torch.ones(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-        return Verified(normed, zeros.unsqueeze(1), ones, picker.pick(decoder, normed[:, 0], torch.arange(B), zeros), [1] * B)
+        return Verified(normed, zeros.unsqueeze(1), ones, picker.next_tokens(decoder, normed[:, 0]), [1] * B)
     if pruner is None:
         normed = decoder.final_norm(decoder.extend(tokens, cache.tree(tree.ancestors), cache))  # [B, N, dim]
         alive = None
@@ -151,7 +151,7 @@ class TreeMethod:
 
     def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, TreeState]:
         normed = decoder.final_norm(hidden)
-        roots = picker.pick(decoder, normed, torch.arange(len(normed)), torch.zeros(len(normed), dtype=torch.long))
+        roots = picker.next_tokens(decoder, normed)
         return roots, TreeState(self.propose(decoder, normed, roots))
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: TreeState, picker: Picker) -> StepResult:

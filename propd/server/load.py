@@ -10,6 +10,7 @@ solo answer. Reports aggregate tokens/s, time to first token and errors per meth
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -87,7 +88,7 @@ async def run_load(url: str, method: str, prompts: list[str], clients: int, seco
         raise PropdError(f"a solo request to the {method} server failed: {failed[0].error}")
     result = LoadResult(method, clients, 0.0)
     deadline = time.perf_counter() + seconds
-    turn = iter(range(10**9))
+    turn = itertools.count()
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
