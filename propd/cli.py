@@ -90,9 +90,10 @@ def add_propd_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model_and_method(args: argparse.Namespace):
-    """The model and the method the options name (propd's switches included)."""
+    """The model and the method the options name (propd's switches included), the options checked first."""
     from propd.engine import PRUNE_BY_DEFAULT, Propd
 
+    check_method_args(args)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     prune = PRUNE_BY_DEFAULT if args.prune is None else args.prune
     return model, model.method(args.method, args.tree, args.heads, args.drafter, prune, args.dynamic, args.prune_top_k, args.prune_keep_ranks)
@@ -134,7 +135,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from propd.engine import TextStream
     from propd.prompts import load_prompts
 
-    check_method_args(args)
     if args.prompts:
         prompts = [p.text for p in load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)]
     elif args.prompt:
@@ -176,7 +176,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Stream one generation with the chosen method, then time plain AR on the same prompt."""
     from propd.engine import TextStream
 
-    check_method_args(args)
     if not args.prompt.strip():
         raise PropdError("empty prompt")
     sampling = sampling_from(args)
@@ -197,7 +196,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
 
-    check_method_args(args)
     model, method = load_model_and_method(args)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     conversation: list[dict] = []
@@ -302,7 +300,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from propd.server.app import create_app
 
-    check_method_args(args)
     model, method = load_model_and_method(args)
     with model.on_device():
         model.generate(["Say hello."], method, 16)  # first-call allocations before the first client waits on them
