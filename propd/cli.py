@@ -221,19 +221,27 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from propd.bench.report import build_results, write_report
     from propd.bench.run import machine_facts, run_bench
     from propd.engine import Propd
-    from propd.prompts import builtin_prompts_path, load_prompts
+    from propd.prompts import builtin_prompts_path, load_prompts, long_context_prompts
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m.split("+")[0].partition("@")[0] not in (*METHODS, "hf")]
     if unknown:
         raise PropdError(f"unknown method {unknown[0]!r} in --methods; available: hf, {', '.join(METHODS)}")
     batch_sizes = args.batch_sizes
-    prompts = load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)
+    short = args.prompts or not args.long_context
+    prompts = load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category) if short else []
     sampling = sampling_from(args)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
+    if args.long_context:
+        if len(args.context_tokens) != 2:
+            raise PropdError(f"--context-tokens takes MIN,MAX, got {args.context_tokens}")
+        low, high = args.context_tokens
+        prompts += long_context_prompts(args.long_context, lambda text: len(model.encode(text)), args.per_category or 4, low, high)
     runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree, sampling)
+    sources = [str(args.prompts or builtin_prompts_path().name)] if short else []
+    sources += [f"{args.long_context} ({args.context_tokens[0]}-{args.context_tokens[1]}-token documents)"] if args.long_context else []
     config = {
-        "prompts_file": str(args.prompts or builtin_prompts_path().name), "prompts": len(prompts), "methods": methods,
+        "prompts_file": " + ".join(sources), "prompts": len(prompts), "methods": methods,
         "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens, "model": args.model, "heads": args.heads, "tree": args.tree,
         "sampling": dataclasses.asdict(sampling) if sampling else None,
     }
@@ -354,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "propd@medusa propd's drafter; propd+prune / propd+prune20 (early top-20) / propd+prune20r1 (and the drafter's top guess) / "
                         "propd+noprune, propd+static / propd+staticTREE (one tree every step): the ablations")
     b.add_argument("--batch-sizes", type=positive_ints, default=[1], help="comma-separated, e.g. 1,2,4,8")
+    b.add_argument("--long-context", metavar="SOURCE",
+                   help="add Spec-Bench-style long-input prompts (summarization, retrieval; --per-category of each, default 4) built from "
+                        "SOURCE's documents, e.g. ../shared/data/train_prompts.jsonl; without --prompts, only these")
+    b.add_argument("--context-tokens", type=positive_ints, default=[1000, 2000], help="MIN,MAX prompt tokens of --long-context prompts")
     b.add_argument("--out", default="bench-out", help="directory for results.json, report.md and plots")
     add_model_args(b)
     b.set_defaults(func=cmd_bench, max_new_tokens=128)

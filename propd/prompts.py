@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 from propd.errors import PropdError
 
@@ -67,4 +68,46 @@ def load_prompts(path: str | Path | None = None, turn: int = 0, limit: int | Non
                 break
     if not prompts:
         raise PropdError(f"{path}: no prompts")
+    return prompts
+
+
+# Spec-Bench's long-input tasks, rebuilt from documents that a training-prompt file carries (T0's
+# news articles for summarization, as Spec-Bench's CNN/DailyMail; reading-comprehension passages
+# with their questions for retrieval, as its RAG set).
+LONG_TASKS = {
+    "summarization": (("t0/cnn_dailymail", "t0/xsum"), "Article", "Summarize each article above in two or three sentences."),
+    "retrieval": (("t0/duorc", "t0/quoref"), "Document", "Answer the question asked in the last document, using only the documents above."),
+}
+
+
+def long_context_prompts(
+    source: str | Path, count_tokens: Callable[[str], int], per_category: int = 4, min_tokens: int = 1000, max_tokens: int = 2000,
+) -> list[Prompt]:
+    """Prompts of ``min_tokens``-``max_tokens`` tokens (by ``count_tokens``), ``per_category`` of
+    each long task, made by joining consecutive documents of ``source`` (jsonl rows with
+    ``source`` and ``prompt``, as ``../shared/data/train_prompts.jsonl``) until long enough."""
+    if not 0 < min_tokens <= max_tokens:
+        raise PropdError(f"context tokens: need 0 < min <= max, got {min_tokens}, {max_tokens}")
+    path = Path(source)
+    if not path.is_file():
+        raise PropdError(f"long-context source not found: {path}")
+    rows = [json.loads(line) for line in path.open() if line.strip()]
+    prompts = []
+    for category, (prefixes, label, task) in LONG_TASKS.items():
+        docs = [r["prompt"] for r in rows if isinstance(r, dict) and str(r.get("source", "")).startswith(prefixes) and r.get("prompt")]
+        made, picked = 0, []
+        for doc in docs:
+            picked.append(doc)
+            text = "\n\n".join(f"{label} {k}:\n{d}" for k, d in enumerate(picked, 1)) + "\n\n" + task
+            n = count_tokens(text)
+            if n < min_tokens:
+                continue
+            if n <= max_tokens:
+                prompts.append(Prompt(f"{category}-{made}", category, text))
+                made += 1
+            picked = []
+            if made == per_category:
+                break
+        if made < per_category:
+            raise PropdError(f"{path}: only {made} {category} prompts of {min_tokens}-{max_tokens} tokens (from rows whose source starts with {prefixes})")
     return prompts

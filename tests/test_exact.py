@@ -3,6 +3,7 @@ step, on every route the machine's check calls exact; and the route choice itsel
 
 import json
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from propd.decoding.loop import prefill
+from propd.models import attention
 from propd.models.decoder import Decoder
 from propd.models.kernels import Route, choose_route, is_row_invariant, measure_route
 from propd.models.kv_cache import path_slots
@@ -18,6 +20,12 @@ from tests.conftest import REAL_PROMPTS, tiny_hf_model
 TINY = tiny_hf_model("llama", seed=5, layers=2)
 ROUTES = [r for r in (Route.parse(n) for n in ("float32-torch-pad8", "bfloat16-onednn", "bfloat16-torch"))
           if measure_route(r, Decoder.from_hf(TINY).args.product_shapes(), rows=(1,)).get("exact")]
+KERNELS = ["c", "torch"] if attention.native_kernel() is not None else ["torch"]  # attention: the C kernel, the tensor version
+
+
+def attention_by(kernel: str):
+    """Attention by the C kernel or by tensor ops for a while."""
+    return mock.patch.object(attention, "native_kernel", attention.native_kernel if kernel == "c" else lambda: None)
 
 
 def ar_logits(dec: Decoder, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
@@ -61,14 +69,33 @@ def tree_logits_equal_ar(dec: Decoder, rng: random.Random, prompts: list[list[in
             assert torch.equal(logits[b, node], want[k]), (b, k, float((logits[b, node].float() - want[k].float()).abs().max()))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), size=st.integers(1, 40), depth=st.integers(1, 7))
-def test_tree_logits_equal_ar_logits_bitwise_on_random_trees_and_batches(route, seed, batch, size, depth):
+def test_tree_logits_equal_ar_logits_bitwise_on_random_trees_and_batches(kernel, route, seed, batch, size, depth):
     rng = random.Random(seed)
     dec = Decoder.from_hf(TINY, route)
     prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(1, 300))] for _ in range(batch)]  # contexts of 1-10 attention blocks
-    tree_logits_equal_ar(dec, rng, prompts, size, depth)
+    with attention_by(kernel):
+        tree_logits_equal_ar(dec, rng, prompts, size, depth)
+
+
+@pytest.mark.skipif(KERNELS == ["torch"], reason="no C compiler: no C attention kernel")
+def test_c_attention_kernel_agrees_with_the_tensor_version():
+    """Not bitwise (each adds in its own fixed order), but the same attention: both over random
+    trees above ragged caches, grouped query heads, head dims 16 to 128."""
+    torch.manual_seed(0)
+    for heads, kv_heads, hd in ((4, 2, 16), (9, 3, 64), (14, 2, 64), (12, 2, 128)):
+        B, T, S = 3, 7, 320
+        keys, values = torch.randn(2, B, kv_heads, S, hd + 1).unbind(0)
+        keys[..., hd] = values[..., hd] = 1.0  # the cache's ones column
+        ancestors, _ = random_tree_with_path(random.Random(hd), T, 4)
+        slots = torch.tensor([[100], [37], [250]]) + torch.arange(T)
+        plan = attention.path_plan(slots[:, :1].expand(B, T), path_slots(ancestors.expand(B, T, T), slots), kv_heads, S)
+        q = torch.randn(B, T, heads, hd)
+        native = attention._native(attention.native_kernel(), q, keys, values, plan)
+        assert torch.allclose(native, attention.blocked_attention(q, keys, values, plan), atol=1e-5)
 
 
 def test_default_model_tree_logits_equal_ar_logits_bitwise(default_model):

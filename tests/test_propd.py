@@ -47,17 +47,17 @@ def test_latency_line_fits_and_forgets():
     assert lat.predict(key, [10]) == pytest.approx([0.060], rel=1e-3)
 
 
-def test_chooser_explores_then_picks_ar_when_trees_cost_and_big_trees_when_they_do_not():
+def test_chooser_explores_small_trees_then_picks_ar_when_trees_cost_and_grows_trees_when_they_do_not():
     for slope, want_big in ((0.05, False), (0.0001, True)):
         chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
-        explored = []
-        for _ in range(3):  # AR and two tree sizes first
+        chosen = []
+        for _ in range(8):
             size = chooser.choose(1, 100).size
-            explored.append(size)
+            chosen.append(size)
             chooser.latency.observe((1, 0), size, 0.03 + slope * size + 0.01 * (size > 1))
-        assert explored[0] == 1 and len(set(explored)) == 3
-        size = chooser.choose(1, 100).size
-        assert (size > 8) if want_big else (size == 1), (slope, size)
+        assert chosen[:3] == [1, 2, 4]  # AR and two small trees first
+        assert all(n <= 2 * max(chosen[:i]) for i, n in enumerate(chosen[3:], 3))  # never past twice the largest measured
+        assert (chosen[-1] > 16) if want_big else (chosen[3:] == [1] * 5), (slope, chosen)
 
 
 def tiny_case(seed: int) -> tuple[random.Random, Decoder, list[list[int]], list[list[int]]]:

@@ -77,7 +77,7 @@ def _per_category(run: MethodRun, ref: MethodRun) -> list[dict]:
     return [
         {"method": run.method, "batch_size": run.batch_size, "category": cat, "new_tokens": s["new_tokens"], "seconds": s["seconds"],
          "tokens_per_s": s["tokens_per_s"],
-         "mean_accepted": s["mean_accepted"], "expected_accepted": s["expected_accepted"],
+         "mean_accepted": s["mean_accepted"], "expected_accepted": s["expected_accepted"], "tree_tokens_per_step": s["tree_tokens_per_step"],
          "speedup_vs_ar": round(s["tokens_per_s"] / ref_cats[cat]["tokens_per_s"], 3)}
         for cat, s in sorted(mine.items())
     ]
@@ -115,11 +115,12 @@ def markdown(results: dict) -> str:
             f"{_fmt(r['tree_tokens_per_step'])} | {_fmt(r['late_tokens_per_step'])} | {_fmt(r['ms_per_step'])} | {lossless} |"
         )
     lines += ["", "## Per category", "", "*expected*: ProPD's acceptance model's prediction for the trees it chose (accepted tokens per step).", "",
-              "| method | batch | category | tokens/s | speed-up vs ar | mean accepted | expected |", "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| method | batch | category | tokens/s | speed-up vs ar | mean accepted | expected | tree tokens/step |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["per_category"]:
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['category']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | {_fmt(r['mean_accepted'])} | "
-            f"{_fmt(r['expected_accepted'])} |"
+            f"{_fmt(r['expected_accepted'])} | {_fmt(r['tree_tokens_per_step'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -156,6 +157,20 @@ def plots(results: dict, runs: list[MethodRun], out: Path) -> list[Path]:
         a1.legend(fontsize=7)
         a2.legend(fontsize=7)
         paths.append(_save(fig, out / "steps.png"))
+
+    chosen = [r for r in results["per_category"] if r["expected_accepted"] is not None]  # methods that choose their trees
+    if chosen:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        categories = sorted({r["category"] for r in chosen})
+        groups = sorted({(r["method"], r["batch_size"]) for r in chosen}, key=str)
+        width = 0.8 / len(groups)
+        for i, (method, batch) in enumerate(groups):
+            sizes = {r["category"]: r["tree_tokens_per_step"] for r in chosen if (r["method"], r["batch_size"]) == (method, batch)}
+            ax.bar([c + i * width for c in range(len(categories))], [sizes.get(c, 0) for c in categories], width, label=f"{method} b={batch}")
+        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories, rotation=30, ha="right")
+        ax.set(ylabel="tree tokens per step (mean)", title="Tree sizes chosen, by category")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / "tree_sizes.png"))
 
     pruned = [r for r in results["runs"] if r["late_tokens_per_step"] and r["tree_tokens_per_step"] and r["late_tokens_per_step"] < r["tree_tokens_per_step"]]
     if pruned:

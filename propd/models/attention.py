@@ -19,13 +19,23 @@ So a token gets bitwise the same output alone (AR), inside a tree, or inside a b
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from propd.models.kernels import serial
 
 BLOCK = 32
+PARALLEL_WORK = 1 << 62  # query heads x keys: above this the C kernel splits its tasks between torch's threads
 
 
 @dataclass
@@ -34,15 +44,22 @@ class Plan:
     scores [B, KV, T, group, *]."""
 
     span: int  # key slots [0, span) are scored
-    shared: torch.Tensor  # [B, 1, T, 1, Cs] bool: which of the in-place columns [0, Cs) each query sees (Cs: a positive multiple of BLOCK)
+    shared: torch.Tensor  # [B, 1, T, 1, Cs] 0 where a query sees in-place column c < Cs, else -inf (Cs: a positive multiple of BLOCK)
     recent_slots: torch.Tensor | None  # [B, 1, T, 1, R] long: slot holding position start + r on the query's path
-    recent_valid: torch.Tensor | None  # [B, 1, T, 1, R] bool
+    recent_valid: torch.Tensor | None  # [B, 1, T, 1, R] 0 where that position is on the path, else -inf
     recent_rows: torch.Tensor | None  # [B * KV * T * R] those slots as rows of the cache flattened to [B * KV * S, hd + 1]
     recent_block: torch.Tensor | None  # [B, 1, R / BLOCK, T, 1, 1] index of each recent block among all blocks: start / BLOCK + r
+    inplace: torch.Tensor  # [B, T] long: a query's first entries are slots [0, inplace) ...
+    path: torch.Tensor  # [B, T, D] long: ... then these slots, up to the first -1 (the C kernel's view)
 
 
 def round_up(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
+
+
+def _bias(seen: torch.Tensor) -> torch.Tensor:
+    """0 where a key is seen, -inf where not: added to scores once per layer (x + 0 is exact)."""
+    return torch.zeros(seen.shape, device=seen.device).masked_fill_(~seen, float("-inf"))
 
 
 def chain_plan(lengths: torch.Tensor, T: int) -> Plan:
@@ -51,7 +68,8 @@ def chain_plan(lengths: torch.Tensor, T: int) -> Plan:
     width = round_up(int(lengths.max()) + T)
     position = lengths.unsqueeze(1) + torch.arange(T, device=lengths.device)  # [B, T]
     shared = torch.arange(width, device=lengths.device) <= position.unsqueeze(-1)  # [B, T, Cs]
-    return Plan(width, shared[:, None, :, None], None, None, None, None)
+    empty = torch.empty(*position.shape, 0, dtype=torch.long, device=lengths.device)
+    return Plan(width, _bias(shared[:, None, :, None]), None, None, None, None, position + 1, empty)
 
 
 def path_plan(base: torch.Tensor, path_slots: torch.Tensor, n_kv_heads: int, max_len: int) -> Plan:
@@ -78,24 +96,89 @@ def path_plan(base: torch.Tensor, path_slots: torch.Tensor, n_kv_heads: int, max
     heads = torch.arange(B * n_kv_heads, device=device).view(B, n_kv_heads, 1) * max_len
     rows = (heads + slots.view(B, 1, T * R)).flatten()
     block = (start // BLOCK).view(B, 1, 1, T, 1, 1) + torch.arange(R // BLOCK, device=device).view(1, 1, -1, 1, 1, 1)
-    return Plan(span, shared[:, None, :, None], slots[:, None, :, None], valid[:, None, :, None], rows, block)
+    seen = (_bias(shared[:, None, :, None]), slots[:, None, :, None], _bias(valid[:, None, :, None]))
+    return Plan(span, *seen, rows, block, base.contiguous(), path_slots.contiguous())
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, exact: bool = True) -> torch.Tensor:
     """q [B, T, H, hd] (fp32) over one layer's cache entries keys/values [B, KV, S, hd + 1] (the
-    last feature of every entry is 1) -> [B, T, H * hd]. Query heads sharing a K/V head are its rows.
-    ``exact``: exponentials on one thread (``serial``)."""
+    last feature of every entry is 1) -> [B, T, H * hd]: by the C kernel where it runs, else by
+    tensor ops (``blocked_attention``)."""
+    lib = native_kernel() if q.device.type == "cpu" and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128 else None
+    return blocked_attention(q, keys, values, plan, exact) if lib is None else _native(lib, q, keys, values, plan)
+
+
+def _native(lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan) -> torch.Tensor:
+    B, T, H, hd = q.shape
+    q = q.contiguous()
+    out = torch.empty(B, T, H * hd)
+    sb, sh, ss, _ = keys.stride()
+    max_keys = int(plan.inplace.max()) + plan.path.shape[-1]
+    threads = torch.get_num_threads() if B * T * H * max_keys >= PARALLEL_WORK else 1  # the split changes no result
+    status = lib.attend(
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), plan.inplace.data_ptr(), plan.path.data_ptr(),
+        B, T, H, keys.shape[1], plan.path.shape[-1], hd, sb, sh, ss, ctypes.c_float(hd**-0.5), max_keys, threads,
+    )
+    if status:
+        raise MemoryError("attention: out of memory for the scores")
+    return out
+
+
+@functools.cache
+def native_kernel() -> ctypes.CDLL | None:
+    """The C kernel, built once per machine and compiler (None if ``PROPD_ATTENTION=torch`` or no
+    compiler builds it: the tensor version is exact too, only slower)."""
+    if os.environ.get("PROPD_ATTENTION", "c") == "torch":
+        return None
+    from propd.models.loading import cache_dir
+
+    source = Path(__file__).parent / "csrc" / "attention.c"
+    compiler = os.environ.get("CC", "cc")
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"]
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        key = "\n".join([source.read_text(), version, " ".join(flags), platform.machine(), _cpu_flags()])
+        lib = cache_dir() / "kernels" / f"attention-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+        if not lib.exists():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            subprocess.run([compiler, *flags, "-o", str(tmp), str(source), "-lm", "-lpthread"], capture_output=True, text=True, check=True)
+            tmp.replace(lib)
+        kernel = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
+        warnings.warn(f"propd: no C attention kernel ({detail}); using the slower tensor version", stacklevel=2)
+        return None
+    kernel.attend.restype = ctypes.c_int
+    kernel.attend.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
+    return kernel
+
+
+def _cpu_flags() -> str:
+    """-march=native builds for this CPU: a cached kernel is keyed by its model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "\n".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
+
+
+def blocked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, exact: bool = True) -> torch.Tensor:
+    """The tensor version: per block of positions, one small product; blocks added in position
+    order. ``exact``: exponentials on one thread (``serial``)."""
     B, T, H, hd = q.shape
     KV, S = keys.shape[1], keys.shape[2]
     g = H // KV
-    rows = (q * hd**-0.5).view(B, T, KV, g, hd).transpose(1, 2).reshape(B, KV, T * g, hd)
-    scores = (rows @ keys[:, :, : plan.span, :hd].transpose(2, 3)).view(B, KV, T, g, plan.span)
+    # Queries get a zero feature against the keys' ones column: scoring whole cache entries reads
+    # the keys in place (one term 0 * 1 = 0 more in every dot product).
+    rows = F.pad(q * hd**-0.5, (0, 1)).view(B, T, KV, g, hd + 1).transpose(1, 2).reshape(B, KV, T * g, hd + 1)
+    scores = (rows @ keys[:, :, : plan.span].transpose(2, 3)).view(B, KV, T, g, plan.span)
     width = plan.shared.shape[-1]
-    inplace = scores[..., :width].masked_fill(~plan.shared, float("-inf"))
+    inplace = scores[..., :width] + plan.shared
     top = inplace.amax(-1, keepdim=True)
     if plan.recent_slots is not None:
         R = plan.recent_slots.shape[-1]
-        recent = scores.gather(-1, plan.recent_slots.expand(B, KV, T, g, R)).masked_fill(~plan.recent_valid, float("-inf"))
+        recent = scores.gather(-1, plan.recent_slots.expand(B, KV, T, g, R)) + plan.recent_valid
         top = torch.maximum(top, recent.amax(-1, keepdim=True))
     # Per block of positions: weighted values | summed weights, [B, KV, blocks, T, g, hd + 1].
     with serial(exact):

@@ -12,7 +12,10 @@ Two online models (ProPD, arXiv 2402.13485, section 4.2):
   runs no drafter and keeps its own average.
 
 ``TreeChooser`` puts them together: argmax over candidate sizes of E[accepted(n)] / T(n), size 1
-(plain AR) included. The first steps explore AR and two tree sizes, so that the line has a span.
+(plain AR) included. The first steps explore AR and two small trees, so that the line has a span;
+after that a size is a candidate only up to twice the largest measured one: the line is trusted
+where it was measured, and a big tree (at batch 8, one step over 64 tokens costs ten AR steps) is
+reached by doubling while each step up still pays.
 """
 
 from __future__ import annotations
@@ -114,12 +117,12 @@ class LatencyModel:
 class TreeChooser:
     """Picks each step's tree from the two models (``choose``) and learns from the step (``observe``)."""
 
-    def __init__(self, acceptance: AcceptanceModel, latency: LatencyModel | None = None, sizes: tuple[int, ...] = SIZES):
+    def __init__(self, acceptance: AcceptanceModel, latency: LatencyModel | None = None, sizes: tuple[int, ...] = SIZES, margin: float = 1.1):
         self.acceptance = acceptance
+        self.margin = margin  # a tree must promise this many times AR's tokens per second: estimates are noisy, the best-looking one is biased up
         self.latency = latency or LatencyModel()
         self.sizes = tuple(sorted(sizes))
-        # tried first, so that the line has a span: plain AR and two trees short of the largest (which can cost ten AR steps)
-        self.explore = sorted({self.sizes[0], self.sizes[len(sizes) // 3], self.sizes[2 * len(sizes) // 3]})
+        self.explore = sorted({self.sizes[0], self.sizes[1], self.sizes[min(3, len(self.sizes) - 1)]})  # tried first: AR and two small trees
         self._version = -1_000_000  # the acceptance model's version the trees below were built at
         self._paths: list[tuple[float, tuple[int, ...]]] = []
         self._trees: dict[int, tuple[TokenTree, float]] = {}
@@ -147,9 +150,11 @@ class TreeChooser:
         unexplored = [n for n in self.explore if self.tree(n)[0].size not in self.latency.measured(key)]
         if unexplored:
             return self.tree(unexplored[0])[0]
-        trees = [self.tree(n) for n in self.sizes]  # (tree, expected accepted tokens)
+        reach = 2 * max(self.latency.measured(key))
+        trees = [self.tree(n) for n in self.sizes if n <= reach]  # (tree, expected accepted tokens)
         seconds = self.latency.predict(key, [tree.size for tree, _ in trees])
-        return max(zip(trees, seconds), key=lambda option: option[0][1] / option[1])[0][0]
+        rates = [expected / s * (self.margin if tree.size == 1 else 1.0) for (tree, expected), s in zip(trees, seconds)]
+        return trees[rates.index(max(rates))][0]
 
     def observe(self, tree: TokenTree, batch_size: int, context: int, last_nodes: list[int], seconds: float) -> None:
         self.latency.observe((batch_size, context // CONTEXT_BUCKET), tree.size, seconds)

@@ -1,0 +1,141 @@
+/* Attention whose result for a query depends only on that query and its own keys in position order.
+
+   Every query (row b, token t, head h) reads its sequence of cache entries: the first n_in[b, t]
+   slots in place (slot == position there), then the slots path[b, t, :] up to the first -1. One
+   task per query token and K/V head, on one thread, in one fixed order: scores, their maximum,
+   weights exp(score - max), weighted values and the weights' sum added up by position. Nothing
+   depends on how many queries share the call, how tasks are split between threads or where a
+   query's siblings sit in the cache, so a token gets bitwise the same output alone (AR), inside a
+   tree or inside a batch. Vectors run across features (or, for exp, across positions with the
+   same code in every lane); built with -ffp-contract=off and without fast-math, so no sum is
+   reordered. */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define W 16
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+static inline vf load(const float *p) { vf x; memcpy(&x, p, sizeof x); return x; }
+static inline void store(float *p, vf x) { memcpy(p, &x, sizeof x); }
+static inline vf splat(float x) { return (vf){0} + x; }
+static inline vf pick(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); } /* mask lanes: -1 or 0 */
+
+/* Sum of the lanes in a fixed pairwise order: lane l + lane l + 8, then + 4, + 2, + 1. */
+static inline float fold(vf x) {
+    x += __builtin_shuffle(x, (vi){8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15});
+    x += __builtin_shuffle(x, (vi){4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7});
+    x += __builtin_shuffle(x, (vi){2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3});
+    x += __builtin_shuffle(x, (vi){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+    return x[0];
+}
+
+/* exp(x) for every lane by one polynomial (Cephes' expf): the same operations in every lane. */
+static inline vf vexp(vf x) {
+    x = pick(x < splat(-87.0f), splat(-87.0f), x);
+    x = pick(x > splat(88.0f), splat(88.0f), x);
+    vf n = x * splat(1.44269504088896341f) + splat(0.5f);
+    vf t = __builtin_convertvector(__builtin_convertvector(n, vi), vf);  /* toward zero */
+    n = pick(t > n, t - splat(1.0f), t);                                 /* floor */
+    x = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    vf y = splat(1.9875691500e-4f);
+    y = y * x + splat(1.3981999507e-3f);
+    y = y * x + splat(8.3334519073e-3f);
+    y = y * x + splat(4.1665795894e-2f);
+    y = y * x + splat(1.6666665459e-1f);
+    y = y * x + splat(5.0000001201e-1f);
+    y = y * (x * x) + x + splat(1.0f);
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf scale;
+    memcpy(&scale, &e, sizeof scale);
+    return y * scale;
+}
+
+typedef struct {
+    const float *q, *k, *v;
+    float *out;
+    const int64_t *n_in, *path;
+    int64_t T, H, KV, D, hd, sb, sh, ss, max_keys, first, last; /* tasks [first, last): (b * T + t) * KV + kv head */
+    float scale;
+    int status;
+} Job;
+
+/* One task's query heads, each in turn: its query and accumulators stay in registers (``lanes``
+   is a constant where this is inlined). */
+__attribute__((always_inline)) static inline void heads(const Job *a, int64_t lanes, int64_t bt, int64_t kvh, float *scores) {
+    int64_t g = a->H / a->KV, hd = a->hd, b = bt / a->T, inplace = a->n_in[bt], L = inplace;
+    const int64_t *p = a->path + bt * a->D;
+    while (L - inplace < a->D && p[L - inplace] >= 0) ++L;
+    const float *kh = a->k + b * a->sb + kvh * a->sh, *vh = a->v + b * a->sb + kvh * a->sh;
+    for (int64_t h = 0; h < g; ++h) {
+        int64_t head = bt * a->H + kvh * g + h;
+        vf qs[8], acc[8];
+        for (int64_t c = 0; c < lanes; ++c) qs[c] = load(a->q + head * hd + c * W) * splat(a->scale);
+        float top = -INFINITY;
+        for (int64_t j = 0; j < L; ++j) {
+            const float *kj = kh + (j < inplace ? j : p[j - inplace]) * a->ss;
+            vf s = qs[0] * load(kj);
+            for (int64_t c = 1; c < lanes; ++c) s += qs[c] * load(kj + c * W);
+            scores[j] = fold(s);
+            top = scores[j] > top ? scores[j] : top;
+        }
+        for (int64_t j = L; j < (L + W - 1) / W * W; ++j) scores[j] = top;
+        for (int64_t j = 0; j < L; j += W) store(scores + j, vexp(load(scores + j) - splat(top)));
+        float total = 0.0f;
+        for (int64_t c = 0; c < lanes; ++c) acc[c] = splat(0.0f);
+        for (int64_t j = 0; j < L; ++j) {
+            const float *vj = vh + (j < inplace ? j : p[j - inplace]) * a->ss;
+            for (int64_t c = 0; c < lanes; ++c) acc[c] += splat(scores[j]) * load(vj + c * W);
+            total += scores[j];
+        }
+        for (int64_t c = 0; c < lanes; ++c) store(a->out + head * hd + c * W, acc[c] / splat(total));
+    }
+}
+
+static void *run(void *arg) {
+    Job *a = arg;
+    float *scores = malloc(sizeof(float) * (size_t)((a->max_keys + W - 1) / W * W));
+    if (!scores) {
+        a->status = -1;
+        return NULL;
+    }
+    for (int64_t task = a->first; task < a->last; ++task) {
+        int64_t bt = task / a->KV, kvh = task % a->KV;
+        if (a->hd == 4 * W)
+            heads(a, 4, bt, kvh, scores);
+        else if (a->hd == 8 * W)
+            heads(a, 8, bt, kvh, scores);
+        else
+            heads(a, a->hd / W, bt, kvh, scores);
+    }
+    free(scores);
+    return NULL;
+}
+
+/* q [B, T, H, hd] contiguous (hd a multiple of 16, at most 128); k, v one layer's keys / values with strides
+   (batch, K/V head, slot) in floats; out [B, T, H, hd] contiguous; n_in [B, T]; path [B, T, D];
+   max_keys: no query reads more entries. The tasks are cut into ``threads`` runs. Returns 0, or
+   -1 when out of memory or threads. */
+int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path,
+           int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
+           float scale, int64_t max_keys, int64_t threads) {
+    enum { MAX_THREADS = 64 };
+    Job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int64_t tasks = B * T * KV, n = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (n > tasks) n = tasks;
+    for (int64_t i = 0; i < n; ++i)
+        jobs[i] = (Job){q, k, v, out, n_in, path, T, H, KV, D, hd, sb, sh, ss, max_keys, tasks * i / n, tasks * (i + 1) / n, scale, 0};
+    int64_t started = 1;
+    for (; started < n; ++started)
+        if (pthread_create(&ids[started], NULL, run, &jobs[started])) break;
+    for (int64_t i = started; i < n; ++i) run(&jobs[i]);
+    run(&jobs[0]);
+    int status = 0;
+    for (int64_t i = 1; i < started; ++i) pthread_join(ids[i], NULL);
+    for (int64_t i = 0; i < n; ++i) status |= jobs[i].status;
+    return status;
+}
