@@ -274,6 +274,34 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"heads written to {cfg.out / 'heads'}", file=sys.stderr)
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    import json
+
+    from tqdm import tqdm
+
+    from propd.bench.calibration import CalibratingDraft, markdown, plot, summary
+    from propd.bench.run import machine_facts
+    from propd.engine import Propd
+    from propd.prompts import load_prompts
+    from propd.tree.dynamic import AcceptanceModel
+
+    prompts = [p.text for p in load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)]
+    model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
+    draft = model.method("draft", args.tree, args.heads)
+    method = CalibratingDraft(draft, AcceptanceModel(draft.draft.meta["rank_probabilities"]))
+    for text in tqdm(prompts, desc="calibrate", unit="prompt"):
+        model.generate([text], method, args.max_new_tokens)
+    result = {"machine": machine_facts(model), "tree": args.tree, "prompts": len(prompts), **summary(method.record)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(result, indent=1))
+    header = f"{len(prompts)} prompts from `{args.prompts}`, draft layer over `{args.tree}`, {args.max_new_tokens} tokens, greedy."
+    (out / "calibration.md").write_text(markdown(result, header))
+    plot(result, out / "calibration.png")
+    print((out / "calibration.md").read_text())
+    print(f"wrote {out / 'calibration.json'}, {out / 'calibration.md'}, {out / 'calibration.png'}", file=sys.stderr)
+
+
 def cmd_latency(args: argparse.Namespace) -> None:
     import json
 
@@ -369,6 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-out", help="directory for results.json, report.md and plots")
     add_model_args(b)
     b.set_defaults(func=cmd_bench, max_new_tokens=128)
+
+    cal = sub.add_parser("calibrate", help="which predicts tree-node acceptance better: rank statistics or the draft's path probability")
+    cal.add_argument("--prompts", help="question.jsonl (Spec-Bench / MT-Bench format); default: propd's built-in set")
+    cal.add_argument("--turn", type=non_negative_int, default=0)
+    cal.add_argument("--limit", type=positive_int, help="at most this many prompts")
+    cal.add_argument("--per-category", type=positive_int, help="at most this many prompts of each category")
+    cal.add_argument("--model", default="default")
+    add_dtype_args(cal)
+    add_device_arg(cal)
+    cal.add_argument("--heads", default="default", help="draft layer: 'default' or a directory")
+    cal.add_argument("--tree", default="best32", help="the static tree whose nodes are predicted")
+    cal.add_argument("--max-new-tokens", type=positive_int, default=96)
+    cal.add_argument("--out", default="bench-out/calibration")
+    cal.set_defaults(func=cmd_calibrate)
 
     lat = sub.add_parser("latency", help="verification step time by tree size, and tree build time")
     lat.add_argument("--model", default="default")

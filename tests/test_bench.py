@@ -7,7 +7,8 @@ import pytest
 from propd.bench.report import build_results, write_report
 from propd.bench.run import machine_facts, run_bench
 from propd.engine import Propd
-from propd.prompts import load_prompts
+from propd.errors import PropdError
+from propd.prompts import load_prompts, long_context_prompts
 from tests.conftest import tiny_hf_model
 from tests.test_tree import random_heads
 
@@ -56,3 +57,17 @@ def test_lossless_flag_reports_first_difference(tiny_propd):
     assert rec["lossless"] is False
     (m,) = rec["mismatches"]
     assert m["prompt_id"] == prompts[1].id and m["position"] == 3 and m["logit_gap"] > 0
+
+
+def test_long_context_prompts_join_documents_to_the_asked_length(tmp_path):
+    source = tmp_path / "docs.jsonl"
+    rows = [{"source": f"t0/{kind}_{i}", "prompt": " ".join(["word"] * (300 + 40 * i))}
+            for kind, n in (("cnn_dailymail", 12), ("quoref", 6)) for i in range(n)] + [{"source": "gsm8k/train", "prompt": "unused"}]
+    source.write_text("\n".join(json.dumps(r) for r in rows))
+    count = lambda text: len(text.split())  # noqa: E731
+    prompts = long_context_prompts(source, count, per_category=2, min_tokens=1000, max_tokens=1600)
+    assert [p.category for p in prompts] == ["summarization"] * 2 + ["retrieval"] * 2
+    assert all(1000 <= count(p.text) <= 1600 for p in prompts)
+    assert prompts[0].text.startswith("Article 1:") and prompts[2].text.endswith("using only the documents above.")
+    with pytest.raises(PropdError, match="only 2 retrieval prompts"):
+        long_context_prompts(source, count, per_category=3, min_tokens=1000, max_tokens=1600)

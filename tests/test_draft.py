@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from propd.bench.calibration import CalibratingDraft, Calibration, summary
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import generate_batch
@@ -15,6 +16,7 @@ from propd.heads.draft import DraftHead
 from propd.models.decoder import Decoder, ModelArgs
 from propd.models.kernels import autograd_route
 from propd.training.train import draft_unroll
+from propd.tree.dynamic import AcceptanceModel
 from propd.tree.tree import chain
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 from tests.test_tree import random_tree
@@ -137,3 +139,23 @@ def test_queue_puts_each_rows_entries_after_its_own():
     assert counts.tolist() == [3, 2]
     assert tokens[0].tolist() == [11, 12, 13] and tokens[1, :2].tolist() == [15, 16]
     assert features[0, :, 0].tolist() == [1.0, 2.0, 3.0] and features[1, :2, 0].tolist() == [5.0, 6.0]
+
+
+def test_calibration_records_both_predictions_of_every_node_and_stays_lossless():
+    rng = random.Random(3)
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=3))
+    tree = random_tree(rng, nodes=12, depth=3, width=3)
+    method = CalibratingDraft(DraftMethod(random_draft(dec.args, 3), tree), AcceptanceModel([[0.5, 0.2, 0.1]] * 3))
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(2, 20))] for _ in range(3)]
+    out = generate_batch(dec, method, prompts, 30, {0})
+    assert [o.token_ids for o in out] == [a.token_ids for a in generate_batch(dec, ARMethod(), prompts, 30, {0})]
+    record = method.record
+    assert len(record.nodes) == len(record.steps) * (tree.size - 1)
+    for k, (_, _, observed) in enumerate(record.steps):  # a step's accepted nodes are its accepted length less the root
+        assert sum(n[2] for n in record.nodes[k * (tree.size - 1) : (k + 1) * (tree.size - 1)]) == observed - 1
+    assert all(0 < ranked <= 1 and 0 <= drafted <= 1 for ranked, drafted, _ in record.nodes)
+    result = summary(record)
+    for r in result["predictors"].values():
+        assert 0 <= r["brier"] <= 1 and sum(b["nodes"] for b in r["bins"]) == len(record.nodes)
+    perfect = summary(Calibration([(1.0, 0.0, True), (0.0, 1.0, False)], [(2.0, 2.0, 2)]))["predictors"]
+    assert perfect["rank statistics"]["brier"] == 0 and perfect["draft path probability"]["brier"] == 1

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from propd.decoding.loop import StepResult
 from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
-from propd.decoding.tree import verify
+from propd.decoding.tree import Verified, verify
 from propd.heads.draft import DraftHead
 from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache, path_slots
@@ -88,8 +88,11 @@ class DraftMethod:
         return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.max_len), pending)
 
     @torch.no_grad()
-    def propose(self, decoder: Decoder, roots: torch.Tensor, state: DraftState, tree: TokenTree | None = None) -> torch.Tensor:
-        """Steps 1-2: the tree's tokens [B, N], root first."""
+    def propose(
+        self, decoder: Decoder, roots: torch.Tensor, state: DraftState, tree: TokenTree | None = None, probs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Steps 1-2: the tree's tokens [B, N], root first; ``probs`` [B, N], where given, receives the
+        draft's probability of each node's token after its parent (``propd calibrate``)."""
         draft, tree = self.draft, tree or self.tree
         dec = draft.decoder(decoder)
         features, next_tokens, counts = state.pending
@@ -105,8 +108,11 @@ class DraftMethod:
         tokens[:, 0] = roots
         base = cache.lengths.view(B, 1, 1) - 1  # node i's entry goes to slot lengths + i - 1
         for nodes, parents, ranks, expand, paths in self.levels(tree):
-            guesses = draft.top_tokens(predicted[:, parents], decoder, int(ranks.max()) + 1)  # [B, n, k]
+            top = draft.top_tokens(predicted[:, parents], decoder, int(ranks.max()) + 1, probs is not None)  # [B, n, k]
+            guesses, chances = top if probs is not None else (top, None)
             tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
+            if probs is not None:
+                probs[:, nodes] = chances.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
             if len(expand) == 0:
                 break
             x = draft.inputs(predicted[:, tree.parents[expand]], tokens[:, expand], decoder)
@@ -124,10 +130,14 @@ class DraftMethod:
         root alone is a plain AR step: the draft does not run, and reads the step's entry later."""
         root_only = tree.size == 1
         tokens = roots.unsqueeze(1) if root_only else self.propose(decoder, roots, state, tree)
-        v = verify(decoder, cache, tree, tokens, picker, pruner)
+        return self.finish(tokens, verify(decoder, cache, tree, tokens, picker, pruner), state, root_only)
+
+    def finish(self, tokens: torch.Tensor, v: Verified, state: DraftState, root_only: bool) -> tuple[StepResult, torch.Tensor]:
+        """Queue the accepted path's features for the draft to read next step; the step's result and
+        each row's last accepted node."""
         path_tokens = tokens.gather(1, v.offsets)  # root first
         next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
-        next_tokens[torch.arange(len(roots)), v.counts - 1] = v.roots
+        next_tokens[torch.arange(len(v.roots)), v.counts - 1] = v.roots
         entries = (v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)
         state.pending = _queue(state.pending, entries) if root_only else entries
         return v.result(tokens), v.last_nodes()

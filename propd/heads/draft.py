@@ -73,14 +73,17 @@ class DraftHead(nn.Module):
         """The base lm_head's columns for the candidate vocabulary, in fp32 [dim, Vc] (training)."""
         return base.vocab_rows(self.candidate_vocab).t()
 
-    def top_tokens(self, predicted: torch.Tensor, base: Decoder, k: int) -> torch.Tensor:
+    def top_tokens(self, predicted: torch.Tensor, base: Decoder, k: int, probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The k best guesses [..., k] (token ids) after predicted features [..., dim], projected in
-        the base model's dtype and route (the rows packed once per base model)."""
+        the base model's dtype and route (the rows packed once per base model); with ``probs``, also
+        the draft's probability of each [..., k] (over its candidate vocabulary)."""
         if self._packed is None or self._packed[0] != id(base):
             rows = base.lm_head_weight if self.candidate_vocab is None else base.lm_head_weight[self.candidate_vocab]
             self._packed = (id(base), base.linear(rows))
-        index = self._packed[1](predicted).topk(k, dim=-1).indices
-        return index if self.candidate_vocab is None else self.candidate_vocab[index]
+        logits = self._packed[1](predicted)
+        best = logits.topk(k, dim=-1)
+        index = best.indices if self.candidate_vocab is None else self.candidate_vocab[best.indices]
+        return (index, (best.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()) if probs else index
 
     def check_fits(self, base: ModelArgs) -> None:
         a = self.args
