@@ -53,7 +53,8 @@ def check_method_args(args: argparse.Namespace) -> None:
     if args.method == "propd" and args.tree and args.dynamic:
         ignored.append("--tree")
     if args.method != "propd":
-        ignored += [o for o, set_ in (("--prune", args.prune is not None), ("--no-dynamic", not args.dynamic)) if set_]
+        switches = (("--prune", args.prune is not None), ("--no-dynamic", not args.dynamic), ("--no-draft-scores", not args.draft_scores))
+        ignored += [o for o, set_ in switches if set_]
     if args.method != "propd" and args.drafter != "draft":
         ignored.append("--drafter")
     for option in ignored:
@@ -87,6 +88,9 @@ def add_propd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-keep-ranks", type=non_negative_int, default=0, help="propd: never prune the drafter's best N guesses at a node")
     p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
                    help="propd: choose the tree every step (default); --no-dynamic keeps --tree (default best16) every step")
+    p.add_argument("--draft-scores", action=argparse.BooleanOptionalAction, default=True,
+                   help="propd with the draft layer: its own path probabilities pick which drafted nodes to verify (default); "
+                        "--no-draft-scores: the rank statistics' best tree")
 
 
 def load_model_and_method(args: argparse.Namespace):
@@ -96,7 +100,9 @@ def load_model_and_method(args: argparse.Namespace):
     check_method_args(args)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     prune = PRUNE_BY_DEFAULT if args.prune is None else args.prune
-    return model, model.method(args.method, args.tree, args.heads, args.drafter, prune, args.dynamic, args.prune_top_k, args.prune_keep_ranks)
+    return model, model.method(
+        args.method, args.tree, args.heads, args.drafter, prune, args.dynamic, args.prune_top_k, args.prune_keep_ranks, args.draft_scores,
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -192,14 +192,15 @@ class Propd:
 
     def method(
         self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads | DraftHead = "default", drafter: str = "draft",
-        prune: bool = PRUNE_BY_DEFAULT, dynamic: bool = True, prune_top_k: int = 10, prune_keep_ranks: int = 0,
+        prune: bool = PRUNE_BY_DEFAULT, dynamic: bool = True, prune_top_k: int = 10, prune_keep_ranks: int = 0, draft_scores: bool = True,
     ) -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
         ``bpd`` (chain of each head's top-1), ``draft`` (the draft layer fills a static tree,
         default mc_sim_7b_63) or ``propd`` (a tree chosen every step, filled by ``drafter``: the
         draft layer or the Medusa heads; ``prune``: early pruning by the early head's top
         ``prune_top_k``, sparing the drafter's ``prune_keep_ranks`` best guesses; ``dynamic``
-        False: the static ``tree`` every step, default best16)."""
+        False: the static ``tree`` every step, default best16; ``draft_scores`` False: the draft
+        layer fills the rank statistics' best tree instead of its own most probable nodes)."""
         with self.on_device():
             if name == "ar":
                 return ARMethod()
@@ -213,7 +214,7 @@ class Propd:
                 static = load_tree(tree or "best16", stats) if not dynamic else load_tree("chain1")
                 inner = DraftMethod(d, static) if drafter == "draft" else TreeMethod(d, static)
                 pruner = Pruner(self.load_early_head(heads), prune_top_k, prune_keep_ranks) if prune else None
-                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats)) if dynamic else None, pruner)
+                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats)) if dynamic else None, pruner, draft_scores)
             if name == "draft":
                 d = self.load_draft(heads)
                 t = load_tree(tree or "mc_sim_7b_63", d.meta.get("rank_probabilities"))

@@ -16,7 +16,7 @@ from propd.heads.early import EarlyHead
 from propd.models.decoder import Decoder
 from propd.models.kernels import Route
 from propd.tree.dynamic import AcceptanceModel, LatencyModel, TreeChooser
-from propd.tree.tree import chain
+from propd.tree.tree import best_tree, chain, path_products, subtree
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 from tests.test_draft import random_draft
 from tests.test_tree import random_heads, random_tree
@@ -60,6 +60,25 @@ def test_chooser_explores_small_trees_then_picks_ar_when_trees_cost_and_grows_tr
         assert (chosen[-1] > 16) if want_big else (chosen[3:] == [1] * 5), (slope, chosen)
 
 
+def test_draft_scores_pick_a_parent_closed_prefix_as_large_as_pays_and_learn_their_calibration():
+    tree = best_tree(STATS, 12)
+    probs = 0.5 + 0.5 * torch.rand(2, tree.size, generator=torch.Generator().manual_seed(0))
+    scores = path_products(tree, probs)
+    for slope, want in ((0.05, 1), (0.0001, 12)):  # the second, where trees cost nothing, learns below
+        chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 2, 4, 8, 12, 16))
+        for size in (1, 2, 8, 12):
+            chooser.latency.observe((2, 0), size, 0.03 + slope * size + 0.01 * (size > 1))
+        nodes = chooser.select(2, 100, 4, scores)
+        assert len(nodes) == want and nodes[0] == 0
+        assert all(int(tree.parents[n]) in nodes for n in nodes)  # a tree: every kept node's parent is kept
+        mass = scores[:, 1:].sum(0)
+        assert all(mass[n - 1] >= mass[m - 1] for n in nodes[1:] for m in range(1, tree.size) if m not in nodes)  # the most probable
+    before = chooser.draft_scale
+    chooser.select(2, 100, 4, torch.ones(2, tree.size))  # the draft promised every node to both rows...
+    chooser.observe(subtree(tree, [0]), 2, 100, [0, 0], 0.03)  # ...and none was accepted
+    assert chooser.draft_scale < before
+
+
 def tiny_case(seed: int) -> tuple[random.Random, Decoder, list[list[int]], list[list[int]]]:
     """A tiny model on an exact route, 1-4 ragged prompts and their AR tokens."""
     rng = random.Random(seed)
@@ -75,7 +94,7 @@ def test_propd_equals_ar_on_tiny_models_with_trees_changing_every_step(seed):
     drafter = DraftMethod(random_draft(dec.args, seed), chain(1)) if seed % 2 else TreeMethod(random_heads(64, 96, 4, seed), chain(1))
     chooser = TreeChooser(AcceptanceModel(stats), sizes=(1, 3, 8, 20))
     chooser.latency.observe((len(prompts), 0), 1, 1.0)  # make every size look free to try
-    method = PropdMethod(drafter, chooser)
+    method = PropdMethod(drafter, chooser, draft_scores=seed != 3)  # seed 1: the draft's probabilities pick the nodes; 3: the rank statistics
     out = generate_batch(dec, method, prompts, 40, {0})
     assert [s.token_ids for s in out] == ar
     assert len({n for s in out for n in s.step_tree_tokens}) > 1  # the tree did change

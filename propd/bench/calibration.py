@@ -27,6 +27,7 @@ from propd.decoding.tree import verify  # noqa: E402
 from propd.models.decoder import Decoder  # noqa: E402
 from propd.models.kv_cache import KVCache  # noqa: E402
 from propd.tree.dynamic import AcceptanceModel  # noqa: E402
+from propd.tree.tree import path_products  # noqa: E402
 
 PREDICTORS = ("rank statistics", "draft path probability")
 BINS = 10
@@ -58,9 +59,7 @@ class CalibratingDraft:
         tokens = self.inner.propose(decoder, roots, state, tree, probs)
         ranked = self._rank_predictions()
         result, last = self.inner.finish(tokens, verify(decoder, cache, tree, tokens, picker), state, root_only=False)
-        below_root = tree.ancestors.clone()
-        below_root[:, 0] = False
-        drafted = torch.where(below_root.unsqueeze(0), probs.unsqueeze(1), 1.0).prod(-1)  # [B, N]: product along each node's path
+        drafted = path_products(tree, probs)
         for b, node in enumerate(last.tolist()):
             accepted = tree.ancestors[node]
             self.record.nodes += [(ranked[i], float(drafted[b, i]), bool(accepted[i])) for i in range(1, tree.size)]

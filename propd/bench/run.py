@@ -129,7 +129,8 @@ def run_bench(
 def _build(model: Propd, spec: str, default_tree: str | None, heads):
     """``medusa@top16`` names a method with its own tree (a bare name takes ``--tree``);
     ``propd@medusa`` names propd's drafter (default the draft layer); ``+prune[K][rR]``,
-    ``+noprune`` and ``+static[TREE]`` set propd's mechanisms (``propd+static+prune``: prune-only)."""
+    ``+noprune``, ``+static[TREE]`` and ``+ranks`` (no draft scores) set propd's mechanisms
+    (``propd+static+prune``: prune-only)."""
     head, *switches = spec.split("+")
     name, _, suffix = head.partition("@")
     if name != "propd":
@@ -144,8 +145,10 @@ def _build(model: Propd, spec: str, default_tree: str | None, heads):
             options.update(prune=True, prune_top_k=int(match[1] or 10), prune_keep_ranks=int(match[2] or 0))
         elif switch.startswith("static"):
             options.update(dynamic=False, tree=switch[6:] or None)
+        elif switch == "ranks":
+            options["draft_scores"] = False
         else:
-            raise PropdError(f"{spec!r}: unknown switch +{switch}; use +prune[K], +noprune, +static[TREE]")
+            raise PropdError(f"{spec!r}: unknown switch +{switch}; use +prune[K], +noprune, +static[TREE], +ranks")
     return model.method(name, heads=heads, **options)
 
 

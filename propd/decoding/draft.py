@@ -13,6 +13,7 @@ One step, for every row of the batch:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from propd.decoding.tree import Verified, verify
 from propd.heads.draft import DraftHead
 from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache, path_slots
-from propd.tree.tree import TokenTree
+from propd.tree.tree import TokenTree, path_products, subtree
 
 Entries = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # features [B, M, dim], next tokens [B, M], counts [B]
 
@@ -131,6 +132,20 @@ class DraftMethod:
         root_only = tree.size == 1
         tokens = roots.unsqueeze(1) if root_only else self.propose(decoder, roots, state, tree)
         return self.finish(tokens, verify(decoder, cache, tree, tokens, picker, pruner), state, root_only)
+
+    def step_scored(
+        self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker, tree: TokenTree,
+        select: Callable[[torch.Tensor], list[int]], pruner: Pruner | None = None,
+    ) -> tuple[StepResult, torch.Tensor, TokenTree]:
+        """Draft ``tree``, then verify only the nodes ``select`` keeps given each node's draft path
+        probability [B, N] (the root and every kept node's parent among them): the step's result,
+        each row's last accepted node and the verified tree."""
+        probs = torch.ones(len(roots), tree.size)
+        drafted = self.propose(decoder, roots, state, tree, probs)
+        nodes = select(path_products(tree, probs))
+        verified, tokens = subtree(tree, nodes), drafted[:, nodes]
+        result, last = self.finish(tokens, verify(decoder, cache, verified, tokens, picker, pruner), state, root_only=False)
+        return result, last, verified
 
     def finish(self, tokens: torch.Tensor, v: Verified, state: DraftState, root_only: bool) -> tuple[StepResult, torch.Tensor]:
         """Queue the accepted path's features for the draft to read next step; the step's result and

@@ -69,6 +69,19 @@ class TokenTree:
         return cls(tuple(nodes), parents, depths, ancestors, ranks, children)
 
 
+def subtree(tree: TokenTree, nodes: list[int]) -> TokenTree:
+    """The tree of ``nodes`` (increasing indices: the root and, for every node, its parent): node k
+    of the result is ``nodes[k]`` of ``tree``, since both order their paths the same way."""
+    return TokenTree.from_paths([tree.paths[i - 1] for i in nodes[1:]])
+
+
+def path_products(tree: TokenTree, probs: torch.Tensor) -> torch.Tensor:
+    """Per row, each node's probability [B, N] times its ancestors' below the root: probs [B, N]."""
+    below_root = tree.ancestors.clone()
+    below_root[:, 0] = False
+    return torch.where(below_root.unsqueeze(0), probs.unsqueeze(1), 1.0).prod(-1)
+
+
 def chain(depth: int) -> TokenTree:
     """Blockwise parallel decoding: each head's top-1 guess, one after another."""
     return TokenTree.from_paths([[0] * d for d in range(1, depth + 1)])
