@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from propd.models.kernels import serial
 
 BLOCK = 32
-PARALLEL_WORK = 1 << 62  # query heads x keys: above this the C kernel splits its tasks between torch's threads
+PARALLEL_WORK = 1 << 16  # query heads x keys: above this the C kernel splits its tasks between torch's threads
 
 
 @dataclass

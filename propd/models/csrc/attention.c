@@ -63,54 +63,71 @@ typedef struct {
     int status;
 } Job;
 
-/* One task's query heads, each in turn: its query and accumulators stay in registers (``lanes``
-   is a constant where this is inlined). */
-__attribute__((always_inline)) static inline void heads(const Job *a, int64_t lanes, int64_t bt, int64_t kvh, float *scores) {
-    int64_t g = a->H / a->KV, hd = a->hd, b = bt / a->T, inplace = a->n_in[bt], L = inplace;
+#define CHUNK 4 /* query heads sharing one read of each key and value */
+
+/* Query heads [h0, h0 + nh) of one task: each key and value is read once for all of them; every
+   head's sums run in the same order as if it were alone. ``lanes`` and ``nh`` are constants where
+   this is inlined, so queries and accumulators stay in registers. */
+__attribute__((always_inline)) static inline void chunk(const Job *a, int64_t lanes, int64_t nh, int64_t bt, int64_t kvh, int64_t h0, float *scores) {
+    int64_t g = a->H / a->KV, hd = a->hd, b = bt / a->T, inplace = a->n_in[bt], L = inplace, padded = (a->max_keys + W - 1) / W * W;
     const int64_t *p = a->path + bt * a->D;
     while (L - inplace < a->D && p[L - inplace] >= 0) ++L;
     const float *kh = a->k + b * a->sb + kvh * a->sh, *vh = a->v + b * a->sb + kvh * a->sh;
-    for (int64_t h = 0; h < g; ++h) {
-        int64_t head = bt * a->H + kvh * g + h;
-        vf qs[8], acc[8];
-        for (int64_t c = 0; c < lanes; ++c) qs[c] = load(a->q + head * hd + c * W) * splat(a->scale);
-        float top = -INFINITY;
-        for (int64_t j = 0; j < L; ++j) {
-            const float *kj = kh + (j < inplace ? j : p[j - inplace]) * a->ss;
-            vf s = qs[0] * load(kj);
-            for (int64_t c = 1; c < lanes; ++c) s += qs[c] * load(kj + c * W);
-            scores[j] = fold(s);
-            top = scores[j] > top ? scores[j] : top;
-        }
-        for (int64_t j = L; j < (L + W - 1) / W * W; ++j) scores[j] = top;
-        for (int64_t j = 0; j < L; j += W) store(scores + j, vexp(load(scores + j) - splat(top)));
-        float total = 0.0f;
-        for (int64_t c = 0; c < lanes; ++c) acc[c] = splat(0.0f);
-        for (int64_t j = 0; j < L; ++j) {
-            const float *vj = vh + (j < inplace ? j : p[j - inplace]) * a->ss;
-            for (int64_t c = 0; c < lanes; ++c) acc[c] += splat(scores[j]) * load(vj + c * W);
-            total += scores[j];
-        }
-        for (int64_t c = 0; c < lanes; ++c) store(a->out + head * hd + c * W, acc[c] / splat(total));
+    vf qs[CHUNK][8], acc[CHUNK][8];
+    float top[CHUNK], total[CHUNK];
+    for (int64_t h = 0; h < nh; ++h) {
+        const float *qh = a->q + ((bt * a->H + kvh * g + h0 + h) * hd);
+        for (int64_t c = 0; c < lanes; ++c) qs[h][c] = load(qh + c * W) * splat(a->scale), acc[h][c] = splat(0.0f);
+        top[h] = -INFINITY, total[h] = 0.0f;
     }
+    for (int64_t j = 0; j < L; ++j) {
+        const float *kj = kh + (j < inplace ? j : p[j - inplace]) * a->ss;
+        for (int64_t h = 0; h < nh; ++h) {
+            vf s = qs[h][0] * load(kj);
+            for (int64_t c = 1; c < lanes; ++c) s += qs[h][c] * load(kj + c * W);
+            float x = fold(s);
+            scores[h * padded + j] = x;
+            top[h] = x > top[h] ? x : top[h];
+        }
+    }
+    for (int64_t h = 0; h < nh; ++h) {
+        float *row = scores + h * padded;
+        for (int64_t j = L; j < (L + W - 1) / W * W; ++j) row[j] = top[h];
+        for (int64_t j = 0; j < L; j += W) store(row + j, vexp(load(row + j) - splat(top[h])));
+    }
+    for (int64_t j = 0; j < L; ++j) {
+        const float *vj = vh + (j < inplace ? j : p[j - inplace]) * a->ss;
+        for (int64_t c = 0; c < lanes; ++c) {
+            vf x = load(vj + c * W);
+            for (int64_t h = 0; h < nh; ++h) acc[h][c] += splat(scores[h * padded + j]) * x;
+        }
+        for (int64_t h = 0; h < nh; ++h) total[h] += scores[h * padded + j];
+    }
+    for (int64_t h = 0; h < nh; ++h) {
+        float *o = a->out + (bt * a->H + kvh * g + h0 + h) * hd;
+        for (int64_t c = 0; c < lanes; ++c) store(o + c * W, acc[h][c] / splat(total[h]));
+    }
+}
+
+/* A chunk with its sizes as constants for the common head dims (64, 128) and chunk sizes. */
+static void chunk_any(const Job *a, int64_t nh, int64_t bt, int64_t kvh, int64_t h0, float *scores) {
+#define CASE(LANES, NH) if (a->hd == (LANES) * W && nh == (NH)) { chunk(a, LANES, NH, bt, kvh, h0, scores); return; }
+    CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4) CASE(8, 1) CASE(8, 2) CASE(8, 3) CASE(8, 4)
+#undef CASE
+    chunk(a, a->hd / W, nh, bt, kvh, h0, scores);
 }
 
 static void *run(void *arg) {
     Job *a = arg;
-    float *scores = malloc(sizeof(float) * (size_t)((a->max_keys + W - 1) / W * W));
+    int64_t g = a->H / a->KV;
+    float *scores = malloc(sizeof(float) * (size_t)(CHUNK * ((a->max_keys + W - 1) / W * W)));
     if (!scores) {
         a->status = -1;
         return NULL;
     }
-    for (int64_t task = a->first; task < a->last; ++task) {
-        int64_t bt = task / a->KV, kvh = task % a->KV;
-        if (a->hd == 4 * W)
-            heads(a, 4, bt, kvh, scores);
-        else if (a->hd == 8 * W)
-            heads(a, 8, bt, kvh, scores);
-        else
-            heads(a, a->hd / W, bt, kvh, scores);
-    }
+    for (int64_t task = a->first; task < a->last; ++task)
+        for (int64_t h0 = 0; h0 < g; h0 += CHUNK)
+            chunk_any(a, g - h0 < CHUNK ? g - h0 : CHUNK, task / a->KV, task % a->KV, h0, scores);
     free(scores);
     return NULL;
 }
