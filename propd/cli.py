@@ -61,7 +61,11 @@ def check_method_args(args: argparse.Namespace) -> None:
         print(f"propd: warning: {option} is ignored by --method {args.method}", file=sys.stderr)
     if args.tree and "--tree" not in ignored:
         check_tree_spec(args.tree, root_only_ok=args.method != "draft")
-    if args.method != "ar" and args.heads == "default" and args.model != "default":
+    if args.method == "spec" and not args.draft_model:
+        raise PropdError("--method spec needs --draft-model: a smaller model with the same tokenizer, e.g. qwen2.5-coder-0.5b")
+    if args.method != "spec" and args.draft_model:
+        print(f"propd: warning: --draft-model is ignored by --method {args.method}", file=sys.stderr)
+    if args.method not in ("ar", "spec") and args.heads == "default" and args.model != "default":
         raise PropdError(f"--method {args.method} needs heads trained for {args.model}: the shipped ones (--heads default) fit only the default "
                          "model; use --method ar, or pass --heads DIR (`propd train --model ...` trains them)")
 
@@ -75,6 +79,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default="draft", choices=["draft", "medusa"], help="what fills propd's trees: the draft layer or the Medusa heads")
     p.add_argument("--heads", default="default", help="heads / draft layer: 'default' (shipped for the default model) or a directory")
     p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, chainN or a JSON file of rank paths")
+    p.add_argument("--draft-model", help="spec: the model that drafts (a named model, HF directory or .gguf sharing the tokenizer), "
+                   "e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
     add_propd_args(p)
@@ -102,6 +108,7 @@ def load_model_and_method(args: argparse.Namespace):
     prune = PRUNE_BY_DEFAULT if args.prune is None else args.prune
     return model, model.method(
         args.method, args.tree, args.heads, args.drafter, prune, args.dynamic, args.prune_top_k, args.prune_keep_ranks, args.draft_scores,
+        args.draft_model,
     )
 
 
@@ -243,7 +250,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise PropdError(f"--context-tokens takes MIN,MAX, got {args.context_tokens}")
         low, high = args.context_tokens
         prompts += long_context_prompts(args.long_context, lambda text: len(model.encode(text)), args.per_category or 4, low, high)
-    runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree, sampling)
+    runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree, sampling, args.draft_model)
     sources = [str(args.prompts or builtin_prompts_path().name)] if short else []
     sources += [f"{args.long_context} ({args.context_tokens[0]}-{args.context_tokens[1]}-token documents)"] if args.long_context else []
     config = {
@@ -392,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=positive_int, help="at most this many prompts")
     b.add_argument("--per-category", type=positive_int, help="at most this many prompts of each category (e.g. 2: 16 MT-Bench questions)")
     b.add_argument("--methods", default="hf,ar,bpd,medusa,propd",
-                   help="comma-separated: hf (transformers generate), ar, bpd, medusa, draft, propd; medusa@TREE / draft@TREE picks a tree per method, "
+                   help="comma-separated: hf (transformers generate), ar, bpd, medusa, draft, propd, spec (with --draft-model); "
+                        "medusa@TREE / draft@TREE / spec@TREE picks a tree per method, "
                         "propd@medusa propd's drafter; propd+prune / propd+prune20 (early top-20) / propd+prune20r1 (and the drafter's top guess) / "
                         "propd+noprune, propd+static / propd+staticTREE (one tree every step): the ablations")
     b.add_argument("--batch-sizes", type=positive_ints, default=[1], help="comma-separated, e.g. 1,2,4,8")

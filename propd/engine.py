@@ -17,6 +17,7 @@ from propd.decoding.loop import DecodeLoop, Method, RowStats, generate_batch
 from propd.decoding.propd import PropdMethod
 from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Sampling
+from propd.decoding.spec import SpecMethod
 from propd.decoding.tree import TreeMethod
 from propd.errors import PropdError
 from propd.heads.draft import DraftHead
@@ -28,7 +29,7 @@ from propd.models.loading import DEFAULT_MODEL, load_hf
 from propd.tree.dynamic import AcceptanceModel, TreeChooser
 from propd.tree.tree import load_tree
 
-METHODS = ("ar", "bpd", "medusa", "draft", "propd")
+METHODS = ("ar", "bpd", "medusa", "draft", "propd", "spec")
 DRAFTERS = ("draft", "medusa")
 DEFAULT_HEADS = Path(__file__).parent / "heads" / "default"
 PRUNE_BY_DEFAULT = False  # the shipped early head rules out too many accepted tokens to pay (README: ProPD, early pruning)
@@ -89,6 +90,7 @@ class Propd:
         eos = {tokenizer.eos_token_id, *(_as_list(getattr(hf_model.generation_config, "eos_token_id", None)))}
         self.eos_ids = {int(e) for e in eos if e is not None}
         self._hf_model = hf_model if keep_reference else None
+        self._draft_models: dict[str, Propd] = {}
 
     @classmethod
     def from_pretrained(
@@ -193,6 +195,7 @@ class Propd:
     def method(
         self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads | DraftHead = "default", drafter: str = "draft",
         prune: bool = PRUNE_BY_DEFAULT, dynamic: bool = True, prune_top_k: int = 10, prune_keep_ranks: int = 0, draft_scores: bool = True,
+        draft_model: "str | os.PathLike | Propd | None" = None,
     ) -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
         ``bpd`` (chain of each head's top-1), ``draft`` (the draft layer fills a static tree,
@@ -200,7 +203,9 @@ class Propd:
         draft layer or the Medusa heads; ``prune``: early pruning by the early head's top
         ``prune_top_k``, sparing the drafter's ``prune_keep_ranks`` best guesses; ``dynamic``
         False: the static ``tree`` every step, default best16; ``draft_scores`` False: the draft
-        layer fills the rank statistics' best tree instead of its own most probable nodes)."""
+        layer fills the rank statistics' best tree instead of its own most probable nodes); ``spec``:
+        ``draft_model`` (a name, directory, .gguf or loaded ``Propd`` sharing the tokenizer) fills
+        a static tree (default chain4) with its own top-k guesses."""
         with self.on_device():
             if name == "ar":
                 return ARMethod()
@@ -215,6 +220,13 @@ class Propd:
                 inner = DraftMethod(d, static) if drafter == "draft" else TreeMethod(d, static)
                 pruner = Pruner(self.load_early_head(heads), prune_top_k, prune_keep_ranks) if prune else None
                 return PropdMethod(inner, TreeChooser(AcceptanceModel(stats)) if dynamic else None, pruner, draft_scores)
+            if name == "spec":
+                if draft_model is None:
+                    raise PropdError("--method spec needs --draft-model: a smaller model with the same tokenizer, e.g. qwen2.5-coder-0.5b")
+                small = draft_model if isinstance(draft_model, Propd) else self.load_draft_model(draft_model)
+                method = SpecMethod(small.decoder, load_tree(tree or "chain4"))
+                method.check_fits(self.decoder)
+                return method
             if name == "draft":
                 d = self.load_draft(heads)
                 t = load_tree(tree or "mc_sim_7b_63", d.meta.get("rank_probabilities"))
@@ -226,6 +238,12 @@ class Propd:
                 spec = tree or ("mc_sim_7b_63" if name == "medusa" else f"chain{h.num_heads}")
                 return TreeMethod(h, load_tree(spec, h.meta.get("rank_probabilities")))
         raise PropdError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+
+    def load_draft_model(self, name: str | os.PathLike) -> "Propd":
+        """A draft model for ``spec``, loaded once per name."""
+        if str(name) not in self._draft_models:
+            self._draft_models[str(name)] = Propd.from_pretrained(name, device=self.device)
+        return self._draft_models[str(name)]
 
     def generate(
         self,

@@ -71,7 +71,7 @@ def test_tree_drafting_computes_what_training_unrolls():
     dec = Decoder.from_hf(tiny_hf_model("llama", seed=1))
     draft = random_draft(dec.args, 1)
     method = DraftMethod(draft, chain(3))
-    roots, state = method.start(dec, dec.new_cache(1, 64), torch.randn(1, dec.args.dim), Picker([RowChoice(None, 0, 0)]))
+    roots, state = method.start(dec, dec.new_cache(1, 64), torch.randn(1, dec.args.dim), Picker([RowChoice(None, 0, 0)]), [[1]])
     first_features = state.pending[0]
     tokens = method.propose(dec, roots, state)
     with torch.no_grad():

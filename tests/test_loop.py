@@ -9,6 +9,7 @@ from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import PREFILL_CHUNK, DecodeLoop, generate_batch
 from propd.decoding.propd import PropdMethod
+from propd.decoding.spec import SpecMethod
 from propd.decoding.tree import TreeMethod
 from propd.engine import TextStream
 from propd.models.decoder import Decoder
@@ -28,6 +29,7 @@ def methods(dec: Decoder, rng: random.Random, seed: int) -> dict:
         "medusa": TreeMethod(random_heads(64, 96, 3, seed), tree),
         "draft": DraftMethod(random_draft(dec.args, seed), tree),
         "propd": PropdMethod(DraftMethod(random_draft(dec.args, seed), tree), chooser),
+        "spec": SpecMethod(dec, tree),  # the model drafting for itself: every guess it ranks first is right
     }
 
 

@@ -13,6 +13,7 @@ from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import generate_batch
 from propd.decoding.propd import PropdMethod
 from propd.decoding.sampling import Sampling
+from propd.decoding.spec import SpecMethod
 from propd.decoding.tree import TreeMethod
 from propd.errors import PropdError
 from propd.models.decoder import Decoder
@@ -54,7 +55,8 @@ def test_exact_tree_sampling_emits_ar_samplings_tokens(seed):
     chooser = TreeChooser(AcceptanceModel([[0.5, 0.2, 0.1, 0.05]] * 3), sizes=(1, 3, 8))
     chooser.latency.observe((len(prompts), 0), 1, 1.0)
     methods = [TreeMethod(random_heads(64, 96, 3, seed), tree), DraftMethod(random_draft(dec.args, seed), tree),
-               PropdMethod(DraftMethod(random_draft(dec.args, seed), tree), chooser)]
+               PropdMethod(DraftMethod(random_draft(dec.args, seed), tree), chooser),
+               SpecMethod(dec, tree)]
     for settings in (Sampling(0.7), Sampling(1.0, top_p=0.8), Sampling(1.3, top_k=5)):
         seeds = [rng.randrange(10**6) for _ in prompts]
         want = sample(dec, ARMethod(), prompts, 30, settings, seeds)

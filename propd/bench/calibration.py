@@ -50,8 +50,8 @@ class CalibratingDraft:
         self.inner, self.acceptance, self.record = inner, acceptance, Calibration()
         self.tree_size, self.tree_depth = inner.tree_size, inner.tree_depth
 
-    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker):
-        return self.inner.start(decoder, cache, hidden, picker)
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]):
+        return self.inner.start(decoder, cache, hidden, picker, prompts)
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker) -> StepResult:
         tree = self.inner.tree

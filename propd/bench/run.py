@@ -89,13 +89,14 @@ def run_bench(
     heads: str = "default",
     tree: str | None = None,
     sampling: Sampling | None = None,
+    draft_model: str | None = None,
 ) -> list[MethodRun]:
     """Every method on every batch of prompts, side by side. With ``sampling`` (its seed set),
     prompt k samples with seed + k under every method and batch size, so exact acceptance must
     give AR sampling's very tokens; ``hf`` stays greedy."""
     if "ar" not in methods:
         raise PropdError("bench needs 'ar' among the methods: it is the reference for speed-up and losslessness")
-    builders = {m: (None if m == HF else _build(model, m, tree, heads)) for m in methods}
+    builders = {m: (None if m == HF else _build(model, m, tree, heads, draft_model)) for m in methods}
 
     def run_one(method: str, batch: list[Prompt], n: int, start: int = 0) -> tuple[list[Generation], float]:
         texts = [p.text for p in batch]
@@ -126,7 +127,7 @@ def run_bench(
     return runs
 
 
-def _build(model: Propd, spec: str, default_tree: str | None, heads):
+def _build(model: Propd, spec: str, default_tree: str | None, heads, draft_model: str | None = None):
     """``medusa@top16`` names a method with its own tree (a bare name takes ``--tree``);
     ``propd@medusa`` names propd's drafter (default the draft layer); ``+prune[K][rR]``,
     ``+noprune``, ``+static[TREE]`` and ``+ranks`` (no draft scores) set propd's mechanisms
@@ -136,7 +137,7 @@ def _build(model: Propd, spec: str, default_tree: str | None, heads):
     if name != "propd":
         if switches:
             raise PropdError(f"{spec!r}: only propd takes +prune / +static")
-        return model.method(name, suffix or default_tree, heads=heads)
+        return model.method(name, suffix or default_tree, heads=heads, draft_model=draft_model)
     options = {"drafter": suffix or "draft"}
     for switch in switches:
         if switch.startswith("noprune"):

@@ -15,7 +15,7 @@ class ARMethod:
     tree_size = 1
     tree_depth = 0
 
-    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, Stateless]:
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]) -> tuple[torch.Tensor, Stateless]:
         return picker.next_tokens(decoder, decoder.final_norm(hidden)), Stateless()
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: Stateless, picker: Picker) -> StepResult:

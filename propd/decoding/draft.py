@@ -12,6 +12,7 @@ One step, for every row of the batch:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,6 +57,25 @@ def _pad_entries(entries: Entries, width: int) -> Entries:
     return F.pad(features, (0, 0, 0, extra)), F.pad(tokens, (0, extra)), counts
 
 
+@functools.lru_cache(maxsize=256)
+def _levels(rank_paths: tuple) -> list[tuple[torch.Tensor, ...]]:
+    tree = TokenTree.from_paths(rank_paths)
+    out = []
+    for depth in range(1, tree.depth + 1):
+        nodes = (tree.depths == depth).nonzero().flatten()
+        expand = nodes[(tree.children[nodes] >= 0).any(dim=1)]
+        paths = path_slots(tree.ancestors[expand, 1:].unsqueeze(0), torch.arange(1, tree.size).unsqueeze(0))[0]
+        out.append((nodes, tree.parents[nodes], tree.ranks[nodes], expand, paths))
+    return out
+
+
+def tree_levels(tree: TokenTree) -> list[tuple[torch.Tensor, ...]]:
+    """Per depth, for drafting a tree depth by depth: the nodes there, their parents, ranks, which
+    of them have children, and those nodes' paths below the root [n, depth] (node indices in depth
+    order, the node last). Built once per tree shape."""
+    return _levels(tree.paths)
+
+
 class DraftMethod:
     """A static tree filled by the draft layer."""
 
@@ -63,26 +83,12 @@ class DraftMethod:
         self.draft = draft
         self.tree = tree
         self.reserve(tree.size, tree.depth, tree.max_rank)
-        self._levels: dict[tuple, list] = {}
 
     def reserve(self, size: int, depth: int, ranks: int) -> None:
         """Make ``step_tree`` take trees of up to this many tokens and depth (any ranks)."""
         self.tree_size, self.tree_depth = size, depth
 
-    def levels(self, tree: TokenTree) -> list[tuple[torch.Tensor, ...]]:
-        """Per depth: the nodes there, their parents, ranks, which of them have children, and those
-        nodes' paths below the root [n, depth] (node indices in depth order, the node last)."""
-        if tree.paths not in self._levels:
-            out = []
-            for depth in range(1, tree.depth + 1):
-                nodes = (tree.depths == depth).nonzero().flatten()
-                expand = nodes[(tree.children[nodes] >= 0).any(dim=1)]
-                paths = path_slots(tree.ancestors[expand, 1:].unsqueeze(0), torch.arange(1, tree.size).unsqueeze(0))[0]
-                out.append((nodes, tree.parents[nodes], tree.ranks[nodes], expand, paths))
-            self._levels[tree.paths] = out
-        return self._levels[tree.paths]
-
-    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, DraftState]:
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]) -> tuple[torch.Tensor, DraftState]:
         normed = decoder.final_norm(hidden)
         roots = picker.next_tokens(decoder, normed)
         pending = (normed.float().unsqueeze(1), roots.unsqueeze(1), torch.ones(len(roots), dtype=torch.long, device=roots.device))
@@ -108,7 +114,7 @@ class DraftMethod:
         tokens = torch.empty(B, N, dtype=torch.long)
         tokens[:, 0] = roots
         base = cache.lengths.view(B, 1, 1) - 1  # node i's entry goes to slot lengths + i - 1
-        for nodes, parents, ranks, expand, paths in self.levels(tree):
+        for nodes, parents, ranks, expand, paths in tree_levels(tree):
             top = draft.top_tokens(predicted[:, parents], decoder, int(ranks.max()) + 1, probs is not None)  # [B, n, k]
             guesses, chances = top if probs is not None else (top, None)
             tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)

@@ -80,14 +80,14 @@ class Stateless:
 
 class Method(Protocol):
     """One decoding method. ``start`` sees the prefill's last hidden states [B, dim] of rows whose
-    prompts fill ``cache`` and returns their first roots [B] and state; ``step`` runs one forward
+    prompts (token ids) fill ``cache`` and returns their first roots [B] and state; ``step`` runs one forward
     pass over the roots (and whatever it guesses after them). ``picker`` says how each row picks
     its tokens (greedy or sampled)."""
 
     tree_size: int  # tokens a step writes into the cache past a row's length
     tree_depth: int  # positions a step reaches past a row's length
 
-    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, State]: ...
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]) -> tuple[torch.Tensor, State]: ...
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State, picker: Picker) -> StepResult: ...
 
@@ -196,7 +196,7 @@ class DecodeLoop:
         if hidden is None:
             return []
         self.joining.popleft()
-        roots, state = self.method.start(self.decoder, group.cache, hidden, Picker([r.choice() for r in group.rows]))
+        roots, state = self.method.start(self.decoder, group.cache, hidden, Picker([r.choice() for r in group.rows]), [r.prompt for r in group.rows])
         for row in group.rows:
             row.stats.prefill_seconds = group.seconds
         if self.cache is None:

@@ -41,8 +41,8 @@ class PropdMethod:
             drafter.reserve(max(chooser.sizes), len(chooser.acceptance.p), len(chooser.acceptance.p[0]))
         self.tree_size, self.tree_depth = drafter.tree_size, drafter.tree_depth
 
-    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, State]:
-        return self.drafter.start(decoder, cache, hidden, picker)
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]) -> tuple[torch.Tensor, State]:
+        return self.drafter.start(decoder, cache, hidden, picker, prompts)
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State, picker: Picker) -> StepResult:
         rows, context = cache.batch_size, int(cache.lengths.max())

@@ -149,7 +149,7 @@ class TreeMethod:
         """Heads' top-k tokens [B, H, K] from normed hidden states [B, dim] and the roots [B] they produced."""
         return self.heads.top_tokens(normed, roots, decoder, *self.candidate_shape)
 
-    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, TreeState]:
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]) -> tuple[torch.Tensor, TreeState]:
         normed = decoder.final_norm(hidden)
         roots = picker.next_tokens(decoder, normed)
         return roots, TreeState(self.propose(decoder, normed, roots))

@@ -1,0 +1,97 @@
+"""Speculative decoding by a draft model: a smaller model with the same tokenizer proposes the tree.
+
+One step, for every row of the batch:
+  1. the draft model reads the tokens it has not seen (the accepted path and the new root; it
+     read the prompt when the row started) into its own KV cache;
+  2. it expands the static tree depth by depth: each node's children are its top-k tokens after
+     the node, the node's K/V written past the draft cache's committed entries (dropped afterwards:
+     the draft cache rolls back to the accepted path by reading that path again next step);
+  3. verification exactly as for the other trees (``verify``): the output never depends on the draft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from propd.decoding.draft import tree_levels
+from propd.decoding.loop import StepResult, prefill
+from propd.decoding.sampling import Picker
+from propd.decoding.tree import verify
+from propd.errors import PropdError
+from propd.models.decoder import Decoder
+from propd.models.kv_cache import KVCache
+from propd.tree.tree import TokenTree
+
+
+@dataclass
+class SpecState:
+    """The draft model's cache and, per row, the tokens it has yet to read [B, M] (padded) and how many [B]."""
+
+    cache: KVCache
+    pending: torch.Tensor
+    counts: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.select_rows(rows)
+        self.pending, self.counts = self.pending[rows], self.counts[rows]
+
+    def join(self, other: "SpecState") -> None:
+        self.cache.join(other.cache)
+        width = max(self.pending.shape[1], other.pending.shape[1])
+        self.pending = torch.cat([F.pad(self.pending, (0, width - self.pending.shape[1])), F.pad(other.pending, (0, width - other.pending.shape[1]))])
+        self.counts = torch.cat([self.counts, other.counts])
+
+
+class SpecMethod:
+    """A static tree filled by a draft model's top-k guesses."""
+
+    def __init__(self, draft: Decoder, tree: TokenTree):
+        if tree.size < 2:
+            raise PropdError("the spec tree holds only the root: the draft model needs nodes to fill (use --method ar for plain decoding)")
+        self.draft, self.tree = draft, tree
+        self.tree_size, self.tree_depth = tree.size, tree.depth
+
+    def check_fits(self, target: Decoder) -> None:
+        if self.draft.args.vocab_size != target.args.vocab_size:
+            raise PropdError(f"the draft model's vocabulary ({self.draft.args.vocab_size} tokens) is not the model's ({target.args.vocab_size}): "
+                             "a draft model must share the tokenizer")
+
+    def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]) -> tuple[torch.Tensor, SpecState]:
+        self.check_fits(decoder)
+        roots = picker.next_tokens(decoder, decoder.final_norm(hidden))
+        draft_cache = self.draft.new_cache(len(prompts), cache.max_len)
+        prefill(self.draft, draft_cache, prompts)  # the draft model reads the prompts too
+        return roots, SpecState(draft_cache, roots.unsqueeze(1), torch.ones(len(prompts), dtype=torch.long))
+
+    @torch.no_grad()
+    def propose(self, roots: torch.Tensor, state: SpecState) -> torch.Tensor:
+        """Steps 1-2: the tree's tokens [B, N], root first."""
+        draft, tree, cache = self.draft, self.tree, state.cache
+        B, M = state.pending.shape
+        out = draft.extend(state.pending, cache.chain(M), cache)
+        cache.advance(state.counts)
+        normed = torch.zeros(B, tree.size, draft.args.dim)  # each expanded node's final hidden state
+        normed[:, 0] = draft.final_norm(out[torch.arange(B), state.counts - 1])
+        tokens = torch.empty(B, tree.size, dtype=torch.long)
+        tokens[:, 0] = roots
+        base = cache.lengths.view(B, 1, 1) - 1  # node i's entry goes to slot lengths + i - 1 (the root is at lengths - 1)
+        for nodes, parents, ranks, expand, paths in tree_levels(tree):
+            guesses = draft.lm_head(normed[:, parents]).topk(int(ranks.max()) + 1, dim=-1).indices  # [B, n, k]
+            tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
+            if len(expand) == 0:
+                break
+            layout = cache.paths(base[:, :, 0] + expand, torch.where(paths >= 0, base + paths, -1))
+            normed[:, expand] = draft.final_norm(draft.extend(tokens[:, expand], layout, cache))
+        return tokens
+
+    def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: SpecState, picker: Picker) -> StepResult:
+        tokens = self.propose(roots, state)
+        v = verify(decoder, cache, self.tree, tokens, picker)
+        path = tokens.gather(1, v.offsets)  # root first: the draft has read the root; it reads the rest and the new root next
+        state.pending = torch.cat([path[:, 1:], path[:, :1]], dim=1)
+        state.pending[torch.arange(len(roots)), v.counts - 1] = v.roots
+        state.counts = v.counts
+        return v.result(tokens)
