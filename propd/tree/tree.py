@@ -8,6 +8,7 @@ come before it and a root-to-node path is that node's row of the ancestor mask, 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 from dataclasses import dataclass
@@ -71,8 +72,14 @@ class TokenTree:
 
 def subtree(tree: TokenTree, nodes: list[int]) -> TokenTree:
     """The tree of ``nodes`` (increasing indices: the root and, for every node, its parent): node k
-    of the result is ``nodes[k]`` of ``tree``, since both order their paths the same way."""
-    return TokenTree.from_paths([tree.paths[i - 1] for i in nodes[1:]])
+    of the result is ``nodes[k]`` of ``tree``, since both order their paths the same way. Built
+    once per shape: draft-scored ProPD steps take one every step."""
+    return _tree_of(tuple(tree.paths[i - 1] for i in nodes[1:]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _tree_of(paths: tuple[RankPath, ...]) -> TokenTree:
+    return TokenTree.from_paths(paths)
 
 
 def path_products(tree: TokenTree, probs: torch.Tensor) -> torch.Tensor:
