@@ -5,8 +5,9 @@ One step, for every row of the batch (DESIGN.md section 2):
   2. tree: root + candidate tokens at the tree's nodes;
   3. verify: all tokens through the model with the tree mask, K/V appended after the cache;
   4. accept: the longest path whose every token is the token its parent picks (the argmax, or a
-     sample: ``sampling``), plus the bonus token (walked from the root, projecting only accepted
-     nodes to the vocabulary);
+     sample: ``sampling``), plus the bonus token (walked from the root; greedy steps of at most
+     ``PROJECT_ALL`` tokens project every node to the vocabulary in one product, others only the
+     accepted nodes, a product per depth);
   5. cache: keep only the accepted nodes' K/V, packed;
   6. the heads at the last accepted node give the next step's candidates.
 """
@@ -27,6 +28,8 @@ from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache
 from propd.tree.tree import TokenTree
 
+PROJECT_ALL = 32  # tokens: up to one row tile, one vocabulary product over every node costs less than one per accepted depth
+
 
 def tree_tokens(roots: torch.Tensor, candidates: torch.Tensor, tree: TokenTree) -> torch.Tensor:
     """[B] roots + [B, H, K] candidates -> [B, N] tokens at the tree's nodes (root first)."""
@@ -43,7 +46,7 @@ def walk(
     children carry tokens kids [R, C] (``valid`` where a child exists), which children they accept
     [R, C] (the first counts) and the token each would emit instead [R] (``Picker.accept``).
     Returns the last accepted node [B] and the bonus token after it [B]. Only nodes on the accepted
-    paths are projected to the vocabulary: one matrix-vector product per accepted token, as in AR."""
+    paths are projected to the vocabulary: one product per depth, over the rows still walking."""
     B = tokens.shape[0]
     last = torch.zeros(B, dtype=torch.long)
     bonus = torch.empty(B, dtype=torch.long)
@@ -110,11 +113,26 @@ def verify(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tens
         alive = None
     else:
         normed, alive = run_pruned(decoder, cache, tree, tokens, pruner)
-    last, roots = walk(tokens, tree, lambda rows, nodes, kids, valid: picker.accept(decoder, normed[rows, nodes], rows, tree.depths[nodes], kids, valid),
-                       alive)
+    last, roots = walk(tokens, tree, _acceptor(decoder, picker, normed, tree), alive)
     offsets, counts = accepted_offsets(tree, last)
     cache.keep(offsets, counts)
     return Verified(normed, offsets, counts, roots, [tree.size] * B if alive is None else alive.sum(1).tolist())
+
+
+def _acceptor(decoder: Decoder, picker: Picker, normed: torch.Tensor, tree: TokenTree) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``walk``'s ``accept`` over a step's normed states [B, N, dim]. Greedy steps of up to
+    ``PROJECT_ALL`` tokens take every node's argmax from one product (measured on the Intel Xeon
+    with AMX: 8 rows cost 2.4 ms, 32 rows 5.9, one row 1.7, and a walk projects 2-4 depths); a
+    row's logits do not depend on the rows beside it on an exact route, so the tokens are the same."""
+    if picker.greedy and normed.shape[0] * normed.shape[1] <= PROJECT_ALL:
+        picks = decoder.greedy_tokens(normed)  # [B, N]
+
+        def accept(rows, nodes, kids, valid):
+            picked = picks[rows, nodes]
+            return valid & (kids == picked.unsqueeze(1)), picked
+
+        return accept
+    return lambda rows, nodes, kids, valid: picker.accept(decoder, normed[rows, nodes], rows, tree.depths[nodes], kids, valid)
 
 
 @dataclass

@@ -40,17 +40,30 @@ PARALLEL_WORK = 1 << 16  # query heads x keys: above this the C kernel splits it
 
 @dataclass
 class Plan:
-    """How one step's queries read one layer's cache [B, KV, S, hd + 1]. Masks broadcast against
-    scores [B, KV, T, group, *]."""
+    """How one step's queries read one layer's cache [B, KV, S, hd + 1]: query (b, t) reads slots
+    [0, inplace[b, t]) and then ``path[b, t]`` up to its first -1. ``blocked`` (what the tensor
+    version reads) is built only when that version runs."""
+
+    inplace: torch.Tensor  # [B, T] long
+    path: torch.Tensor  # [B, T, D] long
+    n_kv_heads: int
+    max_len: int  # the cache's slots per row
+
+    @functools.cached_property
+    def blocked(self) -> "Blocked":
+        return _blocked_chain(self.inplace) if self.path.shape[-1] == 0 else _blocked_path(self.inplace, self.path, self.n_kv_heads, self.max_len)
+
+
+@dataclass
+class Blocked:
+    """The tensor version's view of a ``Plan``. Masks broadcast against scores [B, KV, T, group, *]."""
 
     span: int  # key slots [0, span) are scored
     shared: torch.Tensor  # [B, 1, T, 1, Cs] 0 where a query sees in-place column c < Cs, else -inf (Cs: a positive multiple of BLOCK)
-    recent_slots: torch.Tensor | None  # [B, 1, T, 1, R] long: slot holding position start + r on the query's path
-    recent_valid: torch.Tensor | None  # [B, 1, T, 1, R] 0 where that position is on the path, else -inf
-    recent_rows: torch.Tensor | None  # [B * KV * T * R] those slots as rows of the cache flattened to [B * KV * S, hd + 1]
-    recent_block: torch.Tensor | None  # [B, 1, R / BLOCK, T, 1, 1] index of each recent block among all blocks: start / BLOCK + r
-    inplace: torch.Tensor  # [B, T] long: a query's first entries are slots [0, inplace) ...
-    path: torch.Tensor  # [B, T, D] long: ... then these slots, up to the first -1 (the C kernel's view)
+    recent_slots: torch.Tensor | None = None  # [B, 1, T, 1, R] long: slot holding position start + r on the query's path
+    recent_valid: torch.Tensor | None = None  # [B, 1, T, 1, R] 0 where that position is on the path, else -inf
+    recent_rows: torch.Tensor | None = None  # [B * KV * T * R] those slots as rows of the cache flattened to [B * KV * S, hd + 1]
+    recent_block: torch.Tensor | None = None  # [B, 1, R / BLOCK, T, 1, 1] index of each recent block among all blocks: start / BLOCK + r
 
 
 def round_up(n: int) -> int:
@@ -62,23 +75,28 @@ def _bias(seen: torch.Tensor) -> torch.Tensor:
     return torch.zeros(seen.shape, device=seen.device).masked_fill_(~seen, float("-inf"))
 
 
-def chain_plan(lengths: torch.Tensor, T: int) -> Plan:
-    """New tokens at slots lengths + [0, T), each seeing every slot up to its own (prefill, AR):
-    slots are positions throughout, so every block is read in place."""
-    width = round_up(int(lengths.max()) + T)
+def chain_plan(lengths: torch.Tensor, T: int, n_kv_heads: int, max_len: int) -> Plan:
+    """New tokens at slots lengths + [0, T), each seeing every slot up to its own (prefill, AR)."""
     position = lengths.unsqueeze(1) + torch.arange(T, device=lengths.device)  # [B, T]
-    shared = torch.arange(width, device=lengths.device) <= position.unsqueeze(-1)  # [B, T, Cs]
-    empty = torch.empty(*position.shape, 0, dtype=torch.long, device=lengths.device)
-    return Plan(width, _bias(shared[:, None, :, None]), None, None, None, None, position + 1, empty)
+    return Plan(position + 1, torch.empty(*position.shape, 0, dtype=torch.long, device=lengths.device), n_kv_heads, max_len)
 
 
 def path_plan(base: torch.Tensor, path_slots: torch.Tensor, n_kv_heads: int, max_len: int) -> Plan:
-    """Queries that see the committed slots [0, base) and then their path.
+    """Queries that see the committed slots [0, base) (slot == position there) and then their path:
+    path_slots [B, T, D], the slots holding positions base, base + 1, ..., itself last, padded with -1."""
+    return Plan(base.contiguous(), path_slots.contiguous(), n_kv_heads, max_len)
 
-    base: [B, T] committed entries each query sees (slot == position below it); path_slots:
-    [B, T, D] the slots holding positions base, base + 1, ... on the query's path, itself last,
-    padded with -1. The in-place region extends R columns past the last in-place block, all
-    masked, so that it has an (empty) block wherever a query's recent blocks go."""
+
+def _blocked_chain(seen: torch.Tensor) -> Blocked:
+    """Queries seeing slots [0, seen) [B, T]: slots are positions throughout, so every block is read in place."""
+    width = round_up(int(seen.max()))
+    shared = torch.arange(width, device=seen.device) < seen.unsqueeze(-1)  # [B, T, Cs]
+    return Blocked(width, _bias(shared[:, None, :, None]))
+
+
+def _blocked_path(base: torch.Tensor, path_slots: torch.Tensor, n_kv_heads: int, max_len: int) -> Blocked:
+    """The in-place region extends R columns past the last in-place block, all masked, so that it
+    has an (empty) block wherever a query's recent blocks go."""
     B, T, D = path_slots.shape
     device = base.device
     start = base // BLOCK * BLOCK  # [B, T] first position not read in place
@@ -96,8 +114,7 @@ def path_plan(base: torch.Tensor, path_slots: torch.Tensor, n_kv_heads: int, max
     heads = torch.arange(B * n_kv_heads, device=device).view(B, n_kv_heads, 1) * max_len
     rows = (heads + slots.view(B, 1, T * R)).flatten()
     block = (start // BLOCK).view(B, 1, 1, T, 1, 1) + torch.arange(R // BLOCK, device=device).view(1, 1, -1, 1, 1, 1)
-    seen = (_bias(shared[:, None, :, None]), slots[:, None, :, None], _bias(valid[:, None, :, None]))
-    return Plan(span, *seen, rows, block, base.contiguous(), path_slots.contiguous())
+    return Blocked(span, _bias(shared[:, None, :, None]), slots[:, None, :, None], _bias(valid[:, None, :, None]), rows, block)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, exact: bool = True) -> torch.Tensor:
@@ -167,6 +184,7 @@ def blocked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """The tensor version: per block of positions, one small product; blocks added in position
     order. ``exact``: exponentials on one thread (``serial``)."""
     B, T, H, hd = q.shape
+    plan = plan.blocked
     KV, S = keys.shape[1], keys.shape[2]
     g = H // KV
     # Queries get a zero feature against the keys' ones column: scoring whole cache entries reads

@@ -47,7 +47,7 @@ class KVCache:
     def chain(self, T: int) -> Layout:
         """T new tokens after each row's cache, each seeing the cache and the new tokens before it."""
         slots = self.lengths.unsqueeze(1) + torch.arange(T, device=self.device)
-        return Layout(slots, slots, chain_plan(self.lengths, T))
+        return Layout(slots, slots, chain_plan(self.lengths, T, self.kv.shape[3], self.max_len))
 
     def tree(self, ancestors: torch.Tensor) -> Layout:
         """N new tokens after each row's cache forming a tree: ancestors [N, N] or [B, N, N] bool
