@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from propd.decoding.loop import prefill
-from propd.models import attention
+from propd.models import attention, native, pointwise
 from propd.models.decoder import Decoder
 from propd.models.kernels import Route, choose_route, is_row_invariant, measure_route
 from propd.models.kv_cache import path_slots
@@ -20,12 +20,12 @@ from tests.conftest import REAL_PROMPTS, tiny_hf_model
 TINY = tiny_hf_model("llama", seed=5, layers=2)
 ROUTES = [r for r in (Route.parse(n) for n in ("float32-torch-pad8", "bfloat16-onednn", "bfloat16-torch"))
           if measure_route(r, Decoder.from_hf(TINY).args.product_shapes(), rows=(1,)).get("exact")]
-KERNELS = ["c", "torch"] if attention.native_kernel() is not None else ["torch"]  # attention: the C kernel, the tensor version
+KERNELS = ["c", "torch"] if native.native_kernel() is not None else ["torch"]  # attention, norms, RoPE, SiLU: the C kernels or tensor ops
 
 
-def attention_by(kernel: str):
-    """Attention by the C kernel or by tensor ops for a while."""
-    return mock.patch.object(attention, "native_kernel", attention.native_kernel if kernel == "c" else lambda: None)
+def kernels_by(kernel: str):
+    """The C kernels, or tensor ops, for a while."""
+    return mock.patch.object(native, "native_kernel", native.native_kernel if kernel == "c" else lambda: None)
 
 
 def ar_logits(dec: Decoder, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
@@ -77,11 +77,11 @@ def test_tree_logits_equal_ar_logits_bitwise_on_random_trees_and_batches(kernel,
     rng = random.Random(seed)
     dec = Decoder.from_hf(TINY, route)
     prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(1, 300))] for _ in range(batch)]  # contexts of 1-10 attention blocks
-    with attention_by(kernel):
+    with kernels_by(kernel):
         tree_logits_equal_ar(dec, rng, prompts, size, depth)
 
 
-@pytest.mark.skipif(KERNELS == ["torch"], reason="no C compiler: no C attention kernel")
+@pytest.mark.skipif(KERNELS == ["torch"], reason="no C compiler: no C kernels")
 def test_c_attention_kernel_agrees_with_the_tensor_version():
     """Not bitwise (each adds in its own fixed order), but the same attention: both over random
     trees above ragged caches, grouped query heads, head dims 16 to 128."""
@@ -94,8 +94,32 @@ def test_c_attention_kernel_agrees_with_the_tensor_version():
         slots = torch.tensor([[100], [37], [250]]) + torch.arange(T)
         plan = attention.path_plan(slots[:, :1].expand(B, T), path_slots(ancestors.expand(B, T, T), slots), kv_heads, S)
         q = torch.randn(B, T, heads, hd)
-        native = attention._native(attention.native_kernel(), q, keys, values, plan)
-        assert torch.allclose(native, attention.blocked_attention(q, keys, values, plan), atol=1e-5)
+        by_c = attention._native(native.native_kernel(), q, keys, values, plan)
+        assert torch.allclose(by_c, attention.blocked_attention(q, keys, values, plan), atol=1e-5)
+
+
+@pytest.mark.skipif(KERNELS == ["torch"], reason="no C compiler: no C kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_pointwise_kernels_agree_with_torch_and_ignore_their_neighbours(dtype):
+    """RMSNorm, RoPE and SiLU-gated inputs by C match torch's ops (to rounding; dims with vector
+    tails), and a token's result is bitwise the same alone as among 37 others."""
+    torch.manual_seed(0)
+    x, w = torch.randn(37, 200) * 3, torch.rand(200) + 0.5
+    hd, heads = 40, 5
+    h = torch.randn(1, 37, (heads + 2) * hd)
+    angles = torch.rand(1, 37, hd // 2) * 6
+    rope = torch.polar(torch.ones_like(angles), angles)
+    gate_up = (torch.randn(37, 2 * 150) * 4).to(dtype)
+    with kernels_by("torch"):
+        want = (pointwise.rms_norm(x, w, 1e-5), pointwise.rotate(h.clone(), rope, heads, hd, True), pointwise.silu_mul(gate_up, True))
+    got = (pointwise.rms_norm(x, w, 1e-5), pointwise.rotate(h.clone(), rope, heads, hd, True), pointwise.silu_mul(gate_up, True))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.allclose(a.float(), b.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    for r in (0, 17, 36):
+        assert torch.equal(pointwise.rms_norm(x[r : r + 1], w, 1e-5), got[0][r : r + 1])
+        assert torch.equal(pointwise.rotate(h[:, r : r + 1].clone(), rope[:, r : r + 1], heads, hd, True), got[1][:, r : r + 1])
+        assert torch.equal(pointwise.silu_mul(gate_up[r : r + 1], True), got[2][r : r + 1])
 
 
 def test_default_model_tree_logits_equal_ar_logits_bitwise(default_model):

@@ -21,21 +21,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import subprocess
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from propd.models import native
 from propd.models.kernels import serial
 
 BLOCK = 32
-PARALLEL_WORK = 1 << 16  # query heads x keys: above this the C kernel splits its tasks between torch's threads
 
 
 @dataclass
@@ -121,7 +115,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: P
     """q [B, T, H, hd] (fp32) over one layer's cache entries keys/values [B, KV, S, hd + 1] (the
     last feature of every entry is 1) -> [B, T, H * hd]: by the C kernel where it runs, else by
     tensor ops (``blocked_attention``)."""
-    lib = native_kernel() if q.device.type == "cpu" and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128 else None
+    lib = native.native_kernel() if q.device.type == "cpu" and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128 else None
     return blocked_attention(q, keys, values, plan, exact) if lib is None else _native(lib, q, keys, values, plan)
 
 
@@ -131,7 +125,7 @@ def _native(lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch
     out = torch.empty(B, T, H * hd)
     sb, sh, ss, _ = keys.stride()
     max_keys = int(plan.inplace.max()) + plan.path.shape[-1]
-    threads = torch.get_num_threads() if B * T * H * max_keys >= PARALLEL_WORK else 1  # the split changes no result
+    threads = native.threads(B * T * H * max_keys)  # the split changes no result
     status = lib.attend(
         q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), plan.inplace.data_ptr(), plan.path.data_ptr(),
         B, T, H, keys.shape[1], plan.path.shape[-1], hd, sb, sh, ss, ctypes.c_float(hd**-0.5), max_keys, threads,
@@ -139,45 +133,6 @@ def _native(lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch
     if status:
         raise MemoryError("attention: out of memory for the scores")
     return out
-
-
-@functools.cache
-def native_kernel() -> ctypes.CDLL | None:
-    """The C kernel, built once per machine and compiler (None if ``PROPD_ATTENTION=torch`` or no
-    compiler builds it: the tensor version is exact too, only slower)."""
-    if os.environ.get("PROPD_ATTENTION", "c") == "torch":
-        return None
-    from propd.models.loading import cache_dir
-
-    source = Path(__file__).parent / "csrc" / "attention.c"
-    compiler = os.environ.get("CC", "cc")
-    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"]
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = "\n".join([source.read_text(), version, " ".join(flags), platform.machine(), _cpu_flags()])
-        lib = cache_dir() / "kernels" / f"attention-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-        if not lib.exists():
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([compiler, *flags, "-o", str(tmp), str(source), "-lm", "-lpthread"], capture_output=True, text=True, check=True)
-            tmp.replace(lib)
-        kernel = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
-        warnings.warn(f"propd: no C attention kernel ({detail}); using the slower tensor version", stacklevel=2)
-        return None
-    kernel.attend.restype = ctypes.c_int
-    kernel.attend.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
-    return kernel
-
-
-def _cpu_flags() -> str:
-    """-march=native builds for this CPU: a cached kernel is keyed by its model and flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return "\n".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
 
 
 def blocked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, exact: bool = True) -> torch.Tensor:

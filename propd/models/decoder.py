@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 
+from propd.models import pointwise
 from propd.models.attention import attention
-from propd.models.kernels import Linear, Route, autograd_route, serial
+from propd.models.kernels import Linear, Route, autograd_route
 from propd.models.kv_cache import KVCache, Layout
 
 
@@ -185,7 +185,7 @@ class Decoder:
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The last layer's output after the final RMSNorm: what lm_head (and Medusa heads) read."""
-        return F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.args.norm_eps)
+        return pointwise.rms_norm(hidden, self.norm, self.args.norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + vocabulary projection of hidden states [..., dim] -> [..., vocab]."""
@@ -199,7 +199,7 @@ class Decoder:
         """Run layers [start, end) over new tokens x [B, T, dim] laid out by ``layout``, writing their
         K/V into ``cache`` (committed later by ``cache.keep`` / ``advance``)."""
         end = self.args.n_layers if end is None else end
-        rope = self.rope[layout.positions].unsqueeze(2)  # [B, T, 1, hd / 2]
+        rope = self.rope[layout.positions]  # [B, T, hd / 2]
         for i in range(start, end):
             x = self._layer(i, x, rope, layout, cache)
         return x
@@ -211,25 +211,12 @@ class Decoder:
     def _layer(self, i: int, x: torch.Tensor, rope: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
         a, layer = self.args, self.layers[i]
         qkv, wo, gate_up, down = self.products[i]
-        B, T, _ = x.shape
-        h = qkv(F.rms_norm(x, (a.dim,), layer.attn_norm, a.norm_eps)).float()
+        exact = self.route.tile > 0
+        h = qkv(pointwise.rms_norm(x, layer.attn_norm, a.norm_eps)).float()
         if layer.bqkv is not None:
             h = h + layer.bqkv
-        heads = h.view(B, T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)  # q heads | k heads | v heads
+        heads = pointwise.rotate(h, rope, a.n_heads + a.n_kv_heads, a.head_dim, exact)  # q heads | k heads | v heads, q and k rotated
         q, k, v = heads.split([a.n_heads, a.n_kv_heads, a.n_kv_heads], dim=2)
-        exact = self.route.tile > 0
-        with serial(exact):
-            q, k = _rotate(q, rope), _rotate(k, rope)
         keys, values = cache.update(i, layout.slots, torch.stack([k, v], dim=2))
         x = x + wo(attention(q, keys, values, layout.plan, exact))
-        gu = gate_up(F.rms_norm(x, (a.dim,), layer.mlp_norm, a.norm_eps))
-        inter = a.intermediate_size
-        with serial(exact):
-            act = F.silu(gu[..., :inter])
-        return x + down(act * gu[..., inter:])
-
-
-def _rotate(heads: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """RoPE on heads [B, T, n, hd] (fp32) whose features are interleaved (even, odd) pairs: one
-    complex multiply by rope [B, T, 1, hd / 2]."""
-    return torch.view_as_real(torch.view_as_complex(heads.unflatten(-1, (-1, 2))) * rope).flatten(-2)
+        return x + down(pointwise.silu_mul(gate_up(pointwise.rms_norm(x, layer.mlp_norm, a.norm_eps)), exact))

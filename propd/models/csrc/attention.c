@@ -9,50 +9,10 @@
    tree or inside a batch. Vectors run across features (or, for exp, across positions with the
    same code in every lane); built with -ffp-contract=off and without fast-math, so no sum is
    reordered. */
-#include <math.h>
 #include <pthread.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-#define W 16
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
-
-static inline vf load(const float *p) { vf x; memcpy(&x, p, sizeof x); return x; }
-static inline void store(float *p, vf x) { memcpy(p, &x, sizeof x); }
-static inline vf splat(float x) { return (vf){0} + x; }
-static inline vf pick(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); } /* mask lanes: -1 or 0 */
-
-/* Sum of the lanes in a fixed pairwise order: lane l + lane l + 8, then + 4, + 2, + 1. */
-static inline float fold(vf x) {
-    x += __builtin_shuffle(x, (vi){8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15});
-    x += __builtin_shuffle(x, (vi){4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7});
-    x += __builtin_shuffle(x, (vi){2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3});
-    x += __builtin_shuffle(x, (vi){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
-    return x[0];
-}
-
-/* exp(x) for every lane by one polynomial (Cephes' expf): the same operations in every lane. */
-static inline vf vexp(vf x) {
-    x = pick(x < splat(-87.0f), splat(-87.0f), x);
-    x = pick(x > splat(88.0f), splat(88.0f), x);
-    vf n = x * splat(1.44269504088896341f) + splat(0.5f);
-    vf t = __builtin_convertvector(__builtin_convertvector(n, vi), vf);  /* toward zero */
-    n = pick(t > n, t - splat(1.0f), t);                                 /* floor */
-    x = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-    vf y = splat(1.9875691500e-4f);
-    y = y * x + splat(1.3981999507e-3f);
-    y = y * x + splat(8.3334519073e-3f);
-    y = y * x + splat(4.1665795894e-2f);
-    y = y * x + splat(1.6666665459e-1f);
-    y = y * x + splat(5.0000001201e-1f);
-    y = y * (x * x) + x + splat(1.0f);
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    vf scale;
-    memcpy(&scale, &e, sizeof scale);
-    return y * scale;
-}
+#include "vec.h"
 
 typedef struct {
     const float *q, *k, *v;

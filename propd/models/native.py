@@ -1,0 +1,80 @@
+"""propd's C kernels (``csrc``): attention and a layer's per-token steps, exact by construction.
+
+Built once per machine with the system's C compiler into ``$PROPD_CACHE/kernels`` (keyed by the
+sources, the compiler, the flags and the CPU), loaded with ctypes. Without a compiler (a warning
+says so), with ``PROPD_KERNELS=torch``, or on a GPU, the tensor versions run: exact as well, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = ("attention.c", "pointwise.c", "vec.h")
+ENV = "PROPD_KERNELS"
+PARALLEL_WORK = 1 << 16  # elements (attention: query heads x keys) above which a call splits its rows between threads
+
+
+@functools.cache
+def native_kernel() -> ctypes.CDLL | None:
+    """The C kernels, or None where they do not run."""
+    if os.environ.get(ENV, "c") == "torch":
+        return None
+    from propd.models.loading import cache_dir
+
+    csrc = Path(__file__).parent / "csrc"
+    compiler = os.environ.get("CC", "cc")
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"]
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        key = "\n".join([*(csrc.joinpath(name).read_text() for name in SOURCES), version, " ".join(flags), platform.machine(), _cpu_flags()])
+        lib = cache_dir() / "kernels" / f"propd-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+        if not lib.exists():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            sources = [str(csrc / name) for name in SOURCES if name.endswith(".c")]
+            subprocess.run([compiler, *flags, "-o", str(tmp), *sources, "-lm", "-lpthread"], capture_output=True, text=True, check=True)
+            tmp.replace(lib)
+        kernel = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
+        warnings.warn(f"propd: no C kernels ({detail}); using the slower tensor versions", stacklevel=2)
+        return None
+    kernel.attend.restype = ctypes.c_int
+    kernel.attend.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
+    kernel.rms_norm.restype = None
+    kernel.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    kernel.rope.restype = None
+    kernel.rope.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4
+    kernel.silu_mul.restype = None
+    kernel.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    return kernel
+
+
+def threads(elements: int) -> int:
+    """Threads for a call over this many elements: all of torch's above ``PARALLEL_WORK``, else one."""
+    return torch.get_num_threads() if elements >= PARALLEL_WORK else 1
+
+
+def usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernels, if they can take these tensors: on the CPU, and with no gradient to record."""
+    if any(t.device.type != "cpu" or (t.requires_grad and torch.is_grad_enabled()) for t in tensors):
+        return None
+    return native_kernel()
+
+
+def _cpu_flags() -> str:
+    """-march=native builds for this CPU: a cached build is keyed by its model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "\n".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
