@@ -61,11 +61,14 @@ def check_method_args(args: argparse.Namespace) -> None:
         print(f"propd: warning: {option} is ignored by --method {args.method}", file=sys.stderr)
     if args.tree and "--tree" not in ignored:
         check_tree_spec(args.tree, root_only_ok=args.method != "draft")
-    if args.method == "spec" and not args.draft_model:
-        raise PropdError("--method spec needs --draft-model: a smaller model with the same tokenizer, e.g. qwen2.5-coder-0.5b")
-    if args.method != "spec" and args.draft_model:
-        print(f"propd: warning: --draft-model is ignored by --method {args.method}", file=sys.stderr)
-    if args.method not in ("ar", "spec") and args.heads == "default" and args.model != "default":
+    by_model = args.method == "spec" or (args.method == "propd" and args.drafter == "model")
+    if by_model and not args.draft_model:
+        raise PropdError(f"--method {args.method}{' --drafter model' if args.method == 'propd' else ''} needs --draft-model: "
+                         "a smaller model with the same tokenizer, e.g. qwen2.5-coder-0.5b")
+    if not by_model and args.draft_model:
+        print(f"propd: warning: --draft-model is ignored by --method {args.method}{' --drafter ' + args.drafter if args.method == 'propd' else ''}",
+              file=sys.stderr)
+    if args.method not in ("ar", "spec") and not by_model and args.heads == "default" and args.model != "default":
         raise PropdError(f"--method {args.method} needs heads trained for {args.model}: the shipped ones (--heads default) fit only the default "
                          "model; use --method ar, or pass --heads DIR (`propd train --model ...` trains them)")
 
@@ -76,10 +79,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_dtype_args(p)
     add_device_arg(p)
     p.add_argument("--method", default="ar", choices=METHODS, help="decoding method; propd: a tree chosen every step")
-    p.add_argument("--drafter", default="draft", choices=["draft", "medusa"], help="what fills propd's trees: the draft layer or the Medusa heads")
+    p.add_argument("--drafter", default="draft", choices=["draft", "medusa", "model"],
+                   help="what fills propd's trees: the draft layer, the Medusa heads or the --draft-model")
     p.add_argument("--heads", default="default", help="heads / draft layer: 'default' (shipped for the default model) or a directory")
     p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, chainN or a JSON file of rank paths")
-    p.add_argument("--draft-model", help="spec: the model that drafts (a named model, HF directory or .gguf sharing the tokenizer), "
+    p.add_argument("--draft-model", help="spec, propd --drafter model: the model that drafts (a named model, HF directory or .gguf sharing the tokenizer), "
                    "e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
@@ -401,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default="hf,ar,bpd,medusa,propd",
                    help="comma-separated: hf (transformers generate), ar, bpd, medusa, draft, propd, spec (with --draft-model); "
                         "medusa@TREE / draft@TREE / spec@TREE picks a tree per method, "
-                        "propd@medusa propd's drafter; propd+prune / propd+prune20 (early top-20) / propd+prune20r1 (and the drafter's top guess) / "
+                        "propd@medusa / propd@model (with --draft-model) propd's drafter; "
+                        "propd+prune / propd+prune20 (early top-20) / propd+prune20r1 (and the drafter's top guess) / "
                         "propd+noprune, propd+static / propd+staticTREE (one tree every step): the ablations")
     b.add_argument("--batch-sizes", type=positive_ints, default=[1], help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--long-context", metavar="SOURCE",

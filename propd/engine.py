@@ -17,6 +17,7 @@ from propd.decoding.loop import DecodeLoop, Method, RowStats, generate_batch
 from propd.decoding.propd import PropdMethod
 from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Sampling
+from propd.decoding.spec import PRIOR as SPEC_PRIOR
 from propd.decoding.spec import SpecMethod
 from propd.decoding.tree import TreeMethod
 from propd.errors import PropdError
@@ -27,10 +28,10 @@ from propd.models.decoder import Decoder, ModelArgs
 from propd.models.kernels import DTYPES, Route, autograd_route, choose_route
 from propd.models.loading import DEFAULT_MODEL, load_hf
 from propd.tree.dynamic import AcceptanceModel, TreeChooser
-from propd.tree.tree import load_tree
+from propd.tree.tree import TokenTree, load_tree
 
 METHODS = ("ar", "bpd", "medusa", "draft", "propd", "spec")
-DRAFTERS = ("draft", "medusa")
+DRAFTERS = ("draft", "medusa", "model")
 DEFAULT_HEADS = Path(__file__).parent / "heads" / "default"
 PRUNE_BY_DEFAULT = False  # the shipped early head rules out too many accepted tokens to pay (README: ProPD, early pruning)
 
@@ -200,7 +201,7 @@ class Propd:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
         ``bpd`` (chain of each head's top-1), ``draft`` (the draft layer fills a static tree,
         default mc_sim_7b_63) or ``propd`` (a tree chosen every step, filled by ``drafter``: the
-        draft layer or the Medusa heads; ``prune``: early pruning by the early head's top
+        draft layer, the Medusa heads or ``model``, the ``draft_model``; ``prune``: early pruning by the early head's top
         ``prune_top_k``, sparing the drafter's ``prune_keep_ranks`` best guesses; ``dynamic``
         False: the static ``tree`` every step, default best16; ``draft_scores`` False: the draft
         layer fills the rank statistics' best tree instead of its own most probable nodes); ``spec``:
@@ -212,21 +213,21 @@ class Propd:
             if name == "propd":
                 if drafter not in DRAFTERS:
                     raise PropdError(f"unknown drafter {drafter!r}; available: {', '.join(DRAFTERS)}")
-                d = self.load_draft(heads) if drafter == "draft" else self.load_heads(heads)
-                stats = d.meta.get("rank_probabilities")
-                if not stats:
-                    raise PropdError(f"propd needs the {drafter}'s acceptance statistics (rank_probabilities), and these have none")
-                static = load_tree(tree or "best16", stats) if not dynamic else load_tree("chain1")
-                inner = DraftMethod(d, static) if drafter == "draft" else TreeMethod(d, static)
+                if drafter == "model":
+                    stats = SPEC_PRIOR
+                    static = load_tree(tree or "chain4", stats) if not dynamic else load_tree("chain1")
+                    inner = self._spec(draft_model, static)
+                else:
+                    d = self.load_draft(heads) if drafter == "draft" else self.load_heads(heads)
+                    stats = d.meta.get("rank_probabilities")
+                    if not stats:
+                        raise PropdError(f"propd needs the {drafter}'s acceptance statistics (rank_probabilities), and these have none")
+                    static = load_tree(tree or "best16", stats) if not dynamic else load_tree("chain1")
+                    inner = DraftMethod(d, static) if drafter == "draft" else TreeMethod(d, static)
                 pruner = Pruner(self.load_early_head(heads), prune_top_k, prune_keep_ranks) if prune else None
                 return PropdMethod(inner, TreeChooser(AcceptanceModel(stats)) if dynamic else None, pruner, draft_scores)
             if name == "spec":
-                if draft_model is None:
-                    raise PropdError("--method spec needs --draft-model: a smaller model with the same tokenizer, e.g. qwen2.5-coder-0.5b")
-                small = draft_model if isinstance(draft_model, Propd) else self.load_draft_model(draft_model)
-                method = SpecMethod(small.decoder, load_tree(tree or "chain4"))
-                method.check_fits(self.decoder)
-                return method
+                return self._spec(draft_model, load_tree(tree or "chain4"))
             if name == "draft":
                 d = self.load_draft(heads)
                 t = load_tree(tree or "mc_sim_7b_63", d.meta.get("rank_probabilities"))
@@ -238,6 +239,15 @@ class Propd:
                 spec = tree or ("mc_sim_7b_63" if name == "medusa" else f"chain{h.num_heads}")
                 return TreeMethod(h, load_tree(spec, h.meta.get("rank_probabilities")))
         raise PropdError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+
+    def _spec(self, draft_model: "str | os.PathLike | Propd | None", tree: TokenTree) -> SpecMethod:
+        """``tree`` filled by ``draft_model``'s guesses."""
+        if draft_model is None:
+            raise PropdError("drafting by a model needs --draft-model: a smaller model with the same tokenizer, e.g. qwen2.5-coder-0.5b")
+        small = draft_model if isinstance(draft_model, Propd) else self.load_draft_model(draft_model)
+        method = SpecMethod(small.decoder, tree)
+        method.check_fits(self.decoder)
+        return method
 
     def load_draft_model(self, name: str | os.PathLike) -> "Propd":
         """A draft model for ``spec``, loaded once per name."""

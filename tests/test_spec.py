@@ -7,11 +7,13 @@ import pytest
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.loop import generate_batch
-from propd.decoding.spec import SpecMethod
+from propd.decoding.propd import PropdMethod
+from propd.decoding.spec import PRIOR, SpecMethod
 from propd.errors import PropdError
 from propd.models.decoder import Decoder
 from propd.models.kernels import Route
-from propd.tree.tree import chain
+from propd.tree.dynamic import AcceptanceModel, TreeChooser
+from propd.tree.tree import TokenTree, chain
 from tests.conftest import tiny_hf_model
 from tests.test_tree import random_tree
 
@@ -49,3 +51,40 @@ def test_engine_spec_needs_a_draft_model(default_model):
         default_model.method("spec")
     tokens = default_model.generate(["Name a colour."], default_model.method("spec", "chain3", draft_model=default_model), max_new_tokens=24)
     assert tokens[0].token_ids == default_model.generate(["Name a colour."], "ar", max_new_tokens=24)[0].token_ids
+
+
+class RandomChooser(TreeChooser):
+    """Any of its sizes, at random: AR steps (the draft model not running) between trees of every size."""
+
+    def __init__(self, rng: random.Random, sizes: tuple[int, ...]):
+        super().__init__(AcceptanceModel([row[:] for row in PRIOR]), sizes=sizes)
+        self.rng = rng
+
+    def choose(self, batch_size: int, context: int) -> TokenTree:
+        tree, self.expected = self.tree(self.rng.choice(self.sizes))
+        return tree
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_propd_drafted_by_a_model_equals_ar_while_trees_change_and_ar_steps_come_between(seed):
+    rng = random.Random(seed)
+    route = Route.parse("float32-torch-pad8")
+    dec = Decoder.from_hf(tiny_hf_model(["llama", "mistral", "qwen2"][seed % 3], seed=seed), route)
+    draft = dec if seed == 0 else Decoder.from_hf(tiny_hf_model("qwen2", seed=seed + 50, layers=2), route)
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(2, 40))] for _ in range(rng.randint(1, 4))]
+    ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 30, {0})]
+    out = generate_batch(dec, PropdMethod(SpecMethod(draft, chain(1)), RandomChooser(rng, (1, 2, 4, 8))), prompts, 30, {0})
+    assert [s.token_ids for s in out] == ar
+    sizes = {n for s in out for n in s.step_tree_tokens}
+    assert 1 in sizes and len(sizes) > 2
+    if draft is dec:  # its own top guesses are right: the draft model caught up after AR steps
+        assert max(a for s in out for a in s.step_accepted) > 2
+
+
+def test_engine_propd_drafted_by_a_model(default_model):
+    with pytest.raises(PropdError, match="--draft-model"):
+        default_model.method("propd", drafter="model")
+    method = default_model.method("propd", drafter="model", draft_model=default_model)
+    out = default_model.generate(["Name a colour."], method, max_new_tokens=24)[0]
+    assert out.token_ids == default_model.generate(["Name a colour."], "ar", max_new_tokens=24)[0].token_ids
+    assert max(out.stats.step_tree_tokens) > 1 and max(out.stats.step_accepted) > 1  # trees were drafted, and accepted

@@ -129,7 +129,7 @@ def run_bench(
 
 def _build(model: Propd, spec: str, default_tree: str | None, heads, draft_model: str | None = None):
     """``medusa@top16`` names a method with its own tree (a bare name takes ``--tree``);
-    ``propd@medusa`` names propd's drafter (default the draft layer); ``+prune[K][rR]``,
+    ``propd@medusa`` / ``propd@model`` (the ``--draft-model``) names propd's drafter (default the draft layer); ``+prune[K][rR]``,
     ``+noprune``, ``+static[TREE]`` and ``+ranks`` (no draft scores) set propd's mechanisms
     (``propd+static+prune``: prune-only)."""
     head, *switches = spec.split("+")
@@ -150,7 +150,7 @@ def _build(model: Propd, spec: str, default_tree: str | None, heads, draft_model
             options["draft_scores"] = False
         else:
             raise PropdError(f"{spec!r}: unknown switch +{switch}; use +prune[K], +noprune, +static[TREE], +ranks")
-    return model.method(name, heads=heads, **options)
+    return model.method(name, heads=heads, draft_model=draft_model, **options)
 
 
 def first_mismatch(model: Propd, prompt: Prompt, reference: list[int], got: list[int]) -> dict | None:

@@ -2,7 +2,7 @@
 most accepted tokens per second on this machine, at this batch size and context length.
 
 A step reads as ProPD's: choose the tree from the acceptance and latency models (dynamic tree
-generation, ``TreeChooser``); fill it with the drafter's candidates, verify it and accept the
+generation, ``TreeChooser``); fill it with the drafter's candidates (the draft layer, the Medusa heads or a draft model), verify it and accept the
 longest greedy path (``step_tree`` of the draft layer or of the Medusa heads: output identical to
 AR whatever the tree), with early pruning dropping the nodes the early layers rule out before the
 late layers (``pruning``); feed the step's accepted path and wall time back to both models.
@@ -24,6 +24,7 @@ from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import State, StepResult
 from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
+from propd.decoding.spec import SpecMethod
 from propd.decoding.tree import TreeMethod
 from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache
@@ -34,7 +35,7 @@ class PropdMethod:
     """ProPD's step. ``chooser`` None keeps the drafter's own static tree (the prune-only ablation);
     ``pruner`` None verifies every tree token through every layer (the dynamic-only ablation)."""
 
-    def __init__(self, drafter: DraftMethod | TreeMethod, chooser: TreeChooser | None, pruner: Pruner | None = None, draft_scores: bool = True):
+    def __init__(self, drafter: DraftMethod | TreeMethod | SpecMethod, chooser: TreeChooser | None, pruner: Pruner | None = None, draft_scores: bool = True):
         self.drafter, self.chooser, self.pruner = drafter, chooser, pruner
         self.draft_scores = draft_scores and chooser is not None and isinstance(drafter, DraftMethod)
         if chooser is not None:

@@ -12,8 +12,9 @@ Two online models (ProPD, arXiv 2402.13485, section 4.2):
   runs no drafter and keeps its own average.
 
 ``TreeChooser`` puts them together: argmax over candidate sizes of E[accepted(n)] / T(n), size 1
-(plain AR) included. The first steps explore AR and two small trees, so that the line has a span;
-after that a size is a candidate only up to twice the largest measured one: the line is trusted
+(plain AR) included. The first steps explore two small trees and AR, so that the line has a span;
+AR, which no line corrects, is measured again whenever it went unpicked for half a half-life. A
+size is a candidate only up to twice the largest measured one: the line is trusted
 where it was measured, and a big tree (at batch 8, one step over 64 tokens costs ten AR steps) is
 reached by doubling while each step up still pays.
 """
@@ -126,7 +127,8 @@ class TreeChooser:
         self.margin = margin  # a tree must promise this many times AR's tokens per second: estimates are noisy, the best-looking one is biased up
         self.latency = latency or LatencyModel()
         self.sizes = tuple(sorted(sizes))
-        self.explore = sorted({self.sizes[0], self.sizes[1], self.sizes[min(3, len(self.sizes) - 1)]})  # tried first: AR and two small trees
+        # Tried first: two small trees, then AR (a batch's first step runs cold, and AR has no line to correct its one point).
+        self.explore = [*sorted({self.sizes[1], self.sizes[min(3, len(self.sizes) - 1)]}), self.sizes[0]]
         self._version = -1_000_000  # the acceptance model's version the trees below were built at
         self._paths: list[tuple[float, tuple[int, ...]]] = []
         self._trees: dict[int, tuple[TokenTree, float]] = {}
@@ -159,6 +161,10 @@ class TreeChooser:
         unexplored = [n for n in self.explore if self.tree(n)[0].size not in self.latency.measured(key)]
         if unexplored:
             tree, self.expected = self.tree(unexplored[0])
+            return tree
+        ar = self.latency.buckets[key].get(1)
+        if ar is not None and self.latency.steps - ar.step > self.latency.half_life / 2:  # AR unpicked for long: measure it again
+            tree, self.expected = self.tree(1)
             return tree
         reach = 2 * max(self.latency.measured(key))
         trees = [self.tree(n) for n in self.sizes if n <= reach]  # (tree, expected accepted tokens)
