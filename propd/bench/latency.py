@@ -66,8 +66,8 @@ def synchronize(device: torch.device) -> None:
 
 def weight_bytes(decoder: Decoder) -> int:
     """Bytes of weights one decode step must read: every product's weights and the lm_head."""
-    products = [lin.weight for layer in decoder.products for lin in layer] + [decoder.lm_head_weight]
-    return sum(w.numel() * decoder.dtype.itemsize for w in products)
+    elements = sum(lin.out_features * lin.in_features for layer in decoder.products for lin in layer) + decoder.lm_head_weight.numel()
+    return elements * decoder.dtype.itemsize
 
 
 def tree_build_time(name: str = "mc_sim_7b_63", repeats: int = 50) -> float:

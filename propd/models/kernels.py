@@ -13,6 +13,7 @@ model's own shapes once per machine, torch version and model, and caches the ans
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -26,16 +27,17 @@ import torch
 import torch.nn.functional as F
 
 from propd.errors import PropdError
+from propd.models import native
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-KERNELS = ("onednn", "torch")
+KERNELS = ("onednn", "torch", "amx")
 TILE = 32  # rows per call; oneDNN's prepacked bf16 kernels were row-invariant up to 32 rows (not at 64) on AMX
 ROUTE_ENV = "PROPD_ROUTE"
 
 
 @dataclass(frozen=True)
 class Route:
-    kernel: str  # "onednn" (weights prepacked once) or "torch" (F.linear)
+    kernel: str  # "onednn" (weights prepacked once), "torch" (F.linear) or "amx" (our AMX tiles, bf16 only, fp32 out)
     dtype_name: str  # "float32" or "bfloat16"
     tile: int = TILE  # 0: one call whatever the row count (autograd, GPUs)
     pad: bool = False  # pad every call to exactly ``tile`` rows
@@ -55,6 +57,8 @@ class Route:
         parts = name.split("-")
         if len(parts) not in (2, 3) or parts[0] not in DTYPES or parts[1] not in KERNELS or (len(parts) == 3 and not parts[2].startswith("pad")):
             raise PropdError(f"unknown route {name!r}: use DTYPE-KERNEL[-padN], DTYPE one of {', '.join(DTYPES)}, KERNEL one of {', '.join(KERNELS)}")
+        if parts[1] == "amx" and parts[0] != "bfloat16":
+            raise PropdError(f"unknown route {name!r}: the amx kernel multiplies bfloat16 only")
         tile = int(parts[2][3:]) if len(parts) == 3 and parts[2][3:].isdigit() else TILE
         return cls(parts[1], parts[0], tile, len(parts) == 3)
 
@@ -85,24 +89,30 @@ def autograd_route(dtype: torch.dtype = torch.float32) -> Route:
 
 
 class Linear:
-    """y = x W^T by one route. ``weight`` [out, in]; x [..., in] in any float dtype; y in the route's dtype."""
+    """y = x W^T by one route. ``weight`` [out, in]; x [..., in] in any float dtype; y in the route's
+    dtype (fp32 from ``amx``, whose tiles sum in fp32)."""
 
     def __init__(self, weight: torch.Tensor, route: Route):
         self.route = route
         self.weight = weight.to(route.dtype) if route.tile == 0 else weight.detach().to(route.dtype).contiguous()  # .to keeps autograd
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, route.tile) if route.kernel == "onednn" else None
+        self.in_dtype = self.out_dtype = torch.float32 if route.kernel == "amx" else route.dtype
+        self.packed = None
+        if route.kernel == "onednn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, route.tile)
+        elif route.kernel == "amx":
+            self.lib, self.packed, self.weight = amx_kernels(), amx_pack(self.weight), None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
-        x = x.to(route.dtype)
+        x = x.to(self.in_dtype)
         if route.tile == 0:
             return F.linear(x, self.weight)
         rows = x.reshape(-1, self.in_features)
         M = rows.shape[0]
         if M <= route.tile and not route.pad:
             return self._call(rows).view(*x.shape[:-1], self.out_features)
-        out = torch.empty(M, self.out_features, dtype=route.dtype, device=x.device)
+        out = torch.empty(M, self.out_features, dtype=self.out_dtype, device=x.device)
         for start in range(0, M, route.tile):
             chunk = rows[start : start + route.tile]
             n = chunk.shape[0]
@@ -112,9 +122,39 @@ class Linear:
         return out.view(*x.shape[:-1], self.out_features)
 
     def _call(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.route.kernel == "amx":
+            return amx_product(self.lib, rows, self.packed, self.out_features)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
         return F.linear(rows, self.weight)
+
+
+def amx_kernels() -> ctypes.CDLL:
+    """The C kernels, where they can multiply on AMX tiles."""
+    lib = native.native_kernel()
+    if lib is None or not lib.amx_ready():
+        raise RuntimeError("the amx kernel needs a CPU with AMX tiles, Linux's permission to use them and a C compiler")
+    return lib
+
+
+def amx_pack(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 weights [out, in] in the AMX tiles' layout (``csrc/matmul.c``): per block of 16 outputs and
+    32 inputs, 16 rows of input pairs x 16 outputs; zero-padded to whole blocks."""
+    if weight.device.type != "cpu":
+        raise RuntimeError("the amx kernel runs on the CPU")
+    out, inp = weight.shape
+    padded = F.pad(weight.to(torch.bfloat16), (0, -inp % 32, 0, -out % 16))
+    return padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def amx_product(lib: ctypes.CDLL, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """rows [M <= 32, in] (fp32) times the packed weights' transpose: [M, out] in fp32."""
+    inner = packed.shape[1] * 32
+    x = F.pad(rows, (0, inner - rows.shape[1])) if rows.shape[1] != inner else rows.contiguous()
+    y = torch.empty(rows.shape[0], out_features)
+    if lib.amx_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, inner, torch.get_num_threads()):
+        raise RuntimeError(f"amx product of {x.shape[0]} rows failed (out of memory, or more than 32 rows)")
+    return y
 
 
 def cpu_name() -> str:
@@ -180,7 +220,7 @@ def calibrate(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None) -> 
     measured again padded to a fixed tile, which is invariant by construction (one call shape)."""
     results = []
     for name in [n for n, d in DTYPES.items() if dtype is None or d == dtype]:
-        for kernel in KERNELS:
+        for kernel in [k for k in KERNELS if k != "amx" or name == "bfloat16"]:
             results.append(measure_route(Route(kernel, name), shapes))
             if results[-1].get("exact") is False:
                 results.append(measure_route(Route(kernel, name, PAD_TILE, pad=True), shapes))
@@ -202,7 +242,7 @@ def choose_route(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None =
         if "error" in result:
             raise PropdError(f"route {override!r} does not run here: {result['error']}")
         return Route(route.kernel, route.dtype_name, route.tile, route.pad, result["exact"]), [result]
-    key = json.dumps({"check": 2, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype)})
+    key = json.dumps({"check": 3, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype)})
     path = cache_dir() / "routes" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     try:
         results = json.loads(path.read_text())["results"]

@@ -1,4 +1,4 @@
-"""propd's C kernels (``csrc``): attention and a layer's per-token steps, exact by construction.
+"""propd's C kernels (``csrc``): attention, a layer's per-token steps and AMX products, exact by construction.
 
 Built once per machine with the system's C compiler into ``$PROPD_CACHE/kernels`` (keyed by the
 sources, the compiler, the flags and the CPU), loaded with ctypes. Without a compiler (a warning
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("attention.c", "pointwise.c", "vec.h")
+SOURCES = ("attention.c", "pointwise.c", "matmul.c", "vec.h")
 ENV = "PROPD_KERNELS"
 PARALLEL_WORK = 1 << 16  # elements (attention: query heads x keys) above which a call splits its rows between threads
 
@@ -56,6 +56,10 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.rope.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4
     kernel.silu_mul.restype = None
     kernel.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    kernel.amx_ready.restype = ctypes.c_int
+    kernel.amx_ready.argtypes = []
+    kernel.amx_linear.restype = ctypes.c_int
+    kernel.amx_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     return kernel
 
 

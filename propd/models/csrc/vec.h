@@ -45,4 +45,25 @@ static inline vf vexp(vf x) {
     return y * scale;
 }
 
+typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
+typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
+
+static inline vf load_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline void store_bf16(uint16_t *p, vf f) { /* round to nearest even, as torch does; NaN stays NaN */
+    vu u;
+    memcpy(&u, &f, sizeof u);
+    vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet = (u >> 16) | 0x40u;
+    vu nan = (vu)((u & 0x7fffffffu) > 0x7f800000u);
+    vh h = __builtin_convertvector((rounded & ~nan) | (quiet & nan), vh);
+    memcpy(p, &h, sizeof h);
+}
+
 #endif
