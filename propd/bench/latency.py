@@ -37,8 +37,9 @@ def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], con
                 times = []
                 for _ in range(repeats + 1):
                     t = time.perf_counter()
-                    hidden = decoder.extend(tokens, cache.tree(anc), cache)
-                    decoder.greedy_tokens(decoder.final_norm(hidden[:, 0]))
+                    with decoder.cores():
+                        hidden = decoder.extend(tokens, cache.tree(anc), cache)
+                        decoder.greedy_tokens(decoder.final_norm(hidden[:, 0]))
                     synchronize(decoder.device)
                     times.append(time.perf_counter() - t)
                 rows.append({"batch_size": b, "tree_tokens": n, "ms": round(1e3 * statistics.median(times[1:]), 2)})

@@ -182,10 +182,11 @@ class DecodeLoop:
         """One prefill chunk (if prompts wait) and one decode step (if rows run); the new tokens of
         every row that got some, in order. Rows that finished have ``done`` set."""
         self.last_step = None
-        events = self._prefill_chunk() if self.joining else []
-        self._leave()
-        if self.rows:
-            events += self._step()
+        with self.decoder.cores():
+            events = self._prefill_chunk() if self.joining else []
+            self._leave()
+            if self.rows:
+                events += self._step()
         return events
 
     def _prefill_chunk(self) -> list[tuple[Row, list[int]]]:

@@ -15,12 +15,13 @@ multiply over q and k together (scores are unchanged because q and k share the o
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
-from propd.models import pointwise
+from propd.models import native, pointwise
 from propd.models.attention import attention
 from propd.models.kernels import Linear, Route, autograd_route
 from propd.models.kv_cache import KVCache, Layout
@@ -194,6 +195,11 @@ class Decoder:
     def greedy_tokens(self, normed: torch.Tensor) -> torch.Tensor:
         """Argmax tokens [...] of normed hidden states [..., dim]."""
         return self.lm_head(normed).argmax(-1)
+
+    def cores(self) -> AbstractContextManager:
+        """The scope to run steps in: with our AMX products, torch's own ops on one thread and the
+        cores to our kernels (``native.own_cores``)."""
+        return native.own_cores() if self.route.kernel == "amx" else nullcontext()
 
     def forward_layers(self, x: torch.Tensor, layout: Layout, cache: KVCache, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run layers [start, end) over new tokens x [B, T, dim] laid out by ``layout``, writing their

@@ -124,9 +124,10 @@ class Linear:
     def _call(self, rows: torch.Tensor) -> torch.Tensor:
         if self.route.kernel == "amx":
             return amx_product(self.lib, rows, self.packed, self.out_features)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
-        return F.linear(rows, self.weight)
+        with native.torch_cores():
+            if self.packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
+            return F.linear(rows, self.weight)
 
 
 def amx_kernels() -> ctypes.CDLL:
@@ -152,7 +153,7 @@ def amx_product(lib: ctypes.CDLL, rows: torch.Tensor, packed: torch.Tensor, out_
     inner = packed.shape[1] * 32
     x = F.pad(rows, (0, inner - rows.shape[1])) if rows.shape[1] != inner else rows.contiguous()
     y = torch.empty(rows.shape[0], out_features)
-    if lib.amx_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, inner, torch.get_num_threads()):
+    if lib.amx_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, inner, native.kernel_threads()):
         raise RuntimeError(f"amx product of {x.shape[0]} rows failed (out of memory, or more than 32 rows)")
     return y
 

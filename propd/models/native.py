@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -63,9 +64,43 @@ def native_kernel() -> ctypes.CDLL | None:
     return kernel
 
 
+_kernel_threads: int | None = None  # set while ``own_cores`` holds torch to one thread
+
+
+def kernel_threads() -> int:
+    """Threads our kernels may use: torch's, or what torch had before ``own_cores``."""
+    return _kernel_threads or torch.get_num_threads()
+
+
 def threads(elements: int) -> int:
-    """Threads for a call over this many elements: all of torch's above ``PARALLEL_WORK``, else one."""
-    return torch.get_num_threads() if elements >= PARALLEL_WORK else 1
+    """Threads for a call over this many elements: ``kernel_threads`` above ``PARALLEL_WORK``, else one."""
+    return kernel_threads() if elements >= PARALLEL_WORK else 1
+
+
+def torch_cores():
+    """Inside ``own_cores``, torch's threads back for a while (a product by oneDNN: another model's
+    route); elsewhere nothing."""
+    from propd.models.kernels import torch_threads
+
+    return torch_threads(_kernel_threads) if _kernel_threads else nullcontext()
+
+
+@contextmanager
+def own_cores():
+    """torch's ops on one thread and our kernels on all of torch's threads, for a while. Where our
+    kernels do the heavy work, torch's remaining ops are small; its OpenMP threads spin after
+    each parallel region and then hold the cores our kernels' workers wait for."""
+    global _kernel_threads
+    if _kernel_threads is not None:
+        yield
+        return
+    _kernel_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_kernel_threads)
+        _kernel_threads = None
 
 
 def usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
