@@ -250,9 +250,11 @@ class Propd:
         return method
 
     def load_draft_model(self, name: str | os.PathLike) -> "Propd":
-        """A draft model for ``spec``, loaded once per name."""
+        """A draft model for ``spec``, loaded once per name. It runs inside this model's steps: on
+        our AMX route it takes that route too (another route's threads would contend with ours)."""
         if str(name) not in self._draft_models:
-            self._draft_models[str(name)] = Propd.from_pretrained(name, device=self.device)
+            route = self.route.name if self.route.kernel == "amx" else None
+            self._draft_models[str(name)] = Propd.from_pretrained(name, device=self.device, route=route)
         return self._draft_models[str(name)]
 
     def generate(

@@ -60,7 +60,7 @@ def test_chooser_explores_small_trees_then_picks_ar_when_trees_cost_and_grows_tr
         if want_big:
             assert chosen[7] > 16 and chosen[8:].count(1) == 1, chosen  # AR, long unpicked, is measured once more
         else:
-            assert chosen[3:] == [1] * 37, chosen
+            assert chosen[3:].count(1) == 36 and chosen[3:].count(2) == 1, chosen  # and so are the trees
 
 
 def test_draft_scores_pick_a_parent_closed_prefix_as_large_as_pays_and_learn_their_calibration():

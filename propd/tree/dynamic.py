@@ -13,8 +13,9 @@ Two online models (ProPD, arXiv 2402.13485, section 4.2):
 
 ``TreeChooser`` puts them together: argmax over candidate sizes of E[accepted(n)] / T(n), size 1
 (plain AR) included. The first steps explore two small trees and AR, so that the line has a span;
-AR, which no line corrects, is measured again whenever it went unpicked for half a half-life. A
-size is a candidate only up to twice the largest measured one: the line is trusted
+AR, or the trees, when unpicked for half a half-life, are measured once more (an AR step teaches
+the acceptance model nothing, and one slow early measurement would otherwise rule a side out for
+good). A size is a candidate only up to twice the largest measured one: the line is trusted
 where it was measured, and a big tree (at batch 8, one step over 64 tokens costs ten AR steps) is
 reached by doubling while each step up still pays.
 """
@@ -162,9 +163,11 @@ class TreeChooser:
         if unexplored:
             tree, self.expected = self.tree(unexplored[0])
             return tree
+        stale = self.latency.steps - self.latency.half_life / 2  # a choice unpicked since then is tried once more
         ar = self.latency.buckets[key].get(1)
-        if ar is not None and self.latency.steps - ar.step > self.latency.half_life / 2:  # AR unpicked for long: measure it again
-            tree, self.expected = self.tree(1)
+        trees = [s.step for n, s in self.latency.buckets[key].items() if n > 1]
+        if ar is not None and ar.step < stale or trees and max(trees) < stale:  # one side measured long ago: measure it again
+            tree, self.expected = self.tree(1 if ar is not None and ar.step < stale else self.explore[0])
             return tree
         reach = 2 * max(self.latency.measured(key))
         trees = [self.tree(n) for n in self.sizes if n <= reach]  # (tree, expected accepted tokens)
