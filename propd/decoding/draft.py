@@ -25,8 +25,8 @@ from propd.decoding.sampling import Picker
 from propd.decoding.tree import Verified, verify
 from propd.heads.draft import DraftHead
 from propd.models.decoder import Decoder
-from propd.models.kv_cache import KVCache, path_slots
-from propd.tree.tree import TokenTree, path_products, subtree
+from propd.models.kv_cache import KVCache, Layout, path_slots
+from propd.tree.tree import TokenTree, path_products, subtree, tree_of
 
 Entries = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # features [B, M, dim], next tokens [B, M], counts [B]
 
@@ -59,7 +59,7 @@ def _pad_entries(entries: Entries, width: int) -> Entries:
 
 @functools.lru_cache(maxsize=256)
 def _levels(rank_paths: tuple) -> list[tuple[torch.Tensor, ...]]:
-    tree = TokenTree.from_paths(rank_paths)
+    tree = tree_of(rank_paths)
     out = []
     for depth in range(1, tree.depth + 1):
         nodes = (tree.depths == depth).nonzero().flatten()
@@ -74,6 +74,13 @@ def tree_levels(tree: TokenTree) -> list[tuple[torch.Tensor, ...]]:
     of them have children, and those nodes' paths below the root [n, depth] (node indices in depth
     order, the node last). Built once per tree shape."""
     return _levels(tree.paths)
+
+
+def level_layout(cache: KVCache, expand: torch.Tensor, paths: torch.Tensor) -> Layout:
+    """Where a drafting pass writes the tree nodes ``expand`` (node i at slot lengths + i - 1; the
+    root's entry, at lengths - 1, already read) and what each sees: ``paths`` from ``tree_levels``."""
+    base = cache.lengths.view(-1, 1, 1) - 1
+    return cache.paths(base[:, :, 0] + expand, torch.where(paths >= 0, base + paths, -1))
 
 
 class DraftMethod:
@@ -113,7 +120,6 @@ class DraftMethod:
         predicted[:, 0] = out[torch.arange(B), counts - 1]
         tokens = torch.empty(B, N, dtype=torch.long)
         tokens[:, 0] = roots
-        base = cache.lengths.view(B, 1, 1) - 1  # node i's entry goes to slot lengths + i - 1
         for nodes, parents, ranks, expand, paths in tree_levels(tree):
             top = draft.top_tokens(predicted[:, parents], decoder, int(ranks.max()) + 1, probs is not None)  # [B, n, k]
             guesses, chances = top if probs is not None else (top, None)
@@ -123,8 +129,7 @@ class DraftMethod:
             if len(expand) == 0:
                 break
             x = draft.inputs(predicted[:, tree.parents[expand]], tokens[:, expand], decoder)
-            layout = cache.paths(base[:, :, 0] + expand, torch.where(paths >= 0, base + paths, -1))
-            predicted[:, expand] = dec.forward_layers(x, layout, cache)
+            predicted[:, expand] = dec.forward_layers(x, level_layout(cache, expand, paths), cache)
         return tokens
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker) -> StepResult:

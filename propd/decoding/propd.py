@@ -2,9 +2,9 @@
 most accepted tokens per second on this machine, at this batch size and context length.
 
 A step reads as ProPD's: choose the tree from the acceptance and latency models (dynamic tree
-generation, ``TreeChooser``); fill it with the drafter's candidates (the draft layer, the Medusa heads or a draft model), verify it and accept the
-longest greedy path (``step_tree`` of the draft layer or of the Medusa heads: output identical to
-AR whatever the tree), with early pruning dropping the nodes the early layers rule out before the
+generation, ``TreeChooser``); fill it with the drafter's candidates (the draft layer, the Medusa
+heads or a draft model), verify it and accept the longest greedy path (the drafter's ``step_tree``:
+output identical to AR whatever the tree), with early pruning dropping the nodes the early layers rule out before the
 late layers (``pruning``); feed the step's accepted path and wall time back to both models.
 
 With the draft layer, its own path probabilities predict acceptance better than the rank

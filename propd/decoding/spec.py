@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from propd.decoding.draft import tree_levels
+from propd.decoding.draft import level_layout, tree_levels
 from propd.decoding.loop import StepResult, prefill
 from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
@@ -92,14 +92,12 @@ class SpecMethod:
         normed[:, 0] = draft.final_norm(out[torch.arange(B), state.counts - 1])
         tokens = torch.empty(B, tree.size, dtype=torch.long)
         tokens[:, 0] = roots
-        base = cache.lengths.view(B, 1, 1) - 1  # node i's entry goes to slot lengths + i - 1 (the root is at lengths - 1)
         for nodes, parents, ranks, expand, paths in tree_levels(tree):
             guesses = draft.lm_head(normed[:, parents]).topk(int(ranks.max()) + 1, dim=-1).indices  # [B, n, k]
             tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
             if len(expand) == 0:
                 break
-            layout = cache.paths(base[:, :, 0] + expand, torch.where(paths >= 0, base + paths, -1))
-            normed[:, expand] = draft.final_norm(draft.extend(tokens[:, expand], layout, cache))
+            normed[:, expand] = draft.final_norm(draft.extend(tokens[:, expand], level_layout(cache, expand, paths), cache))
         return tokens
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: SpecState, picker: Picker) -> StepResult:
@@ -108,19 +106,17 @@ class SpecMethod:
     def step_tree(
         self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: SpecState, picker: Picker, tree: TokenTree, pruner: Pruner | None = None,
     ) -> tuple[StepResult, torch.Tensor]:
-        """One step over ``tree``: its result and each row's last accepted node [B]."""
-        B = len(roots)
-        if tree.size == 1:  # plain AR: the draft reads this step's new token after the ones it has yet to read
-            tokens = roots.unsqueeze(1)
-            v = verify(decoder, cache, tree, tokens, picker)
-            state.pending = F.pad(state.pending, (0, 1))
-            state.pending[torch.arange(B), state.counts] = v.roots
-            state.counts = state.counts + 1
-            return v.result(tokens), v.last_nodes()
-        tokens = self.propose(roots, state, tree)
+        """One step over ``tree``: its result and each row's last accepted node [B]. A tree of the
+        root alone is a plain AR step: the draft model does not run, and reads the new token after
+        the ones it has yet to read."""
+        root_only = tree.size == 1
+        tokens = roots.unsqueeze(1) if root_only else self.propose(roots, state, tree)
         v = verify(decoder, cache, tree, tokens, picker, pruner)
-        path = tokens.gather(1, v.offsets)  # root first: the draft has read the root; it reads the rest and the new root next
-        state.pending = torch.cat([path[:, 1:], path[:, :1]], dim=1)
-        state.pending[torch.arange(B), v.counts - 1] = v.roots
-        state.counts = v.counts
+        if root_only:
+            state.pending = F.pad(state.pending, (0, 1)).scatter(1, state.counts.unsqueeze(1), v.roots.unsqueeze(1))
+            state.counts = state.counts + 1
+        else:  # the draft has read the root: it reads the rest of the accepted path and the new root next
+            path = tokens.gather(1, v.offsets)
+            state.pending = torch.cat([path[:, 1:], path[:, :1]], dim=1).scatter(1, (v.counts - 1).unsqueeze(1), v.roots.unsqueeze(1))
+            state.counts = v.counts
         return v.result(tokens), v.last_nodes()

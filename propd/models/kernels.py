@@ -96,7 +96,7 @@ class Linear:
         self.route = route
         self.weight = weight.to(route.dtype) if route.tile == 0 else weight.detach().to(route.dtype).contiguous()  # .to keeps autograd
         self.out_features, self.in_features = weight.shape
-        self.in_dtype = self.out_dtype = torch.float32 if route.kernel == "amx" else route.dtype
+        self.dtype = torch.float32 if route.kernel == "amx" else route.dtype  # what it takes and gives
         self.packed = None
         if route.kernel == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, route.tile)
@@ -105,14 +105,14 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
-        x = x.to(self.in_dtype)
+        x = x.to(self.dtype)
         if route.tile == 0:
             return F.linear(x, self.weight)
         rows = x.reshape(-1, self.in_features)
         M = rows.shape[0]
         if M <= route.tile and not route.pad:
             return self._call(rows).view(*x.shape[:-1], self.out_features)
-        out = torch.empty(M, self.out_features, dtype=self.out_dtype, device=x.device)
+        out = torch.empty(M, self.out_features, dtype=self.dtype, device=x.device)
         for start in range(0, M, route.tile):
             chunk = rows[start : start + route.tile]
             n = chunk.shape[0]
@@ -124,7 +124,8 @@ class Linear:
     def _call(self, rows: torch.Tensor) -> torch.Tensor:
         if self.route.kernel == "amx":
             return amx_product(self.lib, rows, self.packed, self.out_features)
-        with native.torch_cores():
+        held = native.kernel_threads()  # inside ``native.own_cores``, torch's threads back for this product
+        with torch_threads(held) if held != torch.get_num_threads() else nullcontext():
             if self.packed is not None:
                 return torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
             return F.linear(rows, self.weight)

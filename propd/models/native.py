@@ -14,7 +14,7 @@ import os
 import platform
 import subprocess
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,14 +75,6 @@ def kernel_threads() -> int:
 def threads(elements: int) -> int:
     """Threads for a call over this many elements: ``kernel_threads`` above ``PARALLEL_WORK``, else one."""
     return kernel_threads() if elements >= PARALLEL_WORK else 1
-
-
-def torch_cores():
-    """Inside ``own_cores``, torch's threads back for a while (a product by oneDNN: another model's
-    route); elsewhere nothing."""
-    from propd.models.kernels import torch_threads
-
-    return torch_threads(_kernel_threads) if _kernel_threads else nullcontext()
 
 
 @contextmanager

@@ -163,11 +163,9 @@ class TreeChooser:
         if unexplored:
             tree, self.expected = self.tree(unexplored[0])
             return tree
-        stale = self.latency.steps - self.latency.half_life / 2  # a choice unpicked since then is tried once more
-        ar = self.latency.buckets[key].get(1)
-        trees = [s.step for n, s in self.latency.buckets[key].items() if n > 1]
-        if ar is not None and ar.step < stale or trees and max(trees) < stale:  # one side measured long ago: measure it again
-            tree, self.expected = self.tree(1 if ar is not None and ar.step < stale else self.explore[0])
+        stale = self._stale(key)
+        if stale is not None:
+            tree, self.expected = self.tree(stale)
             return tree
         reach = 2 * max(self.latency.measured(key))
         trees = [self.tree(n) for n in self.sizes if n <= reach]  # (tree, expected accepted tokens)
@@ -175,6 +173,16 @@ class TreeChooser:
         rates = [expected / s * (self.margin if tree.size == 1 else 1.0) for (tree, expected), s in zip(trees, seconds)]
         tree, self.expected = trees[rates.index(max(rates))]
         return tree
+
+    def _stale(self, key: tuple[int, int]) -> int | None:
+        """A size to measure again: AR, or the smallest explored tree, when that side went unpicked
+        for half a half-life."""
+        sizes = self.latency.buckets[key]
+        since = self.latency.steps - self.latency.half_life / 2
+        if 1 in sizes and sizes[1].step < since:
+            return 1
+        trees = [s.step for n, s in sizes.items() if n > 1]
+        return self.explore[0] if trees and max(trees) < since else None
 
     def candidates(self, tree: TokenTree) -> TokenTree:
         """What to draft when the draft's own path probabilities pick the nodes to verify: the rank

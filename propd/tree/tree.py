@@ -74,11 +74,12 @@ def subtree(tree: TokenTree, nodes: list[int]) -> TokenTree:
     """The tree of ``nodes`` (increasing indices: the root and, for every node, its parent): node k
     of the result is ``nodes[k]`` of ``tree``, since both order their paths the same way. Built
     once per shape: draft-scored ProPD steps take one every step."""
-    return _tree_of(tuple(tree.paths[i - 1] for i in nodes[1:]))
+    return tree_of(tuple(tree.paths[i - 1] for i in nodes[1:]))
 
 
 @functools.lru_cache(maxsize=1024)
-def _tree_of(paths: tuple[RankPath, ...]) -> TokenTree:
+def tree_of(paths: tuple[RankPath, ...]) -> TokenTree:
+    """``TokenTree.from_paths``, built once per shape (trees chosen per step come back often)."""
     return TokenTree.from_paths(paths)
 
 

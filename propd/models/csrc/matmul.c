@@ -67,7 +67,7 @@ static void take_blocks(const Job *j) {
         for (int64_t nb = first; nb < first + CHUNK && nb < j->blocks; ++nb) {
             const uint16_t *w = j->w + nb * kblocks * 512;
             _tile_zero(0);
-            _tile_zero(1);
+            if (j->M > 16) _tile_zero(1);
             for (int64_t kb = 0; kb < kblocks; ++kb) {
                 _tile_loadd(4, w + kb * 512, 64);
                 _tile_loadd(2, j->a + kb * 32, K * 2);
@@ -78,7 +78,7 @@ static void take_blocks(const Job *j) {
                 }
             }
             _tile_stored(0, sums[0], 64);
-            _tile_stored(1, sums[1], 64);
+            if (j->M > 16) _tile_stored(1, sums[1], 64);
             int64_t n0 = nb * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16;
             for (int64_t r = 0; r < j->M; ++r) memcpy(j->y + r * j->N + n0, sums[r / 16] + (r % 16) * 16, cols * sizeof(float));
         }
