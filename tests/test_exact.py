@@ -122,6 +122,29 @@ def test_c_pointwise_kernels_agree_with_torch_and_ignore_their_neighbours(dtype)
         assert torch.equal(pointwise.silu_mul(gate_up[r : r + 1], True), got[2][r : r + 1])
 
 
+@pytest.mark.skipif(not any(r.kernel == "amx" for r in ROUTES), reason="no AMX route here: layers run kernel by kernel only")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: with the qkv bias
+def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family):
+    """One C call per run of layers gives every hidden state and K/V entry the kernel-by-kernel code
+    gives: a random tree over ragged caches, 40 tokens a row (several product calls), and a range of
+    layers (what early pruning runs)."""
+    dec = Decoder.from_hf(tiny_hf_model(family, seed=3, layers=3), Route.parse("bfloat16-amx"))
+    assert dec.fused is not None
+    rng = random.Random(1)
+    ancestors, _ = random_tree_with_path(rng, 40, 6)
+    tokens = torch.randint(0, dec.args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
+    results = []
+    for fused in (True, False):
+        with mock.patch.object(dec, "fused", dec.fused if fused else None):
+            cache = dec.new_cache(3, 200)
+            prefill(dec, cache, [[5] * 70, list(range(1, 90)), [7, 8]])
+            layout = cache.tree(ancestors)
+            early = dec.forward_layers(dec.embed(tokens), layout, cache, 0, 1)
+            results.append((early, dec.forward_layers(early, layout, cache, 1), cache.kv.clone()))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_default_model_tree_logits_equal_ar_logits_bitwise(default_model):
     """On the real model and this machine's chosen route: batch 1 and 4, ragged prompts of 20-400
     tokens, trees of 8-64 nodes."""

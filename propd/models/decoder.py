@@ -23,6 +23,7 @@ import torch
 
 from propd.models import native, pointwise
 from propd.models.attention import attention
+from propd.models.fused import FusedLayers
 from propd.models.kernels import Linear, Route, autograd_route
 from propd.models.kv_cache import KVCache, Layout
 
@@ -118,6 +119,14 @@ class Decoder:
             self._vocab_rows[key] = (self.lm_head_weight if tokens is None else self.lm_head_weight[tokens]).float()
         return self._vocab_rows[key]
 
+    @cached_property
+    def fused(self) -> FusedLayers | None:
+        """The layers as one C call (``fused``), where the route and shapes allow it."""
+        lib = native.native_kernel()
+        if lib is None or self.device.type != "cpu" or not FusedLayers.fits(self.args, self.layers, self.products):
+            return None
+        return FusedLayers(self.args, self.layers, self.products, lib)
+
     def linear(self, weight: torch.Tensor) -> Linear:
         """Another product [out, in] by this decoder's route (heads' projections)."""
         return Linear(weight, self.route)
@@ -206,6 +215,8 @@ class Decoder:
         K/V into ``cache`` (committed later by ``cache.keep`` / ``advance``)."""
         end = self.args.n_layers if end is None else end
         rope = self.rope[layout.positions]  # [B, T, hd / 2]
+        if self.fused is not None and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            return self.fused.run(x, rope, layout, cache, start, end)
         for i in range(start, end):
             x = self._layer(i, x, rope, layout, cache)
         return x

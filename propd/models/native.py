@@ -1,4 +1,5 @@
-"""propd's C kernels (``csrc``): attention, a layer's per-token steps and AMX products, exact by construction.
+"""propd's C kernels (``csrc``): attention, a layer's per-token steps, AMX products and whole runs of
+layers on them, exact by construction.
 
 Built once per machine with the system's C compiler into ``$PROPD_CACHE/kernels`` (keyed by the
 sources, the compiler, the flags and the CPU), loaded with ctypes. Without a compiler (a warning
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("attention.c", "pointwise.c", "matmul.c", "vec.h")
+SOURCES = ("attention.c", "pointwise.c", "matmul.c", "layer.c", "vec.h")
 ENV = "PROPD_KERNELS"
 PARALLEL_WORK = 1 << 16  # elements (attention: query heads x keys) above which a call splits its rows between threads
 
@@ -61,6 +62,8 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.amx_ready.argtypes = []
     kernel.amx_linear.restype = ctypes.c_int
     kernel.amx_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    kernel.forward_layers.restype = ctypes.c_int
+    kernel.forward_layers.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     return kernel
 
 

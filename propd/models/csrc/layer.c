@@ -1,0 +1,84 @@
+/* A run of decoder layers in one call, for the AMX route: the same kernels the tensor code calls
+   one by one (rms_norm, amx_linear, rope, attend, silu_mul), in the same order on the same values,
+   with the glue between them (bias and residual adds, K/V writes) in plain loops. A step then
+   costs its products and attention and nothing else: on the Intel Xeon with AMX, a batch-1 step
+   of SmolLM2 spent a third of its time between kernels, in ~15 Python-level ops per layer. Every
+   value is what the tensor code gives, bitwise (IEEE adds and copies; the kernels are shared). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "vec.h"
+
+void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps);
+void rope(float *x, const float *cs, int64_t tokens, int64_t heads, int64_t stride, int64_t hd);
+void silu_mul(const void *gu, void *result, int64_t rows, int64_t inter, int bf16);
+int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads);
+int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path,
+           int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
+           float scale, int64_t max_keys, int64_t threads);
+
+typedef struct {
+    const float *attn_norm, *bqkv, *mlp_norm; /* bqkv NULL: no bias */
+    const uint16_t *qkv, *wo, *gate_up, *down; /* packed for amx_linear */
+} Weights;
+
+typedef struct {
+    int64_t dim, heads, kv_heads, hd, inter, threads;
+    float eps, scale; /* scale: attention's, hd^-0.5 as the tensor code rounds it */
+    /* the cache: [layers, 2, B, kv_heads, slots, hd + 1] floats, strides in floats */
+    float *kv;
+    int64_t s_layer, s_kv, s_row, s_head, s_slot;
+    /* this call's tokens: [B, T]; RoPE (cos, sin) per token [B * T, hd / 2, 2]; attention's plan */
+    int64_t B, T, D, max_keys, attend_threads;
+    const int64_t *slots, *n_in, *path;
+    const float *cs;
+} Step;
+
+/* y [M, N] = x [M, K] W^T, 32 rows per call (what ``Linear`` does for the route's tile). */
+static int product(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
+    for (int64_t r = 0; r < M; r += 32)
+        if (amx_linear(x + r * K, w, y + r * N, M - r < 32 ? M - r : 32, N, K, threads)) return -1;
+    return 0;
+}
+
+static void add(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+/* Layers [0, n) of ``weights`` over x [B * T, dim] (fp32, updated in place), their K/V written at
+   the tokens' slots of cache layers first, first + 1, ... Returns 0, or -1 out of memory. */
+int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, const Step *s) {
+    int64_t M = s->B * s->T, dim = s->dim, hd = s->hd, H = s->heads, KV = s->kv_heads, width = (H + 2 * KV) * hd;
+    float *normed = malloc(sizeof(float) * M * dim), *h = malloc(sizeof(float) * M * width), *q = malloc(sizeof(float) * M * H * hd);
+    float *att = malloc(sizeof(float) * M * H * hd), *out = malloc(sizeof(float) * M * dim), *gu = malloc(sizeof(float) * M * 2 * s->inter);
+    float *act = malloc(sizeof(float) * M * s->inter);
+    int status = normed && h && q && att && out && gu && act ? 0 : -1;
+    for (int64_t i = 0; i < n && !status; ++i) {
+        const Weights *w = weights + i;
+        float *keys = s->kv + (first + i) * s->s_layer, *values = keys + s->s_kv;
+        rms_norm(x, w->attn_norm, normed, M, dim, s->eps);
+        status |= product(normed, w->qkv, h, M, width, dim, s->threads);
+        for (int64_t m = 0; w->bqkv && m < M; ++m) add(h + m * width, w->bqkv, width);
+        rope(h, s->cs, M, H + KV, width, hd);
+        for (int64_t m = 0; m < M; ++m) {
+            const float *row = h + m * width;
+            int64_t at = (m / s->T) * s->s_row + s->slots[m] * s->s_slot;
+            memcpy(q + m * H * hd, row, sizeof(float) * H * hd);
+            for (int64_t k = 0; k < KV; ++k) {
+                memcpy(keys + at + k * s->s_head, row + (H + k) * hd, sizeof(float) * hd);
+                memcpy(values + at + k * s->s_head, row + (H + KV + k) * hd, sizeof(float) * hd);
+            }
+        }
+        status |= attend(q, keys, values, att, s->n_in, s->path, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot,
+                         s->scale, s->max_keys, s->attend_threads);
+        status |= product(att, w->wo, out, M, dim, H * hd, s->threads);
+        add(x, out, M * dim);
+        rms_norm(x, w->mlp_norm, normed, M, dim, s->eps);
+        status |= product(normed, w->gate_up, gu, M, 2 * s->inter, dim, s->threads);
+        silu_mul(gu, act, M, s->inter, 0);
+        status |= product(act, w->down, out, M, dim, s->inter, s->threads);
+        add(x, out, M * dim);
+    }
+    free(normed), free(h), free(q), free(att), free(out), free(gu), free(act);
+    return status ? -1 : 0;
+}

@@ -1,0 +1,76 @@
+"""A run of decoder layers in one C call (``csrc/layer.c``) on the AMX route.
+
+The tensor code calls the same C kernels one by one, with ~15 Python-level ops per layer between
+them; on the Intel Xeon with AMX those ops took a third of a batch-1 step. Here the whole run is one
+call: the same kernels on the same values in the same order, so every value is bitwise what the
+tensor code gives (``tests/test_exact.py`` compares them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from propd.models import native
+from propd.models.kv_cache import KVCache, Layout
+
+
+class _Weights(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("attn_norm", "bqkv", "mlp_norm", "qkv", "wo", "gate_up", "down")]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        *[(name, ctypes.c_int64) for name in ("dim", "heads", "kv_heads", "hd", "inter", "threads")],
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("kv", ctypes.c_void_p),
+        *[(name, ctypes.c_int64) for name in ("s_layer", "s_kv", "s_row", "s_head", "s_slot", "B", "T", "D", "max_keys", "attend_threads")],
+        *[(name, ctypes.c_void_p) for name in ("slots", "n_in", "path", "cs")],
+    ]
+
+
+class FusedLayers:
+    """The decoder's layers as the C code reads them: norms, biases and packed AMX weights."""
+
+    def __init__(self, args, layers, products, lib: ctypes.CDLL):
+        self.args, self.lib = args, lib
+        self.weights = (_Weights * len(layers))()
+        for w, layer, (qkv, wo, gate_up, down) in zip(self.weights, layers, products):
+            w.attn_norm, w.mlp_norm = layer.attn_norm.data_ptr(), layer.mlp_norm.data_ptr()
+            w.bqkv = None if layer.bqkv is None else layer.bqkv.data_ptr()
+            w.qkv, w.wo, w.gate_up, w.down = (p.packed.data_ptr() for p in (qkv, wo, gate_up, down))
+        self._keep = (layers, products)  # the tensors behind the pointers
+
+    @staticmethod
+    def fits(args, layers, products) -> bool:
+        """Whether the C code takes these layers: AMX products whose inputs need no padding, fp32 norms."""
+        widths = (args.dim, args.n_heads * args.head_dim, args.intermediate_size)
+        return (
+            all(p.route.kernel == "amx" for ps in products for p in ps)
+            and all(n % 32 == 0 for n in widths)
+            and args.head_dim % 16 == 0
+            and args.head_dim <= 128
+            and all(t.dtype == torch.float32 and t.is_contiguous() for layer in layers for t in (layer.attn_norm, layer.mlp_norm))
+            and all(layer.bqkv is None or (layer.bqkv.dtype == torch.float32 and layer.bqkv.is_contiguous()) for layer in layers)
+        )
+
+    def run(self, x: torch.Tensor, rope: torch.Tensor, layout: Layout, cache: KVCache, start: int, end: int) -> torch.Tensor:
+        """Layers [start, end) over x [B, T, dim] (fp32): the new hidden states, K/V written into ``cache``."""
+        a, plan = self.args, layout.plan
+        B, T, _ = x.shape
+        x = x.contiguous().clone()
+        cs = torch.view_as_real(rope).contiguous()
+        slots, n_in, path = layout.slots.contiguous(), plan.inplace.contiguous(), plan.path.contiguous()
+        max_keys = int(n_in.max()) + path.shape[-1]
+        kv = cache.kv
+        step = _Step(
+            a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size, native.kernel_threads(), a.norm_eps, a.head_dim**-0.5,
+            kv.data_ptr(), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), kv.stride(4), B, T, path.shape[-1], max_keys,
+            native.threads(B * T * a.n_heads * max_keys), slots.data_ptr(), n_in.data_ptr(), path.data_ptr(), cs.data_ptr(),
+        )
+        weights = ctypes.cast(ctypes.addressof(self.weights) + start * ctypes.sizeof(_Weights), ctypes.POINTER(_Weights))
+        if self.lib.forward_layers(x.data_ptr(), weights, start, end - start, ctypes.byref(step)):
+            raise MemoryError("fused layers: out of memory")
+        return x
