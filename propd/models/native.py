@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("attention.c", "pointwise.c", "matmul.c", "layer.c", "vec.h")
+SOURCES = ("attention.c", "pointwise.c", "matmul.c", "layer.c", "pool.c", "pool.h", "vec.h")
 ENV = "PROPD_KERNELS"
-PARALLEL_WORK = 1 << 16  # elements (attention: query heads x keys) above which a call splits its rows between threads
+PARALLEL_WORK = 1 << 12  # elements (attention: query heads x keys) above which a call shares its tasks between threads
 
 
 @functools.cache

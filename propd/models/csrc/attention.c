@@ -1,118 +1,125 @@
 /* Attention whose result for a query depends only on that query and its own keys in position order.
 
    Every query (row b, token t, head h) reads its sequence of cache entries: the first n_in[b, t]
-   slots in place (slot == position there), then the slots path[b, t, :] up to the first -1. One
-   task per query token and K/V head, on one thread, in one fixed order: scores, their maximum,
+   slots in place (slot == position there), then the slots path[b, t, :] up to the first -1. A few
+   queries of one row and K/V head share each read of the entries they all see (the committed cache
+   is most of what a step reads, and it is read from memory); each runs on one thread, in one fixed
+   order: scores, their maximum,
    weights exp(score - max), weighted values and the weights' sum added up by position. Nothing
    depends on how many queries share the call, how tasks are split between threads or where a
    query's siblings sit in the cache, so a token gets bitwise the same output alone (AR), inside a
    tree or inside a batch. Vectors run across features (or, for exp, across positions with the
    same code in every lane); built with -ffp-contract=off and without fast-math, so no sum is
    reordered. */
-#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
+#include "pool.h"
 #include "vec.h"
 
 typedef struct {
     const float *q, *k, *v;
     float *out;
     const int64_t *n_in, *path;
-    int64_t T, H, KV, D, hd, sb, sh, ss, max_keys, first, last; /* tasks [first, last): (b * T + t) * KV + kv head */
+    int64_t B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks; /* chunks: query chunks per row and K/V head */
     float scale;
-    int status;
+    atomic_int status;
 } Job;
 
-#define CHUNK 4 /* query heads sharing one read of each key and value */
+#define CHUNK 4 /* queries (token, head) sharing one read of each key and value */
 
-/* Query heads [h0, h0 + nh) of one task: each key and value is read once for all of them; every
-   head's sums run in the same order as if it were alone. ``lanes`` and ``nh`` are constants where
-   this is inlined, so queries and accumulators stay in registers. */
-__attribute__((always_inline)) static inline void chunk(const Job *a, int64_t lanes, int64_t nh, int64_t bt, int64_t kvh, int64_t h0, float *scores) {
-    int64_t g = a->H / a->KV, hd = a->hd, b = bt / a->T, inplace = a->n_in[bt], L = inplace, padded = (a->max_keys + W - 1) / W * W;
-    const int64_t *p = a->path + bt * a->D;
-    while (L - inplace < a->D && p[L - inplace] >= 0) ++L;
+/* Queries [p0, p0 + nq) of row b's K/V head kvh, query p being token p / g's head p % g of that
+   group: each key and value they all see is read once for all of them; every query's sums run in
+   the same order as if it were alone (keys in position order). ``lanes`` and ``nq`` are constants
+   where this is inlined, so queries and accumulators stay in registers. */
+__attribute__((always_inline)) static inline void chunk(const Job *a, int64_t lanes, int64_t nq, int64_t b, int64_t kvh, int64_t p0, float *scores) {
+    int64_t g = a->H / a->KV, hd = a->hd, padded = (a->max_keys + W - 1) / W * W, shared = INT64_MAX;
     const float *kh = a->k + b * a->sb + kvh * a->sh, *vh = a->v + b * a->sb + kvh * a->sh;
     vf qs[CHUNK][8], acc[CHUNK][8];
     float top[CHUNK], total[CHUNK];
-    for (int64_t h = 0; h < nh; ++h) {
-        const float *qh = a->q + ((bt * a->H + kvh * g + h0 + h) * hd);
-        for (int64_t c = 0; c < lanes; ++c) qs[h][c] = load(qh + c * W) * splat(a->scale), acc[h][c] = splat(0.0f);
-        top[h] = -INFINITY, total[h] = 0.0f;
+    int64_t inplace[CHUNK], L[CHUNK], row[CHUNK];
+    const int64_t *path[CHUNK];
+    for (int64_t i = 0; i < nq; ++i) {
+        int64_t bt = b * a->T + (p0 + i) / g;
+        row[i] = bt * a->H + kvh * g + (p0 + i) % g;
+        inplace[i] = L[i] = a->n_in[bt], path[i] = a->path + bt * a->D;
+        while (L[i] - inplace[i] < a->D && path[i][L[i] - inplace[i]] >= 0) ++L[i];
+        shared = inplace[i] < shared ? inplace[i] : shared;
+        const float *qh = a->q + row[i] * hd;
+        for (int64_t c = 0; c < lanes; ++c) qs[i][c] = load(qh + c * W) * splat(a->scale), acc[i][c] = splat(0.0f);
+        top[i] = -INFINITY, total[i] = 0.0f;
     }
-    for (int64_t j = 0; j < L; ++j) {
-        const float *kj = kh + (j < inplace ? j : p[j - inplace]) * a->ss;
-        for (int64_t h = 0; h < nh; ++h) {
-            vf s = qs[h][0] * load(kj);
-            for (int64_t c = 1; c < lanes; ++c) s += qs[h][c] * load(kj + c * W);
-            float x = fold(s);
-            scores[h * padded + j] = x;
-            top[h] = x > top[h] ? x : top[h];
-        }
+#define SLOT(i, j) ((j) < inplace[i] ? (j) : path[i][(j) - inplace[i]])
+#define SCORE(i, j, kj)                                                       \
+    do {                                                                      \
+        vf s = qs[i][0] * load(kj);                                           \
+        for (int64_t c = 1; c < lanes; ++c) s += qs[i][c] * load(kj + c * W); \
+        float x = fold(s);                                                    \
+        scores[(i) * padded + (j)] = x;                                       \
+        top[i] = x > top[i] ? x : top[i];                                     \
+    } while (0)
+#define ADD_VALUE(i, j, vj)                                                                                \
+    do {                                                                                                   \
+        for (int64_t c = 0; c < lanes; ++c) acc[i][c] += splat(scores[(i) * padded + (j)]) * load(vj + c * W); \
+        total[i] += scores[(i) * padded + (j)];                                                            \
+    } while (0)
+    for (int64_t j = 0; j < shared; ++j) {
+        const float *kj = kh + j * a->ss;
+        for (int64_t i = 0; i < nq; ++i) SCORE(i, j, kj);
     }
-    for (int64_t h = 0; h < nh; ++h) {
-        float *row = scores + h * padded;
-        for (int64_t j = L; j < (L + W - 1) / W * W; ++j) row[j] = top[h];
-        for (int64_t j = 0; j < L; j += W) store(row + j, vexp(load(row + j) - splat(top[h])));
+    for (int64_t i = 0; i < nq; ++i)
+        for (int64_t j = shared; j < L[i]; ++j) SCORE(i, j, kh + SLOT(i, j) * a->ss);
+    for (int64_t i = 0; i < nq; ++i) {
+        float *r = scores + i * padded;
+        for (int64_t j = L[i]; j < (L[i] + W - 1) / W * W; ++j) r[j] = top[i];
+        for (int64_t j = 0; j < L[i]; j += W) store(r + j, vexp(load(r + j) - splat(top[i])));
     }
-    for (int64_t j = 0; j < L; ++j) {
-        const float *vj = vh + (j < inplace ? j : p[j - inplace]) * a->ss;
-        for (int64_t c = 0; c < lanes; ++c) {
-            vf x = load(vj + c * W);
-            for (int64_t h = 0; h < nh; ++h) acc[h][c] += splat(scores[h * padded + j]) * x;
-        }
-        for (int64_t h = 0; h < nh; ++h) total[h] += scores[h * padded + j];
+    for (int64_t j = 0; j < shared; ++j) {
+        const float *vj = vh + j * a->ss;
+        for (int64_t i = 0; i < nq; ++i) ADD_VALUE(i, j, vj);
     }
-    for (int64_t h = 0; h < nh; ++h) {
-        float *o = a->out + (bt * a->H + kvh * g + h0 + h) * hd;
-        for (int64_t c = 0; c < lanes; ++c) store(o + c * W, acc[h][c] / splat(total[h]));
-    }
+    for (int64_t i = 0; i < nq; ++i)
+        for (int64_t j = shared; j < L[i]; ++j) ADD_VALUE(i, j, vh + SLOT(i, j) * a->ss);
+    for (int64_t i = 0; i < nq; ++i)
+        for (int64_t c = 0; c < lanes; ++c) store(a->out + row[i] * hd + c * W, acc[i][c] / splat(total[i]));
+#undef SLOT
+#undef SCORE
+#undef ADD_VALUE
 }
 
 /* A chunk with its sizes as constants for the common head dims (64, 128) and chunk sizes. */
-static void chunk_any(const Job *a, int64_t nh, int64_t bt, int64_t kvh, int64_t h0, float *scores) {
-#define CASE(LANES, NH) if (a->hd == (LANES) * W && nh == (NH)) { chunk(a, LANES, NH, bt, kvh, h0, scores); return; }
+static void chunk_any(const Job *a, int64_t nq, int64_t b, int64_t kvh, int64_t p0, float *scores) {
+#define CASE(LANES, NQ) if (a->hd == (LANES) * W && nq == (NQ)) { chunk(a, LANES, NQ, b, kvh, p0, scores); return; }
     CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4) CASE(8, 1) CASE(8, 2) CASE(8, 3) CASE(8, 4)
 #undef CASE
-    chunk(a, a->hd / W, nh, bt, kvh, h0, scores);
+    chunk(a, a->hd / W, nq, b, kvh, p0, scores);
 }
 
-static void *run(void *arg) {
+/* Tasks (row, K/V head, query chunk), taken one at a time until none is left. */
+static void run(void *arg) {
     Job *a = arg;
-    int64_t g = a->H / a->KV;
+    int64_t queries = a->T * (a->H / a->KV), tasks = a->B * a->KV * a->chunks;
     float *scores = malloc(sizeof(float) * (size_t)(CHUNK * ((a->max_keys + W - 1) / W * W)));
     if (!scores) {
-        a->status = -1;
-        return NULL;
+        atomic_store(&a->status, -1);
+        return;
     }
-    for (int64_t task = a->first; task < a->last; ++task)
-        for (int64_t h0 = 0; h0 < g; h0 += CHUNK)
-            chunk_any(a, g - h0 < CHUNK ? g - h0 : CHUNK, task / a->KV, task % a->KV, h0, scores);
+    for (int64_t task; (task = pool_take(1)) < tasks;) {
+        int64_t c = task % a->chunks, bk = task / a->chunks, p0 = c * CHUNK;
+        chunk_any(a, queries - p0 < CHUNK ? queries - p0 : CHUNK, bk / a->KV, bk % a->KV, p0, scores);
+    }
     free(scores);
-    return NULL;
 }
 
 /* q [B, T, H, hd] contiguous (hd a multiple of 16, at most 128); k, v one layer's keys / values with strides
    (batch, K/V head, slot) in floats; out [B, T, H, hd] contiguous; n_in [B, T]; path [B, T, D];
-   max_keys: no query reads more entries. The tasks are cut into ``threads`` runs. Returns 0, or
-   -1 when out of memory or threads. */
+   max_keys: no query reads more entries. Up to ``threads`` threads take the tasks (``pool.h``).
+   Returns 0, or -1 when out of memory. */
 int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path,
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
            float scale, int64_t max_keys, int64_t threads) {
-    enum { MAX_THREADS = 64 };
-    Job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int64_t tasks = B * T * KV, n = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (n > tasks) n = tasks;
-    for (int64_t i = 0; i < n; ++i)
-        jobs[i] = (Job){q, k, v, out, n_in, path, T, H, KV, D, hd, sb, sh, ss, max_keys, tasks * i / n, tasks * (i + 1) / n, scale, 0};
-    int64_t started = 1;
-    for (; started < n; ++started)
-        if (pthread_create(&ids[started], NULL, run, &jobs[started])) break;
-    for (int64_t i = started; i < n; ++i) run(&jobs[i]);
-    run(&jobs[0]);
-    int status = 0;
-    for (int64_t i = 1; i < started; ++i) pthread_join(ids[i], NULL);
-    for (int64_t i = 0; i < n; ++i) status |= jobs[i].status;
-    return status;
+    int64_t chunks = (T * (H / KV) + CHUNK - 1) / CHUNK;
+    Job job = {q, k, v, out, n_in, path, B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks, scale, 0};
+    pool_run(run, &job, threads);
+    return atomic_load(&job.status);
 }

@@ -8,17 +8,14 @@
    for 1 row or 32 (a padded tile costs what a full one does, and a product of up to 32 rows reads
    the weights once, so a tree step's products cost about what an AR step's do).
 
-   Output blocks are shared out a few at a time between the calling thread and a pool of workers
-   that stays alive between calls (a call lasts ~50-500 us; starting threads per call would cost as
-   much): a worker that wakes late (torch's own threads may hold the other cores) leaves more blocks
-   to the others instead of holding the call up. Who computes a block changes no value.
+   Output blocks are shared out a few at a time between the calling thread and the workers of
+   ``pool.h``. Who computes a block changes no value.
    Built without AMX (another CPU), amx_ready() says so and the route is not offered. */
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "pool.h"
 #include "vec.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -28,8 +25,6 @@
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define MAX_WORKERS 63
-#define SPINS 2000 /* pauses a worker spins for the next call before it sleeps */
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -45,25 +40,16 @@ typedef struct {
     int64_t M, N, K, blocks;
 } Job;
 
-static struct {
-    pthread_mutex_t call, mu;
-    pthread_cond_t wake;
-    atomic_long generation, open; /* open: the generation of the call running now, 0 between calls */
-    atomic_long next;              /* the next output block to take */
-    atomic_int busy;               /* workers inside a call */
-    int started;
-    Job job;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
-
 /* Output blocks taken CHUNK at a time until none is left. Tiles 0, 1: sums for rows 0-15 and 16-31;
    2, 3: those rows' inputs; 4: weights. */
-static void take_blocks(const Job *j) {
+static void take_blocks(void *arg) {
+    const Job *j = arg;
     TileConfig config = {.palette = 1};
     for (int t = 0; t < 5; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
     _tile_loadconfig(&config);
     int64_t K = j->K, kblocks = K / 32;
     float sums[2][16 * 16];
-    for (int64_t first; (first = atomic_fetch_add(&pool.next, CHUNK)) < j->blocks;)
+    for (int64_t first; (first = pool_take(CHUNK)) < j->blocks;)
         for (int64_t nb = first; nb < first + CHUNK && nb < j->blocks; ++nb) {
             const uint16_t *w = j->w + nb * kblocks * 512;
             _tile_zero(0);
@@ -85,37 +71,9 @@ static void take_blocks(const Job *j) {
     _tile_release();
 }
 
-/* A worker joins each call it wakes in time for; a late one finds the call closed and waits for the next. */
-static void *worker(void *arg) {
-    long seen = (long)(intptr_t)arg;
-    for (;;) {
-        long now;
-        for (int spin = 0; (now = atomic_load(&pool.generation)) == seen; ++spin) {
-            if (spin < SPINS) {
-                _mm_pause();
-                continue;
-            }
-            pthread_mutex_lock(&pool.mu);
-            while ((now = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
-            pthread_mutex_unlock(&pool.mu);
-            break;
-        }
-        seen = now;
-        atomic_fetch_add(&pool.busy, 1);
-        if (atomic_load(&pool.open) == now) take_blocks(&pool.job);
-        atomic_fetch_sub(&pool.busy, 1);
-    }
-    return NULL;
-}
-
-static void forget_workers(void) { pool.started = 0; } /* a forked child has none of its parent's threads */
-
 int amx_ready(void) {
     static int ready = -1;
-    if (ready < 0) {
-        ready = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-        if (ready) pthread_atfork(NULL, NULL, forget_workers);
-    }
+    if (ready < 0) ready = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
     return ready;
 }
 
@@ -128,28 +86,8 @@ int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N
     if (!a) return -1;
     for (int64_t i = 0; i < M * K; i += W) store_bf16(a + i, load(x + i)); /* K % 32 == 0: whole vectors */
     memset(a + M * K, 0, (size_t)((32 - M) * K * 2));
-    pthread_mutex_lock(&pool.call);
-    for (int64_t want = threads > MAX_WORKERS + 1 ? MAX_WORKERS : threads - 1; pool.started < want; ++pool.started) {
-        pthread_t id;
-        if (pthread_create(&id, NULL, worker, (void *)(intptr_t)atomic_load(&pool.generation))) break;
-        pthread_detach(id);
-    }
-    pool.job = (Job){a, w, y, M, N, K, (N + 15) / 16};
-    atomic_store(&pool.next, 0);
-    long generation = atomic_load(&pool.generation) + 1;
-    atomic_store(&pool.open, generation);
-    if (pool.started) {
-        pthread_mutex_lock(&pool.mu);
-        atomic_store(&pool.generation, generation);
-        pthread_cond_broadcast(&pool.wake);
-        pthread_mutex_unlock(&pool.mu);
-    } else {
-        atomic_store(&pool.generation, generation);
-    }
-    take_blocks(&pool.job);
-    atomic_store(&pool.open, 0);
-    while (atomic_load(&pool.busy) > 0) _mm_pause();
-    pthread_mutex_unlock(&pool.call);
+    Job job = {a, w, y, M, N, K, (N + 15) / 16};
+    pool_run(take_blocks, &job, threads);
     free(a);
     return 0;
 }
