@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from propd.decoding.loop import prefill
 from propd.models import attention, native, pointwise
 from propd.models.decoder import Decoder
-from propd.models.kernels import Route, choose_route, is_row_invariant, measure_route
+from propd.models.kernels import Linear, Route, choose_route, is_row_invariant, measure_route
 from propd.models.kv_cache import path_slots
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 
@@ -143,6 +143,19 @@ def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family):
             results.append((early, dec.forward_layers(early, layout, cache, 1), cache.kv.clone()))
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not any(r.kernel == "amx" for r in ROUTES), reason="no AMX route here")
+def test_amx_argmax_picks_what_the_products_argmax_picks_ties_included():
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 64)
+    weight[700] = weight[300] = weight[5]  # equal outputs: the first column wins, as torch's argmax
+    lin = Linear(weight, Route.parse("bfloat16-amx"))
+    for rows in (1, 16, 17, 32, 45):
+        x = torch.randn(2, rows, 64)
+        x[0, 0] = weight[5] * 4
+        assert torch.equal(lin.argmax(x), lin(x).argmax(-1))
+    assert lin.argmax(weight[5:6] * 4).item() == 5
 
 
 def test_default_model_tree_logits_equal_ar_logits_bitwise(default_model):

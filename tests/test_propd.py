@@ -67,7 +67,7 @@ def test_draft_scores_pick_a_parent_closed_prefix_as_large_as_pays_and_learn_the
     tree = best_tree(STATS, 12)
     probs = 0.5 + 0.5 * torch.rand(2, tree.size, generator=torch.Generator().manual_seed(0))
     scores = path_products(tree, probs)
-    for slope, want in ((0.05, 1), (0.0001, 12)):  # the second, where trees cost nothing, learns below
+    for slope, want in ((0.05, 2), (0.0001, 12)):  # the draft's best node at least; all where trees cost nothing (learns below)
         chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 2, 4, 8, 12, 16))
         for size in (1, 2, 8, 12):
             chooser.latency.observe((2, 0), size, 0.03 + slope * size + 0.01 * (size > 1))

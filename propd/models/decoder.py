@@ -203,7 +203,7 @@ class Decoder:
 
     def greedy_tokens(self, normed: torch.Tensor) -> torch.Tensor:
         """Argmax tokens [...] of normed hidden states [..., dim]."""
-        return self.lm_head(normed).argmax(-1)
+        return self.lm_head.argmax(normed)
 
     def cores(self) -> AbstractContextManager:
         """The scope to run steps in: with our AMX products, torch's own ops on one thread and the

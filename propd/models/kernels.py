@@ -121,6 +121,21 @@ class Linear:
             out[start : start + n] = self._call(chunk)[:n]
         return out.view(*x.shape[:-1], self.out_features)
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """The column of each row's largest output [...] (the first of equal ones): on the AMX
+        route without writing the outputs (a greedy step's vocabulary projection: 3 MB at 16 rows)."""
+        if self.route.kernel != "amx" or x.device.type != "cpu":
+            return self(x).argmax(-1)
+        rows = x.to(self.dtype).reshape(-1, self.in_features)
+        inner = self.packed.shape[1] * 32
+        rows = F.pad(rows, (0, inner - rows.shape[1])) if rows.shape[1] != inner else rows.contiguous()
+        at = torch.empty(rows.shape[0], dtype=torch.long)
+        for start in range(0, len(rows), TILE):
+            n = min(TILE, len(rows) - start)
+            if self.lib.amx_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, inner, native.kernel_threads()):
+                raise RuntimeError(f"amx argmax of {n} rows failed (out of memory)")
+        return at.view(x.shape[:-1])
+
     def _call(self, rows: torch.Tensor) -> torch.Tensor:
         if self.route.kernel == "amx":
             return amx_product(self.lib, rows, self.packed, self.out_features)

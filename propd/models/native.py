@@ -62,6 +62,8 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.amx_ready.argtypes = []
     kernel.amx_linear.restype = ctypes.c_int
     kernel.amx_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    kernel.amx_argmax.restype = ctypes.c_int
+    kernel.amx_argmax.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     kernel.forward_layers.restype = ctypes.c_int
     kernel.forward_layers.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     return kernel

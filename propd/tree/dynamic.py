@@ -193,12 +193,14 @@ class TreeChooser:
         """The drafted nodes to verify, from their draft path probabilities [B, N]: the most
         probable ones (summed over rows; a node never beats its parent), as many as buy the most
         expected tokens per second, a node counting its probability times ``draft_scale``; before
-        the latency line exists, ``chosen`` of them."""
+        the latency line exists, ``chosen`` of them. At least one: the drafting is paid by then (the
+        root alone after it cost more than an AR step, and timed as one it made AR look slow)."""
         key = (batch_size, context // CONTEXT_BUCKET)
         mass = scores[:, 1:].sum(0)
         order = (torch.sort(-mass, stable=True).indices + 1).tolist()  # ties: lower index (an ancestor) first
         gains = [0.0, *torch.cumsum(mass[[i - 1 for i in order]], 0).tolist()]
-        sizes = [n for n in self.sizes if n <= min(len(order) + 1, 2 * max(self.latency.measured(key) or [chosen]))]
+        top = min(len(order) + 1, 2 * max(self.latency.measured(key) or [chosen]))
+        sizes = [n for n in self.sizes if 2 <= n <= top] or [min(2, len(order) + 1)]
         seconds = self.latency.predict(key, sizes)
         if seconds is None:
             n = min(chosen, len(order) + 1)

@@ -36,7 +36,9 @@ typedef struct {
 
 typedef struct {
     const uint16_t *a, *w; /* a: [32, K] bf16 (rows past M zero); w: packed */
-    float *y;
+    float *y;              /* [M, N], or NULL: keep each row's largest output per chunk of blocks instead */
+    float *top;            /* [chunks, M] those largest outputs */
+    int64_t *at;           /* [chunks, M] their columns (the first, on ties) */
     int64_t M, N, K, blocks;
 } Job;
 
@@ -66,7 +68,14 @@ static void take_blocks(void *arg) {
             _tile_stored(0, sums[0], 64);
             if (j->M > 16) _tile_stored(1, sums[1], 64);
             int64_t n0 = nb * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16;
-            for (int64_t r = 0; r < j->M; ++r) memcpy(j->y + r * j->N + n0, sums[r / 16] + (r % 16) * 16, cols * sizeof(float));
+            for (int64_t r = 0; r < j->M && j->y; ++r) memcpy(j->y + r * j->N + n0, sums[r / 16] + (r % 16) * 16, cols * sizeof(float));
+            for (int64_t r = 0; r < j->M && !j->y; ++r) {
+                const float *row = sums[r / 16] + (r % 16) * 16;
+                float *top = j->top + first / CHUNK * j->M + r;
+                int64_t *at = j->at + first / CHUNK * j->M + r;
+                for (int64_t c = 0; c < cols; ++c)
+                    if ((nb == first && c == 0) || row[c] > *top) *top = row[c], *at = n0 + c;
+            }
         }
     _tile_release();
 }
@@ -86,9 +95,30 @@ int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N
     if (!a) return -1;
     for (int64_t i = 0; i < M * K; i += W) store_bf16(a + i, load(x + i)); /* K % 32 == 0: whole vectors */
     memset(a + M * K, 0, (size_t)((32 - M) * K * 2));
-    Job job = {a, w, y, M, N, K, (N + 15) / 16};
+    Job job = {a, w, y, NULL, NULL, M, N, K, (N + 15) / 16};
     pool_run(take_blocks, &job, threads);
     free(a);
+    return 0;
+}
+
+/* at [M] = the column of each row's largest output of the product amx_linear computes (the first
+   of equal ones, as torch's argmax), without writing the outputs: a greedy step's vocabulary
+   projection. Returns 0, or -1 as amx_linear. */
+int amx_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads) {
+    if (!amx_ready() || K % 32 || M < 1 || M > 32) return -1;
+    int64_t blocks = (N + 15) / 16, chunks = (blocks + CHUNK - 1) / CHUNK;
+    uint16_t *a = aligned_alloc(64, (size_t)(32 * K * 2));
+    float *tops = malloc(sizeof(float) * chunks * M);
+    int64_t *ats = malloc(sizeof(int64_t) * chunks * M);
+    if (!a || !tops || !ats) return free(a), free(tops), free(ats), -1;
+    for (int64_t i = 0; i < M * K; i += W) store_bf16(a + i, load(x + i));
+    memset(a + M * K, 0, (size_t)((32 - M) * K * 2));
+    Job job = {a, w, NULL, tops, ats, M, N, K, blocks};
+    pool_run(take_blocks, &job, threads);
+    for (int64_t r = 0; r < M; ++r) /* chunks in column order: a later one wins only when larger */
+        for (int64_t c = 0, best = 0; c < chunks; ++c)
+            if (c == 0 || tops[c * M + r] > tops[best * M + r]) best = c, at[r] = ats[c * M + r];
+    free(a), free(tops), free(ats);
     return 0;
 }
 
@@ -96,6 +126,10 @@ int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N
 int amx_ready(void) { return 0; }
 int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
     (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)threads;
+    return -1;
+}
+int amx_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads) {
+    (void)x, (void)w, (void)at, (void)M, (void)N, (void)K, (void)threads;
     return -1;
 }
 #endif
