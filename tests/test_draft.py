@@ -131,14 +131,14 @@ def test_root_only_steps_queue_the_drafts_reading_and_stay_lossless():
 
 
 def test_queue_puts_each_rows_entries_after_its_own():
-    from propd.decoding.draft import _queue
+    from propd.decoding.draft import _pack
 
     first = (torch.tensor([[[1.0], [2.0]], [[5.0], [0.0]]]), torch.tensor([[11, 12], [15, 0]]), torch.tensor([2, 1]))
     then = (torch.tensor([[[3.0]], [[6.0]]]), torch.tensor([[13], [16]]), torch.tensor([1, 1]))
-    features, tokens, counts = _queue(first, then)
-    assert counts.tolist() == [3, 2]
-    assert tokens[0].tolist() == [11, 12, 13] and tokens[1, :2].tolist() == [15, 16]
-    assert features[0, :, 0].tolist() == [1.0, 2.0, 3.0] and features[1, :2, 0].tolist() == [5.0, 6.0]
+    features, tokens, counts = _pack([first, then, then])
+    assert counts.tolist() == [4, 3]
+    assert tokens[0].tolist() == [11, 12, 13, 13] and tokens[1, :3].tolist() == [15, 16, 16]
+    assert features[0, :, 0].tolist() == [1.0, 2.0, 3.0, 3.0] and features[1, :3, 0].tolist() == [5.0, 6.0, 6.0]
 
 
 def test_calibration_records_both_predictions_of_every_node_and_stays_lossless():

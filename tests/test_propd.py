@@ -51,7 +51,7 @@ def test_chooser_explores_small_trees_then_picks_ar_when_trees_cost_and_grows_tr
     for slope, want_big in ((0.05, False), (0.0001, True)):
         chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
         chosen = []
-        for _ in range(40):
+        for _ in range(40 if want_big else 140):
             size = chooser.choose(1, 100).size
             chosen.append(size)
             chooser.latency.observe((1, 0), size, 0.03 + slope * size + 0.01 * (size > 1))
@@ -60,7 +60,17 @@ def test_chooser_explores_small_trees_then_picks_ar_when_trees_cost_and_grows_tr
         if want_big:
             assert chosen[7] > 16 and chosen[8:].count(1) == 1, chosen  # AR, long unpicked, is measured once more
         else:
-            assert chosen[3:].count(1) == 36 and chosen[3:].count(2) == 1, chosen  # and so are the trees
+            retries = [i for i, n in enumerate(chosen[3:], 3) if n > 1]  # so are the trees, less often each time they lose
+            assert len(retries) == 2 and retries[0] < 40 and retries[1] - retries[0] >= 64 and set(chosen[3:]) == {1, 2}, chosen
+
+
+def test_a_new_bucket_starts_from_a_near_batch_size_and_explores_after_a_far_one():
+    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
+    for size in (1, 2, 4):
+        chooser.latency.observe((8, 0), size, 0.02 + 0.001 * size)
+    chooser.choose(7, 100)  # a row left the batch: its costs are batch 8's
+    assert chooser.latency.measured((7, 0)) == [1, 2, 4]
+    assert chooser.choose(4, 100).size == chooser.explore[0] and chooser.latency.measured((4, 0)) == []
 
 
 def test_draft_scores_pick_a_parent_closed_prefix_as_large_as_pays_and_learn_their_calibration():

@@ -34,20 +34,27 @@ Entries = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # features [B, M, dim
 @dataclass
 class DraftState:
     """The draft layer's cache (one entry per answer position) and the entries it has yet to read:
-    the model's features at the tokens accepted since, with the token after each."""
+    the model's features at the tokens accepted since, with the token after each, queued one step's
+    entries at a time (a run of AR steps appends without copying) and packed when read."""
 
     cache: KVCache
-    pending: Entries
+    queued: list[Entries]
+
+    @property
+    def pending(self) -> Entries:
+        """The queued entries, packed: per row its own, in order (rows padded on the right)."""
+        self.queued = [_pack(self.queued)]
+        return self.queued[0]
 
     def select(self, rows: torch.Tensor) -> None:
         self.cache.select_rows(rows)
-        self.pending = tuple(x[rows] for x in self.pending)
+        self.queued = [tuple(x[rows] for x in entries) for entries in self.queued]
 
     def join(self, other: "DraftState") -> None:
         self.cache.join(other.cache)
         width = max(self.pending[1].shape[1], other.pending[1].shape[1])
         mine, theirs = _pad_entries(self.pending, width), _pad_entries(other.pending, width)
-        self.pending = tuple(torch.cat(pair) for pair in zip(mine, theirs))
+        self.queued = [tuple(torch.cat(pair) for pair in zip(mine, theirs))]
 
 
 def _pad_entries(entries: Entries, width: int) -> Entries:
@@ -99,7 +106,7 @@ class DraftMethod:
         normed = decoder.final_norm(hidden)
         roots = picker.next_tokens(decoder, normed)
         pending = (normed.float().unsqueeze(1), roots.unsqueeze(1), torch.ones(len(roots), dtype=torch.long, device=roots.device))
-        return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.max_len), pending)
+        return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.max_len), [pending])
 
     @torch.no_grad()
     def propose(
@@ -165,18 +172,17 @@ class DraftMethod:
         next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
         next_tokens[torch.arange(len(v.roots)), v.counts - 1] = v.roots
         entries = (v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)
-        state.pending = _queue(state.pending, entries) if root_only else entries
+        state.queued = [*state.queued, entries] if root_only else [entries]
         return v.result(tokens), v.last_nodes()
 
 
-def _queue(first: Entries, then: Entries) -> Entries:
-    """Entries for the draft to read, (features [B, M, dim], next tokens [B, M], counts [B]) each,
-    one queue after the other per row (rows hold different counts, padded on the right)."""
-    (f1, t1, c1), (f2, t2, c2) = first, then
-    j = torch.arange(f1.shape[1] + f2.shape[1])
-    old = j < c1.unsqueeze(1)  # [B, M1 + M2]: from the first queue
-    i1 = j.clamp(max=f1.shape[1] - 1).expand_as(old)
-    i2 = (j - c1.unsqueeze(1)).clamp(0, f2.shape[1] - 1)
-    dim = f1.shape[-1]
-    features = torch.where(old.unsqueeze(-1), f1.gather(1, i1.unsqueeze(-1).expand(-1, -1, dim)), f2.gather(1, i2.unsqueeze(-1).expand(-1, -1, dim)))
-    return features, torch.where(old, t1.gather(1, i1), t2.gather(1, i2)), c1 + c2
+def _pack(queued: list[Entries]) -> Entries:
+    """Several steps' entries, (features [B, M, dim], next tokens [B, M], counts [B]) each, as one
+    queue: per row its own entries in order (rows hold different counts, padded on the right)."""
+    if len(queued) == 1:
+        return queued[0]
+    features, tokens = torch.cat([e[0] for e in queued], 1), torch.cat([e[1] for e in queued], 1)
+    held = torch.cat([torch.arange(e[1].shape[1]) < e[2].unsqueeze(1) for e in queued], 1)
+    counts = sum(e[2] for e in queued)
+    order = torch.sort((~held).int(), dim=1, stable=True).indices[:, : int(counts.max())]  # each row's entries first, in order
+    return features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1])), tokens.gather(1, order), counts

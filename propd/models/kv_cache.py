@@ -76,6 +76,10 @@ class KVCache:
         order right after the row's committed entries, and commit them. offsets: [B, n], increasing."""
         if offsets.shape[1] == 0:
             return
+        placed = torch.arange(offsets.shape[1], device=self.device)
+        if bool(((offsets == placed) | (placed >= counts.unsqueeze(1))).all()):  # every path is its tree's first nodes (chains): nothing moves
+            self.lengths += counts
+            return
         base = self.lengths.unsqueeze(1)
         dst = base + torch.arange(offsets.shape[1], device=self.device)
         moved = self.kv[layers, :, self._rows, :, base + offsets]  # [B, n, layers, 2, kv_heads, hd + 1]

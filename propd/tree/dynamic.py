@@ -134,6 +134,7 @@ class TreeChooser:
         self._paths: list[tuple[float, tuple[int, ...]]] = []
         self._trees: dict[int, tuple[TokenTree, float]] = {}
         self.expected = 1.0  # accepted tokens per row the last choice expected
+        self._tree_retries = 0  # trees measured again since a tree last won a step
         # Draft path probabilities vs what was accepted: decayed sums, started at the over-confidence
         # `propd calibrate` measured (accepted nodes / drafted probability ~0.8 on MT-Bench).
         self._draft_mass, self._draft_accepted = DRAFT_PRIOR, 0.8 * DRAFT_PRIOR
@@ -152,11 +153,13 @@ class TreeChooser:
         return self._trees[size]
 
     def choose(self, batch_size: int, context: int) -> TokenTree:
-        """A new bucket starts from the nearest measured one (rows leaving a batch, a context
-        growing past a bucket); only the first explores."""
+        """A new bucket starts from the nearest measured one of about its batch size (rows leaving a
+        batch, a context growing past a bucket); one of another batch size explores afresh (seeded
+        from batch 4, batch 8 took trees that cost it twice what they cost there)."""
         key = (batch_size, context // CONTEXT_BUCKET)
         if not self.latency.measured(key):
-            fitted = [k for k in self.latency.buckets if self.latency.line(k) is not None]
+            near = max(1, batch_size // 4)
+            fitted = [k for k in self.latency.buckets if self.latency.line(k) is not None and abs(k[0] - batch_size) <= near]
             if fitted:
                 self.latency.seed(key, min(fitted, key=lambda k: (abs(k[0] - key[0]), abs(k[1] - key[1]))))
         unexplored = [n for n in self.explore if self.tree(n)[0].size not in self.latency.measured(key)]
@@ -165,6 +168,7 @@ class TreeChooser:
             return tree
         stale = self._stale(key)
         if stale is not None:
+            self._tree_retries += stale > 1
             tree, self.expected = self.tree(stale)
             return tree
         reach = 2 * max(self.latency.measured(key))
@@ -172,17 +176,21 @@ class TreeChooser:
         seconds = self.latency.predict(key, [tree.size for tree, _ in trees])
         rates = [expected / s * (self.margin if tree.size == 1 else 1.0) for (tree, expected), s in zip(trees, seconds)]
         tree, self.expected = trees[rates.index(max(rates))]
+        if tree.size > 1:
+            self._tree_retries = 0
         return tree
 
     def _stale(self, key: tuple[int, int]) -> int | None:
         """A size to measure again: AR, or the smallest explored tree, when that side went unpicked
-        for half a half-life."""
+        for half a half-life; the trees' wait doubles (up to 8 times) with each retry that did not
+        win them a step (where AR pays, at batch 8, each retry cost two AR steps)."""
         sizes = self.latency.buckets[key]
         since = self.latency.steps - self.latency.half_life / 2
         if 1 in sizes and sizes[1].step < since:
             return 1
         trees = [s.step for n, s in sizes.items() if n > 1]
-        return self.explore[0] if trees and max(trees) < since else None
+        wait = self.latency.half_life / 2 * 2 ** min(self._tree_retries, 3)
+        return self.explore[0] if trees and max(trees) < self.latency.steps - wait else None
 
     def candidates(self, tree: TokenTree) -> TokenTree:
         """What to draft when the draft's own path probabilities pick the nodes to verify: the rank

@@ -21,7 +21,7 @@ typedef struct {
     const float *q, *k, *v;
     float *out;
     const int64_t *n_in, *path;
-    int64_t B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks; /* chunks: query chunks per row and K/V head */
+    int64_t B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks, group; /* chunks: query chunks per row and K/V head */
     float scale;
     atomic_int status;
 } Job;
@@ -95,18 +95,23 @@ static void chunk_any(const Job *a, int64_t nq, int64_t b, int64_t kvh, int64_t 
     chunk(a, a->hd / W, nq, b, kvh, p0, scores);
 }
 
-/* Tasks (row, K/V head, query chunk), taken one at a time until none is left. */
+/* Tasks taken one at a time until none is left: a task is ``group`` consecutive query chunks of
+   one row and K/V head (all of them where there are rows and heads enough to share out: its
+   entries then come from memory once, and from the core's cache for the next chunks). */
 static void run(void *arg) {
     Job *a = arg;
-    int64_t queries = a->T * (a->H / a->KV), tasks = a->B * a->KV * a->chunks;
+    int64_t queries = a->T * (a->H / a->KV), tasks = a->B * a->KV * ((a->chunks + a->group - 1) / a->group);
     float *scores = malloc(sizeof(float) * (size_t)(CHUNK * ((a->max_keys + W - 1) / W * W)));
     if (!scores) {
         atomic_store(&a->status, -1);
         return;
     }
     for (int64_t task; (task = pool_take(1)) < tasks;) {
-        int64_t c = task % a->chunks, bk = task / a->chunks, p0 = c * CHUNK;
-        chunk_any(a, queries - p0 < CHUNK ? queries - p0 : CHUNK, bk / a->KV, bk % a->KV, p0, scores);
+        int64_t per_head = (a->chunks + a->group - 1) / a->group, bk = task / per_head, first = task % per_head * a->group;
+        for (int64_t c = first; c < first + a->group && c < a->chunks; ++c) {
+            int64_t p0 = c * CHUNK;
+            chunk_any(a, queries - p0 < CHUNK ? queries - p0 : CHUNK, bk / a->KV, bk % a->KV, p0, scores);
+        }
     }
     free(scores);
 }
@@ -119,7 +124,7 @@ int attend(const float *q, const float *k, const float *v, float *out, const int
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
            float scale, int64_t max_keys, int64_t threads) {
     int64_t chunks = (T * (H / KV) + CHUNK - 1) / CHUNK;
-    Job job = {q, k, v, out, n_in, path, B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks, scale, 0};
+    Job job = {q, k, v, out, n_in, path, B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks, B * KV >= 4 * threads ? chunks : 1, scale, 0};
     pool_run(run, &job, threads);
     return atomic_load(&job.status);
 }
