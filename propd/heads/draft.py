@@ -47,6 +47,7 @@ class DraftHead(nn.Module):
         self.w_down = nn.Parameter(torch.zeros(dim, a.intermediate_size))  # [out, in]: ``Decoder`` reads its transpose
         self._decoders: dict[tuple, Decoder] = {}  # (base, training, weights' versions) -> the draft as a Decoder
         self._packed: tuple[int, Linear] | None = None  # (base's id, its candidate rows by the base's route)
+        self._fc: tuple[tuple[int, int], Linear] | None = None  # ((base's id, fc's version), fc by the base's route)
 
     @property
     def vocab_size(self) -> int:
@@ -66,8 +67,15 @@ class DraftHead(nn.Module):
         return self._decoders[key]
 
     def inputs(self, features: torch.Tensor, next_tokens: torch.Tensor, base: Decoder) -> torch.Tensor:
-        """The layer's input [..., dim] from normed features [..., dim] and the tokens they produced [...]."""
-        return self.fc(torch.cat([features, base.embed(next_tokens).to(features.dtype)], dim=-1))
+        """The layer's input [..., dim] (fp32) from normed features [..., dim] and the tokens they
+        produced [...]: in training by ``fc``, else by a copy of it packed by the base's route."""
+        x = torch.cat([features, base.embed(next_tokens).to(features.dtype)], dim=-1)
+        if torch.is_grad_enabled():
+            return self.fc(x)
+        key = (id(base), self.fc.weight._version)
+        if self._fc is None or self._fc[0] != key:
+            self._fc = (key, base.linear(self.fc.weight.detach()))
+        return self._fc[1](x).float()
 
     def projection(self, base: Decoder) -> torch.Tensor:
         """The base lm_head's columns for the candidate vocabulary, in fp32 [dim, Vc] (training)."""
