@@ -221,7 +221,7 @@ class TreeChooser:
 
     def observe(self, tree: TokenTree, batch_size: int, context: int, last_nodes: list[int], seconds: float) -> None:
         self.latency.observe((batch_size, context // CONTEXT_BUCKET), tree.size, seconds)
-        for last in last_nodes:
+        for last in last_nodes if tree.size > 1 else ():  # the root alone shows no guess (and would only re-rank the trees)
             self.acceptance.observe(tree, last)
         if self._drafted_mass is not None:  # the draft's probabilities picked this tree: how far they over-promised
             self._draft_mass = DRAFT_DECAY * self._draft_mass + self._drafted_mass
