@@ -166,13 +166,15 @@ class DraftMethod:
         return result, last, verified
 
     def finish(self, tokens: torch.Tensor, v: Verified, state: DraftState, root_only: bool) -> tuple[StepResult, torch.Tensor]:
-        """Queue the accepted path's features for the draft to read next step; the step's result and
-        each row's last accepted node."""
-        path_tokens = tokens.gather(1, v.offsets)  # root first
-        next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
-        next_tokens[torch.arange(len(v.roots)), v.counts - 1] = v.roots
-        entries = (v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)
-        state.queued = [*state.queued, entries] if root_only else [entries]
+        """Queue the accepted path's features for the draft to read next step (after a root-only
+        step, behind those queued before); the step's result and each row's last accepted node."""
+        if root_only:  # one entry a row: the root's feature, the new root after it
+            state.queued.append((v.normed.float(), v.roots.unsqueeze(1), v.counts))
+        else:
+            path_tokens = tokens.gather(1, v.offsets)  # root first
+            next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
+            next_tokens[torch.arange(len(v.roots)), v.counts - 1] = v.roots
+            state.queued = [(v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)]
         return v.result(tokens), v.last_nodes()
 
 
