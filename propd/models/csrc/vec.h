@@ -15,6 +15,15 @@ static inline void store(float *p, vf x) { memcpy(p, &x, sizeof x); }
 static inline vf splat(float x) { return (vf){0} + x; }
 static inline vf pick(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); } /* mask lanes: -1 or 0 */
 
+/* a * b + c: one FMA (one rounding) where the CPU has AVX-512, else a product and a sum. One way
+   per build, spelled out, so that no code path is contracted differently from another. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline vf fmadd(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+#else
+static inline vf fmadd(vf a, vf b, vf c) { return a * b + c; }
+#endif
+
 /* Sum of the lanes in a fixed pairwise order: lane l + lane l + 8, then + 4, + 2, + 1. */
 static inline float fold(vf x) {
     x += __builtin_shuffle(x, (vi){8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15});
