@@ -4,14 +4,13 @@
    slots in place (slot == position there), then the slots path[b, t, :] up to the first -1. A few
    queries of one row and K/V head share each read of the entries they all see (the committed cache
    is most of what a step reads, and it is read from memory); each runs on one thread, in one fixed
-   order: scores, their maximum,
-   weights exp(score - max), weighted values and the weights' sum added up by position. Nothing
-   depends on how many queries share the call, how tasks are split between threads or where a
-   query's siblings sit in the cache, so a token gets bitwise the same output alone (AR), inside a
-   tree or inside a batch. Vectors run across features (or, for exp, across positions with the
-   same code in every lane); built with -ffp-contract=off and without fast-math, so no sum is
-   reordered and the only fused multiply-adds are the explicit ``fmadd`` (18% off a compute-bound
-   call). */
+   order: scores, their maximum, weights exp(score - max), weighted values and the weights' sum
+   added up by position. Nothing depends on how many queries share the call, how tasks are split
+   between threads or where a query's siblings sit in the cache, so a token gets bitwise the same
+   output alone (AR), inside a tree or inside a batch. Vectors run across features (or, for exp,
+   across positions with the same code in every lane); built with -ffp-contract=off and without
+   fast-math, so no sum is reordered and the only fused multiply-adds are the explicit ``fmadd``
+   (18% off a compute-bound call). */
 #include <stdatomic.h>
 #include <stdlib.h>
 
@@ -65,28 +64,29 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int64_t la
         for (int64_t c = 0; c < lanes; ++c) acc[i][c] = fmadd(splat(scores[(i) * padded + (j)]), load(vj + c * W), acc[i][c]); \
         total[i] += scores[(i) * padded + (j)];                                                            \
     } while (0)
-    for (int64_t j = 0; j < shared; ++j) {
-        const float *kj = kh + j * a->ss;
-        for (int64_t c = 0; c <= lanes; ++c) __builtin_prefetch(kj + AHEAD * a->ss + c * W);
-        for (int64_t i = 0; i < nq; ++i) SCORE(i, j, kj);
-    }
-    for (int64_t i = 0; i < nq; ++i)
-        for (int64_t j = shared; j < L[i]; ++j) SCORE(i, j, kh + SLOT(i, j) * a->ss);
+/* OP for every query and entry: entries [0, shared) read once for all queries (and fetched AHEAD
+   entries early), then each query's own [shared, L), in position order for each query. */
+#define EACH_ENTRY(base, OP)                                                                        \
+    do {                                                                                            \
+        for (int64_t j = 0; j < shared; ++j) {                                                      \
+            const float *e = (base) + j * a->ss;                                                    \
+            for (int64_t c = 0; c <= lanes; ++c) __builtin_prefetch(e + AHEAD * a->ss + c * W);    \
+            for (int64_t i = 0; i < nq; ++i) OP(i, j, e);                                           \
+        }                                                                                           \
+        for (int64_t i = 0; i < nq; ++i)                                                            \
+            for (int64_t j = shared; j < L[i]; ++j) OP(i, j, (base) + SLOT(i, j) * a->ss);          \
+    } while (0)
+    EACH_ENTRY(kh, SCORE);
     for (int64_t i = 0; i < nq; ++i) {
         float *r = scores + i * padded;
         for (int64_t j = L[i]; j < (L[i] + W - 1) / W * W; ++j) r[j] = top[i];
         for (int64_t j = 0; j < L[i]; j += W) store(r + j, vexp(load(r + j) - splat(top[i])));
     }
-    for (int64_t j = 0; j < shared; ++j) {
-        const float *vj = vh + j * a->ss;
-        for (int64_t c = 0; c <= lanes; ++c) __builtin_prefetch(vj + AHEAD * a->ss + c * W);
-        for (int64_t i = 0; i < nq; ++i) ADD_VALUE(i, j, vj);
-    }
-    for (int64_t i = 0; i < nq; ++i)
-        for (int64_t j = shared; j < L[i]; ++j) ADD_VALUE(i, j, vh + SLOT(i, j) * a->ss);
+    EACH_ENTRY(vh, ADD_VALUE);
     for (int64_t i = 0; i < nq; ++i)
         for (int64_t c = 0; c < lanes; ++c) store(a->out + row[i] * hd + c * W, acc[i][c] / splat(total[i]));
 #undef SLOT
+#undef EACH_ENTRY
 #undef SCORE
 #undef ADD_VALUE
 }
