@@ -215,7 +215,7 @@ class Decoder:
         K/V into ``cache`` (committed later by ``cache.keep`` / ``advance``)."""
         end = self.args.n_layers if end is None else end
         rope = self.rope[layout.positions]  # [B, T, hd / 2]
-        if self.fused is not None and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+        if self.fused is not None and not (x.requires_grad and torch.is_grad_enabled()):
             return self.fused.run(x, rope, layout, cache, start, end)
         for i in range(start, end):
             x = self._layer(i, x, rope, layout, cache)

@@ -126,13 +126,13 @@ class Linear:
         route without writing the outputs (a greedy step's vocabulary projection: 3 MB at 16 rows)."""
         if self.route.kernel != "amx" or x.device.type != "cpu":
             return self(x).argmax(-1)
-        rows = x.to(self.dtype).reshape(-1, self.in_features)
-        inner = self.packed.shape[1] * 32
-        rows = F.pad(rows, (0, inner - rows.shape[1])) if rows.shape[1] != inner else rows.contiguous()
+        rows = amx_rows(x.to(self.dtype).reshape(-1, self.in_features), self.packed)
         at = torch.empty(rows.shape[0], dtype=torch.long)
         for start in range(0, len(rows), TILE):
             n = min(TILE, len(rows) - start)
-            if self.lib.amx_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, inner, native.kernel_threads()):
+            status = self.lib.amx_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, rows.shape[1],
+                                         native.kernel_threads())
+            if status:
                 raise RuntimeError(f"amx argmax of {n} rows failed (out of memory)")
         return at.view(x.shape[:-1])
 
@@ -164,12 +164,17 @@ def amx_pack(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
 
 
+def amx_rows(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """rows [M, in] (fp32), contiguous and zero-padded to the packed weights' whole input blocks."""
+    inner = packed.shape[1] * 32
+    return F.pad(rows, (0, inner - rows.shape[1])) if rows.shape[1] != inner else rows.contiguous()
+
+
 def amx_product(lib: ctypes.CDLL, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """rows [M <= 32, in] (fp32) times the packed weights' transpose: [M, out] in fp32."""
-    inner = packed.shape[1] * 32
-    x = F.pad(rows, (0, inner - rows.shape[1])) if rows.shape[1] != inner else rows.contiguous()
+    x = amx_rows(rows, packed)
     y = torch.empty(rows.shape[0], out_features)
-    if lib.amx_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, inner, native.kernel_threads()):
+    if lib.amx_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, x.shape[1], native.kernel_threads()):
         raise RuntimeError(f"amx product of {x.shape[0]} rows failed (out of memory, or more than 32 rows)")
     return y
 

@@ -86,15 +86,23 @@ int amx_ready(void) {
     return ready;
 }
 
+/* x [M, K] (fp32; M at most 32, K a multiple of 32) as the bf16 rows a call multiplies, zero rows
+   up to 32; NULL without AMX or memory, or for a shape the calls do not take. */
+static uint16_t *bf16_rows(const float *x, int64_t M, int64_t K) {
+    if (!amx_ready() || K % 32 || M < 1 || M > 32) return NULL;
+    uint16_t *a = aligned_alloc(64, (size_t)(32 * K * 2));
+    if (!a) return NULL;
+    for (int64_t i = 0; i < M * K; i += W) store_bf16(a + i, load(x + i)); /* K % 32 == 0: whole vectors */
+    memset(a + M * K, 0, (size_t)((32 - M) * K * 2));
+    return a;
+}
+
 /* y [M, N] (fp32) = x [M, K] (fp32; M at most 32, K a multiple of 32) times the packed weights'
    transpose, with up to ``threads`` - 1 workers helping the calling thread. Returns 0, or -1
    without AMX or memory, or for a shape it does not take. */
 int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
-    if (!amx_ready() || K % 32 || M < 1 || M > 32) return -1;
-    uint16_t *a = aligned_alloc(64, (size_t)(32 * K * 2));
+    uint16_t *a = bf16_rows(x, M, K);
     if (!a) return -1;
-    for (int64_t i = 0; i < M * K; i += W) store_bf16(a + i, load(x + i)); /* K % 32 == 0: whole vectors */
-    memset(a + M * K, 0, (size_t)((32 - M) * K * 2));
     Job job = {a, w, y, NULL, NULL, M, N, K, (N + 15) / 16};
     pool_run(take_blocks, &job, threads);
     free(a);
@@ -105,14 +113,11 @@ int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N
    of equal ones, as torch's argmax), without writing the outputs: a greedy step's vocabulary
    projection. Returns 0, or -1 as amx_linear. */
 int amx_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads) {
-    if (!amx_ready() || K % 32 || M < 1 || M > 32) return -1;
     int64_t blocks = (N + 15) / 16, chunks = (blocks + CHUNK - 1) / CHUNK;
-    uint16_t *a = aligned_alloc(64, (size_t)(32 * K * 2));
+    uint16_t *a = bf16_rows(x, M, K);
     float *tops = malloc(sizeof(float) * chunks * M);
     int64_t *ats = malloc(sizeof(int64_t) * chunks * M);
     if (!a || !tops || !ats) return free(a), free(tops), free(ats), -1;
-    for (int64_t i = 0; i < M * K; i += W) store_bf16(a + i, load(x + i));
-    memset(a + M * K, 0, (size_t)((32 - M) * K * 2));
     Job job = {a, w, NULL, tops, ats, M, N, K, blocks};
     pool_run(take_blocks, &job, threads);
     for (int64_t r = 0; r < M; ++r) /* chunks in column order: a later one wins only when larger */
