@@ -327,7 +327,9 @@ def cmd_latency(args: argparse.Namespace) -> None:
     from propd.models.kernels import cpu_name
 
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
-    print(f"{cpu_name()}, {device_name(model.device)}: products by {model.route.name} ({'exact' if model.route.exact else 'not checked exact'})")
+    graphs = model.decoder.graphed is not None
+    print(f"{cpu_name()}, {device_name(model.device)}: products by {model.route.name} ({'exact' if model.route.exact else 'not checked exact'})"
+          + (", steps replayed as CUDA graphs" if graphs else ""))
     rows = step_latency(model.decoder, args.sizes, args.batch_sizes, args.context)
     build_ms = tree_build_time()
     out = Path(args.out)
@@ -336,7 +338,7 @@ def cmd_latency(args: argparse.Namespace) -> None:
     floor_ms = 1e3 * weight_bytes(model.decoder) / (bandwidth * 1e9)
     record = {
         "cpu": cpu_name(), "device": device_name(model.device),
-        "route": model.route.name, "exact": model.route.exact, "dtype": model.route.dtype_name, "context": args.context,
+        "route": model.route.name, "exact": model.route.exact, "dtype": model.route.dtype_name, "cuda_graphs": graphs, "context": args.context,
         "bandwidth_gb_s": round(bandwidth, 2), "weight_read_floor_ms": round(floor_ms, 2), "tree_build_ms_mc_sim_7b_63": build_ms, "steps": rows,
     }
     (out / "latency.json").write_text(json.dumps(record, indent=1))

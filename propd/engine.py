@@ -316,11 +316,13 @@ class Propd:
 
 def pick_route(args: ModelArgs, dtype: torch.dtype | None, route: str | Route | None, device: torch.device) -> tuple[Route, list[dict]]:
     """The products' route for this model on this device, and what was measured to choose it. On a
-    GPU, plain products in ``dtype`` (default fp32): row-invariance is not checked there."""
+    GPU, plain products in ``dtype`` (default fp32) or the ``route`` named, not checked for
+    row-invariance there (see README: on an H100, padding every product to one shape cost a quarter
+    of a step and left batch-8 trees' logits as far from AR's)."""
     if isinstance(route, Route):
         return route, []
     if device.type != "cpu":
-        return autograd_route(dtype or torch.float32), []
+        return (Route.parse(route) if route else autograd_route(dtype or torch.float32)), []
     return choose_route(args.product_shapes(), dtype, route)
 
 

@@ -9,13 +9,15 @@ import torch
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
-from propd.decoding.loop import generate_batch
+from propd.decoding.loop import generate_batch, prefill
 from propd.decoding.tree import TreeMethod
 from propd.models.decoder import Decoder
+from propd.models.graphs import step_inputs
 from propd.training.features import cache_features, load_features
 from propd.training.train import evaluate_draft, split_rows, train_draft
 from tests.conftest import tiny_hf_model
 from tests.test_draft import random_draft
+from tests.test_exact import random_tree_with_path
 from tests.test_tree import random_heads, random_tree
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -52,3 +54,29 @@ def test_cuda_features_match_cpu_and_the_draft_trains(tmp_path):
         draft, losses = train_draft(gpu, on_gpu, train_rows, epochs=15, batch_size=4, lr=3e-3, candidate_vocab_size=0)
         assert losses[-1] < 0.7 * losses[0]
         assert len(evaluate_draft(gpu, draft, on_gpu, held_rows)["per_depth"]) == 5
+
+
+def test_cuda_graphs_replay_what_the_eager_layers_compute():
+    """Graph replays (captured once per shape, then fed new tokens, slots and paths) against the same
+    step's layers run op by op on a second cache: bitwise, AR steps and trees of several sizes."""
+    rng = random.Random(0)
+    dec = Decoder.from_hf(tiny_hf_model("qwen2", seed=4)).to("cuda")
+    prompts = [[rng.randrange(1, 96) for _ in range(n)] for n in (5, 40, 17)]
+    with torch.device("cuda"), torch.inference_mode():
+        caches = [dec.new_cache(3, 120) for _ in range(2)]
+        for cache in caches:
+            prefill(dec, cache, prompts)
+        for step in range(10):
+            ancestors = random_tree_with_path(rng, [9, 12, 5, 16, 7][step // 2], 3)[0] if step % 2 else None
+            tokens = torch.randint(0, 96, (3, 1 if ancestors is None else len(ancestors)))
+            out = []
+            for cache, eager in zip(caches, (True, False)):
+                layout = cache.chain(1) if ancestors is None else cache.tree(ancestors)
+                if eager:
+                    x = dec.embed(tokens)
+                    out.append(dec.graphed.layers(step_inputs(x, dec.rope[layout.positions], layout, cache), cache, 0, dec.args.n_layers)[:, : x.shape[1]])
+                else:
+                    out.append(dec.extend(tokens, layout, cache))
+                cache.advance(torch.ones(3, dtype=torch.long))
+            assert torch.equal(*out), step
+        assert len(dec.graphed.graphs) == 3  # AR, trees padded to 8 and to 16 tokens: each captured once, replayed since

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from propd.decoding.loop import prefill
-from propd.models import attention, native, pointwise
+from propd.models import attention, graphs, native, pointwise
 from propd.models.decoder import Decoder
 from propd.models.kernels import Linear, Route, choose_route, is_row_invariant, measure_route
 from propd.models.kv_cache import path_slots
@@ -34,8 +34,8 @@ def ar_logits(dec: Decoder, prompt: list[int], tokens: list[int]) -> list[torch.
     prefill(dec, cache, [prompt])
     out = []
     for t in tokens:
-        out.append(dec.logits(dec.extend(torch.tensor([[t]]), cache.chain(1), cache))[0, 0])
-        cache.advance(torch.ones(1, dtype=torch.long))
+        out.append(dec.logits(dec.extend(torch.tensor([[t]], device=dec.device), cache.chain(1), cache))[0, 0])
+        cache.advance(torch.ones(1, dtype=torch.long, device=dec.device))
     return out
 
 
@@ -59,7 +59,7 @@ def tree_logits_equal_ar(dec: Decoder, rng: random.Random, prompts: list[list[in
     logits of every node on a root-to-leaf path with AR's at that position, bitwise."""
     ancestors, path = random_tree_with_path(rng, size, depth)
     vocab = dec.args.vocab_size
-    tokens = torch.randint(0, vocab, (len(prompts), size), generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
+    tokens = torch.randint(0, vocab, (len(prompts), size), generator=torch.Generator().manual_seed(rng.randrange(1 << 30))).to(dec.device)
     cache = dec.new_cache(len(prompts), max(map(len, prompts)) + size + 1)
     prefill(dec, cache, prompts)
     logits = dec.logits(dec.extend(tokens, cache.tree(ancestors), cache))
@@ -79,6 +79,36 @@ def test_tree_logits_equal_ar_logits_bitwise_on_random_trees_and_batches(kernel,
     prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(1, 300))] for _ in range(batch)]  # contexts of 1-10 attention blocks
     with kernels_by(kernel):
         tree_logits_equal_ar(dec, rng, prompts, size, depth)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), size=st.integers(1, 40), depth=st.integers(1, 7))
+def test_what_a_cuda_graph_replays_changes_no_bit(seed, batch, size, depth):
+    """A graph's step (``graphs.step_inputs``: tokens padded to a power of two, the whole cache
+    scored, paths padded, the recent window as wide as the deepest path could need) gives every
+    token bitwise the hidden states of the eager step, for AR-style chains and trees over ragged
+    caches, whole and as a late-layer range."""
+    rng = random.Random(seed)
+    dec = Decoder.from_hf(TINY, Route.parse("float32-torch-pad8"))
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(1, 120))] for _ in range(batch)]
+    ancestors, _ = random_tree_with_path(rng, size, depth)
+    tokens = torch.randint(0, 96, (batch, size), generator=torch.Generator().manual_seed(seed))
+    replayed = graphs.GraphedLayers(dec._layer)
+    with kernels_by("torch"), torch.inference_mode():
+        for tree, start in ((ancestors, 0), (None, 0), (ancestors, 1)):
+            out = []
+            for as_graph in (True, False):  # each on its own cache: either's writes could hide the other's
+                cache = dec.new_cache(batch, max(map(len, prompts)) + size + 1)
+                prefill(dec, cache, prompts)
+                layout = cache.chain(size) if tree is None else cache.tree(tree)
+                x = dec.forward_layers(dec.embed(tokens), layout, cache, 0, start)
+                if as_graph:
+                    inputs = graphs.step_inputs(x, dec.rope[layout.positions], layout, cache)
+                    assert inputs[0].shape[1] == 1 << (size - 1).bit_length()
+                    out.append(replayed.layers(inputs, cache, start, 2)[:, :size])
+                else:
+                    out.append(dec.forward_layers(x, layout, cache, start))
+            assert torch.equal(*out)
 
 
 @pytest.mark.skipif(KERNELS == ["torch"], reason="no C compiler: no C kernels")

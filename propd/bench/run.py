@@ -52,6 +52,7 @@ def machine_facts(model: Propd) -> dict:
         "route": model.route.name,
         "exact": model.route.exact,
         "device": device_name(model.device),
+        "cuda_graphs": model.decoder.graphed is not None,
     }
 
 

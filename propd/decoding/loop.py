@@ -300,7 +300,7 @@ def prefill_chunks(decoder: Decoder, cache: KVCache, prompts: list[list[int]]) -
     last = torch.empty(B, decoder.args.dim, device=cache.device)
     for start in range(0, T, PREFILL_CHUNK):
         chunk = tokens[:, start : start + PREFILL_CHUNK]
-        hidden = decoder.extend(chunk, cache.chain(chunk.shape[1]), cache)
+        hidden = decoder.extend(chunk, cache.chain(chunk.shape[1]), cache, eager=True)
         cache.advance(torch.full((B,), chunk.shape[1], device=cache.device))
         ends_here = (lengths > start) & (lengths <= start + chunk.shape[1])
         last[ends_here] = hidden[ends_here, lengths[ends_here] - 1 - start]

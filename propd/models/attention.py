@@ -42,10 +42,15 @@ class Plan:
     path: torch.Tensor  # [B, T, D] long
     n_kv_heads: int
     max_len: int  # the cache's slots per row
+    fixed_sizes: bool = False  # the tensor version's sizes from shapes alone, never from values (a CUDA graph replays them)
 
     @functools.cached_property
     def blocked(self) -> "Blocked":
-        return _blocked_chain(self.inplace) if self.path.shape[-1] == 0 else _blocked_path(self.inplace, self.path, self.n_kv_heads, self.max_len)
+        if self.path.shape[-1] == 0:
+            return _blocked_chain(self.inplace, self.max_len if self.fixed_sizes else round_up(int(self.inplace.max())))
+        if self.fixed_sizes:
+            return _blocked_path(self.inplace, self.path, self.n_kv_heads, self.max_len, self.max_len, round_up(BLOCK - 1 + self.path.shape[-1]))
+        return _blocked_path(self.inplace, self.path, self.n_kv_heads, self.max_len)
 
 
 @dataclass
@@ -57,7 +62,6 @@ class Blocked:
     recent_slots: torch.Tensor | None = None  # [B, 1, T, 1, R] long: slot holding position start + r on the query's path
     recent_valid: torch.Tensor | None = None  # [B, 1, T, 1, R] 0 where that position is on the path, else -inf
     recent_rows: torch.Tensor | None = None  # [B * KV * T * R] those slots as rows of the cache flattened to [B * KV * S, hd + 1]
-    recent_block: torch.Tensor | None = None  # [B, 1, R / BLOCK, T, 1, 1] index of each recent block among all blocks: start / BLOCK + r
 
 
 def round_up(n: int) -> int:
@@ -81,34 +85,34 @@ def path_plan(base: torch.Tensor, path_slots: torch.Tensor, n_kv_heads: int, max
     return Plan(base.contiguous(), path_slots.contiguous(), n_kv_heads, max_len)
 
 
-def _blocked_chain(seen: torch.Tensor) -> Blocked:
-    """Queries seeing slots [0, seen) [B, T]: slots are positions throughout, so every block is read in place."""
-    width = round_up(int(seen.max()))
+def _blocked_chain(seen: torch.Tensor, width: int) -> Blocked:
+    """Queries seeing slots [0, seen) [B, T] of the first ``width``: slots are positions throughout,
+    so every block is read in place."""
     shared = torch.arange(width, device=seen.device) < seen.unsqueeze(-1)  # [B, T, Cs]
     return Blocked(width, _bias(shared[:, None, :, None]))
 
 
-def _blocked_path(base: torch.Tensor, path_slots: torch.Tensor, n_kv_heads: int, max_len: int) -> Blocked:
-    """The in-place region extends R columns past the last in-place block, all masked, so that it
-    has an (empty) block wherever a query's recent blocks go."""
+def _blocked_path(base: torch.Tensor, path_slots: torch.Tensor, n_kv_heads: int, max_len: int, width: int | None = None, R: int | None = None) -> Blocked:
+    """Each query reads whole blocks in place up to its last block start <= base, then a window of R
+    positions from there gathered from its path. ``width`` (in-place columns) and R: the least that
+    holds every query where not given (read from the values)."""
     B, T, D = path_slots.shape
     device = base.device
     start = base // BLOCK * BLOCK  # [B, T] first position not read in place
     path_len = (path_slots >= 0).sum(-1)  # [B, T]
-    R = round_up(int((base - start + path_len).max()))
-    width = int(start.max()) + R
+    R = round_up(int((base - start + path_len).max())) if R is None else R
+    width = max(int(start.max()), BLOCK) if width is None else width
     shared = torch.arange(width, device=device) < start.unsqueeze(-1)  # [B, T, Cs]
     pos = start.unsqueeze(-1) + torch.arange(R, device=device)  # [B, T, R] positions in the recent window
     offset = pos - base.unsqueeze(-1)  # < 0: committed; else index into the path
     on_path = path_slots.gather(2, offset.clamp(0, D - 1))
     slots = torch.where(offset < 0, pos, on_path)
     valid = (offset < path_len.unsqueeze(-1)) & (slots >= 0)
-    slots = slots.clamp(min=0)
-    span = max(width, int(slots.max()) + 1)
+    slots = slots.clamp(0, max_len - 1)
+    span = max_len if width == max_len else max(width, int(slots.max()) + 1)
     heads = torch.arange(B * n_kv_heads, device=device).view(B, n_kv_heads, 1) * max_len
     rows = (heads + slots.view(B, 1, T * R)).flatten()
-    block = (start // BLOCK).view(B, 1, 1, T, 1, 1) + torch.arange(R // BLOCK, device=device).view(1, 1, -1, 1, 1, 1)
-    return Blocked(span, _bias(shared[:, None, :, None]), slots[:, None, :, None], _bias(valid[:, None, :, None]), rows, block)
+    return Blocked(span, _bias(shared[:, None, :, None]), slots[:, None, :, None], _bias(valid[:, None, :, None]), rows)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, exact: bool = True) -> torch.Tensor:
@@ -161,8 +165,8 @@ def blocked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         with serial(exact):
             weights = torch.exp(recent - top).unflatten(-1, (-1, BLOCK)).transpose(3, 4)  # [B, KV, T, blocks, g, BLOCK]
         gathered = values.reshape(B * KV * S, hd + 1).index_select(0, plan.recent_rows).view(B, KV, T, R // BLOCK, BLOCK, hd + 1)
-        recent_sums = (weights @ gathered).transpose(2, 3)  # [B, KV, blocks, T, g, hd + 1]
-        sums.scatter_add_(2, plan.recent_block.expand_as(recent_sums), recent_sums)  # into the query's empty blocks after its in-place ones
+        # After every in-place block: those past the query's own are empty, and adding an exact zero changes no sum.
+        sums = torch.cat([sums, (weights @ gathered).transpose(2, 3)], dim=2)  # [B, KV, blocks, T, g, hd + 1]
     # In position order, by a sequential scan: ``sum`` picks its reduction order by the whole
     # tensor's shape (measured: a row's sum changes with the number of queries beside it).
     total = sums.cumsum(2)[:, :, -1]

@@ -21,9 +21,10 @@ from functools import cached_property
 
 import torch
 
-from propd.models import native, pointwise
+from propd.models import graphs, native, pointwise
 from propd.models.attention import attention
 from propd.models.fused import FusedLayers
+from propd.models.graphs import GraphedLayers
 from propd.models.kernels import Linear, Route, autograd_route
 from propd.models.kv_cache import KVCache, Layout
 
@@ -127,6 +128,11 @@ class Decoder:
             return None
         return FusedLayers(self.args, self.layers, self.products, lib)
 
+    @cached_property
+    def graphed(self) -> GraphedLayers | None:
+        """The layers as replayed CUDA graphs (``graphs``), on a GPU unless ``PROPD_CUDA_GRAPHS=0``."""
+        return GraphedLayers(self._layer) if graphs.enabled(self.device) else None
+
     def linear(self, weight: torch.Tensor) -> Linear:
         """Another product [out, in] by this decoder's route (heads' projections)."""
         return Linear(weight, self.route)
@@ -210,20 +216,24 @@ class Decoder:
         cores to our kernels (``native.own_cores``)."""
         return native.own_cores() if self.route.kernel == "amx" else nullcontext()
 
-    def forward_layers(self, x: torch.Tensor, layout: Layout, cache: KVCache, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def forward_layers(self, x: torch.Tensor, layout: Layout, cache: KVCache, start: int = 0, end: int | None = None, eager: bool = False) -> torch.Tensor:
         """Run layers [start, end) over new tokens x [B, T, dim] laid out by ``layout``, writing their
-        K/V into ``cache`` (committed later by ``cache.keep`` / ``advance``)."""
+        K/V into ``cache`` (committed later by ``cache.keep`` / ``advance``). ``eager``: no CUDA graph
+        (a prompt's prefill: every length would be captured anew)."""
         end = self.args.n_layers if end is None else end
         rope = self.rope[layout.positions]  # [B, T, hd / 2]
-        if self.fused is not None and not (x.requires_grad and torch.is_grad_enabled()):
+        recording = x.requires_grad and torch.is_grad_enabled()
+        if self.fused is not None and not recording:
             return self.fused.run(x, rope, layout, cache, start, end)
+        if self.graphed is not None and not (recording or eager) and x.shape[0] * x.shape[1] <= graphs.MAX_TOKENS:
+            return self.graphed.run(x, rope, layout, cache, start, end)
         for i in range(start, end):
             x = self._layer(i, x, rope, layout, cache)
         return x
 
-    def extend(self, tokens: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
+    def extend(self, tokens: torch.Tensor, layout: Layout, cache: KVCache, eager: bool = False) -> torch.Tensor:
         """All layers over new tokens [B, T] laid out by ``layout``: their last hidden states [B, T, dim]."""
-        return self.forward_layers(self.embed(tokens), layout, cache)
+        return self.forward_layers(self.embed(tokens), layout, cache, eager=eager)
 
     def _layer(self, i: int, x: torch.Tensor, rope: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
         a, layer = self.args, self.layers[i]

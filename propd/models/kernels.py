@@ -198,7 +198,7 @@ def is_row_invariant(route: Route, weight: torch.Tensor, max_rows: int, elements
     counts = sorted({2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 24, max_rows - 1, max_rows} & set(range(1, max_rows + 1)))
     trials = min(32, -(-elements // (max_rows * weight.shape[0]))) if route.dtype == torch.bfloat16 else 1
     for _ in range(trials):
-        x = torch.randn(max_rows, weight.shape[1], generator=gen)
+        x = torch.randn(max_rows, weight.shape[1], generator=gen).to(weight.device)
         full = lin(x)
         if not all(torch.equal(lin(x[r : r + 1]), full[r : r + 1]) for r in range(max_rows)):
             return False

@@ -44,6 +44,11 @@ class KVCache:
     def device(self) -> torch.device:
         return self.kv.device
 
+    @property
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensors a step reads and writes in place by address (what a CUDA graph keeps alive)."""
+        return self.kv, self._rows
+
     def chain(self, T: int) -> Layout:
         """T new tokens after each row's cache, each seeing the cache and the new tokens before it."""
         slots = self.lengths.unsqueeze(1) + torch.arange(T, device=self.device)
