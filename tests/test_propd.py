@@ -64,13 +64,20 @@ def test_chooser_explores_small_trees_then_picks_ar_when_trees_cost_and_grows_tr
             assert len(retries) == 2 and retries[0] < 40 and retries[1] - retries[0] >= 64 and set(chosen[3:]) == {1, 2}, chosen
 
 
-def test_a_new_bucket_starts_from_a_near_batch_size_and_explores_after_a_far_one():
+def test_a_new_bucket_starts_from_a_smaller_or_near_batch_and_its_seeded_costs_follow_its_own():
     chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
-    for size in (1, 2, 4):
-        chooser.latency.observe((8, 0), size, 0.02 + 0.001 * size)
+    for size, seconds in ((1, 0.02), (2, 0.04), (4, 0.06)):  # trees do not pay at batch 4
+        chooser.latency.observe((4, 0), size, seconds)
+    assert chooser.choose(8, 100).size == 1  # batch 8 after batch 4: they are not explored
+    assert chooser.latency.measured((8, 0)) == [1, 2, 4]
+    chooser.latency.observe((8, 0), 1, 0.04)  # AR costs twice batch 4's here: so do the trees, until measured here
+    assert chooser.latency.buckets[(8, 0)][4].seconds == pytest.approx(0.12)
+    chooser.latency.observe((8, 0), 4, 0.15)
+    assert chooser.latency.buckets[(8, 0)][2].seconds == pytest.approx(0.08 * 0.15 / 0.12)
+    assert chooser.choose(8, 100).size == 1
     chooser.choose(7, 100)  # a row left the batch: its costs are batch 8's
     assert chooser.latency.measured((7, 0)) == [1, 2, 4]
-    assert chooser.choose(4, 100).size == chooser.explore[0] and chooser.latency.measured((4, 0)) == []
+    assert chooser.choose(2, 100).size == chooser.explore[0] and chooser.latency.measured((2, 0)) == []  # only larger batches: explores
 
 
 def test_draft_scores_pick_a_parent_closed_prefix_as_large_as_pays_and_learn_their_calibration():

@@ -65,6 +65,7 @@ class _SizeStats:
     seconds: float  # moving average of step time at this size
     weight: float  # how much it counts, decaying with age
     step: int  # when it was last measured
+    seeded: bool = False  # taken from another bucket, not yet measured in this one
 
 
 @dataclass
@@ -80,6 +81,11 @@ class LatencyModel:
         self.steps += 1
         sizes = self.buckets.setdefault(key, {})
         s = sizes.get(size)
+        if s is not None and s.seeded:  # the first of this size here: the other seeded sizes follow it in proportion
+            scale = seconds / s.seconds
+            for other in sizes.values():
+                other.seconds *= scale if other.seeded else 1.0
+            s.seeded = False
         if s is None:
             sizes[size] = _SizeStats(seconds, 1.0, self.steps)
         else:
@@ -92,7 +98,7 @@ class LatencyModel:
 
     def seed(self, key: tuple[int, int], source: tuple[int, int]) -> None:
         """Start a bucket from another's measurements, at half their weight."""
-        self.buckets[key] = {n: _SizeStats(s.seconds, 0.5 * self._decayed(s), self.steps) for n, s in self.buckets[source].items()}
+        self.buckets[key] = {n: _SizeStats(s.seconds, 0.5 * self._decayed(s), self.steps, seeded=True) for n, s in self.buckets[source].items()}
 
     def measured(self, key: tuple[int, int]) -> list[int]:
         return sorted(self.buckets.get(key, {}))
@@ -154,12 +160,14 @@ class TreeChooser:
 
     def choose(self, batch_size: int, context: int) -> TokenTree:
         """A new bucket starts from the nearest measured one of about its batch size (rows leaving a
-        batch, a context growing past a bucket); one of another batch size explores afresh (seeded
-        from batch 4, batch 8 took trees that cost it twice what they cost there)."""
+        batch, a context growing past a bucket) or of a smaller one, its seeded costs scaled to its
+        own as it measures them (``LatencyModel.observe``): more rows make a tree cost more beside
+        AR, never less, so a tree that did not pay there is not tried here before its turn, and
+        one that did is tried and measured. After only larger batches it explores afresh."""
         key = (batch_size, context // CONTEXT_BUCKET)
         if not self.latency.measured(key):
             near = max(1, batch_size // 4)
-            fitted = [k for k in self.latency.buckets if self.latency.line(k) is not None and abs(k[0] - batch_size) <= near]
+            fitted = [k for k in self.latency.buckets if self.latency.line(k) is not None and k[0] - batch_size <= near]
             if fitted:
                 self.latency.seed(key, min(fitted, key=lambda k: (abs(k[0] - key[0]), abs(k[1] - key[1]))))
         unexplored = [n for n in self.explore if self.tree(n)[0].size not in self.latency.measured(key)]
