@@ -82,7 +82,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default="draft", choices=["draft", "medusa", "model"],
                    help="what fills propd's trees: the draft layer, the Medusa heads or the --draft-model")
     p.add_argument("--heads", default="default", help="heads / draft layer: 'default' (shipped for the default model) or a directory")
-    p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, chainN or a JSON file of rank paths")
+    p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, bestN, bestNdD (at most D deep), chainN or a JSON file of rank paths")
     p.add_argument("--draft-model", help="spec, propd --drafter model: the model that drafts (a named model, HF directory or .gguf sharing the tokenizer), "
                    "e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)

@@ -200,7 +200,7 @@ class Propd:
     ) -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
         ``bpd`` (chain of each head's top-1), ``draft`` (the draft layer fills a static tree,
-        default mc_sim_7b_63) or ``propd`` (a tree chosen every step, filled by ``drafter``: the
+        default best8d2: 8 tokens, 2 levels of drafting passes) or ``propd`` (a tree chosen every step, filled by ``drafter``: the
         draft layer, the Medusa heads or ``model``, the ``draft_model``; ``prune``: early pruning by the early head's top
         ``prune_top_k``, sparing the drafter's ``prune_keep_ranks`` best guesses; ``dynamic``
         False: the static ``tree`` every step, default best16; ``draft_scores`` False: the draft
@@ -230,7 +230,7 @@ class Propd:
                 return self._spec(draft_model, load_tree(tree or "chain4"))
             if name == "draft":
                 d = self.load_draft(heads)
-                t = load_tree(tree or "mc_sim_7b_63", d.meta.get("rank_probabilities"))
+                t = load_tree(tree or "best8d2", d.meta.get("rank_probabilities"))
                 if t.size < 2:
                     raise PropdError(f"tree {tree!r} holds only the root: the draft needs nodes to fill (use --method ar for plain decoding)")
                 return DraftMethod(d, t)

@@ -63,8 +63,13 @@ def test_best_tree_holds_the_most_probable_paths_and_beats_other_trees_of_its_si
         other = random_tree(rng, nodes=5, depth=3, width=3)
         assert expected_accepted(other, rank_probabilities) <= expected_accepted(tree, rank_probabilities) + 1e-12
     assert load_tree("best6", rank_probabilities).paths == tree.paths
+    shallow = load_tree("best6d1", rank_probabilities)  # at most 1 deep: the three first-level guesses alone
+    assert shallow.depth == 1 and set(shallow.paths) == {(0,), (1,), (2,)}
+    assert set(load_tree("best6d2", rank_probabilities).paths) == set(tree.paths)
     with pytest.raises(PropdError, match="acceptance statistics"):
         load_tree("best6")
+    with pytest.raises(PropdError, match="at least 1 deep"):
+        load_tree("best6d0", rank_probabilities)
 
 
 def test_walk_follows_longest_correct_path_and_offsets_pack_it():
