@@ -53,7 +53,8 @@ def check_method_args(args: argparse.Namespace) -> None:
     if args.method == "propd" and args.tree and args.dynamic:
         ignored.append("--tree")
     if args.method != "propd":
-        switches = (("--prune", args.prune is not None), ("--no-dynamic", not args.dynamic), ("--no-draft-scores", not args.draft_scores))
+        switches = (("--prune", args.prune is not None), ("--no-dynamic", not args.dynamic), ("--no-draft-scores", not args.draft_scores),
+                    ("--max-depth", args.max_depth is not None))
         ignored += [o for o, set_ in switches if set_]
     if args.method != "propd" and args.drafter != "draft":
         ignored.append("--drafter")
@@ -98,6 +99,8 @@ def add_propd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-keep-ranks", type=non_negative_int, default=0, help="propd: never prune the drafter's best N guesses at a node")
     p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
                    help="propd: choose the tree every step (default); --no-dynamic keeps --tree (default best16) every step")
+    p.add_argument("--max-depth", type=positive_int, help="propd: the deepest tree it builds (default 2 with the draft layer, whose every "
+                   "level costs a drafting pass; every depth of the heads' statistics otherwise)")
     p.add_argument("--draft-scores", action=argparse.BooleanOptionalAction, default=True,
                    help="propd with the draft layer: its own path probabilities pick which drafted nodes to verify (default); "
                         "--no-draft-scores: the rank statistics' best tree")
@@ -112,7 +115,7 @@ def load_model_and_method(args: argparse.Namespace):
     prune = PRUNE_BY_DEFAULT if args.prune is None else args.prune
     return model, model.method(
         args.method, args.tree, args.heads, args.drafter, prune, args.dynamic, args.prune_top_k, args.prune_keep_ranks, args.draft_scores,
-        args.draft_model,
+        args.draft_model, args.max_depth,
     )
 
 

@@ -34,6 +34,7 @@ METHODS = ("ar", "bpd", "medusa", "draft", "propd", "spec")
 DRAFTERS = ("draft", "medusa", "model")
 DEFAULT_HEADS = Path(__file__).parent / "heads" / "default"
 PRUNE_BY_DEFAULT = False  # the shipped early head rules out too many accepted tokens to pay (README: ProPD, early pruning)
+DRAFT_DEPTH = 2  # propd's trees with the draft layer: each level it drafts costs a pass (README: ProPD, depth)
 
 
 @dataclass
@@ -196,7 +197,7 @@ class Propd:
     def method(
         self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads | DraftHead = "default", drafter: str = "draft",
         prune: bool = PRUNE_BY_DEFAULT, dynamic: bool = True, prune_top_k: int = 10, prune_keep_ranks: int = 0, draft_scores: bool = True,
-        draft_model: "str | os.PathLike | Propd | None" = None,
+        draft_model: "str | os.PathLike | Propd | None" = None, max_depth: int | None = None,
     ) -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
         ``bpd`` (chain of each head's top-1), ``draft`` (the draft layer fills a static tree,
@@ -204,7 +205,9 @@ class Propd:
         draft layer, the Medusa heads or ``model``, the ``draft_model``; ``prune``: early pruning by the early head's top
         ``prune_top_k``, sparing the drafter's ``prune_keep_ranks`` best guesses; ``dynamic``
         False: the static ``tree`` every step, default best16; ``draft_scores`` False: the draft
-        layer fills the rank statistics' best tree instead of its own most probable nodes); ``spec``:
+        layer fills the rank statistics' best tree instead of its own most probable nodes;
+        ``max_depth``: its trees' depth limit, default ``DRAFT_DEPTH`` with the draft layer and
+        every depth of the statistics otherwise); ``spec``:
         ``draft_model`` (a name, directory, .gguf or loaded ``Propd`` sharing the tokenizer) fills
         a static tree (default chain4) with its own top-k guesses."""
         with self.on_device():
@@ -225,7 +228,8 @@ class Propd:
                     static = load_tree(tree or "best16", stats) if not dynamic else load_tree("chain1")
                     inner = DraftMethod(d, static) if drafter == "draft" else TreeMethod(d, static)
                 pruner = Pruner(self.load_early_head(heads), prune_top_k, prune_keep_ranks) if prune else None
-                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats)) if dynamic else None, pruner, draft_scores)
+                depth = max_depth or (DRAFT_DEPTH if drafter == "draft" else len(stats))
+                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats[:depth])) if dynamic else None, pruner, draft_scores)
             if name == "spec":
                 return self._spec(draft_model, load_tree(tree or "chain4"))
             if name == "draft":

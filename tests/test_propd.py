@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from propd.bench.run import _build as build_method
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import generate_batch
@@ -173,3 +174,14 @@ def test_default_model_propd_equals_ar_batch_1_and_4(default_model):
         assert [g.token_ids for g in got] == want, (drafter, bs, prune, dynamic)
         if prune:
             assert sum(sum(g.stats.step_late_tokens) for g in got) < sum(sum(g.stats.step_tree_tokens) for g in got)
+
+
+def test_propd_trees_are_two_deep_with_the_draft_layer_unless_asked(default_model):
+    """Each level the draft layer drafts costs a pass (README: ProPD, depth): its trees stay 2
+    deep; ``max_depth`` (``--max-depth``, bench ``+depthN``) and the Medusa heads, which guess every
+    depth at once, take more."""
+    assert len(default_model.method("propd").chooser.acceptance.p) == 2
+    assert len(default_model.method("propd", max_depth=4).chooser.acceptance.p) == 4
+    heads = default_model.load_heads("default")
+    assert len(default_model.method("propd", drafter="medusa").chooser.acceptance.p) == len(heads.meta["rank_probabilities"])
+    assert len(build_method(default_model, "propd+depth3+ranks", None, "default").chooser.acceptance.p) == 3

@@ -131,7 +131,7 @@ def run_bench(
 def _build(model: Propd, spec: str, default_tree: str | None, heads, draft_model: str | None = None):
     """``medusa@top16`` names a method with its own tree (a bare name takes ``--tree``);
     ``propd@medusa`` / ``propd@model`` (the ``--draft-model``) names propd's drafter (default the draft layer); ``+prune[K][rR]``,
-    ``+noprune``, ``+static[TREE]`` and ``+ranks`` (no draft scores) set propd's mechanisms
+    ``+noprune``, ``+static[TREE]``, ``+ranks`` (no draft scores) and ``+depthN`` (trees at most N deep) set propd's mechanisms
     (``propd+static+prune``: prune-only)."""
     head, *switches = spec.split("+")
     name, _, suffix = head.partition("@")
@@ -149,8 +149,10 @@ def _build(model: Propd, spec: str, default_tree: str | None, heads, draft_model
             options.update(dynamic=False, tree=switch[6:] or None)
         elif switch == "ranks":
             options["draft_scores"] = False
+        elif match := re.fullmatch(r"depth(\d+)", switch):
+            options["max_depth"] = int(match[1])
         else:
-            raise PropdError(f"{spec!r}: unknown switch +{switch}; use +prune[K], +noprune, +static[TREE], +ranks")
+            raise PropdError(f"{spec!r}: unknown switch +{switch}; use +prune[K], +noprune, +static[TREE], +ranks, +depthN")
     return model.method(name, heads=heads, draft_model=draft_model, **options)
 
 
