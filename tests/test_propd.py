@@ -71,10 +71,11 @@ def test_a_new_bucket_starts_from_a_smaller_or_near_batch_and_its_seeded_costs_f
         chooser.latency.observe((4, 0), size, seconds)
     assert chooser.choose(8, 100).size == 1  # batch 8 after batch 4: they are not explored
     assert chooser.latency.measured((8, 0)) == [1, 2, 4]
-    chooser.latency.observe((8, 0), 1, 0.04)  # AR costs twice batch 4's here: so do the trees, until measured here
-    assert chooser.latency.buckets[(8, 0)][4].seconds == pytest.approx(0.12)
+    assert chooser.latency.buckets[(8, 0)][4].seconds == pytest.approx(0.02 + 2 * 0.04)  # a tree's cost past AR's, times the rows' ratio
+    chooser.latency.observe((8, 0), 1, 0.04)  # AR costs twice batch 4's here: so do the seeded trees, until measured here
+    assert chooser.latency.buckets[(8, 0)][4].seconds == pytest.approx(0.20)
     chooser.latency.observe((8, 0), 4, 0.15)
-    assert chooser.latency.buckets[(8, 0)][2].seconds == pytest.approx(0.08 * 0.15 / 0.12)
+    assert chooser.latency.buckets[(8, 0)][2].seconds == pytest.approx(0.12 * 0.15 / 0.20)
     assert chooser.choose(8, 100).size == 1
     chooser.choose(7, 100)  # a row left the batch: its costs are batch 8's
     assert chooser.latency.measured((7, 0)) == [1, 2, 4]

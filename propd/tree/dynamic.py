@@ -97,8 +97,15 @@ class LatencyModel:
         return s.weight * 0.5 ** ((self.steps - s.step) / self.half_life)
 
     def seed(self, key: tuple[int, int], source: tuple[int, int]) -> None:
-        """Start a bucket from another's measurements, at half their weight."""
-        self.buckets[key] = {n: _SizeStats(s.seconds, 0.5 * self._decayed(s), self.steps, seeded=True) for n, s in self.buckets[source].items()}
+        """Start a bucket from another's measurements, at half their weight. From fewer rows, a
+        tree's cost beyond AR's is scaled up by the ratio of rows (what it costs where every row's
+        tokens cost their own compute: a pessimistic start, which errs toward AR)."""
+        src = self.buckets[source]
+        ar = src[1].seconds if 1 in src else 0.0
+        rows = max(1.0, key[0] / source[0])
+        self.buckets[key] = {
+            n: _SizeStats(s.seconds if n == 1 else ar + (s.seconds - ar) * rows, 0.5 * self._decayed(s), self.steps, seeded=True) for n, s in src.items()
+        }
 
     def measured(self, key: tuple[int, int]) -> list[int]:
         return sorted(self.buckets.get(key, {}))
