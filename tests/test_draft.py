@@ -159,3 +159,11 @@ def test_calibration_records_both_predictions_of_every_node_and_stays_lossless()
         assert 0 <= r["brier"] <= 1 and sum(b["nodes"] for b in r["bins"]) == len(record.nodes)
     perfect = summary(Calibration([(1.0, 0.0, True), (0.0, 1.0, False)], [(2.0, 2.0, 2)]))["predictors"]
     assert perfect["rank statistics"]["brier"] == 0 and perfect["draft path probability"]["brier"] == 1
+
+
+def test_a_batch_start_packs_what_the_draft_reads_so_the_first_tree_step_is_not_timed_with_it():
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=1))
+    draft = random_draft(dec.args, 0, candidates=40)
+    assert draft._fc is None and draft._packed is None
+    generate_batch(dec, DraftMethod(draft, chain(2)), [[1, 2, 3]], 1, {0})  # the root token only: no step runs
+    assert draft._fc is not None and draft._packed is not None

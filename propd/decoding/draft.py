@@ -106,6 +106,7 @@ class DraftMethod:
         normed = decoder.final_norm(hidden)
         roots = picker.next_tokens(decoder, normed)
         pending = (normed.float().unsqueeze(1), roots.unsqueeze(1), torch.ones(len(roots), dtype=torch.long, device=roots.device))
+        self.draft.prepare(decoder)
         return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.max_len), [pending])
 
     @torch.no_grad()
