@@ -24,7 +24,6 @@ import torch
 from propd.models import graphs, native, pointwise
 from propd.models.attention import attention
 from propd.models.fused import FusedLayers
-from propd.models.graphs import GraphedLayers
 from propd.models.kernels import Linear, Route, autograd_route
 from propd.models.kv_cache import KVCache, Layout
 
@@ -129,9 +128,9 @@ class Decoder:
         return FusedLayers(self.args, self.layers, self.products, lib)
 
     @cached_property
-    def graphed(self) -> GraphedLayers | None:
+    def graphed(self) -> graphs.GraphedLayers | None:
         """The layers as replayed CUDA graphs (``graphs``), on a GPU unless ``PROPD_CUDA_GRAPHS=0``."""
-        return GraphedLayers(self._layer) if graphs.enabled(self.device) else None
+        return graphs.GraphedLayers(self._layer) if graphs.enabled(self.device) else None
 
     def linear(self, weight: torch.Tensor) -> Linear:
         """Another product [out, in] by this decoder's route (heads' projections)."""
