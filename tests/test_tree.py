@@ -11,7 +11,7 @@ from propd.decoding.tree import TreeMethod, accepted_offsets, walk
 from propd.errors import PropdError
 from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder
-from propd.tree.tree import TokenTree, best_tree, chain, expected_accepted, load_tree
+from propd.tree.tree import TokenTree, best_tree, chain, check_tree_spec, expected_accepted, load_tree
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 
 
@@ -70,6 +70,9 @@ def test_best_tree_holds_the_most_probable_paths_and_beats_other_trees_of_its_si
         load_tree("best6")
     with pytest.raises(PropdError, match="at least 1 deep"):
         load_tree("best6d0", rank_probabilities)
+    check_tree_spec("best8d2")  # the CLI's early check knows the depth suffix
+    with pytest.raises(PropdError, match="at least 1 deep"):
+        check_tree_spec("best8d0")
 
 
 def test_walk_follows_longest_correct_path_and_offsets_pack_it():

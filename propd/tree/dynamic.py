@@ -84,7 +84,8 @@ class LatencyModel:
         if s is not None and s.seeded:  # the first of this size here: the other seeded sizes follow it in proportion
             scale = seconds / s.seconds
             for other in sizes.values():
-                other.seconds *= scale if other.seeded else 1.0
+                if other.seeded:
+                    other.seconds *= scale
             s.seeded = False
         if s is None:
             sizes[size] = _SizeStats(seconds, 1.0, self.steps)

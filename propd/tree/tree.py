@@ -148,14 +148,12 @@ def load_tree(spec: str, rank_probabilities: list[list[float]] | None = None) ->
     ``bestN`` is the N-token tree that ``best_tree`` builds from the heads' rank_probabilities, and
     ``bestNdD`` the same at most D deep (a drafter that fills a tree level by level, as the draft
     layer does, pays one pass per level: measured, 8 tokens 2 deep beat 8 tokens 5 deep)."""
-    best = re.fullmatch(r"best(\d+)(?:d(\d+))?", spec)
+    best = _best_spec(spec)
     if best:
         if not rank_probabilities:
             raise PropdError(f"tree {spec!r} is built from the heads' acceptance statistics, and these heads have none")
-        depth = int(best[2] or len(rank_probabilities))
-        if depth < 1:
-            raise PropdError(f"tree {spec!r}: a tree is at least 1 deep")
-        return best_tree(rank_probabilities[:depth], int(best[1]))
+        size, depth = best
+        return best_tree(rank_probabilities[: depth or len(rank_probabilities)], size)
     if spec == "mc_sim_7b_63":
         return TokenTree.from_paths(medusa_paths(spec))
     if spec.startswith("top") and spec[3:].isdigit():
@@ -182,12 +180,21 @@ def read_paths(path: Path) -> list[list[int]]:
     return paths
 
 
+def _best_spec(spec: str) -> tuple[int, int | None] | None:
+    """(size, depth limit or None) of a ``bestN`` / ``bestNdD`` name; None for other names."""
+    best = re.fullmatch(r"best(\d+)(?:d(\d+))?", spec)
+    if best is None:
+        return None
+    if best[2] is not None and int(best[2]) < 1:
+        raise PropdError(f"tree {spec!r}: a tree is at least 1 deep")
+    return int(best[1]), None if best[2] is None else int(best[2])
+
+
 def check_tree_spec(spec: str, root_only_ok: bool = True) -> None:
-    """Fail before any work when ``spec`` names no tree (bestN is checked for its size only: its
-    statistics come with the heads). ``root_only_ok`` False: the tree must hold a node past the root."""
-    if spec.startswith("best") and spec[4:].isdigit():
-        size = int(spec[4:])
-    else:
-        size = load_tree(spec).size
+    """Fail before any work when ``spec`` names no tree (bestN / bestNdD are checked for their size
+    and depth only: their statistics come with the heads). ``root_only_ok`` False: the tree must
+    hold a node past the root."""
+    best = _best_spec(spec)
+    size = best[0] if best else load_tree(spec).size
     if size < 1 or (size == 1 and not root_only_ok):
         raise PropdError(f"tree {spec!r} holds {'no' if size < 1 else 'only the root and no'} nodes to verify: use a larger one")
