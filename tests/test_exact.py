@@ -21,6 +21,7 @@ TINY = tiny_hf_model("llama", seed=5, layers=2)
 ROUTES = [r for r in (Route.parse(n) for n in ("float32-torch-pad8", "bfloat16-onednn", "bfloat16-torch", "bfloat16-amx"))
           if measure_route(r, Decoder.from_hf(TINY).args.product_shapes(), rows=(1,)).get("exact")]
 KERNELS = ["c", "torch"] if native.native_kernel() is not None else ["torch"]  # attention, norms, RoPE, SiLU: the C kernels or tensor ops
+AMX = native.native_kernel() is not None and bool(native.native_kernel().amx_ready())  # the amx route exists here, exact or broken
 
 
 def kernels_by(kernel: str):
@@ -175,7 +176,21 @@ def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family):
         assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not any(r.kernel == "amx" for r in ROUTES), reason="no AMX route here")
+@pytest.mark.skipif(not AMX, reason="no AMX here")
+@pytest.mark.parametrize("out_features", [16, 48, 1000, 1030])  # whole groups of 4 blocks, 3 blocks, tails of 2 and 1, a partial block
+def test_amx_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_features):
+    torch.manual_seed(out_features)
+    weight = torch.randn(out_features, 96)
+    lin = Linear(weight, Route.parse("bfloat16-amx"))
+    x = torch.randn(32, 96)
+    alone = torch.cat([lin(x[i : i + 1]) for i in range(32)])
+    for rows in (2, 15, 16, 17, 31, 32):
+        assert torch.equal(lin(x[:rows]), alone[:rows]), rows
+        assert torch.equal(lin(x[32 - rows :]), alone[32 - rows :]), rows
+    torch.testing.assert_close(alone, x.bfloat16().float() @ weight.bfloat16().float().T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX here")
 def test_amx_argmax_picks_what_the_products_argmax_picks_ties_included():
     torch.manual_seed(0)
     weight = torch.randn(1000, 64)

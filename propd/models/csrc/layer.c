@@ -7,11 +7,25 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pool.h"
 #include "vec.h"
 
 void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps);
 void rope(float *x, const float *cs, int64_t tokens, int64_t heads, int64_t stride, int64_t hd);
 void silu_mul(const void *gu, void *result, int64_t rows, int64_t inter, int bf16);
+
+typedef struct {
+    const float *gu;
+    float *act;
+    int64_t rows, inter;
+} SiluJob;
+
+/* SiLU(gate) * up a row at a time on the pool: each row is computed alone, so who takes it changes no
+   value (32 rows: 1.5 ms of a 27 ms step on one thread). */
+static void silu_rows(void *arg) {
+    const SiluJob *j = arg;
+    for (int64_t r; (r = pool_take(1)) < j->rows;) silu_mul(j->gu + r * 2 * j->inter, j->act + r * j->inter, 1, j->inter, 0);
+}
 int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads);
 int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path,
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
@@ -75,7 +89,8 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
         add(x, out, M * dim);
         rms_norm(x, w->mlp_norm, normed, M, dim, s->eps);
         status |= product(normed, w->gate_up, gu, M, 2 * s->inter, dim, s->threads);
-        silu_mul(gu, act, M, s->inter, 0);
+        SiluJob silu = {gu, act, M, s->inter};
+        pool_run(silu_rows, &silu, M >= 4 ? s->threads : 1);
         status |= product(act, w->down, out, M, dim, s->inter, s->threads);
         add(x, out, M * dim);
     }

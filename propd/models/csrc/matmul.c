@@ -4,8 +4,8 @@
    each block of 32 inputs, one 16 x 64-byte tile (row r holds inputs 2r and 2r + 1 of every output).
    A call converts x (fp32, up to 32 rows) to bf16 rows padded to 32 and, for every block of 16
    outputs, adds tile products over the input blocks in order into two fp32 tiles of 16 rows. A row's
-   result depends on its own inputs and the weights alone: the same instructions in the same order
-   for 1 row or 32 (a padded tile costs what a full one does, and a product of up to 32 rows reads
+   result depends on its own inputs and the weights alone: every output is the same chain of tile
+   products in the same order for 1 row or 32 (a padded tile costs what a full one does, and a product of up to 32 rows reads
    the weights once, so a tree step's products cost about what an AR step's do).
 
    Output blocks are shared out a few at a time between the calling thread and the workers of
@@ -42,41 +42,92 @@ typedef struct {
     int64_t M, N, K, blocks;
 } Job;
 
-/* Output blocks taken CHUNK at a time until none is left. Tiles 0, 1: sums for rows 0-15 and 16-31;
-   2, 3: those rows' inputs; 4: weights. */
+/* Writes block nb's sums (rows 0-15 in sums[0], 16-31 in sums[1]) to y, or folds them into the
+   largest output per row of the chunk that starts at block ``first``. A whole block goes as one
+   vector per row: a call to memcpy per row took a third of a 32-row product. */
+static void finish_block(const Job *j, int64_t nb, int64_t first, float sums[2][16 * 16]) {
+    int64_t n0 = nb * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16;
+    for (int64_t r = 0; r < j->M && j->y; ++r) {
+        if (cols == 16) store(j->y + r * j->N + n0, load(sums[r / 16] + (r % 16) * 16));
+        else memcpy(j->y + r * j->N + n0, sums[r / 16] + (r % 16) * 16, cols * sizeof(float));
+    }
+    for (int64_t r = 0; r < j->M && !j->y; ++r) {
+        const float *row = sums[r / 16] + (r % 16) * 16;
+        float *top = j->top + first / CHUNK * j->M + r;
+        int64_t *at = j->at + first / CHUNK * j->M + r;
+        for (int64_t c = 0; c < cols; ++c)
+            if ((nb == first && c == 0) || row[c] > *top) *top = row[c], *at = n0 + c;
+    }
+}
+
+#define WEIGHTS(nb, kb) (j->w + ((nb) * kblocks + (kb)) * 512)
+#define INPUTS(half, kb) (j->a + (half) * 16 * K + (kb) * 32)
+
+/* Output blocks taken CHUNK at a time until none is left. Every output is the same chain of tile
+   products over the input blocks in order, started from zero; only how many independent chains
+   share the tiles changes with the row count: up to 16 rows, four blocks at once (sums in tiles
+   0-3, inputs in 4, weights in 5 and 6); up to 32 rows, two blocks of both row halves (sums 0-3,
+   inputs 4 and 5, weights 6 and 7). An inputs' tile then serves several weight tiles, and several
+   weight streams come from memory at once (30 layers' 3072 x 576 products on the Intel Xeon with
+   AMX, 2 threads: 1 row 170 -> 150 us each, 32 rows 262 -> 222 us). */
 static void take_blocks(void *arg) {
     const Job *j = arg;
     TileConfig config = {.palette = 1};
-    for (int t = 0; t < 5; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
+    for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
     _tile_loadconfig(&config);
     int64_t K = j->K, kblocks = K / 32;
-    float sums[2][16 * 16];
-    for (int64_t first; (first = pool_take(CHUNK)) < j->blocks;)
-        for (int64_t nb = first; nb < first + CHUNK && nb < j->blocks; ++nb) {
-            const uint16_t *w = j->w + nb * kblocks * 512;
-            _tile_zero(0);
-            if (j->M > 16) _tile_zero(1);
-            for (int64_t kb = 0; kb < kblocks; ++kb) {
-                _tile_loadd(4, w + kb * 512, 64);
-                _tile_loadd(2, j->a + kb * 32, K * 2);
-                _tile_dpbf16ps(0, 2, 4);
-                if (j->M > 16) {
-                    _tile_loadd(3, j->a + 16 * K + kb * 32, K * 2);
-                    _tile_dpbf16ps(1, 3, 4);
+    float sums[4][2][16 * 16];
+    for (int64_t first; (first = pool_take(CHUNK)) < j->blocks;) {
+        int64_t last = first + CHUNK < j->blocks ? first + CHUNK : j->blocks;
+        for (int64_t nb = first; nb < last;) {
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            if (j->M <= 16 && last - nb == 4) {
+                for (int64_t kb = 0; kb < kblocks; ++kb) {
+                    _tile_loadd(4, INPUTS(0, kb), K * 2);
+                    _tile_loadd(5, WEIGHTS(nb, kb), 64); _tile_dpbf16ps(0, 4, 5);
+                    _tile_loadd(6, WEIGHTS(nb + 1, kb), 64); _tile_dpbf16ps(1, 4, 6);
+                    _tile_loadd(5, WEIGHTS(nb + 2, kb), 64); _tile_dpbf16ps(2, 4, 5);
+                    _tile_loadd(6, WEIGHTS(nb + 3, kb), 64); _tile_dpbf16ps(3, 4, 6);
                 }
-            }
-            _tile_stored(0, sums[0], 64);
-            if (j->M > 16) _tile_stored(1, sums[1], 64);
-            int64_t n0 = nb * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16;
-            for (int64_t r = 0; r < j->M && j->y; ++r) memcpy(j->y + r * j->N + n0, sums[r / 16] + (r % 16) * 16, cols * sizeof(float));
-            for (int64_t r = 0; r < j->M && !j->y; ++r) {
-                const float *row = sums[r / 16] + (r % 16) * 16;
-                float *top = j->top + first / CHUNK * j->M + r;
-                int64_t *at = j->at + first / CHUNK * j->M + r;
-                for (int64_t c = 0; c < cols; ++c)
-                    if ((nb == first && c == 0) || row[c] > *top) *top = row[c], *at = n0 + c;
+                _tile_stored(0, sums[0][0], 64); _tile_stored(1, sums[1][0], 64);
+                _tile_stored(2, sums[2][0], 64); _tile_stored(3, sums[3][0], 64);
+                for (int b = 0; b < 4; ++b) finish_block(j, nb + b, first, sums[b]);
+                nb += 4;
+            } else if (last - nb >= 2) {
+                for (int64_t kb = 0; kb < kblocks; ++kb) {
+                    _tile_loadd(4, INPUTS(0, kb), K * 2);
+                    _tile_loadd(5, INPUTS(1, kb), K * 2);
+                    _tile_loadd(6, WEIGHTS(nb, kb), 64);
+                    _tile_loadd(7, WEIGHTS(nb + 1, kb), 64);
+                    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+                    if (j->M > 16) {
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, sums[0][0], 64); _tile_stored(1, sums[1][0], 64);
+                if (j->M > 16) {
+                    _tile_stored(2, sums[0][1], 64);
+                    _tile_stored(3, sums[1][1], 64);
+                }
+                finish_block(j, nb, first, sums[0]);
+                finish_block(j, nb + 1, first, sums[1]);
+                nb += 2;
+            } else {
+                for (int64_t kb = 0; kb < kblocks; ++kb) {
+                    _tile_loadd(4, INPUTS(0, kb), K * 2);
+                    _tile_loadd(5, INPUTS(1, kb), K * 2);
+                    _tile_loadd(6, WEIGHTS(nb, kb), 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if (j->M > 16) _tile_dpbf16ps(2, 5, 6);
+                }
+                _tile_stored(0, sums[0][0], 64);
+                if (j->M > 16) _tile_stored(2, sums[0][1], 64);
+                finish_block(j, nb, first, sums[0]);
+                nb += 1;
             }
         }
+    }
     _tile_release();
 }
 
