@@ -42,21 +42,39 @@ typedef struct {
     int64_t M, N, K, blocks;
 } Job;
 
-/* Writes block nb's sums (rows 0-15 in sums[0], 16-31 in sums[1]) to y, or folds them into the
-   largest output per row of the chunk that starts at block ``first``. A whole block goes as one
-   vector per row: a call to memcpy per row took a third of a 32-row product. */
-static void finish_block(const Job *j, int64_t nb, int64_t first, float sums[2][16 * 16]) {
+/* A chunk's largest output per row so far, lane by lane (lane l: the block columns n0 + l), and
+   where it is: vectors, where a comparison per column took a third of an 8-row argmax. */
+typedef struct {
+    vf top[32];
+    vi at[32];
+} Best;
+
+/* Writes block nb's sums (rows 0-15 in sums[0], 16-31 in sums[1]) to y, or folds them into ``best``
+   (restarted at the chunk's first block). A lane takes a later column only when it is larger, so
+   each lane keeps the first of its equal ones. */
+static void finish_block(const Job *j, int64_t nb, int64_t first, float sums[2][16 * 16], Best *best) {
     int64_t n0 = nb * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16;
-    for (int64_t r = 0; r < j->M && j->y; ++r) {
-        if (cols == 16) store(j->y + r * j->N + n0, load(sums[r / 16] + (r % 16) * 16));
-        else memcpy(j->y + r * j->N + n0, sums[r / 16] + (r % 16) * 16, cols * sizeof(float));
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int64_t r = 0; r < j->M; ++r) {
+        vf row = load(sums[r / 16] + (r % 16) * 16);
+        if (j->y && cols == 16) store(j->y + r * j->N + n0, row);
+        else if (j->y) memcpy(j->y + r * j->N + n0, &row, cols * sizeof(float));
+        else {
+            vi mine = (lane < (vi){0} + (int32_t)cols) & (nb == first ? (vi){0} - 1 : row > best->top[r]);
+            best->top[r] = pick(mine, row, nb == first ? splat(-INFINITY) : best->top[r]);
+            best->at[r] = (vi)pick(mine, (vf)(lane + (int32_t)n0), (vf)(nb == first ? (vi){0} + INT32_MAX : best->at[r]));
+        }
     }
-    for (int64_t r = 0; r < j->M && !j->y; ++r) {
-        const float *row = sums[r / 16] + (r % 16) * 16;
+}
+
+/* The largest of ``best``'s lanes per row, the first column of equal ones, as the chunk's result. */
+static void finish_chunk(const Job *j, int64_t first, const Best *best) {
+    for (int64_t r = 0; r < j->M; ++r) {
         float *top = j->top + first / CHUNK * j->M + r;
         int64_t *at = j->at + first / CHUNK * j->M + r;
-        for (int64_t c = 0; c < cols; ++c)
-            if ((nb == first && c == 0) || row[c] > *top) *top = row[c], *at = n0 + c;
+        *top = -INFINITY, *at = -1;
+        for (int l = 0; l < 16; ++l)
+            if (*at < 0 || best->top[r][l] > *top || (best->top[r][l] == *top && best->at[r][l] < *at)) *top = best->top[r][l], *at = best->at[r][l];
     }
 }
 
@@ -77,6 +95,7 @@ static void take_blocks(void *arg) {
     _tile_loadconfig(&config);
     int64_t K = j->K, kblocks = K / 32;
     float sums[4][2][16 * 16];
+    Best best;
     for (int64_t first; (first = pool_take(CHUNK)) < j->blocks;) {
         int64_t last = first + CHUNK < j->blocks ? first + CHUNK : j->blocks;
         for (int64_t nb = first; nb < last;) {
@@ -91,7 +110,7 @@ static void take_blocks(void *arg) {
                 }
                 _tile_stored(0, sums[0][0], 64); _tile_stored(1, sums[1][0], 64);
                 _tile_stored(2, sums[2][0], 64); _tile_stored(3, sums[3][0], 64);
-                for (int b = 0; b < 4; ++b) finish_block(j, nb + b, first, sums[b]);
+                for (int b = 0; b < 4; ++b) finish_block(j, nb + b, first, sums[b], &best);
                 nb += 4;
             } else if (last - nb >= 2) {
                 for (int64_t kb = 0; kb < kblocks; ++kb) {
@@ -110,8 +129,8 @@ static void take_blocks(void *arg) {
                     _tile_stored(2, sums[0][1], 64);
                     _tile_stored(3, sums[1][1], 64);
                 }
-                finish_block(j, nb, first, sums[0]);
-                finish_block(j, nb + 1, first, sums[1]);
+                finish_block(j, nb, first, sums[0], &best);
+                finish_block(j, nb + 1, first, sums[1], &best);
                 nb += 2;
             } else {
                 for (int64_t kb = 0; kb < kblocks; ++kb) {
@@ -123,10 +142,11 @@ static void take_blocks(void *arg) {
                 }
                 _tile_stored(0, sums[0][0], 64);
                 if (j->M > 16) _tile_stored(2, sums[0][1], 64);
-                finish_block(j, nb, first, sums[0]);
+                finish_block(j, nb, first, sums[0], &best);
                 nb += 1;
             }
         }
+        if (!j->y) finish_chunk(j, first, &best);
     }
     _tile_release();
 }
