@@ -71,15 +71,53 @@ def test_a_new_bucket_starts_from_a_smaller_or_near_batch_and_its_seeded_costs_f
         chooser.latency.observe((4, 0), size, seconds)
     assert chooser.choose(8, 100).size == 1  # batch 8 after batch 4: they are not explored
     assert chooser.latency.measured((8, 0)) == [1, 2, 4]
-    assert chooser.latency.buckets[(8, 0)][4].seconds == pytest.approx(0.02 + 2 * 0.04)  # a tree's cost past AR's, times the rows' ratio
+    seeded4, seeded2 = 0.02 + 0.04 * 2**0.5, 0.02 + 0.02 * 2**0.5  # a tree's cost past AR's, times the root of the rows' ratio
+    assert chooser.latency.buckets[(8, 0)][4].seconds == pytest.approx(seeded4)
     chooser.latency.observe((8, 0), 1, 0.04)  # AR costs twice batch 4's here: so do the seeded trees, until measured here
-    assert chooser.latency.buckets[(8, 0)][4].seconds == pytest.approx(0.20)
+    assert chooser.latency.buckets[(8, 0)][4].seconds == pytest.approx(2 * seeded4)
     chooser.latency.observe((8, 0), 4, 0.15)
-    assert chooser.latency.buckets[(8, 0)][2].seconds == pytest.approx(0.12 * 0.15 / 0.20)
+    assert chooser.latency.buckets[(8, 0)][2].seconds == pytest.approx(2 * seeded2 * 0.15 / (2 * seeded4))
     assert chooser.choose(8, 100).size == 1
     chooser.choose(7, 100)  # a row left the batch: its costs are batch 8's
     assert chooser.latency.measured((7, 0)) == [1, 2, 4]
     assert chooser.choose(2, 100).size == chooser.explore[0] and chooser.latency.measured((2, 0)) == []  # only larger batches: explores
+
+
+def test_ar_is_charged_what_the_drafter_reads_after_it_and_drafts_no_deeper_than_the_tree():
+    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
+    for size, seconds in ((2, 0.03), (4, 0.042), (1, 0.02)):
+        chooser.latency.observe((1, 0), size, seconds)
+    assert chooser.choose(1, 100).size == 1  # trees buy 1.6-2.1 tokens for 1.5-2.1x AR's time: not enough
+    chooser.charge_ar(1, 100, 0.005)  # but each AR step left the drafter 5 ms of reading
+    assert chooser.choose(1, 100).size > 1
+    tree = chooser.tree(4)[0]
+    drafted = chooser.candidates(chooser.tree(2)[0])  # 1.5x the chosen size, as deep as the chosen tree
+    assert (drafted.size, drafted.depth) == (3, 1) and tree.depth == 2
+
+
+class ScriptedChooser(TreeChooser):
+    """Tree sizes in a fixed order (then 3 every step)."""
+
+    def __init__(self, script: list[int]):
+        super().__init__(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 3))
+        self.script = iter(script)
+
+    def choose(self, batch_size, context):
+        tree, self.expected = self.tree(next(self.script, 3))
+        return tree
+
+
+@pytest.mark.parametrize("seed", [1, 5])
+def test_the_draft_reads_what_ar_steps_left_before_the_next_tree_and_stays_lossless(seed):
+    rng, dec, prompts, ar = tiny_case(seed)
+    drafter = DraftMethod(random_draft(dec.args, seed), chain(1))
+    read = []
+    catch_up = drafter.catch_up
+    drafter.catch_up = lambda decoder, state: read.append(catch_up(decoder, state)) or read[-1]
+    chooser = ScriptedChooser([3, 1, 1, 3, 1, 3, 3])
+    out = generate_batch(dec, PropdMethod(drafter, chooser, draft_scores=False), prompts, 40, {0})
+    assert [s.token_ids for s in out] == ar
+    assert read[:4] == [0, 2, 1, 0]  # AR steps read at the next tree, all but the newest
 
 
 def test_draft_scores_pick_a_parent_closed_prefix_as_large_as_pays_and_learn_their_calibration():

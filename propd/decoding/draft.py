@@ -110,6 +110,23 @@ class DraftMethod:
         return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.max_len), [pending])
 
     @torch.no_grad()
+    def catch_up(self, decoder: Decoder, state: DraftState) -> int:
+        """Read the entries that AR steps queued, all but the newest step's (which ``propose``
+        reads, for the root's prediction); how many AR steps they came from. ProPD times this apart
+        from the tree that follows and charges it to AR: counted in the tree's time, it made every
+        tree tried after a run of AR steps look slow."""
+        ar_steps = len(state.queued) - 1
+        if ar_steps < 1:
+            return 0
+        newest = state.queued.pop()
+        features, next_tokens, counts = state.pending
+        cache = state.cache
+        self.draft.decoder(decoder).forward_layers(self.draft.inputs(features, next_tokens, decoder), cache.chain(next_tokens.shape[1]), cache)
+        cache.advance(counts)
+        state.queued = [newest]
+        return ar_steps
+
+    @torch.no_grad()
     def propose(
         self, decoder: Decoder, roots: torch.Tensor, state: DraftState, tree: TokenTree | None = None, probs: torch.Tensor | None = None,
     ) -> torch.Tensor:

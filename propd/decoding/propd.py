@@ -49,6 +49,9 @@ class PropdMethod:
         rows, context = cache.batch_size, int(cache.lengths.max())
         tree = self.chooser.choose(rows, context) if self.chooser else self.drafter.tree  # dynamic tree generation
         t = time.perf_counter()
+        if tree.size > 1 and (ar_steps := self.drafter.catch_up(decoder, state)):  # what AR steps left the drafter to read
+            self.chooser.charge_ar(rows, context, (time.perf_counter() - t) / ar_steps)
+            t = time.perf_counter()
         if self.draft_scores and tree.size > 1:  # the draft's own path probabilities pick which drafted nodes to verify
             select = functools.partial(self.chooser.select, rows, context, tree.size)
             result, last, tree = self.drafter.step_scored(decoder, cache, roots, state, picker, self.chooser.candidates(tree), select, self.pruner)

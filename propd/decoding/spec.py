@@ -39,11 +39,13 @@ PRIOR = [[0.75, 0.08, 0.03, 0.02]] * 8
 
 @dataclass
 class SpecState:
-    """The draft model's cache and, per row, the tokens it has yet to read [B, M] (padded) and how many [B]."""
+    """The draft model's cache and, per row, the tokens it has yet to read [B, M] (padded) and how
+    many [B]; ``ar_steps``: AR steps that added to them since it last read."""
 
     cache: KVCache
     pending: torch.Tensor
     counts: torch.Tensor
+    ar_steps: int = 0
 
     def select(self, rows: torch.Tensor) -> None:
         self.cache.select_rows(rows)
@@ -54,6 +56,7 @@ class SpecState:
         width = max(self.pending.shape[1], other.pending.shape[1])
         self.pending = torch.cat([F.pad(self.pending, (0, width - self.pending.shape[1])), F.pad(other.pending, (0, width - other.pending.shape[1]))])
         self.counts = torch.cat([self.counts, other.counts])
+        self.ar_steps = max(self.ar_steps, other.ar_steps)
 
 
 class SpecMethod:
@@ -80,6 +83,19 @@ class SpecMethod:
         draft_cache = self.draft.new_cache(len(prompts), cache.max_len)
         prefill(self.draft, draft_cache, prompts)  # the draft model reads the prompts too
         return roots, SpecState(draft_cache, roots.unsqueeze(1), torch.ones(len(prompts), dtype=torch.long))
+
+    @torch.no_grad()
+    def catch_up(self, decoder: Decoder, state: SpecState) -> int:
+        """Read the tokens that AR steps left, all but each row's newest (which ``propose`` reads,
+        for the root's guesses); how many AR steps they came from (see ``DraftMethod.catch_up``)."""
+        ar_steps, state.ar_steps = state.ar_steps, 0
+        if ar_steps < 1:
+            return 0
+        M = state.pending.shape[1] - 1
+        self.draft.extend(state.pending[:, :M], state.cache.chain(M), state.cache)
+        state.cache.advance(state.counts - 1)
+        state.pending, state.counts = state.pending.gather(1, (state.counts - 1).unsqueeze(1)), torch.ones_like(state.counts)
+        return ar_steps
 
     @torch.no_grad()
     def propose(self, roots: torch.Tensor, state: SpecState, tree: TokenTree) -> torch.Tensor:
@@ -115,8 +131,10 @@ class SpecMethod:
         if root_only:
             state.pending = F.pad(state.pending, (0, 1)).scatter(1, state.counts.unsqueeze(1), v.roots.unsqueeze(1))
             state.counts = state.counts + 1
+            state.ar_steps += 1
         else:  # the draft has read the root: it reads the rest of the accepted path and the new root next
             path = tokens.gather(1, v.offsets)
             state.pending = torch.cat([path[:, 1:], path[:, :1]], dim=1).scatter(1, (v.counts - 1).unsqueeze(1), v.roots.unsqueeze(1))
             state.counts = v.counts
+            state.ar_steps = 0
         return v.result(tokens), v.last_nodes()

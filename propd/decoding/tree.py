@@ -163,6 +163,10 @@ class TreeMethod:
         self.tree_size, self.tree_depth = size, depth
         self.candidate_shape = (max(1, depth), max(1, ranks))
 
+    def catch_up(self, decoder: Decoder, state: TreeState) -> int:
+        """Nothing: the heads read only the last accepted node's state, so AR steps leave them nothing to read."""
+        return 0
+
     def propose(self, decoder: Decoder, normed: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
         """Heads' top-k tokens [B, H, K] from normed hidden states [B, dim] and the roots [B] they produced."""
         return self.heads.top_tokens(normed, roots, decoder, *self.candidate_shape)

@@ -99,11 +99,13 @@ class LatencyModel:
 
     def seed(self, key: tuple[int, int], source: tuple[int, int]) -> None:
         """Start a bucket from another's measurements, at half their weight. From fewer rows, a
-        tree's cost beyond AR's is scaled up by the ratio of rows (what it costs where every row's
-        tokens cost their own compute: a pessimistic start, which errs toward AR)."""
+        tree's cost beyond AR's is scaled up by the square root of the ratio of rows: on the Intel
+        Xeon with AMX it grew 1.7x from batch 1 to 4 and about 2.9x to 8 (products cost the same up
+        to 32 rows, drafting has a fixed part); scaled by the ratio itself, a 2-token tree that
+        paid at batch 4 (1.09x AR) was predicted at 4x its cost and never tried there."""
         src = self.buckets[source]
         ar = src[1].seconds if 1 in src else 0.0
-        rows = max(1.0, key[0] / source[0])
+        rows = max(1.0, key[0] / source[0]) ** 0.5
         self.buckets[key] = {
             n: _SizeStats(s.seconds if n == 1 else ar + (s.seconds - ar) * rows, 0.5 * self._decayed(s), self.steps, seeded=True) for n, s in src.items()
         }
@@ -147,6 +149,8 @@ class TreeChooser:
         self._version = -1_000_000  # the acceptance model's version the trees below were built at
         self._paths: list[tuple[float, tuple[int, ...]]] = []
         self._trees: dict[int, tuple[TokenTree, float]] = {}
+        self._candidates: dict[tuple[int, int], TokenTree] = {}  # (size, depth) -> what to draft
+        self._ar_extra: dict[tuple[int, int], float] = {}  # per bucket: what the drafter's reading after AR steps costs per AR step
         self.expected = 1.0  # accepted tokens per row the last choice expected
         self._tree_retries = 0  # trees measured again since a tree last won a step
         # Draft path probabilities vs what was accepted: decayed sums, started at the over-confidence
@@ -160,7 +164,7 @@ class TreeChooser:
         if self.acceptance.version - self._version >= 32:
             self._version = self.acceptance.version
             self._paths = best_paths(self.acceptance.p, max(self.sizes) - 1)
-            self._trees = {}
+            self._trees, self._candidates = {}, {}
         if size not in self._trees:
             chosen = self._paths[: size - 1]
             self._trees[size] = (TokenTree.from_paths([p for _, p in chosen]), 1.0 + sum(prob for prob, _ in chosen))
@@ -190,6 +194,7 @@ class TreeChooser:
         reach = 2 * max(self.latency.measured(key))
         trees = [self.tree(n) for n in self.sizes if n <= reach]  # (tree, expected accepted tokens)
         seconds = self.latency.predict(key, [tree.size for tree, _ in trees])
+        seconds = [s + self._ar_extra.get(key, 0.0) if tree.size == 1 else s for (tree, _), s in zip(trees, seconds)]
         rates = [expected / s * (self.margin if tree.size == 1 else 1.0) for (tree, expected), s in zip(trees, seconds)]
         tree, self.expected = trees[rates.index(max(rates))]
         if tree.size > 1:
@@ -208,10 +213,24 @@ class TreeChooser:
         wait = self.latency.half_life / 2 * 2 ** min(self._tree_retries, 3)
         return self.explore[0] if trees and max(trees) < self.latency.steps - wait else None
 
+    def charge_ar(self, batch_size: int, context: int, seconds: float) -> None:
+        """Add to AR's cost what the drafter's reading of an AR step's token cost when a tree came
+        (the drafter reads them then, not in the AR steps, which are timed without it)."""
+        key = (batch_size, context // CONTEXT_BUCKET)
+        before = self._ar_extra.get(key)
+        self._ar_extra[key] = seconds if before is None else before + self.latency.rate * (seconds - before)
+
     def candidates(self, tree: TokenTree) -> TokenTree:
         """What to draft when the draft's own path probabilities pick the nodes to verify: the rank
-        statistics' best tree of 1.5 times the chosen size (twice cost more drafting than it gained)."""
-        return self.tree(min(max(self.sizes), tree.size + tree.size // 2))[0]
+        statistics' best tree of 1.5 times the chosen size (twice cost more drafting than it gained),
+        no deeper than the chosen tree, since each level costs a drafting pass (a 2-token tree drafted
+        as 3 tokens 2 deep cost a batch-8 step 29 ms where 1 deep it costs 20)."""
+        size = min(max(self.sizes), tree.size + tree.size // 2)
+        self.tree(size)  # the paths, ranked again if the acceptance model moved
+        if (size, tree.depth) not in self._candidates:
+            shallow = [path for _, path in self._paths if len(path) <= tree.depth]
+            self._candidates[(size, tree.depth)] = TokenTree.from_paths(shallow[: size - 1])
+        return self._candidates[(size, tree.depth)]
 
     def select(self, batch_size: int, context: int, chosen: int, scores: torch.Tensor) -> list[int]:
         """The drafted nodes to verify, from their draft path probabilities [B, N]: the most
