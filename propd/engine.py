@@ -206,8 +206,8 @@ class Propd:
         ``prune_top_k``, sparing the drafter's ``prune_keep_ranks`` best guesses; ``dynamic``
         False: the static ``tree`` every step, default best16; ``draft_scores`` False: the draft
         layer fills the rank statistics' best tree instead of its own most probable nodes;
-        ``max_depth``: its trees' depth limit, default ``DRAFT_DEPTH`` with the draft layer and
-        every depth of the statistics otherwise); ``spec``:
+        ``max_depth``: its trees' depth limit, default ``DRAFT_DEPTH`` with the draft layer (1 from
+        ``WIDE_BATCH`` rows on) and every depth of the statistics otherwise); ``spec``:
         ``draft_model`` (a name, directory, .gguf or loaded ``Propd`` sharing the tokenizer) fills
         a static tree (default chain4) with its own top-k guesses."""
         with self.on_device():
@@ -229,7 +229,8 @@ class Propd:
                     inner = DraftMethod(d, static) if drafter == "draft" else TreeMethod(d, static)
                 pruner = Pruner(self.load_early_head(heads), prune_top_k, prune_keep_ranks) if prune else None
                 depth = max_depth or (DRAFT_DEPTH if drafter == "draft" else len(stats))
-                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats[:depth])) if dynamic else None, pruner, draft_scores)
+                wide_depth = 1 if drafter == "draft" and max_depth is None else None  # each level a drafting pass: see TreeChooser
+                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats[:depth]), wide_depth=wide_depth) if dynamic else None, pruner, draft_scores)
             if name == "spec":
                 return self._spec(draft_model, load_tree(tree or "chain4"))
             if name == "draft":

@@ -95,6 +95,17 @@ def test_ar_is_charged_what_the_drafter_reads_after_it_and_drafts_no_deeper_than
     assert (drafted.size, drafted.depth) == (3, 1) and tree.depth == 2
 
 
+def test_from_four_rows_the_chooser_keeps_its_trees_as_shallow_as_asked():
+    depths = {}
+    for rows in (1, 4):
+        chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), wide_depth=1)
+        for _ in range(2):  # the two small trees it explores first
+            tree = chooser.choose(rows, 100)
+            chooser.latency.observe((rows, 0), tree.size, 0.03)
+        depths[rows] = tree.depth
+    assert depths == {1: 2, 4: 1}
+
+
 class ScriptedChooser(TreeChooser):
     """Tree sizes in a fixed order (then 3 every step)."""
 

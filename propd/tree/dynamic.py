@@ -32,6 +32,7 @@ SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXT_BUCKET = 512  # tokens: a tree's cost is measured separately per bucket of cache length
 DRAFT_DECAY = 0.98  # per step: how fast the draft probabilities' calibration forgets
 DRAFT_PRIOR = 4.0  # drafted probability mass the calibration starts from
+WIDE_BATCH = 4  # rows from which ``TreeChooser.wide_depth`` limits the trees' depth
 
 
 class AcceptanceModel:
@@ -139,8 +140,13 @@ class LatencyModel:
 class TreeChooser:
     """Picks each step's tree from the two models (``choose``) and learns from the step (``observe``)."""
 
-    def __init__(self, acceptance: AcceptanceModel, latency: LatencyModel | None = None, sizes: tuple[int, ...] = SIZES, margin: float = 1.1):
+    def __init__(self, acceptance: AcceptanceModel, latency: LatencyModel | None = None, sizes: tuple[int, ...] = SIZES, margin: float = 1.1,
+                 wide_depth: int | None = None):
         self.acceptance = acceptance
+        # Trees at most this deep from WIDE_BATCH rows on (None: as deep as the acceptance model goes). With the
+        # draft layer each level is a drafting pass, and a batch's pass costs more per row kept waiting: on the
+        # Intel Xeon with AMX, 1 deep gave 1.08x AR at batch 4 where 2 deep gave 1.00x (1.29x and 1.36x at batch 1).
+        self.wide_depth = wide_depth
         self.margin = margin  # a tree must promise this many times AR's tokens per second: estimates are noisy, the best-looking one is biased up
         self.latency = latency or LatencyModel()
         self.sizes = tuple(sorted(sizes))
@@ -148,7 +154,7 @@ class TreeChooser:
         self.explore = [*sorted({self.sizes[1], self.sizes[min(3, len(self.sizes) - 1)]}), self.sizes[0]]
         self._version = -1_000_000  # the acceptance model's version the trees below were built at
         self._paths: list[tuple[float, tuple[int, ...]]] = []
-        self._trees: dict[int, tuple[TokenTree, float]] = {}
+        self._trees: dict[tuple[int, int | None], tuple[TokenTree, float]] = {}  # (size, depth limit) -> tree, expected length
         self._candidates: dict[tuple[int, int], TokenTree] = {}  # (size, depth) -> what to draft
         self._ar_extra: dict[tuple[int, int], float] = {}  # per bucket: what the drafter's reading after AR steps costs per AR step
         self.expected = 1.0  # accepted tokens per row the last choice expected
@@ -158,17 +164,17 @@ class TreeChooser:
         self._draft_mass, self._draft_accepted = DRAFT_PRIOR, 0.8 * DRAFT_PRIOR
         self._drafted_mass: float | None = None
 
-    def tree(self, size: int) -> tuple[TokenTree, float]:
-        """The best tree of ``size`` tokens and its expected accepted length. The most probable
-        paths are ranked again after the acceptance model has moved by a few dozen observations."""
+    def tree(self, size: int, depth: int | None = None) -> tuple[TokenTree, float]:
+        """The best tree of ``size`` tokens (at most ``depth`` deep) and its expected accepted length.
+        The most probable paths are ranked again after the acceptance model has moved by a few dozen observations."""
         if self.acceptance.version - self._version >= 32:
             self._version = self.acceptance.version
             self._paths = best_paths(self.acceptance.p, max(self.sizes) - 1)
             self._trees, self._candidates = {}, {}
-        if size not in self._trees:
-            chosen = self._paths[: size - 1]
-            self._trees[size] = (TokenTree.from_paths([p for _, p in chosen]), 1.0 + sum(prob for prob, _ in chosen))
-        return self._trees[size]
+        if (size, depth) not in self._trees:
+            chosen = [(prob, path) for prob, path in self._paths if depth is None or len(path) <= depth][: size - 1]
+            self._trees[(size, depth)] = (TokenTree.from_paths([p for _, p in chosen]), 1.0 + sum(prob for prob, _ in chosen))
+        return self._trees[(size, depth)]
 
     def choose(self, batch_size: int, context: int) -> TokenTree:
         """A new bucket starts from the nearest measured one of about its batch size (rows leaving a
@@ -177,22 +183,23 @@ class TreeChooser:
         AR, never less, so a tree that did not pay there is not tried here before its turn, and
         one that did is tried and measured. After only larger batches it explores afresh."""
         key = (batch_size, context // CONTEXT_BUCKET)
+        depth = self.wide_depth if batch_size >= WIDE_BATCH else None
         if not self.latency.measured(key):
             near = max(1, batch_size // 4)
             fitted = [k for k in self.latency.buckets if self.latency.line(k) is not None and k[0] - batch_size <= near]
             if fitted:
                 self.latency.seed(key, min(fitted, key=lambda k: (abs(k[0] - key[0]), abs(k[1] - key[1]))))
-        unexplored = [n for n in self.explore if self.tree(n)[0].size not in self.latency.measured(key)]
+        unexplored = [n for n in self.explore if self.tree(n, depth)[0].size not in self.latency.measured(key)]
         if unexplored:
-            tree, self.expected = self.tree(unexplored[0])
+            tree, self.expected = self.tree(unexplored[0], depth)
             return tree
         stale = self._stale(key)
         if stale is not None:
             self._tree_retries += stale > 1
-            tree, self.expected = self.tree(stale)
+            tree, self.expected = self.tree(stale, depth)
             return tree
         reach = 2 * max(self.latency.measured(key))
-        trees = [self.tree(n) for n in self.sizes if n <= reach]  # (tree, expected accepted tokens)
+        trees = [self.tree(n, depth) for n in self.sizes if n <= reach]  # (tree, expected accepted tokens)
         seconds = self.latency.predict(key, [tree.size for tree, _ in trees])
         seconds = [s + self._ar_extra.get(key, 0.0) if tree.size == 1 else s for (tree, _), s in zip(trees, seconds)]
         rates = [expected / s * (self.margin if tree.size == 1 else 1.0) for (tree, expected), s in zip(trees, seconds)]
