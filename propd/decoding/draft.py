@@ -119,12 +119,17 @@ class DraftMethod:
         if ar_steps < 1:
             return 0
         newest = state.queued.pop()
-        features, next_tokens, counts = state.pending
-        cache = state.cache
-        self.draft.decoder(decoder).forward_layers(self.draft.inputs(features, next_tokens, decoder), cache.chain(next_tokens.shape[1]), cache)
-        cache.advance(counts)
+        self._read(decoder, state)
         state.queued = [newest]
         return ar_steps
+
+    def _read(self, decoder: Decoder, state: DraftState) -> torch.Tensor:
+        """The draft reads its queued entries into its cache (committed): its output at each [B, M, dim]."""
+        features, next_tokens, counts = state.pending
+        cache = state.cache
+        out = self.draft.decoder(decoder).forward_layers(self.draft.inputs(features, next_tokens, decoder), cache.chain(next_tokens.shape[1]), cache)
+        cache.advance(counts)
+        return out
 
     @torch.no_grad()
     def propose(
@@ -134,11 +139,9 @@ class DraftMethod:
         draft's probability of each node's token after its parent (``propd calibrate``)."""
         draft, tree = self.draft, tree or self.tree
         dec = draft.decoder(decoder)
-        features, next_tokens, counts = state.pending
-        B, M = next_tokens.shape
-        cache = state.cache
-        out = dec.forward_layers(draft.inputs(features, next_tokens, decoder), cache.chain(M), cache)
-        cache.advance(counts)
+        counts, cache = state.pending[2], state.cache
+        B = len(counts)
+        out = self._read(decoder, state)
 
         N = tree.size
         predicted = torch.zeros(B, N, dec.args.dim)  # each node's predicted feature: its children's guess

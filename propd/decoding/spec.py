@@ -91,19 +91,22 @@ class SpecMethod:
         ar_steps, state.ar_steps = state.ar_steps, 0
         if ar_steps < 1:
             return 0
-        M = state.pending.shape[1] - 1
-        self.draft.extend(state.pending[:, :M], state.cache.chain(M), state.cache)
-        state.cache.advance(state.counts - 1)
+        self._read(state.pending[:, :-1], state.counts - 1, state)
         state.pending, state.counts = state.pending.gather(1, (state.counts - 1).unsqueeze(1)), torch.ones_like(state.counts)
         return ar_steps
+
+    def _read(self, tokens: torch.Tensor, counts: torch.Tensor, state: SpecState) -> torch.Tensor:
+        """The draft model reads tokens [B, M] (padded), committing each row's first ``counts``: its hidden states [B, M, dim]."""
+        out = self.draft.extend(tokens, state.cache.chain(tokens.shape[1]), state.cache)
+        state.cache.advance(counts)
+        return out
 
     @torch.no_grad()
     def propose(self, roots: torch.Tensor, state: SpecState, tree: TokenTree) -> torch.Tensor:
         """Steps 1-2: the tree's tokens [B, N], root first."""
         draft, cache = self.draft, state.cache
-        B, M = state.pending.shape
-        out = draft.extend(state.pending, cache.chain(M), cache)
-        cache.advance(state.counts)
+        B = len(state.counts)
+        out = self._read(state.pending, state.counts, state)
         normed = torch.zeros(B, tree.size, draft.args.dim)  # each expanded node's final hidden state
         normed[:, 0] = draft.final_norm(out[torch.arange(B), state.counts - 1])
         tokens = torch.empty(B, tree.size, dtype=torch.long)

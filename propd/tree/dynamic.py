@@ -155,7 +155,6 @@ class TreeChooser:
         self._version = -1_000_000  # the acceptance model's version the trees below were built at
         self._paths: list[tuple[float, tuple[int, ...]]] = []
         self._trees: dict[tuple[int, int | None], tuple[TokenTree, float]] = {}  # (size, depth limit) -> tree, expected length
-        self._candidates: dict[tuple[int, int], TokenTree] = {}  # (size, depth) -> what to draft
         self._ar_extra: dict[tuple[int, int], float] = {}  # per bucket: what the drafter's reading after AR steps costs per AR step
         self.expected = 1.0  # accepted tokens per row the last choice expected
         self._tree_retries = 0  # trees measured again since a tree last won a step
@@ -170,7 +169,7 @@ class TreeChooser:
         if self.acceptance.version - self._version >= 32:
             self._version = self.acceptance.version
             self._paths = best_paths(self.acceptance.p, max(self.sizes) - 1)
-            self._trees, self._candidates = {}, {}
+            self._trees = {}
         if (size, depth) not in self._trees:
             chosen = [(prob, path) for prob, path in self._paths if depth is None or len(path) <= depth][: size - 1]
             self._trees[(size, depth)] = (TokenTree.from_paths([p for _, p in chosen]), 1.0 + sum(prob for prob, _ in chosen))
@@ -232,12 +231,7 @@ class TreeChooser:
         statistics' best tree of 1.5 times the chosen size (twice cost more drafting than it gained),
         no deeper than the chosen tree, since each level costs a drafting pass (a 2-token tree drafted
         as 3 tokens 2 deep cost a batch-8 step 29 ms where 1 deep it costs 20)."""
-        size = min(max(self.sizes), tree.size + tree.size // 2)
-        self.tree(size)  # the paths, ranked again if the acceptance model moved
-        if (size, tree.depth) not in self._candidates:
-            shallow = [path for _, path in self._paths if len(path) <= tree.depth]
-            self._candidates[(size, tree.depth)] = TokenTree.from_paths(shallow[: size - 1])
-        return self._candidates[(size, tree.depth)]
+        return self.tree(min(max(self.sizes), tree.size + tree.size // 2), tree.depth)[0]
 
     def select(self, batch_size: int, context: int, chosen: int, scores: torch.Tensor) -> list[int]:
         """The drafted nodes to verify, from their draft path probabilities [B, N]: the most
