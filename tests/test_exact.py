@@ -22,6 +22,13 @@ ROUTES = [r for r in (Route.parse(n) for n in ("float32-torch-pad8", "bfloat16-o
           if measure_route(r, Decoder.from_hf(TINY).args.product_shapes(), rows=(1,)).get("exact")]
 KERNELS = ["c", "torch"] if native.native_kernel() is not None else ["torch"]  # attention, norms, RoPE, SiLU: the C kernels or tensor ops
 AMX = native.native_kernel() is not None and bool(native.native_kernel().amx_ready())  # the amx route exists here, exact or broken
+AMX_ATTENTION = AMX and attention.tiles_take(64)
+
+
+def tiled_model(family: str = "llama", seed: int = 5, layers: int = 2):
+    """A tiny model with 64-feature heads (two per K/V head): its caches keep the AMX attention's copy."""
+    hf = tiny_hf_model(family, seed=seed, layers=layers, hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    return Decoder.from_hf(hf, Route.parse("bfloat16-amx"))
 
 
 def kernels_by(kernel: str):
@@ -80,6 +87,55 @@ def test_tree_logits_equal_ar_logits_bitwise_on_random_trees_and_batches(kernel,
     prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(1, 300))] for _ in range(batch)]  # contexts of 1-10 attention blocks
     with kernels_by(kernel):
         tree_logits_equal_ar(dec, rng, prompts, size, depth)
+
+
+@pytest.mark.skipif(not AMX_ATTENTION, reason="no AMX attention here")
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), size=st.integers(1, 40), depth=st.integers(1, 7))
+def test_amx_attention_gives_tree_tokens_ar_logits_bitwise(seed, batch, size, depth):
+    """The AMX attention: contexts of 1-10 blocks, trees crossing block edges, rows of a batch with
+    their own lengths, the copy of committed blocks read by every step after the first."""
+    rng = random.Random(seed)
+    dec = tiled_model()
+    assert dec.new_cache(1, 8).packed is not None
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(1, 300))] for _ in range(batch)]
+    tree_logits_equal_ar(dec, rng, prompts, size, depth)
+
+
+@pytest.mark.skipif(not AMX_ATTENTION, reason="no AMX attention here")
+def test_amx_attention_follows_float_attention_and_its_copy_follows_the_cache():
+    """Close to fp32 attention over bf16-rounded inputs; after a row is cut back and given other
+    tokens, its stale packed blocks are not read (logits as from a fresh cache)."""
+    dec = tiled_model()
+    B, KV, H, hd, S = 2, 2, 4, 64, 200
+    keys, values = torch.randn(2, B, KV, S, hd + 1).unbind(0)
+    keys[..., hd] = values[..., hd] = 1.0
+    q = torch.randn(B, 1, H, hd)
+    lengths = torch.tensor([150, 33])
+    copy = attention.TileCopy(torch.empty(B, KV, S // 32, 32 * hd, dtype=torch.int32), torch.zeros(B, dtype=torch.long), lengths - 1)
+    got = attention._native(native.native_kernel(), q, keys, values, attention.chain_plan(lengths - 1, 1, KV, S), copy)
+    assert copy.ready.tolist() == [4, 1]
+    for b in range(B):
+        k, v = (t[b, :, : lengths[b], :hd].bfloat16().float().repeat_interleave(H // KV, 0) for t in (keys, values))
+        want = torch.softmax(q[b, 0, :, None].bfloat16().float() @ k.transpose(1, 2) * hd**-0.5, -1) @ v
+        torch.testing.assert_close(got[b, 0], want.flatten(), rtol=0, atol=5e-3)
+    prompt, other = list(range(1, 90)), torch.tensor([list(range(40, 70))])
+    one = torch.ones(1, dtype=torch.long)
+    cache = dec.new_cache(1, 128)
+    prefill(dec, cache, [prompt])
+    dec.extend(torch.tensor([[5]]), cache.chain(1), cache)
+    cache.advance(one)
+    assert cache.ready[:, 0].tolist() == [2, 2]
+    cache.truncate(0, 40)
+    assert cache.ready[:, 0].tolist() == [1, 1]
+    fresh = dec.new_cache(1, 128)
+    prefill(dec, fresh, [prompt[:40]])
+    hidden = []
+    for c in (cache, fresh):
+        dec.extend(other, c.chain(30), c)
+        c.advance(30 * one)
+        hidden.append(dec.extend(torch.tensor([[7]]), c.chain(1), c))
+    assert torch.equal(*hidden)
 
 
 @settings(max_examples=20, deadline=None)
@@ -155,12 +211,13 @@ def test_c_pointwise_kernels_agree_with_torch_and_ignore_their_neighbours(dtype)
 
 @pytest.mark.skipif(not any(r.kernel == "amx" for r in ROUTES), reason="no AMX route here: layers run kernel by kernel only")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: with the qkv bias
-def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family):
+@pytest.mark.parametrize("tiled", [False, True])  # 16-feature heads (``attend``), 64 (the AMX attention)
+def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family, tiled):
     """One C call per run of layers gives every hidden state and K/V entry the kernel-by-kernel code
     gives: a random tree over ragged caches, 40 tokens a row (several product calls), and a range of
     layers (what early pruning runs)."""
-    dec = Decoder.from_hf(tiny_hf_model(family, seed=3, layers=3), Route.parse("bfloat16-amx"))
-    assert dec.fused is not None
+    dec = tiled_model(family, seed=3, layers=3) if tiled else Decoder.from_hf(tiny_hf_model(family, seed=3, layers=3), Route.parse("bfloat16-amx"))
+    assert dec.fused is not None and (dec.new_cache(1, 8).packed is not None) == tiled
     rng = random.Random(1)
     ancestors, _ = random_tree_with_path(rng, 40, 6)
     tokens = torch.randint(0, dec.args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))

@@ -306,7 +306,7 @@ def prefill_chunks(decoder: Decoder, cache: KVCache, prompts: list[list[int]]) -
         last[ends_here] = hidden[ends_here, lengths[ends_here] - 1 - start]
         if start + PREFILL_CHUNK < T:
             yield None
-    cache.lengths = lengths
+    cache.cut(lengths)
     yield last
 
 

@@ -115,25 +115,46 @@ def _blocked_path(base: torch.Tensor, path_slots: torch.Tensor, n_kv_heads: int,
     return Blocked(span, _bias(shared[:, None, :, None]), slots[:, None, :, None], _bias(valid[:, None, :, None]), rows)
 
 
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, exact: bool = True) -> torch.Tensor:
+@dataclass
+class TileCopy:
+    """One layer's committed blocks as the AMX attention reads them (``KVCache.packed``)."""
+
+    packed: torch.Tensor  # [B, KV, blocks, BLOCK * hd] int32 (two bf16 each)
+    ready: torch.Tensor  # [B] long: row b's first ready[b] blocks are packed (the kernel raises it)
+    committed: torch.Tensor  # [B] long: the rows' committed lengths
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, exact: bool = True, copy: TileCopy | None = None) -> torch.Tensor:
     """q [B, T, H, hd] (fp32) over one layer's cache entries keys/values [B, KV, S, hd + 1] (the
-    last feature of every entry is 1) -> [B, T, H * hd]: by the C kernel where it runs, else by
-    tensor ops (``blocked_attention``)."""
+    last feature of every entry is 1) -> [B, T, H * hd]: by a C kernel where one runs (with ``copy``:
+    on AMX tiles, in bf16, ``csrc/attention_amx.c``), else by tensor ops (``blocked_attention``)."""
     lib = native.native_kernel() if q.device.type == "cpu" and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128 else None
-    return blocked_attention(q, keys, values, plan, exact) if lib is None else _native(lib, q, keys, values, plan)
+    return blocked_attention(q, keys, values, plan, exact) if lib is None else _native(lib, q, keys, values, plan, copy)
 
 
-def _native(lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan) -> torch.Tensor:
+def tiles_take(head_dim: int) -> bool:
+    """Whether the AMX attention runs heads of this size here."""
+    lib = native.native_kernel()
+    return lib is not None and head_dim in (64, 128) and bool(lib.amx_ready())
+
+
+def _native(lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, copy: TileCopy | None = None) -> torch.Tensor:
     B, T, H, hd = q.shape
     q = q.contiguous()
     out = torch.empty(B, T, H * hd)
     sb, sh, ss, _ = keys.stride()
     max_keys = int(plan.inplace.max()) + plan.path.shape[-1]
     threads = native.threads(B * T * H * max_keys)  # the split changes no result
-    status = lib.attend(
+    args = [
         q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), plan.inplace.data_ptr(), plan.path.data_ptr(),
         B, T, H, keys.shape[1], plan.path.shape[-1], hd, sb, sh, ss, ctypes.c_float(hd**-0.5), max_keys, threads,
-    )
+    ]  # fmt: skip
+    if copy is None:
+        status = lib.attend(*args)
+    else:
+        committed = copy.committed.contiguous()
+        pb, ph = copy.packed.stride()[:2]
+        status = lib.attend_amx(*args, copy.packed.data_ptr(), pb, ph, copy.ready.data_ptr(), committed.data_ptr())
     if status:
         raise MemoryError("attention: out of memory for the scores")
     return out

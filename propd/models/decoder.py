@@ -22,7 +22,7 @@ from functools import cached_property
 import torch
 
 from propd.models import graphs, native, pointwise
-from propd.models.attention import attention
+from propd.models.attention import attention, tiles_take
 from propd.models.fused import FusedLayers
 from propd.models.kernels import Linear, Route, autograd_route
 from propd.models.kv_cache import KVCache, Layout
@@ -192,7 +192,8 @@ class Decoder:
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, batch_size, a.n_kv_heads, max_len, a.head_dim, self.device)
+        tiles = self.route.kernel == "amx" and self.device.type == "cpu" and tiles_take(a.head_dim)
+        return KVCache(a.n_layers, batch_size, a.n_kv_heads, max_len, a.head_dim, self.device, tiles)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings [..., dim] in fp32, the residual stream's dtype."""
@@ -244,5 +245,5 @@ class Decoder:
         heads = pointwise.rotate(h, rope, a.n_heads + a.n_kv_heads, a.head_dim, exact)  # q heads | k heads | v heads, q and k rotated
         q, k, v = heads.split([a.n_heads, a.n_kv_heads, a.n_kv_heads], dim=2)
         keys, values = cache.update(i, layout.slots, torch.stack([k, v], dim=2))
-        x = x + wo(attention(q, keys, values, layout.plan, exact))
+        x = x + wo(attention(q, keys, values, layout.plan, exact, cache.tile_copy(i)))
         return x + down(pointwise.silu_mul(gate_up(pointwise.rms_norm(x, layer.mlp_norm, a.norm_eps)), exact))

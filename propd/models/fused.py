@@ -27,7 +27,9 @@ class _Step(ctypes.Structure):
         ("scale", ctypes.c_float),
         ("kv", ctypes.c_void_p),
         *[(name, ctypes.c_int64) for name in ("s_layer", "s_kv", "s_row", "s_head", "s_slot", "B", "T", "D", "max_keys", "attend_threads")],
-        *[(name, ctypes.c_void_p) for name in ("slots", "n_in", "path", "cs")],
+        *[(name, ctypes.c_void_p) for name in ("slots", "n_in", "path", "cs", "packed")],
+        *[(name, ctypes.c_int64) for name in ("p_layer", "p_row", "p_head")],
+        *[(name, ctypes.c_void_p) for name in ("ready", "committed")],
     ]
 
 
@@ -70,6 +72,10 @@ class FusedLayers:
             kv.data_ptr(), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), kv.stride(4), B, T, path.shape[-1], max_keys,
             native.threads(B * T * a.n_heads * max_keys), slots.data_ptr(), n_in.data_ptr(), path.data_ptr(), cs.data_ptr(),
         )
+        if cache.packed is not None:
+            committed = cache.lengths.contiguous()
+            step.packed, step.ready, step.committed = cache.packed.data_ptr(), cache.ready.data_ptr(), committed.data_ptr()
+            step.p_layer, step.p_row, step.p_head = cache.packed.stride()[:3]
         weights = ctypes.cast(ctypes.addressof(self.weights) + start * ctypes.sizeof(_Weights), ctypes.POINTER(_Weights))
         if self.lib.forward_layers(x.data_ptr(), weights, start, end - start, ctypes.byref(step)):
             raise MemoryError("fused layers: out of memory")

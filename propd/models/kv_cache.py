@@ -6,6 +6,11 @@ feature of every entry is 1: attention multiplies its weights by the values and 
 product, which gives the weights' sum in the same (row-invariant) reduction (see ``attention``).
 Row b's valid entries are slots [0, lengths[b]); new tokens are written at slots >= lengths[b]
 and only become part of the row when ``keep`` (or ``advance``) commits them.
+
+For the AMX attention (``tiles``), the cache also keeps every layer's committed blocks of 32 entries
+converted to the tiles' bf16 layout (``packed``; ``ready[layer, b]`` blocks of row b are), so a step
+reads them in half the bytes and converts only its newest block; lowering a row's length lowers its
+``ready``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from propd.models.attention import BLOCK, Plan, chain_plan, path_plan, round_up
+from propd.models.attention import BLOCK, Plan, TileCopy, chain_plan, path_plan, round_up
 
 
 @dataclass
@@ -27,13 +32,17 @@ class Layout:
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device: torch.device | str | None = None):
+    def __init__(
+        self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device: torch.device | str | None = None, tiles: bool = False
+    ):
         max_len = round_up(max_len) + BLOCK  # attention reads whole blocks, and one more past a tree
         self.kv = torch.zeros(n_layers, 2, batch_size, n_kv_heads, max_len, head_dim + 1, device=device)
         self.kv[..., head_dim] = 1.0
         self.head_dim = head_dim
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.packed = torch.empty(n_layers, batch_size, n_kv_heads, max_len // BLOCK, BLOCK * head_dim, dtype=torch.int32) if tiles else None
+        self.ready = torch.zeros(n_layers, batch_size, dtype=torch.long)
         self._set_rows(batch_size)
 
     @property
@@ -76,6 +85,10 @@ class KVCache:
         self.kv[layer, :, self._rows, :, slots, : self.head_dim] = kv.to(self.kv.dtype)
         return self.kv[layer, 0], self.kv[layer, 1]
 
+    def tile_copy(self, layer: int) -> TileCopy | None:
+        """What the AMX attention reads of this layer besides the entries, where the cache keeps it."""
+        return None if self.packed is None else TileCopy(self.packed[layer], self.ready[layer], self.lengths)
+
     def keep(self, offsets: torch.Tensor, counts: torch.Tensor, layers: slice = slice(None)) -> None:
         """Keep, for every row b, the new entries at slots lengths[b] + offsets[b, :counts[b]], packed in
         order right after the row's committed entries, and commit them. offsets: [B, n], increasing."""
@@ -97,9 +110,16 @@ class KVCache:
 
     def truncate(self, row: int, length: int) -> None:
         self.lengths[row] = min(int(self.lengths[row]), length)
+        self.ready[:, row].clamp_(max=int(self.lengths[row]) // BLOCK)
+
+    def cut(self, lengths: torch.Tensor) -> None:
+        """Lower every row's length to lengths [B] (a right-padded prefill's padding leaves the rows)."""
+        self.lengths = torch.minimum(self.lengths, lengths)
+        self.ready = torch.minimum(self.ready, (self.lengths // BLOCK).cpu())
 
     def reset(self, row: int) -> None:
         self.lengths[row] = 0
+        self.ready[:, row] = 0
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows, increasing indices (finished rows leave the batch). The kept
@@ -109,7 +129,11 @@ class KVCache:
         for i, r in enumerate(rows.tolist()):
             if r != i:
                 self.kv[:, :, i, :, :used] = self.kv[:, :, r, :, :used]
+                if self.packed is not None:
+                    self.packed[:, i, :, : used // BLOCK] = self.packed[:, r, :, : used // BLOCK]
         self.kv = self.kv[:, :, : len(rows)]
+        self.packed = None if self.packed is None else self.packed[:, : len(rows)]
+        self.ready = self.ready[:, rows.cpu()].contiguous()
         self.lengths = self.lengths[rows]
         self._set_rows(len(rows))
 
@@ -123,6 +147,9 @@ class KVCache:
         kv[:, :, :B, :, : self.max_len] = self.kv
         kv[:, :, B:, :, : other.max_len] = other.kv
         self.kv, self.max_len = kv, max_len
+        if self.packed is not None:  # packed anew from the entries by the next step
+            self.packed = torch.empty(kv.shape[0], kv.shape[2], kv.shape[3], max_len // BLOCK, BLOCK * self.head_dim, dtype=torch.int32)
+        self.ready = torch.zeros(kv.shape[0], kv.shape[2], dtype=torch.long)
         self.lengths = torch.cat([self.lengths, other.lengths])
         self._set_rows(self.batch_size)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("attention.c", "pointwise.c", "matmul.c", "layer.c", "pool.c", "pool.h", "vec.h")
+SOURCES = ("attention.c", "attention_amx.c", "pointwise.c", "matmul.c", "layer.c", "pool.c", "pool.h", "vec.h")
 ENV = "PROPD_KERNELS"
 PARALLEL_WORK = 1 << 12  # elements (attention: query heads x keys) above which a call shares its tasks between threads
 
@@ -52,6 +52,8 @@ def native_kernel() -> ctypes.CDLL | None:
         return None
     kernel.attend.restype = ctypes.c_int
     kernel.attend.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
+    kernel.attend_amx.restype = ctypes.c_int
+    kernel.attend_amx.argtypes = kernel.attend.argtypes + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     kernel.rms_norm.restype = None
     kernel.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     kernel.rope.restype = None

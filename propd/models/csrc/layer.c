@@ -1,5 +1,5 @@
 /* A run of decoder layers in one call, for the AMX route: the same kernels the tensor code calls
-   one by one (rms_norm, amx_linear, rope, attend, silu_mul), in the same order on the same values,
+   one by one (rms_norm, amx_linear, rope, attend or attend_amx, silu_mul), in the same order on the same values,
    with the glue between them (bias and residual adds, K/V writes) in plain loops. A step then
    costs its products and attention and nothing else: on the Intel Xeon with AMX, a batch-1 step
    of SmolLM2 spent a third of its time between kernels, in ~15 Python-level ops per layer. Every
@@ -30,6 +30,10 @@ int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N
 int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path,
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
            float scale, int64_t max_keys, int64_t threads);
+int attend_amx(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path,
+               int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
+               float scale, int64_t max_keys, int64_t threads, uint32_t *packed, int64_t pb, int64_t ph, int64_t *ready,
+               const int64_t *committed);
 
 typedef struct {
     const float *attn_norm, *bqkv, *mlp_norm; /* bqkv NULL: no bias */
@@ -46,6 +50,11 @@ typedef struct {
     int64_t B, T, D, max_keys, attend_threads;
     const int64_t *slots, *n_in, *path;
     const float *cs;
+    /* the cache's committed blocks for the AMX attention (``attend_amx``), or packed NULL: ``attend`` */
+    uint32_t *packed;
+    int64_t p_layer, p_row, p_head;
+    int64_t *ready; /* [layers, B] */
+    const int64_t *committed;
 } Step;
 
 /* y [M, N] = x [M, K] W^T, 32 rows per call (what ``Linear`` does for the route's tile). */
@@ -83,8 +92,13 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
                 memcpy(values + at + k * s->s_head, row + (H + KV + k) * hd, sizeof(float) * hd);
             }
         }
-        status |= attend(q, keys, values, att, s->n_in, s->path, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot,
-                         s->scale, s->max_keys, s->attend_threads);
+        if (s->packed)
+            status |= attend_amx(q, keys, values, att, s->n_in, s->path, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot, s->scale,
+                                 s->max_keys, s->attend_threads, s->packed + (first + i) * s->p_layer, s->p_row, s->p_head,
+                                 s->ready + (first + i) * s->B, s->committed);
+        else
+            status |= attend(q, keys, values, att, s->n_in, s->path, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot,
+                             s->scale, s->max_keys, s->attend_threads);
         status |= product(att, w->wo, out, M, dim, H * hd, s->threads);
         add(x, out, M * dim);
         rms_norm(x, w->mlp_norm, normed, M, dim, s->eps);
