@@ -153,17 +153,35 @@ static inline float fold_max(vf x) {
     return x[0] > x[1] ? x[0] : x[1];
 }
 
-/* Query i's online softmax over block j: scores s (its row), weights w (its bf16 row). */
-static void soften(Tile *t, int i, int64_t j, const float *s, uint16_t *w, float scale) {
+/* The online softmax over block j of queries rows[0..3] (scores s, bf16 weights w: rows of 32),
+   four at once: each row is a long chain of dependent steps (a maximum, exponentials, sums), and four
+   independent chains keep the core busy. A row listed twice gets the same values twice. */
+static void soften(Tile *t, const int rows[4], int64_t j, const float *s, uint16_t *w, float scale) {
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    vi seen0 = lane + (int32_t)(KEYS * j) < (int32_t)t->len[i], seen1 = lane + (int32_t)(KEYS * j + 16) < (int32_t)t->len[i];
-    vf a = pick(seen0, load(s) * splat(scale), splat(-INFINITY)), b = pick(seen1, load(s + 16) * splat(scale), splat(-INFINITY));
-    float block = fold_max(pick(a < b, b, a)), top = t->top[i] > block ? t->top[i] : block;
-    vf wa = pick(seen0, vexp(a - splat(top)), splat(0.0f)), wb = pick(seen1, vexp(b - splat(top)), splat(0.0f));
-    t->fix[i] = top == t->top[i] ? 1.0f : vexp(splat(t->top[i] - top))[0]; /* exp(0) is 1 exactly */
-    t->total[i] = t->total[i] * t->fix[i] + fold(wa + wb);
-    t->top[i] = top;
-    _mm512_storeu_si512(w, (__m512i)_mm512_cvtne2ps_pbh((__m512)wb, (__m512)wa));
+    vi seen0[4], seen1[4];
+    vf a[4], b[4], wa[4], wb[4];
+    float top[4], fix[4], total[4];
+    for (int r = 0; r < 4; ++r) {
+        int i = rows[r];
+        seen0[r] = lane + (int32_t)(KEYS * j) < (int32_t)t->len[i], seen1[r] = lane + (int32_t)(KEYS * j + 16) < (int32_t)t->len[i];
+        a[r] = pick(seen0[r], load(s + i * KEYS) * splat(scale), splat(-INFINITY));
+        b[r] = pick(seen1[r], load(s + i * KEYS + 16) * splat(scale), splat(-INFINITY));
+    }
+    for (int r = 0; r < 4; ++r) {
+        float block = fold_max(pick(a[r] < b[r], b[r], a[r]));
+        top[r] = t->top[rows[r]] > block ? t->top[rows[r]] : block;
+    }
+    for (int r = 0; r < 4; ++r) {
+        wa[r] = pick(seen0[r], vexp(a[r] - splat(top[r])), splat(0.0f));
+        wb[r] = pick(seen1[r], vexp(b[r] - splat(top[r])), splat(0.0f));
+        fix[r] = top[r] == t->top[rows[r]] ? 1.0f : vexp(splat(t->top[rows[r]] - top[r]))[0]; /* exp(0) is 1 exactly */
+        total[r] = t->total[rows[r]] * fix[r] + fold(wa[r] + wb[r]);
+    }
+    for (int r = 0; r < 4; ++r) {
+        int i = rows[r];
+        t->fix[i] = fix[r], t->total[i] = total[r], t->top[i] = top[r];
+        _mm512_storeu_si512(w + i * KEYS, (__m512i)_mm512_cvtne2ps_pbh((__m512)wb[r], (__m512)wa[r]));
+    }
 }
 
 /* Query i's weighted values so far, corrected and with block o's added. */
@@ -176,14 +194,17 @@ static void accumulate(Tile *t, int i, const float *o, int64_t hd) {
 static int reads(const Tile *t, int i, int64_t j) { return KEYS * j < t->len[i]; }
 static int in_place(const Tile *t, int i, int64_t j) { return t->len[i] == t->inplace[i] || KEYS * (j + 1) <= t->inplace[i]; }
 
-/* Block j for the tile's queries i in [from, to) with ``mine`` true: scores, softmax, weighted values. */
+/* Block j for the tile's queries i in [from, to) that read it, in place (in_place_rows) or from their paths: scores, softmax, weighted values. */
 static void take(Tile *t, int64_t j, Packed p, int from, int to, int in_place_rows, int64_t hd, float scale, float *s, uint16_t *w, float *o) {
+    int rows[ROWS + 3], n = 0;
+    for (int i = from; i < to; ++i)
+        if (reads(t, i, j) && in_place(t, i, j) == in_place_rows) rows[n++] = i;
+    if (!n) return;
+    for (int r = n; r < n + 3; ++r) rows[r] = rows[n - 1];
     scores(t, hd, p, s);
-    for (int i = from; i < to; ++i)
-        if (reads(t, i, j) && in_place(t, i, j) == in_place_rows) soften(t, i, j, s + i * KEYS, w + i * KEYS, scale);
+    for (int r = 0; r < n; r += 4) soften(t, rows + r, j, s, w, scale);
     weigh(hd, w, p, o);
-    for (int i = from; i < to; ++i)
-        if (reads(t, i, j) && in_place(t, i, j) == in_place_rows) accumulate(t, i, o + i * hd, hd);
+    for (int r = 0; r < n; ++r) accumulate(t, rows[r], o + rows[r] * hd, hd);
 }
 
 static void run(void *arg) {
