@@ -88,6 +88,23 @@ static void transpose16(__m512i r[16]) {
     }
 }
 
+/* exp(x) for x <= 0, to about 2e-7 relative (its weights are rounded to bf16 before they weigh
+   values): 2^n by vscalef after a degree-6 polynomial on [-ln2/2, ln2/2]; below -87, exp(-87). */
+static inline vf exp_nonpositive(vf x) {
+    __m512 v = _mm512_max_ps((__m512)x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), v);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return (vf)_mm512_scalef_ps(y, n);
+}
+
 /* Packs the entries at key[n], value[n] (n < 32; NULL: zeros) as the products read them; with
    ``ahead`` (floats), every key[n] and value[n] is there, and so are the entries ``ahead`` past them. */
 static void pack(const float *const *key, const float *const *value, int64_t hd, Packed p, int64_t ahead) {
@@ -172,9 +189,9 @@ static void soften(Tile *t, const int rows[4], int64_t j, const float *s, uint16
         top[r] = t->top[rows[r]] > block ? t->top[rows[r]] : block;
     }
     for (int r = 0; r < 4; ++r) {
-        wa[r] = pick(seen0[r], vexp(a[r] - splat(top[r])), splat(0.0f));
-        wb[r] = pick(seen1[r], vexp(b[r] - splat(top[r])), splat(0.0f));
-        fix[r] = top[r] == t->top[rows[r]] ? 1.0f : vexp(splat(t->top[rows[r]] - top[r]))[0]; /* exp(0) is 1 exactly */
+        wa[r] = pick(seen0[r], exp_nonpositive(a[r] - splat(top[r])), splat(0.0f));
+        wb[r] = pick(seen1[r], exp_nonpositive(b[r] - splat(top[r])), splat(0.0f));
+        fix[r] = top[r] == t->top[rows[r]] ? 1.0f : exp_nonpositive(splat(t->top[rows[r]] - top[r]))[0]; /* exp(0) is 1 exactly */
         total[r] = t->total[rows[r]] * fix[r] + fold(wa[r] + wb[r]);
     }
     for (int r = 0; r < 4; ++r) {
