@@ -236,6 +236,7 @@ def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family, tiled):
 @pytest.mark.skipif(not AMX, reason="no AMX here")
 @pytest.mark.parametrize("out_features", [16, 48, 1000, 1030])  # whole groups of 4 blocks, 3 blocks, tails of 2 and 1, a partial block
 def test_amx_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_features):
+    """Alone, in calls of 2-32 rows (the paths for up to 16 and up to 32 rows) and in one call of 73."""
     torch.manual_seed(out_features)
     weight = torch.randn(out_features, 96)
     lin = Linear(weight, Route.parse("bfloat16-amx"))
@@ -244,6 +245,8 @@ def test_amx_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_featu
     for rows in (2, 15, 16, 17, 31, 32):
         assert torch.equal(lin(x[:rows]), alone[:rows]), rows
         assert torch.equal(lin(x[32 - rows :]), alone[32 - rows :]), rows
+    many = torch.cat([x.flip(0), x, x[:9]])  # 73 rows in one call: groups of 32, a last one of 9
+    assert torch.equal(lin(many), torch.cat([alone.flip(0), alone, alone[:9]]))
     torch.testing.assert_close(alone, x.bfloat16().float() @ weight.bfloat16().float().T, rtol=1e-4, atol=1e-4)
 
 

@@ -4,7 +4,8 @@ Tree verification multiplies N rows where AR multiplies one; if a kernel's block
 between a matrix-vector and a matrix-matrix routine depends on the row count, a token's logits
 depend on how many tokens share its step and a near-tie can flip the output. A ``Route`` is one
 kernel family at one dtype, called with a fixed row tile: a product of M rows runs as calls of at
-most ``tile`` rows (``pad``: exactly ``tile`` rows, zero-padded), so every row sees one code path.
+most ``tile`` rows (``pad``: exactly ``tile`` rows, zero-padded), so every row sees one code path;
+our ``amx`` kernel takes any number of rows in one call, each computed as if alone.
 
 Which route is fastest, and which kernels are row-invariant, differs between machines (oneDNN's
 AMX kernels on an Intel Xeon, OpenBLAS or MKL elsewhere). ``choose_route`` measures both for the
@@ -110,7 +111,7 @@ class Linear:
             return F.linear(x, self.weight)
         rows = x.reshape(-1, self.in_features)
         M = rows.shape[0]
-        if M <= route.tile and not route.pad:
+        if (M <= route.tile or route.kernel == "amx") and not route.pad:  # amx: any rows, each as alone
             return self._call(rows).view(*x.shape[:-1], self.out_features)
         out = torch.empty(M, self.out_features, dtype=self.dtype, device=x.device)
         for start in range(0, M, route.tile):
@@ -171,11 +172,11 @@ def amx_rows(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 def amx_product(lib: ctypes.CDLL, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """rows [M <= 32, in] (fp32) times the packed weights' transpose: [M, out] in fp32."""
+    """rows [M, in] (fp32) times the packed weights' transpose: [M, out] in fp32."""
     x = amx_rows(rows, packed)
     y = torch.empty(rows.shape[0], out_features)
     if lib.amx_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, x.shape[1], native.kernel_threads()):
-        raise RuntimeError(f"amx product of {x.shape[0]} rows failed (out of memory, or more than 32 rows)")
+        raise RuntimeError(f"amx product of {x.shape[0]} rows failed (out of memory)")
     return y
 
 

@@ -57,13 +57,6 @@ typedef struct {
     const int64_t *committed;
 } Step;
 
-/* y [M, N] = x [M, K] W^T, 32 rows per call (what ``Linear`` does for the route's tile). */
-static int product(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
-    for (int64_t r = 0; r < M; r += 32)
-        if (amx_linear(x + r * K, w, y + r * N, M - r < 32 ? M - r : 32, N, K, threads)) return -1;
-    return 0;
-}
-
 static void add(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
@@ -80,7 +73,7 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
         const Weights *w = weights + i;
         float *keys = s->kv + (first + i) * s->s_layer, *values = keys + s->s_kv;
         rms_norm(x, w->attn_norm, normed, M, dim, s->eps);
-        status |= product(normed, w->qkv, h, M, width, dim, s->threads);
+        status |= amx_linear(normed, w->qkv, h, M, width, dim, s->threads);
         for (int64_t m = 0; w->bqkv && m < M; ++m) add(h + m * width, w->bqkv, width);
         rope(h, s->cs, M, H + KV, width, hd);
         for (int64_t m = 0; m < M; ++m) {
@@ -99,13 +92,13 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
         else
             status |= attend(q, keys, values, att, s->n_in, s->path, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot,
                              s->scale, s->max_keys, s->attend_threads);
-        status |= product(att, w->wo, out, M, dim, H * hd, s->threads);
+        status |= amx_linear(att, w->wo, out, M, dim, H * hd, s->threads);
         add(x, out, M * dim);
         rms_norm(x, w->mlp_norm, normed, M, dim, s->eps);
-        status |= product(normed, w->gate_up, gu, M, 2 * s->inter, dim, s->threads);
+        status |= amx_linear(normed, w->gate_up, gu, M, 2 * s->inter, dim, s->threads);
         SiluJob silu = {gu, act, M, s->inter};
         pool_run(silu_rows, &silu, M >= 4 ? s->threads : 1);
-        status |= product(act, w->down, out, M, dim, s->inter, s->threads);
+        status |= amx_linear(act, w->down, out, M, dim, s->inter, s->threads);
         add(x, out, M * dim);
     }
     free(normed), free(h), free(q), free(att), free(out), free(gu), free(act);

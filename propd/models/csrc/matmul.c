@@ -2,11 +2,13 @@
 
    The weights are packed once into AMX's pair-interleaved layout: for each block of 16 outputs and
    each block of 32 inputs, one 16 x 64-byte tile (row r holds inputs 2r and 2r + 1 of every output).
-   A call converts x (fp32, up to 32 rows) to bf16 rows padded to 32 and, for every block of 16
-   outputs, adds tile products over the input blocks in order into two fp32 tiles of 16 rows. A row's
-   result depends on its own inputs and the weights alone: every output is the same chain of tile
-   products in the same order for 1 row or 32 (a padded tile costs what a full one does, and a product of up to 32 rows reads
-   the weights once, so a tree step's products cost about what an AR step's do).
+   A call converts x (fp32, any number of rows) to bf16 rows padded to a multiple of 32 and, for every
+   block of 16 outputs, adds tile products over the input blocks in order into fp32 tiles of 16 rows.
+   A row's result depends on its own inputs and the weights alone: every output is the same chain of
+   tile products in the same order for 1 row or 1,000 (a padded tile costs what a full one does, and
+   a product of up to 32 rows reads the weights once, so a tree step's products cost about what an
+   AR step's do; past 32 rows, each pair of output blocks takes every group of 32 rows while its
+   weights are in the core's cache, so a prompt's products are bound by the tiles, not by memory).
 
    Output blocks are shared out a few at a time between the calling thread and the workers of
    ``pool.h``. Who computes a block changes no value.
@@ -35,7 +37,7 @@ typedef struct {
 #define CHUNK 4 /* output blocks a thread takes at a time */
 
 typedef struct {
-    const uint16_t *a, *w; /* a: [32, K] bf16 (rows past M zero); w: packed */
+    const uint16_t *a, *w; /* a: [M rounded up to 32, K] bf16 (rows past M zero); w: packed */
     float *y;              /* [M, N], or NULL: keep each row's largest output per chunk of blocks instead */
     float *top;            /* [chunks, M] those largest outputs */
     int64_t *at;           /* [chunks, M] their columns (the first, on ties) */
@@ -49,16 +51,16 @@ typedef struct {
     vi at[32];
 } Best;
 
-/* Writes block nb's sums (rows 0-15 in sums[0], 16-31 in sums[1]) to y, or folds them into ``best``
-   (restarted at the chunk's first block). A lane takes a later column only when it is larger, so
-   each lane keeps the first of its equal ones. */
-static void finish_block(const Job *j, int64_t nb, int64_t first, float sums[2][16 * 16], Best *best) {
-    int64_t n0 = nb * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16;
+/* Writes block nb's sums for rows r0.. (r0 + 0-15 in sums[0], r0 + 16-31 in sums[1]) to y, or folds
+   them into ``best`` (restarted at the chunk's first block; r0 is 0 there). A lane takes a later
+   column only when it is larger, so each lane keeps the first of its equal ones. */
+static void finish_block(const Job *j, int64_t nb, int64_t first, int64_t r0, float sums[2][16 * 16], Best *best) {
+    int64_t n0 = nb * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16, rows = j->M - r0 < 32 ? j->M - r0 : 32;
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    for (int64_t r = 0; r < j->M; ++r) {
+    for (int64_t r = 0; r < rows; ++r) {
         vf row = load(sums[r / 16] + (r % 16) * 16);
-        if (j->y && cols == 16) store(j->y + r * j->N + n0, row);
-        else if (j->y) memcpy(j->y + r * j->N + n0, &row, cols * sizeof(float));
+        if (j->y && cols == 16) store(j->y + (r0 + r) * j->N + n0, row);
+        else if (j->y) memcpy(j->y + (r0 + r) * j->N + n0, &row, cols * sizeof(float));
         else {
             vi mine = (lane < (vi){0} + (int32_t)cols) & (nb == first ? (vi){0} - 1 : row > best->top[r]);
             best->top[r] = pick(mine, row, nb == first ? splat(-INFINITY) : best->top[r]);
@@ -79,13 +81,13 @@ static void finish_chunk(const Job *j, int64_t first, const Best *best) {
 }
 
 #define WEIGHTS(nb, kb) (j->w + ((nb) * kblocks + (kb)) * 512)
-#define INPUTS(half, kb) (j->a + (half) * 16 * K + (kb) * 32)
+#define INPUTS(half, kb) (j->a + (r0 + (half) * 16) * K + (kb) * 32)
 
 /* Output blocks taken CHUNK at a time until none is left. Every output is the same chain of tile
    products over the input blocks in order, started from zero; only how many independent chains
    share the tiles changes with the row count: up to 16 rows, four blocks at once (sums in tiles
-   0-3, inputs in 4, weights in 5 and 6); up to 32 rows, two blocks of both row halves (sums 0-3,
-   inputs 4 and 5, weights 6 and 7). An inputs' tile then serves several weight tiles, and several
+   0-3, inputs in 4, weights in 5 and 6); more, two blocks of both row halves of each group of 32
+   rows in turn (sums 0-3, inputs 4 and 5, weights 6 and 7). An inputs' tile then serves several weight tiles, and several
    weight streams come from memory at once (30 layers' 3072 x 576 products on the Intel Xeon with
    AMX, 2 threads: 1 row 170 -> 150 us each, 32 rows 262 -> 222 us). */
 static void take_blocks(void *arg) {
@@ -99,8 +101,9 @@ static void take_blocks(void *arg) {
     for (int64_t first; (first = pool_take(CHUNK)) < j->blocks;) {
         int64_t last = first + CHUNK < j->blocks ? first + CHUNK : j->blocks;
         for (int64_t nb = first; nb < last;) {
-            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             if (j->M <= 16 && last - nb == 4) {
+                int64_t r0 = 0;
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 for (int64_t kb = 0; kb < kblocks; ++kb) {
                     _tile_loadd(4, INPUTS(0, kb), K * 2);
                     _tile_loadd(5, WEIGHTS(nb, kb), 64); _tile_dpbf16ps(0, 4, 5);
@@ -110,39 +113,47 @@ static void take_blocks(void *arg) {
                 }
                 _tile_stored(0, sums[0][0], 64); _tile_stored(1, sums[1][0], 64);
                 _tile_stored(2, sums[2][0], 64); _tile_stored(3, sums[3][0], 64);
-                for (int b = 0; b < 4; ++b) finish_block(j, nb + b, first, sums[b], &best);
+                for (int b = 0; b < 4; ++b) finish_block(j, nb + b, first, 0, sums[b], &best);
                 nb += 4;
             } else if (last - nb >= 2) {
-                for (int64_t kb = 0; kb < kblocks; ++kb) {
-                    _tile_loadd(4, INPUTS(0, kb), K * 2);
-                    _tile_loadd(5, INPUTS(1, kb), K * 2);
-                    _tile_loadd(6, WEIGHTS(nb, kb), 64);
-                    _tile_loadd(7, WEIGHTS(nb + 1, kb), 64);
-                    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
-                    if (j->M > 16) {
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
+                for (int64_t r0 = 0; r0 < j->M; r0 += 32) {
+                    int64_t upper = j->M - r0 > 16; /* rows r0 + 16.. hold inputs */
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    for (int64_t kb = 0; kb < kblocks; ++kb) {
+                        _tile_loadd(4, INPUTS(0, kb), K * 2);
+                        _tile_loadd(5, INPUTS(1, kb), K * 2);
+                        _tile_loadd(6, WEIGHTS(nb, kb), 64);
+                        _tile_loadd(7, WEIGHTS(nb + 1, kb), 64);
+                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+                        if (upper) {
+                            _tile_dpbf16ps(2, 5, 6);
+                            _tile_dpbf16ps(3, 5, 7);
+                        }
                     }
+                    _tile_stored(0, sums[0][0], 64); _tile_stored(1, sums[1][0], 64);
+                    if (upper) {
+                        _tile_stored(2, sums[0][1], 64);
+                        _tile_stored(3, sums[1][1], 64);
+                    }
+                    finish_block(j, nb, first, r0, sums[0], &best);
+                    finish_block(j, nb + 1, first, r0, sums[1], &best);
                 }
-                _tile_stored(0, sums[0][0], 64); _tile_stored(1, sums[1][0], 64);
-                if (j->M > 16) {
-                    _tile_stored(2, sums[0][1], 64);
-                    _tile_stored(3, sums[1][1], 64);
-                }
-                finish_block(j, nb, first, sums[0], &best);
-                finish_block(j, nb + 1, first, sums[1], &best);
                 nb += 2;
             } else {
-                for (int64_t kb = 0; kb < kblocks; ++kb) {
-                    _tile_loadd(4, INPUTS(0, kb), K * 2);
-                    _tile_loadd(5, INPUTS(1, kb), K * 2);
-                    _tile_loadd(6, WEIGHTS(nb, kb), 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    if (j->M > 16) _tile_dpbf16ps(2, 5, 6);
+                for (int64_t r0 = 0; r0 < j->M; r0 += 32) {
+                    int64_t upper = j->M - r0 > 16;
+                    _tile_zero(0); _tile_zero(2);
+                    for (int64_t kb = 0; kb < kblocks; ++kb) {
+                        _tile_loadd(4, INPUTS(0, kb), K * 2);
+                        _tile_loadd(5, INPUTS(1, kb), K * 2);
+                        _tile_loadd(6, WEIGHTS(nb, kb), 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        if (upper) _tile_dpbf16ps(2, 5, 6);
+                    }
+                    _tile_stored(0, sums[0][0], 64);
+                    if (upper) _tile_stored(2, sums[0][1], 64);
+                    finish_block(j, nb, first, r0, sums[0], &best);
                 }
-                _tile_stored(0, sums[0][0], 64);
-                if (j->M > 16) _tile_stored(2, sums[0][1], 64);
-                finish_block(j, nb, first, sums[0], &best);
                 nb += 1;
             }
         }
@@ -157,26 +168,34 @@ int amx_ready(void) {
     return ready;
 }
 
-/* x [M, K] (fp32; M at most 32, K a multiple of 32) as the bf16 rows a call multiplies, zero rows
-   up to 32; NULL without AMX or memory, or for a shape the calls do not take. */
+/* x [M, K] (fp32; K a multiple of 32) as the bf16 rows a call multiplies, zero rows up to a multiple
+   of 32, in this thread's buffer (kept between calls: a prompt's rows are megabytes, and a fresh
+   mapping of them per call cost its page faults); NULL without AMX or memory, or for a shape the
+   calls do not take. */
 static uint16_t *bf16_rows(const float *x, int64_t M, int64_t K) {
-    if (!amx_ready() || K % 32 || M < 1 || M > 32) return NULL;
-    uint16_t *a = aligned_alloc(64, (size_t)(32 * K * 2));
-    if (!a) return NULL;
-    for (int64_t i = 0; i < M * K; i += W) store_bf16(a + i, load(x + i)); /* K % 32 == 0: whole vectors */
-    memset(a + M * K, 0, (size_t)((32 - M) * K * 2));
-    return a;
+    static _Thread_local uint16_t *buffer;
+    static _Thread_local size_t held;
+    size_t need = (size_t)((M + 31) / 32 * 32 * K * 2);
+    if (!amx_ready() || K % 32 || M < 1) return NULL;
+    if (need > held) {
+        free(buffer);
+        held = 0;
+        if (!(buffer = aligned_alloc(64, need))) return NULL;
+        held = need;
+    }
+    for (int64_t i = 0; i < M * K; i += W) store_bf16(buffer + i, load(x + i)); /* K % 32 == 0: whole vectors */
+    memset(buffer + M * K, 0, need - (size_t)(M * K * 2));
+    return buffer;
 }
 
-/* y [M, N] (fp32) = x [M, K] (fp32; M at most 32, K a multiple of 32) times the packed weights'
-   transpose, with up to ``threads`` - 1 workers helping the calling thread. Returns 0, or -1
-   without AMX or memory, or for a shape it does not take. */
+/* y [M, N] (fp32) = x [M, K] (fp32; K a multiple of 32) times the packed weights' transpose, with up
+   to ``threads`` - 1 workers helping the calling thread. Returns 0, or -1 without AMX or memory, or
+   for a shape it does not take. */
 int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
     uint16_t *a = bf16_rows(x, M, K);
     if (!a) return -1;
     Job job = {a, w, y, NULL, NULL, M, N, K, (N + 15) / 16};
     pool_run(take_blocks, &job, threads);
-    free(a);
     return 0;
 }
 
@@ -185,16 +204,16 @@ int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N
    projection. Returns 0, or -1 as amx_linear. */
 int amx_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads) {
     int64_t blocks = (N + 15) / 16, chunks = (blocks + CHUNK - 1) / CHUNK;
-    uint16_t *a = bf16_rows(x, M, K);
+    uint16_t *a = M <= 32 ? bf16_rows(x, M, K) : NULL;
     float *tops = malloc(sizeof(float) * chunks * M);
     int64_t *ats = malloc(sizeof(int64_t) * chunks * M);
-    if (!a || !tops || !ats) return free(a), free(tops), free(ats), -1;
+    if (!a || !tops || !ats) return free(tops), free(ats), -1;
     Job job = {a, w, NULL, tops, ats, M, N, K, blocks};
     pool_run(take_blocks, &job, threads);
     for (int64_t r = 0; r < M; ++r) /* chunks in column order: a later one wins only when larger */
         for (int64_t c = 0, best = 0; c < chunks; ++c)
             if (c == 0 || tops[c * M + r] > tops[best * M + r]) best = c, at[r] = ats[c * M + r];
-    free(a), free(tops), free(ats);
+    free(tops), free(ats);
     return 0;
 }
 
