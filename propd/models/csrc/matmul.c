@@ -35,6 +35,7 @@ typedef struct {
 } TileConfig;
 
 #define CHUNK 4 /* output blocks a thread takes at a time */
+#define AHEAD 4 /* input blocks ahead whose weights the two-block loop fetches into L2 (17-32 rows: 3-5% off a step) */
 
 typedef struct {
     const uint16_t *a, *w; /* a: [M rounded up to 32, K] bf16 (rows past M zero); w: packed */
@@ -120,6 +121,10 @@ static void take_blocks(void *arg) {
                     int64_t upper = j->M - r0 > 16; /* rows r0 + 16.. hold inputs */
                     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                     for (int64_t kb = 0; kb < kblocks; ++kb) {
+                        for (int l = 0; r0 == 0 && l < 1024; l += 64) { /* two weight tiles in flight wait on memory; four (up to 16 rows) do not */
+                            _mm_prefetch((const char *)WEIGHTS(nb, kb + AHEAD) + l, _MM_HINT_T1);
+                            _mm_prefetch((const char *)WEIGHTS(nb + 1, kb + AHEAD) + l, _MM_HINT_T1);
+                        }
                         _tile_loadd(4, INPUTS(0, kb), K * 2);
                         _tile_loadd(5, INPUTS(1, kb), K * 2);
                         _tile_loadd(6, WEIGHTS(nb, kb), 64);
