@@ -263,6 +263,23 @@ def test_amx_argmax_picks_what_the_products_argmax_picks_ties_included():
     assert lin.argmax(weight[5:6] * 4).item() == 5
 
 
+@pytest.mark.skipif(not AMX, reason="no AMX here")
+def test_amx_topk_gives_the_products_largest_outputs_and_log_probabilities():
+    torch.manual_seed(1)
+    weight = torch.randn(1000, 64)
+    weight[700] = weight[300] = weight[5]  # equal outputs: the first column first
+    lin = Linear(weight, Route.parse("bfloat16-amx"))
+    x = torch.randn(3, 7, 64)
+    x[0, 0] = weight[5] * 4
+    outputs = lin(x)
+    values, columns = lin.topk(x, 12)
+    assert torch.equal(values, outputs.topk(12, dim=-1).values) and torch.equal(columns[0, 0, :3], torch.tensor([5, 300, 700]))
+    assert torch.equal(outputs.gather(-1, columns), values)
+    log_probs, same = lin.topk(x, 12, normalized=True)
+    assert torch.equal(same, columns)
+    torch.testing.assert_close(log_probs, values - outputs.logsumexp(-1, keepdim=True), rtol=0, atol=1e-5)
+
+
 def test_default_model_tree_logits_equal_ar_logits_bitwise(default_model):
     """On the real model and this machine's chosen route: batch 1 and 4, ragged prompts of 20-400
     tokens, trees of 8-64 nodes."""

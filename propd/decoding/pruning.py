@@ -35,8 +35,7 @@ class Pruner:
         B, N = tokens.shape
         parents = (tree.children >= 0).any(dim=1).nonzero().flatten()  # nodes with children
         with torch.no_grad():
-            logits = decoder.lm_head(decoder.final_norm(self.head.blocks(early[:, parents])))  # [B, P, V]
-        top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices  # [B, P, K]
+            top = decoder.lm_head.topk(decoder.final_norm(self.head.blocks(early[:, parents])), min(self.top_k, decoder.args.vocab_size))[1]  # [B, P, K]
         slot = torch.full((N,), -1, dtype=torch.long)
         slot[parents] = torch.arange(len(parents))
         predicted = top[:, slot[tree.parents[1:]]]  # [B, N - 1, K]: each non-root node's parent's guesses

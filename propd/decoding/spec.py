@@ -112,7 +112,7 @@ class SpecMethod:
         tokens = torch.empty(B, tree.size, dtype=torch.long)
         tokens[:, 0] = roots
         for nodes, parents, ranks, expand, paths in tree_levels(tree):
-            guesses = draft.lm_head(normed[:, parents]).topk(int(ranks.max()) + 1, dim=-1).indices  # [B, n, k]
+            guesses = draft.lm_head.topk(normed[:, parents], int(ranks.max()) + 1)[1]  # [B, n, k]
             tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
             if len(expand) == 0:
                 break

@@ -102,10 +102,9 @@ class DraftHead(nn.Module):
         """The k best guesses [..., k] (token ids) after predicted features [..., dim], projected in
         the base model's dtype and route (the rows packed once per base model); with ``probs``, also
         the draft's probability of each [..., k] (over its candidate vocabulary)."""
-        logits = self._candidate_rows(base)(predicted)
-        best = logits.topk(k, dim=-1)
-        index = best.indices if self.candidate_vocab is None else self.candidate_vocab[best.indices]
-        return (index, (best.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()) if probs else index
+        scores, best = self._candidate_rows(base).topk(predicted, k, normalized=probs)
+        index = best if self.candidate_vocab is None else self.candidate_vocab[best]
+        return (index, scores.exp()) if probs else index
 
     def check_fits(self, base: ModelArgs) -> None:
         a = self.args

@@ -137,6 +137,21 @@ class Linear:
                 raise RuntimeError(f"amx argmax of {n} rows failed (out of memory)")
         return at.view(x.shape[:-1])
 
+    def topk(self, x: torch.Tensor, k: int, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's k largest outputs [..., k] (fp32, largest first) and their columns; ``normalized``:
+        as log-probabilities (minus the row's logsumexp). On the AMX route without handing the
+        outputs back to torch (a draft's candidates: its topk and logsumexp took as long as the product)."""
+        if self.route.kernel != "amx" or x.device.type != "cpu":
+            outputs = self(x).float()
+            best = outputs.topk(k, dim=-1)
+            return (best.values - outputs.logsumexp(-1, keepdim=True) if normalized else best.values), best.indices
+        rows = amx_rows(x.to(self.dtype).reshape(-1, self.in_features), self.packed)
+        top, at = torch.empty(rows.shape[0], k), torch.empty(rows.shape[0], k, dtype=torch.long)
+        if self.lib.amx_topk(rows.data_ptr(), self.packed.data_ptr(), at.data_ptr(), top.data_ptr(), rows.shape[0], self.out_features, rows.shape[1], k,
+                             int(normalized), native.kernel_threads()):
+            raise RuntimeError(f"amx top-{k} of {rows.shape[0]} rows failed (out of memory, or more than {self.out_features})")
+        return top.view(*x.shape[:-1], k), at.view(*x.shape[:-1], k)
+
     def _call(self, rows: torch.Tensor) -> torch.Tensor:
         if self.route.kernel == "amx":
             return amx_product(self.lib, rows, self.packed, self.out_features)

@@ -66,6 +66,8 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.amx_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     kernel.amx_argmax.restype = ctypes.c_int
     kernel.amx_argmax.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    kernel.amx_topk.restype = ctypes.c_int
+    kernel.amx_topk.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64]
     kernel.forward_layers.restype = ctypes.c_int
     kernel.forward_layers.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     return kernel

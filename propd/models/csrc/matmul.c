@@ -222,6 +222,61 @@ int amx_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_
     return 0;
 }
 
+
+typedef struct {
+    const float *y;
+    int64_t *at;
+    float *top;
+    int64_t M, N, k;
+    int normalized;
+} TopJob;
+
+/* Row r's k largest outputs, largest first (of equal ones, the first column first), and with
+   ``normalized`` minus the row's logsumexp (a max, then exp sums in column order). */
+static void top_rows(void *arg) {
+    const TopJob *j = arg;
+    for (int64_t r; (r = pool_take(1)) < j->M;) {
+        const float *y = j->y + r * j->N;
+        float *top = j->top + r * j->k;
+        int64_t *at = j->at + r * j->k, held = 0;
+        for (int64_t c = 0; c < j->N; ++c) {
+            if (held == j->k && !(y[c] > top[held - 1])) continue;
+            int64_t i = held < j->k ? held++ : held - 1;
+            for (; i > 0 && y[c] > top[i - 1]; --i) top[i] = top[i - 1], at[i] = at[i - 1];
+            top[i] = y[c], at[i] = c;
+        }
+        if (!j->normalized) continue;
+        vf sum = splat(0.0f);
+        int64_t whole = j->N / W * W;
+        float high = top[0]; /* the row's maximum */
+        for (int64_t c = 0; c < whole; c += W) sum += vexp(load(y + c) - splat(high));
+        float total = fold(sum);
+        for (int64_t c = whole; c < j->N; ++c) total += expf(y[c] - high);
+        float lse = high + logf(total);
+        for (int64_t i = 0; i < j->k; ++i) top[i] -= lse;
+    }
+}
+
+/* at [M, k], top [M, k] = each row's k largest outputs of the product amx_linear computes (k <= N),
+   largest first, the first column of equal ones first; ``normalized``: as log-probabilities (minus
+   the row's logsumexp). Returns 0, or -1 as amx_linear. */
+int amx_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t M, int64_t N, int64_t K, int64_t k, int normalized,
+             int64_t threads) {
+    static _Thread_local float *outputs;
+    static _Thread_local size_t held;
+    size_t need = sizeof(float) * (size_t)(M * N);
+    if (need > held) {
+        free(outputs);
+        held = 0;
+        if (!(outputs = malloc(need))) return -1;
+        held = need;
+    }
+    if (k < 1 || k > N || amx_linear(x, w, outputs, M, N, K, threads)) return -1;
+    TopJob job = {outputs, at, top, M, N, k, normalized};
+    pool_run(top_rows, &job, M >= 4 ? threads : 1);
+    return 0;
+}
+
 #else
 int amx_ready(void) { return 0; }
 int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
@@ -230,6 +285,11 @@ int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N
 }
 int amx_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads) {
     (void)x, (void)w, (void)at, (void)M, (void)N, (void)K, (void)threads;
+    return -1;
+}
+int amx_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t M, int64_t N, int64_t K, int64_t k, int normalized,
+             int64_t threads) {
+    (void)x, (void)w, (void)at, (void)top, (void)M, (void)N, (void)K, (void)k, (void)normalized, (void)threads;
     return -1;
 }
 #endif
