@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("attention.c", "attention_amx.c", "pointwise.c", "matmul.c", "layer.c", "pool.c", "pool.h", "vec.h")
+SOURCES = ("attention.c", "attention_amx.c", "pointwise.c", "matmul.c", "layer.c", "pool.c", "pool.h", "tiles.h", "vec.h")
 ENV = "PROPD_KERNELS"
 PARALLEL_WORK = 1 << 12  # elements (attention: query heads x keys) above which a call shares its tasks between threads
 

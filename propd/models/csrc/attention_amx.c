@@ -31,7 +31,7 @@
 int amx_ready(void);
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "tiles.h"
 
 #define KEYS 32 /* positions per block */
 #define ROWS 16 /* queries per tile */
@@ -48,13 +48,7 @@ typedef struct {
     atomic_int status;
 } Job;
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} TileConfig;
-
-/* One tile of queries: query i is token token[i]'s head head[i] of the K/V head's group. */
+/* One tile of queries: query i is one head of token token[i], among the K/V head's group. */
 typedef struct {
     int64_t n, token[ROWS], out[ROWS], inplace[ROWS], len[ROWS];
     const int64_t *path[ROWS];
@@ -105,9 +99,8 @@ static inline vf exp_nonpositive(vf x) {
     return (vf)_mm512_scalef_ps(y, n);
 }
 
-/* Packs the entries at key[n], value[n] (n < 32; NULL: zeros) as the products read them; with
-   ``ahead`` (floats), every key[n] and value[n] is there, and so are the entries ``ahead`` past them. */
-static void pack(const float *const *key, const float *const *value, int64_t hd, Packed p, int64_t ahead) {
+/* Packs the entries at key[n], value[n] (n < 32; NULL: zeros) as the products read them. */
+static void pack(const float *const *key, const float *const *value, int64_t hd, Packed p) {
     int64_t chunks = hd / 32;
     for (int h = 0; h < 2; ++h)
         for (int64_t c = 0; c < chunks; ++c) {
@@ -125,11 +118,6 @@ static void pack(const float *const *key, const float *const *value, int64_t hd,
             _mm512_storeu_si512(p.vp + (e * 16 + r) * 16, _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
         }
     }
-    for (int n = 0; 0 && ahead && n < KEYS; ++n) /* the next block's entries, while this one's are worked on */
-        for (int64_t f = 0; f <= hd; f += 16) {
-            __builtin_prefetch(key[n] + ahead + f, 0, 1);
-            __builtin_prefetch(value[n] + ahead + f, 0, 1);
-        }
 }
 
 /* s [ROWS, 32] = the tile's queries . the block's keys (unscaled). */
@@ -162,6 +150,7 @@ static void weigh(int64_t hd, const uint16_t *w, Packed p, float *o) {
     }
 }
 
+/* The largest lane, in a fixed pairwise order (a maximum is exact in any order). */
 static inline float fold_max(vf x) {
     x = pick(x < __builtin_shuffle(x, (vi){8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15}),
              __builtin_shuffle(x, (vi){8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15}), x);
@@ -226,8 +215,6 @@ static void take(Tile *t, int64_t j, Packed p, int from, int to, int in_place_ro
 
 static void run(void *arg) {
     Job *a = arg;
-    TileConfig config = {.palette = 1};
-    for (int r = 0; r < 8; ++r) config.bytes_per_row[r] = 64, config.rows[r] = 16;
     int64_t hd = a->hd, g = a->H / a->KV, queries = a->T * g, per = (a->tiles + a->splits - 1) / a->splits;
     Tile *tiles = malloc(sizeof(Tile) * per);
     uint16_t *qs = aligned_alloc(64, sizeof(uint16_t) * per * ROWS * hd), *w = aligned_alloc(64, sizeof(uint16_t) * ROWS * KEYS);
@@ -241,7 +228,7 @@ static void run(void *arg) {
     }
     Packed shared = {buf, buf + KEYS * hd / 2}, own = {buf + KEYS * hd, buf + KEYS * hd * 3 / 2};
     memset(w, 0, sizeof(uint16_t) * ROWS * KEYS);
-    _tile_loadconfig(&config);
+    configure_tiles();
     for (int64_t task; (task = pool_take(1)) < a->B * a->KV * a->splits;) {
         int64_t b = task / (a->KV * a->splits), kvh = task / a->splits % a->KV, m0 = task % a->splits * per;
         int64_t m1 = m0 + per < a->tiles ? m0 + per : a->tiles, blocks = 0;
@@ -279,7 +266,7 @@ static void run(void *arg) {
             } else if (upto) {
                 for (int n = 0; n < KEYS; ++n)
                     key[n] = n < upto ? kh + (KEYS * j + n) * a->ss : NULL, value[n] = n < upto ? vh + (KEYS * j + n) * a->ss : NULL;
-                pack(key, value, hd, shared, upto == KEYS ? KEYS * a->ss : 0); /* a prefetch never faults */
+                pack(key, value, hd, shared);
                 for (int64_t m = m0; m < m1; ++m) take(tiles + (m - m0), j, shared, 0, tiles[m - m0].n, 1, hd, a->scale, s, w, o);
             }
             for (int64_t m = m0; m < m1; ++m) { /* each token whose path enters block j, from its gathered entries */
@@ -291,7 +278,7 @@ static void run(void *arg) {
                         int64_t pos = KEYS * j + n, slot = pos < t->inplace[from] ? pos : pos < t->len[from] ? t->path[from][pos - t->inplace[from]] : -1;
                         key[n] = slot < 0 ? NULL : kh + slot * a->ss, value[n] = slot < 0 ? NULL : vh + slot * a->ss;
                     }
-                    pack(key, value, hd, own, 0);
+                    pack(key, value, hd, own);
                     take(t, j, own, from, to, 0, hd, a->scale, s, w, o);
                 }
             }
@@ -316,7 +303,7 @@ static void pack_committed(void *arg) {
         for (int64_t j = a->ready[b]; j < a->committed[b] / KEYS; ++j) {
             uint32_t *at = a->packed + b * a->pb + kvh * a->ph + j * KEYS * a->hd;
             for (int n = 0; n < KEYS; ++n) key[n] = kh + (KEYS * j + n) * a->ss, value[n] = vh + (KEYS * j + n) * a->ss;
-            pack(key, value, a->hd, (Packed){at, at + KEYS * a->hd / 2}, 0);
+            pack(key, value, a->hd, (Packed){at, at + KEYS * a->hd / 2});
         }
     }
 }

@@ -21,18 +21,13 @@
 #include "vec.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "tiles.h"
+
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} TileConfig;
 
 #define CHUNK 4 /* output blocks a thread takes at a time */
 #define AHEAD 4 /* input blocks ahead whose weights the two-block loop fetches into L2 (17-32 rows: 3-5% off a step) */
@@ -93,9 +88,7 @@ static void finish_chunk(const Job *j, int64_t first, const Best *best) {
    AMX, 2 threads: 1 row 170 -> 150 us each, 32 rows 262 -> 222 us). */
 static void take_blocks(void *arg) {
     const Job *j = arg;
-    TileConfig config = {.palette = 1};
-    for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
-    _tile_loadconfig(&config);
+    configure_tiles();
     int64_t K = j->K, kblocks = K / 32;
     float sums[4][2][16 * 16];
     Best best;
@@ -173,24 +166,29 @@ int amx_ready(void) {
     return ready;
 }
 
+/* A buffer of at least ``need`` bytes that stays with the thread between calls (a prompt's rows
+   are megabytes, and a fresh mapping of them per call cost its page faults); NULL without memory. */
+static void *scratch(void **buffer, size_t *held, size_t need) {
+    if (need > *held) {
+        free(*buffer);
+        *held = 0;
+        if (!(*buffer = aligned_alloc(64, (need + 63) / 64 * 64))) return NULL;
+        *held = need;
+    }
+    return *buffer;
+}
+
 /* x [M, K] (fp32; K a multiple of 32) as the bf16 rows a call multiplies, zero rows up to a multiple
-   of 32, in this thread's buffer (kept between calls: a prompt's rows are megabytes, and a fresh
-   mapping of them per call cost its page faults); NULL without AMX or memory, or for a shape the
-   calls do not take. */
+   of 32, in this thread's scratch; NULL without AMX or memory, or for a shape the calls do not take. */
 static uint16_t *bf16_rows(const float *x, int64_t M, int64_t K) {
-    static _Thread_local uint16_t *buffer;
+    static _Thread_local void *buffer;
     static _Thread_local size_t held;
     size_t need = (size_t)((M + 31) / 32 * 32 * K * 2);
-    if (!amx_ready() || K % 32 || M < 1) return NULL;
-    if (need > held) {
-        free(buffer);
-        held = 0;
-        if (!(buffer = aligned_alloc(64, need))) return NULL;
-        held = need;
-    }
-    for (int64_t i = 0; i < M * K; i += W) store_bf16(buffer + i, load(x + i)); /* K % 32 == 0: whole vectors */
-    memset(buffer + M * K, 0, need - (size_t)(M * K * 2));
-    return buffer;
+    uint16_t *a = amx_ready() && K % 32 == 0 && M >= 1 ? scratch(&buffer, &held, need) : NULL;
+    if (!a) return NULL;
+    for (int64_t i = 0; i < M * K; i += W) store_bf16(a + i, load(x + i)); /* K % 32 == 0: whole vectors */
+    memset(a + M * K, 0, need - (size_t)(M * K * 2));
+    return a;
 }
 
 /* y [M, N] (fp32) = x [M, K] (fp32; K a multiple of 32) times the packed weights' transpose, with up
@@ -221,7 +219,6 @@ int amx_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_
     free(tops), free(ats);
     return 0;
 }
-
 
 typedef struct {
     const float *y;
@@ -262,16 +259,10 @@ static void top_rows(void *arg) {
    the row's logsumexp). Returns 0, or -1 as amx_linear. */
 int amx_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t M, int64_t N, int64_t K, int64_t k, int normalized,
              int64_t threads) {
-    static _Thread_local float *outputs;
+    static _Thread_local void *buffer;
     static _Thread_local size_t held;
-    size_t need = sizeof(float) * (size_t)(M * N);
-    if (need > held) {
-        free(outputs);
-        held = 0;
-        if (!(outputs = malloc(need))) return -1;
-        held = need;
-    }
-    if (k < 1 || k > N || amx_linear(x, w, outputs, M, N, K, threads)) return -1;
+    float *outputs = k >= 1 && k <= N ? scratch(&buffer, &held, sizeof(float) * (size_t)(M * N)) : NULL;
+    if (!outputs || amx_linear(x, w, outputs, M, N, K, threads)) return -1;
     TopJob job = {outputs, at, top, M, N, k, normalized};
     pool_run(top_rows, &job, M >= 4 ? threads : 1);
     return 0;
