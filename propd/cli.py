@@ -248,6 +248,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if unknown:
         raise PropdError(f"unknown method {unknown[0]!r} in --methods; available: hf, {', '.join(METHODS)}")
     batch_sizes = args.batch_sizes
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # checked before the runs, whose results would be lost
+        raise PropdError(f"--out {out} is a file; pass a directory for the report")
     short = args.prompts or not args.long_context
     prompts = load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category) if short else []
     sampling = sampling_from(args)
@@ -266,8 +269,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         "sampling": dataclasses.asdict(sampling) if sampling else None,
     }
     results = build_results(model, runs, machine_facts(model), config)
-    paths = write_report(results, runs, Path(args.out))
-    print((Path(args.out) / "report.md").read_text())
+    paths = write_report(results, runs, out)
+    print((out / "report.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
 
 

@@ -11,10 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from propd.decoding.loop import prefill
+from propd.decoding.pruning import whole_paths
+from propd.decoding.tree import run_tree
 from propd.models import attention, graphs, native, pointwise
 from propd.models.decoder import Decoder
 from propd.models.kernels import Linear, Route, choose_route, is_row_invariant, measure_route
 from propd.models.kv_cache import path_slots
+from propd.tree.tree import TokenTree
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 
 TINY = tiny_hf_model("llama", seed=5, layers=2)
@@ -100,6 +103,47 @@ def test_amx_attention_gives_tree_tokens_ar_logits_bitwise(seed, batch, size, de
     assert dec.new_cache(1, 8).packed is not None
     prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(1, 300))] for _ in range(batch)]
     tree_logits_equal_ar(dec, rng, prompts, size, depth)
+
+
+def random_token_tree(rng: random.Random, size: int, depth: int) -> TokenTree:
+    """A random tree of ``size`` nodes at most ``depth`` deep."""
+    paths: list[tuple[int, ...]] = [()]
+    kids: dict[tuple[int, ...], int] = {}
+    while len(paths) < size:
+        parent = rng.choice([p for p in paths if len(p) < depth])
+        kids[parent] = kids.get(parent, 0) + 1
+        paths.append((*parent, kids[parent] - 1))
+    return TokenTree.from_paths(paths[1:])
+
+
+@pytest.mark.parametrize("tiled", [False, *([True] if AMX_ATTENTION else [])])
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), size=st.integers(2, 24), depth=st.integers(1, 5))
+def test_rows_verifying_their_own_nodes_give_ar_logits_bitwise(tiled, seed, batch, size, depth):
+    """Rows of a batch verify their own whole-path subsets of one tree (ProPD's tree size per row):
+    with the fused AMX layers the shorter rows' padding is skipped, elsewhere computed again; every
+    verified node on a random root-to-leaf path gets AR's logits, bitwise."""
+    rng = random.Random(seed)
+    dec = tiled_model() if tiled else Decoder.from_hf(TINY, Route.parse("float32-torch-pad8"))
+    tree = random_token_tree(rng, size, depth)
+    leaf = max(range(size), key=lambda i: (int(tree.depths[i]), rng.random()))
+    path = tree.ancestors[leaf].nonzero().flatten().tolist()
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(1, 300))] for _ in range(batch)]
+    tokens = torch.randint(0, dec.args.vocab_size, (batch, size), generator=torch.Generator().manual_seed(seed))
+    ok = torch.rand(batch, size, generator=torch.Generator().manual_seed(seed + 1)) < 0.5
+    ok[:, path] = True
+    ok[rng.randrange(batch), 1:] = False  # one row verifies only its path
+    ok[:, path] = True
+    alive = whole_paths(ok, tree)
+    cache = dec.new_cache(batch, max(map(len, prompts)) + size + 1)
+    prefill(dec, cache, prompts)
+    normed, ran = run_tree(dec, cache, tree, tokens, alive)
+    assert torch.equal(ran, alive)
+    logits = dec.lm_head(normed)
+    for b, prompt in enumerate(prompts):
+        want = ar_logits(dec, prompt, tokens[b, path].tolist())
+        for k, node in enumerate(path):
+            assert torch.equal(logits[b, node], want[k]), (b, k, float((logits[b, node].float() - want[k].float()).abs().max()))
 
 
 @pytest.mark.skipif(not AMX_ATTENTION, reason="no AMX attention here")

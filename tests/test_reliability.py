@@ -56,6 +56,7 @@ def write(tmp_path, name: str, text: str) -> str:
         (["generate", "--method", "medusa", "--tree", "nope", "hi"], "unknown tree"),
         (["bench", "--batch-sizes", "1,0"], "must be at least 1"),
         (["bench", "--methods", "ar,warp"], "unknown method"),
+        (["bench", "--out", "pyproject.toml"], "is a file"),
         (["latency", "--sizes", "1,x"], "not an integer"),
         (["train", "--prompts", "p.jsonl", "--out", "o", "--batch-size", "0"], "must be at least 1"),
     ],

@@ -26,7 +26,7 @@ from propd.decoding.tree import Verified, verify
 from propd.heads.draft import DraftHead
 from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache, Layout, path_slots
-from propd.tree.tree import TokenTree, path_products, subtree, tree_of
+from propd.tree.tree import TokenTree, path_products, tree_of
 
 Entries = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # features [B, M, dim], next tokens [B, M], counts [B]
 
@@ -174,17 +174,16 @@ class DraftMethod:
 
     def step_scored(
         self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker, tree: TokenTree,
-        select: Callable[[torch.Tensor], list[int]], pruner: Pruner | None = None,
-    ) -> tuple[StepResult, torch.Tensor, TokenTree]:
-        """Draft ``tree``, then verify only the nodes ``select`` keeps given each node's draft path
-        probability [B, N] (the root and every kept node's parent among them): the step's result,
-        each row's last accepted node and the verified tree."""
+        select: Callable[[torch.Tensor], torch.Tensor], pruner: Pruner | None = None,
+    ) -> tuple[StepResult, torch.Tensor, torch.Tensor]:
+        """Draft ``tree``, then verify only the nodes [B, N] ``select`` keeps of each row given their
+        draft path probabilities [B, N] (whole paths; rows keep different numbers): the step's
+        result, each row's last accepted node and the nodes verified."""
         probs = torch.ones(len(roots), tree.size)
         drafted = self.propose(decoder, roots, state, tree, probs)
         nodes = select(path_products(tree, probs))
-        verified, tokens = subtree(tree, nodes), drafted[:, nodes]
-        result, last = self.finish(tokens, verify(decoder, cache, verified, tokens, picker, pruner), state, root_only=False)
-        return result, last, verified
+        result, last = self.finish(drafted, verify(decoder, cache, tree, drafted, picker, pruner, nodes), state, root_only=False)
+        return result, last, nodes
 
     def finish(self, tokens: torch.Tensor, v: Verified, state: DraftState, root_only: bool) -> tuple[StepResult, torch.Tensor]:
         """Queue the accepted path's features for the draft to read next step (after a root-only

@@ -52,12 +52,14 @@ class PropdMethod:
         if tree.size > 1 and (ar_steps := self.drafter.catch_up(decoder, state)):  # what AR steps left the drafter to read
             self.chooser.charge_ar(rows, context, (time.perf_counter() - t) / ar_steps)
             t = time.perf_counter()
-        if self.draft_scores and tree.size > 1:  # the draft's own path probabilities pick which drafted nodes to verify
+        verified = None
+        if self.draft_scores and tree.size > 1:  # the draft's own path probabilities pick which drafted nodes each row verifies
             select = functools.partial(self.chooser.select, rows, context, tree.size)
-            result, last, tree = self.drafter.step_scored(decoder, cache, roots, state, picker, self.chooser.candidates(tree), select, self.pruner)
+            tree = self.chooser.candidates(tree)
+            result, last, verified = self.drafter.step_scored(decoder, cache, roots, state, picker, tree, select, self.pruner)
         else:
             result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)  # candidates, early pruning, verify, accept
         if self.chooser:
-            self.chooser.observe(tree, rows, context, last.tolist(), time.perf_counter() - t)  # statistics
+            self.chooser.observe(tree, rows, context, last.tolist(), time.perf_counter() - t, verified)  # statistics
             result.expected = self.chooser.expected
         return result

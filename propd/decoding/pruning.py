@@ -14,7 +14,6 @@ import torch
 
 from propd.heads.early import EarlyHead
 from propd.models.decoder import Decoder
-from propd.models.kv_cache import KVCache, path_slots
 from propd.tree.tree import TokenTree
 
 
@@ -47,24 +46,3 @@ class Pruner:
 def whole_paths(ok: torch.Tensor, tree: TokenTree) -> torch.Tensor:
     """Nodes [B, N] whose every node on the path from the root is ``ok`` [B, N]: a pruned node takes its subtree."""
     return ~(tree.ancestors.unsqueeze(0) & ~ok.unsqueeze(1)).any(-1)
-
-
-def run_pruned(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor, pruner: Pruner) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tree's tokens [B, N] through the model with early pruning: the final-normed states of
-    the survivors [B, N, dim] (zeros elsewhere) and which nodes survived [B, N]."""
-    B, N = tokens.shape
-    layout = cache.tree(tree.ancestors)
-    early = decoder.forward_layers(decoder.embed(tokens), layout, cache, 0, pruner.layer)
-    keep = pruner.survivors(decoder, early, tokens, tree)
-    counts = keep.sum(1)
-    S = int(counts.max())
-    order = torch.where(keep, torch.arange(N), N).sort(dim=1).values[:, :S]
-    real = order < N
-    order = torch.where(real, order, 0)  # rows with fewer survivors repeat the root: same slot, same values, output unused
-    paths = path_slots(tree.ancestors.expand(B, N, N), layout.slots).gather(1, order.unsqueeze(-1).expand(-1, -1, tree.depth + 1))
-    late = cache.paths(layout.slots.gather(1, order), paths)
-    hidden = decoder.forward_layers(early.gather(1, order.unsqueeze(-1).expand(-1, -1, early.shape[-1])), late, cache, pruner.layer)
-    normed = torch.zeros(B, N, hidden.shape[-1])
-    rows, at = real.nonzero(as_tuple=True)
-    normed[rows, order[rows, at]] = decoder.final_norm(hidden[rows, at])
-    return normed, keep

@@ -20,12 +20,12 @@ from typing import Callable
 import torch
 
 from propd.decoding.loop import StepResult
-from propd.decoding.pruning import Pruner, run_pruned
+from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
 from propd.errors import PropdError
 from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder
-from propd.models.kv_cache import KVCache
+from propd.models.kv_cache import KVCache, Layout
 from propd.tree.tree import TokenTree
 
 PROJECT_ALL = 32  # tokens: up to one row tile, one vocabulary product over every node costs less than one per accepted depth
@@ -84,7 +84,8 @@ class Verified:
     offsets: torch.Tensor
     counts: torch.Tensor
     roots: torch.Tensor
-    late: list[int]  # per row: tokens that went through the late layers (fewer than N where pruning dropped some)
+    verified: list[int]  # per row: tree tokens it ran (its own nodes, where rows keep different ones)
+    late: list[int]  # per row: tokens that went through the late layers (fewer where pruning dropped some)
 
     def last_nodes(self) -> torch.Tensor:
         """Each row's last accepted node [B] (the one the bonus token follows)."""
@@ -94,38 +95,91 @@ class Verified:
         B, N = tokens.shape
         path_tokens = tokens.gather(1, self.offsets)
         accepted = [path_tokens[b, 1 : int(self.counts[b])].tolist() + [int(self.roots[b])] for b in range(B)]
-        return StepResult(accepted, self.roots, [N] * B, self.late)
+        return StepResult(accepted, self.roots, self.verified, self.late)
 
 
-def verify(decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor, picker: Picker, pruner: Pruner | None = None) -> Verified:
-    """Steps 3-5: run the tree's tokens [B, N] through the model after the cache (with ``pruner``,
-    the late layers on the early survivors only), accept each row's longest path that ``picker``
-    accepts (greedy, or sampled: see ``sampling``) and keep only its K/V. The root alone is an AR
-    step, and costs what one does."""
+def verify(
+    decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor, picker: Picker, pruner: Pruner | None = None, alive: torch.Tensor | None = None,
+) -> Verified:
+    """Steps 3-5: run the tree's tokens [B, N] through the model after the cache (only each row's
+    ``alive`` nodes [B, N] where given; with ``pruner``, the late layers on the early survivors
+    only), accept each row's longest path that ``picker`` accepts (greedy, or sampled: see
+    ``sampling``) and keep only its K/V. The root alone is an AR step, and costs what one does."""
     B = len(tokens)
     if tree.size == 1:
         normed = decoder.final_norm(decoder.extend(tokens, cache.chain(1), cache))  # [B, 1, dim]
         cache.advance(torch.ones(B, dtype=torch.long, device=cache.device))
         ones, zeros = torch.ones(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-        return Verified(normed, zeros.unsqueeze(1), ones, picker.next_tokens(decoder, normed[:, 0]), [1] * B)
-    if pruner is None:
-        normed = decoder.final_norm(decoder.extend(tokens, cache.tree(tree.ancestors), cache))  # [B, N, dim]
-        alive = None
-    else:
-        normed, alive = run_pruned(decoder, cache, tree, tokens, pruner)
-    last, roots = walk(tokens, tree, _acceptor(decoder, picker, normed, tree), alive)
+        return Verified(normed, zeros.unsqueeze(1), ones, picker.next_tokens(decoder, normed[:, 0]), [1] * B, [1] * B)
+    verified = [tree.size] * B if alive is None else alive.sum(1).tolist()
+    normed, alive = run_tree(decoder, cache, tree, tokens, alive, pruner)
+    last, roots = walk(tokens, tree, _acceptor(decoder, picker, normed, tree, alive), alive)
     offsets, counts = accepted_offsets(tree, last)
     cache.keep(offsets, counts)
-    return Verified(normed, offsets, counts, roots, [tree.size] * B if alive is None else alive.sum(1).tolist())
+    return Verified(normed, offsets, counts, roots, verified, [tree.size] * B if alive is None else alive.sum(1).tolist())
 
 
-def _acceptor(decoder: Decoder, picker: Picker, normed: torch.Tensor, tree: TokenTree) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """``walk``'s ``accept`` over a step's normed states [B, N, dim]. Greedy steps of up to
-    ``PROJECT_ALL`` tokens take every node's argmax from one product (measured on the Intel Xeon
-    with AMX: 8 rows cost 2.4 ms, 32 rows 5.9, one row 1.7, and a walk projects 2-4 depths); a
-    row's logits do not depend on the rows beside it on an exact route, so the tokens are the same."""
-    if picker.greedy and normed.shape[0] * normed.shape[1] <= PROJECT_ALL:
-        picks = decoder.greedy_tokens(normed)  # [B, N]
+def run_tree(
+    decoder: Decoder, cache: KVCache, tree: TokenTree, tokens: torch.Tensor, alive: torch.Tensor | None = None, pruner: Pruner | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tree's tokens [B, N] through the model: every node, or each row's ``alive`` nodes [B, N]
+    only (whole paths); with ``pruner``, layers [0, k) on them and the late layers on the early
+    survivors only (early pruning). The final-normed states [B, N, dim] (zeros at nodes that did
+    not run every layer) and which nodes did [B, N] (None: all)."""
+    layout = cache.tree(tree.ancestors)
+    if alive is None and pruner is None:
+        return decoder.final_norm(decoder.extend(tokens, layout, cache)), None
+    alive = torch.ones(tokens.shape, dtype=torch.bool) if alive is None else alive
+    split = pruner.layer if pruner else decoder.args.n_layers
+    hidden = run_nodes(decoder, cache, tree, layout, decoder.embed(tokens), alive, 0, split)
+    if pruner is not None:
+        alive = alive & pruner.survivors(decoder, hidden, tokens, tree)
+        hidden = run_nodes(decoder, cache, tree, layout, hidden, alive, split, decoder.args.n_layers)
+    normed = torch.zeros_like(hidden)
+    normed[alive] = decoder.final_norm(hidden[alive])
+    return normed, alive
+
+
+def run_nodes(
+    decoder: Decoder, cache: KVCache, tree: TokenTree, layout: Layout, x: torch.Tensor, nodes: torch.Tensor, start: int, end: int,
+) -> torch.Tensor:
+    """Layers [start, end) over each row's ``nodes`` [B, N] (whole paths) of a tree laid out by
+    ``layout``, their states taken from x [B, N, dim]: x with theirs updated. Rows keep different
+    numbers of nodes: each row's come first, and a shorter row repeats its root after them, which
+    the fused layers skip (``Layout.counts``) and other routes compute again into the same slot."""
+    B, N = nodes.shape
+    if bool(nodes.all()):
+        return decoder.forward_layers(x, layout, cache, start, end)
+    counts = nodes.sum(1)
+    S = int(counts.max())
+    order = torch.where(nodes, torch.arange(N), N).sort(dim=1).values[:, :S]
+    real = order < N
+    order = torch.where(real, order, 0)
+    paths = layout.plan.path.gather(1, order.unsqueeze(-1).expand(-1, -1, layout.plan.path.shape[-1]))  # each node's path's slots
+    sub = cache.paths(layout.slots.gather(1, order), paths)
+    sub.counts = counts
+    y = decoder.forward_layers(x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1])), sub, cache, start, end)
+    out = x.clone()
+    rows, at = real.nonzero(as_tuple=True)
+    out[rows, order[rows, at]] = y[rows, at]
+    return out
+
+
+def _acceptor(
+    decoder: Decoder, picker: Picker, normed: torch.Tensor, tree: TokenTree, alive: torch.Tensor | None,
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``walk``'s ``accept`` over a step's normed states [B, N, dim] (those of the ``alive`` nodes,
+    where given). Greedy steps of up to ``PROJECT_ALL`` such nodes take every node's argmax from
+    one product (measured on the Intel Xeon with AMX: 8 rows cost 2.4 ms, 32 rows 5.9, one row 1.7,
+    and a walk projects 2-4 depths); a row's logits do not depend on the rows beside it on an exact
+    route, so the tokens are the same."""
+    nodes = normed.shape[0] * normed.shape[1] if alive is None else int(alive.sum())
+    if picker.greedy and nodes <= PROJECT_ALL:
+        if alive is None:
+            picks = decoder.greedy_tokens(normed)  # [B, N]
+        else:
+            picks = torch.zeros(alive.shape, dtype=torch.long)
+            picks[alive] = decoder.greedy_tokens(normed[alive])
 
         def accept(rows, nodes, kids, valid):
             picked = picks[rows, nodes]

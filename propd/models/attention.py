@@ -145,8 +145,9 @@ def _native(lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch
     sb, sh, ss, _ = keys.stride()
     max_keys = int(plan.inplace.max()) + plan.path.shape[-1]
     threads = native.threads(B * T * H * max_keys)  # the split changes no result
+    starts = torch.arange(0, B * T + 1, T)  # row b's tokens: [starts[b], starts[b + 1])
     args = [
-        q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), plan.inplace.data_ptr(), plan.path.data_ptr(),
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), plan.inplace.data_ptr(), plan.path.data_ptr(), starts.data_ptr(),
         B, T, H, keys.shape[1], plan.path.shape[-1], hd, sb, sh, ss, ctypes.c_float(hd**-0.5), max_keys, threads,
     ]  # fmt: skip
     if copy is None:

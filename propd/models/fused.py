@@ -27,7 +27,7 @@ class _Step(ctypes.Structure):
         ("scale", ctypes.c_float),
         ("kv", ctypes.c_void_p),
         *[(name, ctypes.c_int64) for name in ("s_layer", "s_kv", "s_row", "s_head", "s_slot", "B", "T", "D", "max_keys", "attend_threads")],
-        *[(name, ctypes.c_void_p) for name in ("slots", "n_in", "path", "cs", "packed")],
+        *[(name, ctypes.c_void_p) for name in ("starts", "slots", "n_in", "path", "cs", "packed")],
         *[(name, ctypes.c_int64) for name in ("p_layer", "p_row", "p_head")],
         *[(name, ctypes.c_void_p) for name in ("ready", "committed")],
     ]
@@ -59,18 +59,25 @@ class FusedLayers:
         )
 
     def run(self, x: torch.Tensor, rope: torch.Tensor, layout: Layout, cache: KVCache, start: int, end: int) -> torch.Tensor:
-        """Layers [start, end) over x [B, T, dim] (fp32): the new hidden states, K/V written into ``cache``."""
+        """Layers [start, end) over x [B, T, dim] (fp32): the new hidden states, K/V written into
+        ``cache``. Rows' repeated tokens past ``layout.counts`` are skipped (and returned as they came)."""
         a, plan = self.args, layout.plan
         B, T, _ = x.shape
-        x = x.contiguous().clone()
-        cs = torch.view_as_real(rope).contiguous()
-        slots, n_in, path = layout.slots.contiguous(), plan.inplace.contiguous(), plan.path.contiguous()
+        cs, slots, n_in, path = torch.view_as_real(rope), layout.slots, plan.inplace, plan.path
+        counts, given = layout.counts, x
+        real = None if counts is None or bool((counts == T).all()) else torch.arange(T) < counts.unsqueeze(1)  # [B, T]
+        if real is None:
+            counts, x = torch.full((B,), T), x.contiguous().clone()
+        else:
+            x, cs, slots, n_in, path = (t[real] for t in (x, cs, slots, n_in, path))
+        cs, slots, n_in, path = (t.contiguous() for t in (cs, slots, n_in, path))
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         max_keys = int(n_in.max()) + path.shape[-1]
         kv = cache.kv
         step = _Step(
             a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size, native.kernel_threads(), a.norm_eps, a.head_dim**-0.5,
-            kv.data_ptr(), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), kv.stride(4), B, T, path.shape[-1], max_keys,
-            native.threads(B * T * a.n_heads * max_keys), slots.data_ptr(), n_in.data_ptr(), path.data_ptr(), cs.data_ptr(),
+            kv.data_ptr(), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), kv.stride(4), B, int(counts.max()), path.shape[-1], max_keys,
+            native.threads(len(x) * a.n_heads * max_keys), starts.data_ptr(), slots.data_ptr(), n_in.data_ptr(), path.data_ptr(), cs.data_ptr(),
         )
         if cache.packed is not None:
             committed = cache.lengths.contiguous()
@@ -79,4 +86,8 @@ class FusedLayers:
         weights = ctypes.cast(ctypes.addressof(self.weights) + start * ctypes.sizeof(_Weights), ctypes.POINTER(_Weights))
         if self.lib.forward_layers(x.data_ptr(), weights, start, end - start, ctypes.byref(step)):
             raise MemoryError("fused layers: out of memory")
-        return x
+        if real is None:
+            return x
+        out = given.clone()
+        out[real] = x
+        return out

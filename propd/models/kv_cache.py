@@ -29,6 +29,9 @@ class Layout:
     slots: torch.Tensor  # [B, T] cache slot receiving each token's K/V
     positions: torch.Tensor  # [B, T] RoPE position
     plan: Plan  # how attention reads the cache
+    # [B] or None: row b's tokens past counts[b] repeat its first (same token, slot and path), so
+    # a kernel may skip them (their outputs are then left as they came): rows of different sizes
+    counts: torch.Tensor | None = None
 
 
 class KVCache:

@@ -12,7 +12,9 @@ Two online models (ProPD, arXiv 2402.13485, section 4.2):
   runs no drafter and keeps its own average.
 
 ``TreeChooser`` puts them together: argmax over candidate sizes of E[accepted(n)] / T(n), size 1
-(plain AR) included. The first steps explore two small trees and AR, so that the line has a span;
+(plain AR) included. The first steps explore two small trees and AR, each twice (a size's first
+step in a batch runs cold: at batch 8 a 2-token tree's first step took 26.8 ms, the next ones 21;
+kept, it ruled trees out for 32 steps), so that the line has a span;
 AR, or the trees, when unpicked for half a half-life, are measured once more (an AR step teaches
 the acceptance model nothing, and one slow early measurement would otherwise rule a side out for
 good). A size is a candidate only up to twice the largest measured one: the line is trusted
@@ -43,20 +45,22 @@ class AcceptanceModel:
         self.rate = rate
         self.version = 0  # bumped on every update; trees built from the model are cached per version
 
-    def observe(self, tree: TokenTree, last: int) -> None:
+    def observe(self, tree: TokenTree, last: int, verified: torch.Tensor | None = None) -> None:
         """A row's step ended at node ``last``: along its path each depth's guess of that rank was
-        right; after it, none of ``last``'s children was. Only the ranks the tree held are seen."""
+        right; after it, none of ``last``'s children was. Only the ranks the row verified (its
+        ``verified`` nodes [N] of the tree, where given) are seen."""
         nodes = tree.ancestors[last].nonzero().flatten().tolist()  # root .. last
+        held = None if verified is None else verified.tolist()
         for depth, (parent, child) in enumerate(zip(nodes, nodes[1:])):
-            self._update(depth, int(tree.ranks[child]), tree, parent)
+            self._update(depth, int(tree.ranks[child]), tree, parent, held)
         if len(nodes) - 1 < len(self.p):
-            self._update(len(nodes) - 1, -1, tree, last)
+            self._update(len(nodes) - 1, -1, tree, last, held)
         self.version += 1
 
-    def _update(self, depth: int, rank: int, tree: TokenTree, parent: int) -> None:
+    def _update(self, depth: int, rank: int, tree: TokenTree, parent: int, held: list[bool] | None) -> None:
         row = self.p[depth]
         for child in tree.children[parent].tolist():
-            r = int(tree.ranks[child]) if child >= 0 else len(row)
+            r = int(tree.ranks[child]) if child >= 0 and (held is None or held[child]) else len(row)
             if r < len(row):
                 row[r] += self.rate * ((r == rank) - row[r])
 
@@ -67,6 +71,7 @@ class _SizeStats:
     weight: float  # how much it counts, decaying with age
     step: int  # when it was last measured
     seeded: bool = False  # taken from another bucket, not yet measured in this one
+    count: int = 1  # measurements taken here; the first is replaced by the second (it ran cold)
 
 
 @dataclass
@@ -91,7 +96,8 @@ class LatencyModel:
         if s is None:
             sizes[size] = _SizeStats(seconds, 1.0, self.steps)
         else:
-            s.seconds += self.rate * (seconds - s.seconds)
+            s.seconds = seconds if s.count == 1 else s.seconds + self.rate * (seconds - s.seconds)
+            s.count += 1
             s.weight = self._decayed(s) + 1.0
             s.step = self.steps
 
@@ -108,8 +114,19 @@ class LatencyModel:
         ar = src[1].seconds if 1 in src else 0.0
         rows = max(1.0, key[0] / source[0]) ** 0.5
         self.buckets[key] = {
-            n: _SizeStats(s.seconds if n == 1 else ar + (s.seconds - ar) * rows, 0.5 * self._decayed(s), self.steps, seeded=True) for n, s in src.items()
+            n: _SizeStats(s.seconds if n == 1 else ar + (s.seconds - ar) * rows, 0.5 * self._decayed(s), self.steps, seeded=True, count=2)
+            for n, s in src.items()
         }
+
+    def count(self, key: tuple[int, int], size: int) -> int:
+        """Measurements of ``size`` in this bucket (a seeded size counts as measured)."""
+        s = self.buckets.get(key, {}).get(size)
+        return 0 if s is None else s.count
+
+    def seeded_only(self, key: tuple[int, int]) -> bool:
+        """Whether this bucket's tree costs are all seeded from another, none measured here yet."""
+        trees = [s for n, s in self.buckets.get(key, {}).items() if n > 1]
+        return bool(trees) and all(s.seeded for s in trees)
 
     def measured(self, key: tuple[int, int]) -> list[int]:
         return sorted(self.buckets.get(key, {}))
@@ -162,6 +179,7 @@ class TreeChooser:
         # `propd calibrate` measured (accepted nodes / drafted probability ~0.8 on MT-Bench).
         self._draft_mass, self._draft_accepted = DRAFT_PRIOR, 0.8 * DRAFT_PRIOR
         self._drafted_mass: float | None = None
+        self._exploring = False  # this step measures an explored size: ``select`` keeps it
 
     def tree(self, size: int, depth: int | None = None) -> tuple[TokenTree, float]:
         """The best tree of ``size`` tokens (at most ``depth`` deep) and its expected accepted length.
@@ -178,9 +196,9 @@ class TreeChooser:
     def choose(self, batch_size: int, context: int) -> TokenTree:
         """A new bucket starts from the nearest measured one of about its batch size (rows leaving a
         batch, a context growing past a bucket) or of a smaller one, its seeded costs scaled to its
-        own as it measures them (``LatencyModel.observe``): more rows make a tree cost more beside
-        AR, never less, so a tree that did not pay there is not tried here before its turn, and
-        one that did is tried and measured. After only larger batches it explores afresh."""
+        own as it measures them (``LatencyModel.observe``), its smallest tree measured first (seeded
+        from batch 4, batch 8's trees were predicted 24 ms where they took 21.5, and ProPD kept to
+        AR for 32 steps). After only larger batches it explores afresh."""
         key = (batch_size, context // CONTEXT_BUCKET)
         depth = self.wide_depth if batch_size >= WIDE_BATCH else None
         if not self.latency.measured(key):
@@ -188,7 +206,10 @@ class TreeChooser:
             fitted = [k for k in self.latency.buckets if self.latency.line(k) is not None and k[0] - batch_size <= near]
             if fitted:
                 self.latency.seed(key, min(fitted, key=lambda k: (abs(k[0] - key[0]), abs(k[1] - key[1]))))
-        unexplored = [n for n in self.explore if self.tree(n, depth)[0].size not in self.latency.measured(key)]
+        unexplored = [n for n in self.explore if self.latency.count(key, self.tree(n, depth)[0].size) < 2]
+        if not unexplored and self.latency.seeded_only(key):
+            unexplored = self.explore[:1]  # the smallest tree, measured once here: the seeded trees' costs follow it
+        self._exploring = bool(unexplored)
         if unexplored:
             tree, self.expected = self.tree(unexplored[0], depth)
             return tree
@@ -233,32 +254,43 @@ class TreeChooser:
         as 3 tokens 2 deep cost a batch-8 step 29 ms where 1 deep it costs 20)."""
         return self.tree(min(max(self.sizes), tree.size + tree.size // 2), tree.depth)[0]
 
-    def select(self, batch_size: int, context: int, chosen: int, scores: torch.Tensor) -> list[int]:
-        """The drafted nodes to verify, from their draft path probabilities [B, N]: the most
-        probable ones (summed over rows; a node never beats its parent), as many as buy the most
-        expected tokens per second, a node counting its probability times ``draft_scale``; before
-        the latency line exists, ``chosen`` of them. At least one: the drafting is paid by then (the
-        root alone after it cost more than an AR step, and timed as one it made AR look slow)."""
+    def select(self, batch_size: int, context: int, chosen: int, scores: torch.Tensor) -> torch.Tensor:
+        """Which drafted nodes each row verifies [B, N], from their draft path probabilities [B, N]:
+        the batch's most probable (row, node) pairs, so a row the draft is sure of gets a longer
+        tree than one it is not (ProPD's tree size per row), as many as buy the most expected tokens
+        per second, a node counting its probability times ``draft_scale`` and a step costing what
+        the latency line gives its tokens per row; before the line exists, or while exploring, each
+        row's ``chosen`` - 1 most probable. A node never beats its parent (ties: the lower index, an
+        ancestor, first), so rows keep whole paths. At least one node: the drafting is paid by
+        then (the root alone after it cost more than an AR step, and timed as one it made AR look slow)."""
         key = (batch_size, context // CONTEXT_BUCKET)
-        mass = scores[:, 1:].sum(0)
-        order = (torch.sort(-mass, stable=True).indices + 1).tolist()  # ties: lower index (an ancestor) first
-        gains = [0.0, *torch.cumsum(mass[[i - 1 for i in order]], 0).tolist()]
-        top = min(len(order) + 1, 2 * max(self.latency.measured(key) or [chosen]))
-        sizes = [n for n in self.sizes if 2 <= n <= top] or [min(2, len(order) + 1)]
-        seconds = self.latency.predict(key, sizes)
+        B, N = scores.shape
+        mass = scores[:, 1:]
+        keep = torch.zeros(B, N - 1, dtype=torch.bool)
+        top = min(mass.numel(), int(B * (2 * max(self.latency.measured(key) or [chosen]) - 1)))
+        seconds = None if self._exploring else self.latency.predict(key, [1 + k / B for k in range(1, top + 1)])
         if seconds is None:
-            n = min(chosen, len(order) + 1)
+            best = torch.sort(-mass, dim=1, stable=True).indices[:, : min(chosen, N) - 1]
+            keep.scatter_(1, best, True)
+            gain = float(mass.gather(1, best).sum())
         else:
-            rates = [(batch_size + self.draft_scale * gains[n - 1]) / t for n, t in zip(sizes, seconds)]
-            n = sizes[rates.index(max(rates))]
-        self.expected = 1 + self.draft_scale * gains[n - 1] / batch_size
-        self._drafted_mass = gains[n - 1]
-        return sorted([0, *order[: n - 1]])
+            order = torch.sort(-mass.flatten(), stable=True).indices
+            gains = torch.cumsum(mass.flatten()[order[:top]], 0)
+            rates = (B + self.draft_scale * gains) / torch.tensor(seconds)
+            k = int(rates.argmax()) + 1
+            keep.view(-1)[order[:k]] = True
+            gain = float(gains[k - 1])
+        self.expected = 1 + self.draft_scale * gain / B
+        self._drafted_mass = gain
+        return torch.cat([torch.ones(B, 1, dtype=torch.bool), keep], dim=1)
 
-    def observe(self, tree: TokenTree, batch_size: int, context: int, last_nodes: list[int], seconds: float) -> None:
-        self.latency.observe((batch_size, context // CONTEXT_BUCKET), tree.size, seconds)
-        for last in last_nodes if tree.size > 1 else ():  # the root alone shows no guess (and would only re-rank the trees)
-            self.acceptance.observe(tree, last)
+    def observe(self, tree: TokenTree, batch_size: int, context: int, last_nodes: list[int], seconds: float, verified: torch.Tensor | None = None) -> None:
+        """A step over ``tree`` (each row's ``verified`` nodes [B, N] of it, where given) ended at
+        ``last_nodes`` and took ``seconds``."""
+        size = tree.size if verified is None else float(verified.sum()) / batch_size
+        self.latency.observe((batch_size, context // CONTEXT_BUCKET), size, seconds)
+        for row, last in enumerate(last_nodes if tree.size > 1 else ()):  # the root alone shows no guess (and would only re-rank the trees)
+            self.acceptance.observe(tree, last, None if verified is None else verified[row])
         if self._drafted_mass is not None:  # the draft's probabilities picked this tree: how far they over-promised
             self._draft_mass = DRAFT_DECAY * self._draft_mass + self._drafted_mass
             self._draft_accepted = DRAFT_DECAY * self._draft_accepted + sum(int(tree.depths[n]) for n in last_nodes)

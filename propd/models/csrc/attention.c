@@ -20,8 +20,8 @@
 typedef struct {
     const float *q, *k, *v;
     float *out;
-    const int64_t *n_in, *path;
-    int64_t B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks, group; /* chunks: query chunks per row and K/V head */
+    const int64_t *n_in, *path, *starts; /* row b's tokens: [starts[b], starts[b + 1]) */
+    int64_t B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks, group; /* chunks: query chunks per K/V head of the longest row */
     float scale;
     atomic_int status;
 } Job;
@@ -41,7 +41,7 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int64_t la
     int64_t inplace[CHUNK], L[CHUNK], row[CHUNK];
     const int64_t *path[CHUNK];
     for (int64_t i = 0; i < nq; ++i) {
-        int64_t bt = b * a->T + (p0 + i) / g;
+        int64_t bt = a->starts[b] + (p0 + i) / g;
         row[i] = bt * a->H + kvh * g + (p0 + i) % g;
         inplace[i] = L[i] = a->n_in[bt], path[i] = a->path + bt * a->D;
         while (L[i] - inplace[i] < a->D && path[i][L[i] - inplace[i]] >= 0) ++L[i];
@@ -104,7 +104,7 @@ static void chunk_any(const Job *a, int64_t nq, int64_t b, int64_t kvh, int64_t 
    entries then come from memory once, and from the core's cache for the next chunks). */
 static void run(void *arg) {
     Job *a = arg;
-    int64_t queries = a->T * (a->H / a->KV), tasks = a->B * a->KV * ((a->chunks + a->group - 1) / a->group);
+    int64_t tasks = a->B * a->KV * ((a->chunks + a->group - 1) / a->group);
     float *scores = malloc(sizeof(float) * (size_t)(CHUNK * ((a->max_keys + W - 1) / W * W)));
     if (!scores) {
         atomic_store(&a->status, -1);
@@ -112,7 +112,8 @@ static void run(void *arg) {
     }
     for (int64_t task; (task = pool_take(1)) < tasks;) {
         int64_t per_head = (a->chunks + a->group - 1) / a->group, bk = task / per_head, first = task % per_head * a->group;
-        for (int64_t c = first; c < first + a->group && c < a->chunks; ++c) {
+        int64_t queries = (a->starts[bk / a->KV + 1] - a->starts[bk / a->KV]) * (a->H / a->KV);
+        for (int64_t c = first; c < first + a->group && c * CHUNK < queries; ++c) {
             int64_t p0 = c * CHUNK;
             chunk_any(a, queries - p0 < CHUNK ? queries - p0 : CHUNK, bk / a->KV, bk % a->KV, p0, scores);
         }
@@ -120,15 +121,16 @@ static void run(void *arg) {
     free(scores);
 }
 
-/* q [B, T, H, hd] contiguous (hd a multiple of 16, at most 128); k, v one layer's keys / values with strides
-   (batch, K/V head, slot) in floats; out [B, T, H, hd] contiguous; n_in [B, T]; path [B, T, D];
+/* q [M, H, hd] contiguous (hd a multiple of 16, at most 128), row b's tokens at [starts[b], starts[b + 1]), at most T
+   of them; k, v one layer's keys / values with strides (batch, K/V head, slot) in floats; out [M, H, hd]
+   contiguous; n_in [M]; path [M, D];
    max_keys: no query reads more entries. Up to ``threads`` threads take the tasks (``pool.h``).
    Returns 0, or -1 when out of memory. */
-int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path,
+int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
            float scale, int64_t max_keys, int64_t threads) {
     int64_t chunks = (T * (H / KV) + CHUNK - 1) / CHUNK;
-    Job job = {q, k, v, out, n_in, path, B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks, B * KV >= 4 * threads ? chunks : 1, scale, 0};
+    Job job = {q, k, v, out, n_in, path, starts, B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks, B * KV >= 4 * threads ? chunks : 1, scale, 0};
     pool_run(run, &job, threads);
     return atomic_load(&job.status);
 }

@@ -39,8 +39,8 @@ int amx_ready(void);
 typedef struct {
     const float *q, *k, *v;
     float *out;
-    const int64_t *n_in, *path;
-    int64_t B, T, H, KV, D, hd, sb, sh, ss, tiles, splits;
+    const int64_t *n_in, *path, *starts; /* row b's tokens: [starts[b], starts[b + 1]) */
+    int64_t B, T, H, KV, D, hd, sb, sh, ss, tiles, splits; /* tiles: of the longest row */
     float scale;
     uint32_t *packed; /* committed blocks already packed: row b's first ready[b] at packed + b * pb + h * ph + j * 32 * hd */
     int64_t pb, ph;
@@ -215,7 +215,7 @@ static void take(Tile *t, int64_t j, Packed p, int from, int to, int in_place_ro
 
 static void run(void *arg) {
     Job *a = arg;
-    int64_t hd = a->hd, g = a->H / a->KV, queries = a->T * g, per = (a->tiles + a->splits - 1) / a->splits;
+    int64_t hd = a->hd, g = a->H / a->KV, per = (a->tiles + a->splits - 1) / a->splits;
     Tile *tiles = malloc(sizeof(Tile) * per);
     uint16_t *qs = aligned_alloc(64, sizeof(uint16_t) * per * ROWS * hd), *w = aligned_alloc(64, sizeof(uint16_t) * ROWS * KEYS);
     float *accs = aligned_alloc(64, sizeof(float) * per * ROWS * hd), *s = aligned_alloc(64, sizeof(float) * ROWS * KEYS);
@@ -231,7 +231,8 @@ static void run(void *arg) {
     configure_tiles();
     for (int64_t task; (task = pool_take(1)) < a->B * a->KV * a->splits;) {
         int64_t b = task / (a->KV * a->splits), kvh = task / a->splits % a->KV, m0 = task % a->splits * per;
-        int64_t m1 = m0 + per < a->tiles ? m0 + per : a->tiles, blocks = 0;
+        int64_t queries = (a->starts[b + 1] - a->starts[b]) * g, tiles_b = (queries + ROWS - 1) / ROWS;
+        int64_t m1 = m0 + per < tiles_b ? m0 + per : tiles_b, blocks = 0;
         const float *kh = a->k + b * a->sb + kvh * a->sh, *vh = a->v + b * a->sb + kvh * a->sh;
         for (int64_t m = m0; m < m1; ++m) {
             Tile *t = tiles + (m - m0);
@@ -240,7 +241,7 @@ static void run(void *arg) {
             memset(t->q, 0, sizeof(uint16_t) * ROWS * hd);
             memset(t->acc, 0, sizeof(float) * ROWS * hd);
             for (int i = 0; i < t->n; ++i) {
-                int64_t p = m * ROWS + i, bt = b * a->T + p / g;
+                int64_t p = m * ROWS + i, bt = a->starts[b] + p / g;
                 const float *q = a->q + (bt * a->H + kvh * g + p % g) * hd;
                 t->token[i] = p / g, t->out[i] = (bt * a->H + kvh * g + p % g) * hd;
                 t->inplace[i] = t->len[i] = a->n_in[bt], t->path[i] = a->path + bt * a->D;
@@ -313,14 +314,14 @@ static void pack_committed(void *arg) {
    pb (rows) and ph (K/V heads) in dwords, blocks of 32 * hd dwords; row b's first ready[b] blocks are
    packed, and its first committed[b] entries will not change until ``ready`` is lowered. Blocks up to
    committed[b] / 32 are packed here first and ``ready`` raised to that. */
-int attend_amx(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path,
+int attend_amx(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
                int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
                float scale, int64_t max_keys, int64_t threads, uint32_t *packed, int64_t pb, int64_t ph, int64_t *ready,
                const int64_t *committed) {
     (void)max_keys;
     if (!amx_ready() || (hd != 64 && hd != 128)) return -2;
     int64_t tiles = (T * (H / KV) + ROWS - 1) / ROWS, want = (2 * threads + B * KV - 1) / (B * KV), stale = 0;
-    Job job = {q, k, v, out, n_in, path, B, T, H, KV, D, hd, sb, sh, ss, tiles, want < tiles ? want : tiles, scale, packed, pb, ph, ready, committed, 0};
+    Job job = {q, k, v, out, n_in, path, starts, B, T, H, KV, D, hd, sb, sh, ss, tiles, want < tiles ? want : tiles, scale, packed, pb, ph, ready, committed, 0};
     for (int64_t b = 0; packed && b < B; ++b) stale |= ready[b] < committed[b] / KEYS;
     if (stale) {
         pool_run(pack_committed, &job, threads);
@@ -331,11 +332,11 @@ int attend_amx(const float *q, const float *k, const float *v, float *out, const
 }
 
 #else
-int attend_amx(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path,
+int attend_amx(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
                int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
                float scale, int64_t max_keys, int64_t threads, uint32_t *packed, int64_t pb, int64_t ph, int64_t *ready,
                const int64_t *committed) {
-    (void)q, (void)k, (void)v, (void)out, (void)n_in, (void)path, (void)B, (void)T, (void)H, (void)KV, (void)D, (void)hd;
+    (void)q, (void)k, (void)v, (void)out, (void)n_in, (void)path, (void)starts, (void)B, (void)T, (void)H, (void)KV, (void)D, (void)hd;
     (void)sb, (void)sh, (void)ss, (void)scale, (void)max_keys, (void)threads, (void)packed, (void)pb, (void)ph, (void)ready, (void)committed;
     return -2;
 }

@@ -27,10 +27,10 @@ static void silu_rows(void *arg) {
     for (int64_t r; (r = pool_take(1)) < j->rows;) silu_mul(j->gu + r * 2 * j->inter, j->act + r * j->inter, 1, j->inter, 0);
 }
 int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads);
-int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path,
+int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
            float scale, int64_t max_keys, int64_t threads);
-int attend_amx(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path,
+int attend_amx(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
                int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
                float scale, int64_t max_keys, int64_t threads, uint32_t *packed, int64_t pb, int64_t ph, int64_t *ready,
                const int64_t *committed);
@@ -46,9 +46,10 @@ typedef struct {
     /* the cache: [layers, 2, B, kv_heads, slots, hd + 1] floats, strides in floats */
     float *kv;
     int64_t s_layer, s_kv, s_row, s_head, s_slot;
-    /* this call's tokens: [B, T]; RoPE (cos, sin) per token [B * T, hd / 2, 2]; attention's plan */
+    /* this call's tokens: row b's at [starts[b], starts[b + 1]), at most T of them; per token its slot, RoPE
+       (cos, sin) [hd / 2, 2] and attention's plan */
     int64_t B, T, D, max_keys, attend_threads;
-    const int64_t *slots, *n_in, *path;
+    const int64_t *starts, *slots, *n_in, *path;
     const float *cs;
     /* the cache's committed blocks for the AMX attention (``attend_amx``), or packed NULL: ``attend`` */
     uint32_t *packed;
@@ -61,10 +62,10 @@ static void add(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-/* Layers [0, n) of ``weights`` over x [B * T, dim] (fp32, updated in place), their K/V written at
+/* Layers [0, n) of ``weights`` over x [M, dim] (fp32, updated in place), their K/V written at
    the tokens' slots of cache layers first, first + 1, ... Returns 0, or -1 out of memory. */
 int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, const Step *s) {
-    int64_t M = s->B * s->T, dim = s->dim, hd = s->hd, H = s->heads, KV = s->kv_heads, width = (H + 2 * KV) * hd;
+    int64_t M = s->starts[s->B], dim = s->dim, hd = s->hd, H = s->heads, KV = s->kv_heads, width = (H + 2 * KV) * hd;
     float *normed = malloc(sizeof(float) * M * dim), *h = malloc(sizeof(float) * M * width), *q = malloc(sizeof(float) * M * H * hd);
     float *att = malloc(sizeof(float) * M * H * hd), *out = malloc(sizeof(float) * M * dim), *gu = malloc(sizeof(float) * M * 2 * s->inter);
     float *act = malloc(sizeof(float) * M * s->inter);
@@ -76,9 +77,10 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
         status |= amx_linear(normed, w->qkv, h, M, width, dim, s->threads);
         for (int64_t m = 0; w->bqkv && m < M; ++m) add(h + m * width, w->bqkv, width);
         rope(h, s->cs, M, H + KV, width, hd);
-        for (int64_t m = 0; m < M; ++m) {
+        for (int64_t b = 0, m = 0; m < M; ++m) {
             const float *row = h + m * width;
-            int64_t at = (m / s->T) * s->s_row + s->slots[m] * s->s_slot;
+            while (m >= s->starts[b + 1]) ++b;
+            int64_t at = b * s->s_row + s->slots[m] * s->s_slot;
             memcpy(q + m * H * hd, row, sizeof(float) * H * hd);
             for (int64_t k = 0; k < KV; ++k) {
                 memcpy(keys + at + k * s->s_head, row + (H + k) * hd, sizeof(float) * hd);
@@ -86,11 +88,11 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
             }
         }
         if (s->packed)
-            status |= attend_amx(q, keys, values, att, s->n_in, s->path, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot, s->scale,
+            status |= attend_amx(q, keys, values, att, s->n_in, s->path, s->starts, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot, s->scale,
                                  s->max_keys, s->attend_threads, s->packed + (first + i) * s->p_layer, s->p_row, s->p_head,
                                  s->ready + (first + i) * s->B, s->committed);
         else
-            status |= attend(q, keys, values, att, s->n_in, s->path, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot,
+            status |= attend(q, keys, values, att, s->n_in, s->path, s->starts, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot,
                              s->scale, s->max_keys, s->attend_threads);
         status |= amx_linear(att, w->wo, out, M, dim, H * hd, s->threads);
         add(x, out, M * dim);
