@@ -26,7 +26,7 @@ static void silu_rows(void *arg) {
     const SiluJob *j = arg;
     for (int64_t r; (r = pool_take(1)) < j->rows;) silu_mul(j->gu + r * 2 * j->inter, j->act + r * j->inter, 1, j->inter, 0);
 }
-int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads);
+int amx_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads);
 int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
            float scale, int64_t max_keys, int64_t threads);
@@ -66,15 +66,16 @@ static void add(float *x, const float *y, int64_t n) {
    the tokens' slots of cache layers first, first + 1, ... Returns 0, or -1 out of memory. */
 int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, const Step *s) {
     int64_t M = s->starts[s->B], dim = s->dim, hd = s->hd, H = s->heads, KV = s->kv_heads, width = (H + 2 * KV) * hd;
-    float *normed = malloc(sizeof(float) * M * dim), *h = malloc(sizeof(float) * M * width), *q = malloc(sizeof(float) * M * H * hd);
-    float *att = malloc(sizeof(float) * M * H * hd), *out = malloc(sizeof(float) * M * dim), *gu = malloc(sizeof(float) * M * 2 * s->inter);
+    int64_t room = (M + 31) / 32 * 32; /* the products' outputs hold whole tiles of rows: stored straight from the tiles */
+    float *normed = malloc(sizeof(float) * M * dim), *h = malloc(sizeof(float) * room * width), *q = malloc(sizeof(float) * M * H * hd);
+    float *att = malloc(sizeof(float) * M * H * hd), *out = malloc(sizeof(float) * room * dim), *gu = malloc(sizeof(float) * room * 2 * s->inter);
     float *act = malloc(sizeof(float) * M * s->inter);
     int status = normed && h && q && att && out && gu && act ? 0 : -1;
     for (int64_t i = 0; i < n && !status; ++i) {
         const Weights *w = weights + i;
         float *keys = s->kv + (first + i) * s->s_layer, *values = keys + s->s_kv;
         rms_norm(x, w->attn_norm, normed, M, dim, s->eps);
-        status |= amx_linear(normed, w->qkv, h, M, width, dim, s->threads);
+        status |= amx_linear_into(normed, w->qkv, h, M, width, dim, room, s->threads);
         for (int64_t m = 0; w->bqkv && m < M; ++m) add(h + m * width, w->bqkv, width);
         rope(h, s->cs, M, H + KV, width, hd);
         for (int64_t b = 0, m = 0; m < M; ++m) {
@@ -94,13 +95,13 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
         else
             status |= attend(q, keys, values, att, s->n_in, s->path, s->starts, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot,
                              s->scale, s->max_keys, s->attend_threads);
-        status |= amx_linear(att, w->wo, out, M, dim, H * hd, s->threads);
+        status |= amx_linear_into(att, w->wo, out, M, dim, H * hd, room, s->threads);
         add(x, out, M * dim);
         rms_norm(x, w->mlp_norm, normed, M, dim, s->eps);
-        status |= amx_linear(normed, w->gate_up, gu, M, 2 * s->inter, dim, s->threads);
+        status |= amx_linear_into(normed, w->gate_up, gu, M, 2 * s->inter, dim, room, s->threads);
         SiluJob silu = {gu, act, M, s->inter};
         pool_run(silu_rows, &silu, M >= 4 ? s->threads : 1);
-        status |= amx_linear(act, w->down, out, M, dim, s->inter, s->threads);
+        status |= amx_linear_into(act, w->down, out, M, dim, s->inter, room, s->threads);
         add(x, out, M * dim);
     }
     free(normed), free(h), free(q), free(att), free(out), free(gu), free(act);

@@ -34,11 +34,20 @@
 
 typedef struct {
     const uint16_t *a, *w; /* a: [M rounded up to 32, K] bf16 (rows past M zero); w: packed */
-    float *y;              /* [M, N], or NULL: keep each row's largest output per chunk of blocks instead */
+    float *y;              /* [room, N], or NULL: keep each row's largest output per chunk of blocks instead */
     float *top;            /* [chunks, M] those largest outputs */
     int64_t *at;           /* [chunks, M] their columns (the first, on ties) */
-    int64_t M, N, K, blocks;
+    int64_t M, N, K, blocks, room; /* room: rows y holds (>= M; rows past M take padding's sums) */
 } Job;
+
+/* Whether ``count`` whole blocks from nb, rows r0 .. r0 + rows, go from the tiles straight into y:
+   a tile store row by row into the outputs, where a store to a buffer and a copy row by row took a
+   sixth of a 32-row product's time. */
+static int direct(const Job *j, int64_t nb, int64_t count, int64_t r0, int64_t rows) {
+    return j->y && j->M > 8 && r0 + rows <= j->room && (nb + count) * 16 <= j->N;
+}
+
+#define OUT(nb, r) (j->y + (r) * j->N + (nb) * 16)
 
 /* A chunk's largest output per row so far, lane by lane (lane l: the block columns n0 + l), and
    where it is: vectors, where a comparison per column took a third of an 8-row argmax. */
@@ -105,9 +114,14 @@ static void take_blocks(void *arg) {
                     _tile_loadd(5, WEIGHTS(nb + 2, kb), 64); _tile_dpbf16ps(2, 4, 5);
                     _tile_loadd(6, WEIGHTS(nb + 3, kb), 64); _tile_dpbf16ps(3, 4, 6);
                 }
-                _tile_stored(0, sums[0][0], 64); _tile_stored(1, sums[1][0], 64);
-                _tile_stored(2, sums[2][0], 64); _tile_stored(3, sums[3][0], 64);
-                for (int b = 0; b < 4; ++b) finish_block(j, nb + b, first, 0, sums[b], &best);
+                if (direct(j, nb, 4, 0, 16)) {
+                    _tile_stored(0, OUT(nb, 0), j->N * 4); _tile_stored(1, OUT(nb + 1, 0), j->N * 4);
+                    _tile_stored(2, OUT(nb + 2, 0), j->N * 4); _tile_stored(3, OUT(nb + 3, 0), j->N * 4);
+                } else {
+                    _tile_stored(0, sums[0][0], 64); _tile_stored(1, sums[1][0], 64);
+                    _tile_stored(2, sums[2][0], 64); _tile_stored(3, sums[3][0], 64);
+                    for (int b = 0; b < 4; ++b) finish_block(j, nb + b, first, 0, sums[b], &best);
+                }
                 nb += 4;
             } else if (last - nb >= 2) {
                 for (int64_t r0 = 0; r0 < j->M; r0 += 32) {
@@ -128,6 +142,14 @@ static void take_blocks(void *arg) {
                             _tile_dpbf16ps(3, 5, 7);
                         }
                     }
+                    if (direct(j, nb, 2, r0, upper ? 32 : 16)) {
+                        _tile_stored(0, OUT(nb, r0), j->N * 4); _tile_stored(1, OUT(nb + 1, r0), j->N * 4);
+                        if (upper) {
+                            _tile_stored(2, OUT(nb, r0 + 16), j->N * 4);
+                            _tile_stored(3, OUT(nb + 1, r0 + 16), j->N * 4);
+                        }
+                        continue;
+                    }
                     _tile_stored(0, sums[0][0], 64); _tile_stored(1, sums[1][0], 64);
                     if (upper) {
                         _tile_stored(2, sums[0][1], 64);
@@ -147,6 +169,11 @@ static void take_blocks(void *arg) {
                         _tile_loadd(6, WEIGHTS(nb, kb), 64);
                         _tile_dpbf16ps(0, 4, 6);
                         if (upper) _tile_dpbf16ps(2, 5, 6);
+                    }
+                    if (direct(j, nb, 1, r0, upper ? 32 : 16)) {
+                        _tile_stored(0, OUT(nb, r0), j->N * 4);
+                        if (upper) _tile_stored(2, OUT(nb, r0 + 16), j->N * 4);
+                        continue;
                     }
                     _tile_stored(0, sums[0][0], 64);
                     if (upper) _tile_stored(2, sums[0][1], 64);
@@ -192,14 +219,20 @@ static uint16_t *bf16_rows(const float *x, int64_t M, int64_t K) {
 }
 
 /* y [M, N] (fp32) = x [M, K] (fp32; K a multiple of 32) times the packed weights' transpose, with up
-   to ``threads`` - 1 workers helping the calling thread. Returns 0, or -1 without AMX or memory, or
-   for a shape it does not take. */
-int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
+   to ``threads`` - 1 workers helping the calling thread; y has room for ``room`` >= M rows (those
+   past M get the zero rows' sums: a caller that rounds its rows up to 32 lets every tile go
+   straight into y). Returns 0, or -1 without AMX or memory, or for a shape it does not take. */
+int amx_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
     uint16_t *a = bf16_rows(x, M, K);
     if (!a) return -1;
-    Job job = {a, w, y, NULL, NULL, M, N, K, (N + 15) / 16};
+    Job job = {a, w, y, NULL, NULL, M, N, K, (N + 15) / 16, room};
     pool_run(take_blocks, &job, threads);
     return 0;
+}
+
+/* amx_linear_into with room for M rows. */
+int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
+    return amx_linear_into(x, w, y, M, N, K, M, threads);
 }
 
 /* at [M] = the column of each row's largest output of the product amx_linear computes (the first
@@ -211,7 +244,7 @@ int amx_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_
     float *tops = malloc(sizeof(float) * chunks * M);
     int64_t *ats = malloc(sizeof(int64_t) * chunks * M);
     if (!a || !tops || !ats) return free(tops), free(ats), -1;
-    Job job = {a, w, NULL, tops, ats, M, N, K, blocks};
+    Job job = {a, w, NULL, tops, ats, M, N, K, blocks, M};
     pool_run(take_blocks, &job, threads);
     for (int64_t r = 0; r < M; ++r) /* chunks in column order: a later one wins only when larger */
         for (int64_t c = 0, best = 0; c < chunks; ++c)
@@ -261,8 +294,9 @@ int amx_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t
              int64_t threads) {
     static _Thread_local void *buffer;
     static _Thread_local size_t held;
-    float *outputs = k >= 1 && k <= N ? scratch(&buffer, &held, sizeof(float) * (size_t)(M * N)) : NULL;
-    if (!outputs || amx_linear(x, w, outputs, M, N, K, threads)) return -1;
+    int64_t room = (M + 31) / 32 * 32;
+    float *outputs = k >= 1 && k <= N ? scratch(&buffer, &held, sizeof(float) * (size_t)(room * N)) : NULL;
+    if (!outputs || amx_linear_into(x, w, outputs, M, N, K, room, threads)) return -1;
     TopJob job = {outputs, at, top, M, N, k, normalized};
     pool_run(top_rows, &job, M >= 4 ? threads : 1);
     return 0;
@@ -270,6 +304,10 @@ int amx_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t
 
 #else
 int amx_ready(void) { return 0; }
+int amx_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
+    (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)room, (void)threads;
+    return -1;
+}
 int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
     (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)threads;
     return -1;
