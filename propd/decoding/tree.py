@@ -92,7 +92,7 @@ class Verified:
         return self.offsets.gather(1, (self.counts - 1).unsqueeze(1)).squeeze(1)
 
     def result(self, tokens: torch.Tensor) -> StepResult:
-        B, N = tokens.shape
+        B = len(tokens)
         path_tokens = tokens.gather(1, self.offsets)
         accepted = [path_tokens[b, 1 : int(self.counts[b])].tolist() + [int(self.roots[b])] for b in range(B)]
         return StepResult(accepted, self.roots, self.verified, self.late)

@@ -76,14 +76,15 @@ class _SizeStats:
 
 @dataclass
 class LatencyModel:
-    """Step time against tree size by weighted linear regression (one line per bucket)."""
+    """Step time against tree size (tokens per row; a batch whose rows verify their own numbers of
+    tokens counts their mean) by weighted linear regression (one line per bucket)."""
 
     half_life: float = 64.0  # steps after which a measurement counts half
     rate: float = 0.3  # moving-average rate per size
-    buckets: dict[tuple[int, int], dict[int, _SizeStats]] = field(default_factory=dict)
+    buckets: dict[tuple[int, int], dict[float, _SizeStats]] = field(default_factory=dict)
     steps: int = 0
 
-    def observe(self, key: tuple[int, int], size: int, seconds: float) -> None:
+    def observe(self, key: tuple[int, int], size: float, seconds: float) -> None:
         self.steps += 1
         sizes = self.buckets.setdefault(key, {})
         s = sizes.get(size)
@@ -118,7 +119,7 @@ class LatencyModel:
             for n, s in src.items()
         }
 
-    def count(self, key: tuple[int, int], size: int) -> int:
+    def count(self, key: tuple[int, int], size: float) -> int:
         """Measurements of ``size`` in this bucket (a seeded size counts as measured)."""
         s = self.buckets.get(key, {}).get(size)
         return 0 if s is None else s.count
@@ -128,7 +129,7 @@ class LatencyModel:
         trees = [s for n, s in self.buckets.get(key, {}).items() if n > 1]
         return bool(trees) and all(s.seeded for s in trees)
 
-    def measured(self, key: tuple[int, int]) -> list[int]:
+    def measured(self, key: tuple[int, int]) -> list[float]:
         return sorted(self.buckets.get(key, {}))
 
     def line(self, key: tuple[int, int]) -> tuple[float, float] | None:
@@ -145,7 +146,7 @@ class LatencyModel:
         slope = max(0.0, sum(w[n] * (n - mean_n) * (s.seconds - mean_t) for n, s in sizes.items()) / var) if var else 0.0
         return mean_t - slope * mean_n, slope
 
-    def predict(self, key: tuple[int, int], sizes: list[int]) -> list[float] | None:
+    def predict(self, key: tuple[int, int], sizes: list[float]) -> list[float] | None:
         """Predicted step seconds for each size (plain AR: its own average), or None before a line."""
         fit = self.line(key)
         if fit is None:
