@@ -29,8 +29,9 @@ class Layout:
     slots: torch.Tensor  # [B, T] cache slot receiving each token's K/V
     positions: torch.Tensor  # [B, T] RoPE position
     plan: Plan  # how attention reads the cache
-    # [B] or None: row b's tokens past counts[b] repeat its first (same token, slot and path), so
-    # a kernel may skip them (their outputs are then left as they came): rows of different sizes
+    # [B] or None: row b's tokens past counts[b] are padding whose outputs and K/V nobody reads (a
+    # tree's shorter rows repeat their root, a prompt's padding lies past its end), so a kernel may
+    # skip them (their outputs are then left as they came)
     counts: torch.Tensor | None = None
 
 
