@@ -24,11 +24,12 @@ reached by doubling while each step up still pays.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
-from propd.tree.tree import TokenTree, best_paths
+from propd.tree.tree import TokenTree, best_paths, tree_of
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXT_BUCKET = 512  # tokens: a tree's cost is measured separately per bucket of cache length
@@ -45,24 +46,33 @@ class AcceptanceModel:
         self.rate = rate
         self.version = 0  # bumped on every update; trees built from the model are cached per version
 
-    def observe(self, tree: TokenTree, last: int, verified: torch.Tensor | None = None) -> None:
+    def observe(self, tree: TokenTree, last: int, verified: list[bool] | None = None) -> None:
         """A row's step ended at node ``last``: along its path each depth's guess of that rank was
         right; after it, none of ``last``'s children was. Only the ranks the row verified (its
-        ``verified`` nodes [N] of the tree, where given) are seen."""
-        nodes = tree.ancestors[last].nonzero().flatten().tolist()  # root .. last
-        held = None if verified is None else verified.tolist()
+        ``verified`` nodes of the tree, where given) are seen."""
+        ancestry, children, ranks = _shape(tree.paths)
+        nodes = ancestry[last]  # root .. last
         for depth, (parent, child) in enumerate(zip(nodes, nodes[1:])):
-            self._update(depth, int(tree.ranks[child]), tree, parent, held)
+            self._update(depth, ranks[child], children[parent], ranks, verified)
         if len(nodes) - 1 < len(self.p):
-            self._update(len(nodes) - 1, -1, tree, last, held)
+            self._update(len(nodes) - 1, -1, children[last], ranks, verified)
         self.version += 1
 
-    def _update(self, depth: int, rank: int, tree: TokenTree, parent: int, held: list[bool] | None) -> None:
+    def _update(self, depth: int, rank: int, children: list[int], ranks: list[int], verified: list[bool] | None) -> None:
         row = self.p[depth]
-        for child in tree.children[parent].tolist():
-            r = int(tree.ranks[child]) if child >= 0 and (held is None or held[child]) else len(row)
+        for child in children:
+            r = ranks[child] if verified is None or verified[child] else len(row)
             if r < len(row):
                 row[r] += self.rate * ((r == rank) - row[r])
+
+
+@functools.lru_cache(maxsize=256)
+def _shape(paths: tuple) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """A tree's nodes' paths from the root, their children and ranks as lists (the acceptance
+    model walks them for every row of every step: as tensor indexing they took 0.1 ms a batch-8 step)."""
+    tree = tree_of(paths)
+    ancestry = [row.nonzero().flatten().tolist() for row in tree.ancestors]
+    return ancestry, [[c for c in kids if c >= 0] for kids in tree.children.tolist()], tree.ranks.tolist()
 
 
 @dataclass
@@ -171,6 +181,7 @@ class TreeChooser:
         # Tried first: two small trees, then AR (a batch's first step runs cold, and AR has no line to correct its one point).
         self.explore = [*sorted({self.sizes[1], self.sizes[min(3, len(self.sizes) - 1)]}), self.sizes[0]]
         self._version = -1_000_000  # the acceptance model's version the trees below were built at
+        self._ranked_at = -1_000_000  # and the step
         self._paths: list[tuple[float, tuple[int, ...]]] = []
         self._trees: dict[tuple[int, int | None], tuple[TokenTree, float]] = {}  # (size, depth limit) -> tree, expected length
         self._ar_extra: dict[tuple[int, int], float] = {}  # per bucket: what the drafter's reading after AR steps costs per AR step
@@ -184,9 +195,11 @@ class TreeChooser:
 
     def tree(self, size: int, depth: int | None = None) -> tuple[TokenTree, float]:
         """The best tree of ``size`` tokens (at most ``depth`` deep) and its expected accepted length.
-        The most probable paths are ranked again after the acceptance model has moved by a few dozen observations."""
-        if self.acceptance.version - self._version >= 32:
-            self._version = self.acceptance.version
+        The most probable paths are ranked again after the acceptance model has moved by a few dozen
+        observations, over 16 steps at least (at batch 8, 32 observations came every 4 steps, and
+        building the trees again took 0.1 ms a step)."""
+        if self.acceptance.version - self._version >= 32 and self.latency.steps - self._ranked_at >= 16:
+            self._version, self._ranked_at = self.acceptance.version, self.latency.steps
             self._paths = best_paths(self.acceptance.p, max(self.sizes) - 1)
             self._trees = {}
         if (size, depth) not in self._trees:
@@ -269,15 +282,16 @@ class TreeChooser:
         mass = scores[:, 1:]
         keep = torch.zeros(B, N - 1, dtype=torch.bool)
         top = min(mass.numel(), int(B * (2 * max(self.latency.measured(key) or [chosen]) - 1)))
-        seconds = None if self._exploring else self.latency.predict(key, [1 + k / B for k in range(1, top + 1)])
-        if seconds is None:
+        fit = None if self._exploring else self.latency.line(key)
+        if fit is None:
             best = torch.sort(-mass, dim=1, stable=True).indices[:, : min(chosen, N) - 1]
             keep.scatter_(1, best, True)
             gain = float(mass.gather(1, best).sum())
         else:
             order = torch.sort(-mass.flatten(), stable=True).indices
             gains = torch.cumsum(mass.flatten()[order[:top]], 0)
-            rates = (B + self.draft_scale * gains) / torch.tensor(seconds)
+            seconds = (fit[0] + fit[1] * (1 + torch.arange(1, top + 1) / B)).clamp(min=1e-6)  # ``LatencyModel.predict``'s line
+            rates = (B + self.draft_scale * gains) / seconds
             k = int(rates.argmax()) + 1
             keep.view(-1)[order[:k]] = True
             gain = float(gains[k - 1])
@@ -290,8 +304,9 @@ class TreeChooser:
         ``last_nodes`` and took ``seconds``."""
         size = tree.size if verified is None else float(verified.sum()) / batch_size
         self.latency.observe((batch_size, context // CONTEXT_BUCKET), size, seconds)
+        held = None if verified is None else verified.tolist()
         for row, last in enumerate(last_nodes if tree.size > 1 else ()):  # the root alone shows no guess (and would only re-rank the trees)
-            self.acceptance.observe(tree, last, None if verified is None else verified[row])
+            self.acceptance.observe(tree, last, None if held is None else held[row])
         if self._drafted_mass is not None:  # the draft's probabilities picked this tree: how far they over-promised
             self._draft_mass = DRAFT_DECAY * self._draft_mass + self._drafted_mass
             self._draft_accepted = DRAFT_DECAY * self._draft_accepted + sum(int(tree.depths[n]) for n in last_nodes)
