@@ -9,8 +9,9 @@ late layers (``pruning``); feed the step's accepted path and wall time back to b
 
 With the draft layer, its own path probabilities predict acceptance better than the rank
 statistics (``propd calibrate``): the draft fills the rank statistics' best tree of 1.5 times the
-chosen size, and the chooser keeps the prefix of its most probable nodes that buys the most
-expected tokens per second (``step_scored``, ``TreeChooser.select``).
+chosen size for every row, and the chooser keeps the batch's most probable (row, node) pairs, as
+many as buy the most expected tokens per second, so each row verifies a tree of its own size
+(``step_scored``, ``TreeChooser.select``).
 """
 
 from __future__ import annotations
