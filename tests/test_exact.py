@@ -281,12 +281,13 @@ def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family, tiled):
 
 @pytest.mark.skipif(not AMX, reason="no AMX here")
 @pytest.mark.parametrize("out_features", [16, 48, 1000, 1030])  # whole groups of 4 blocks, 3 blocks, tails of 2 and 1, a partial block
-def test_amx_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_features):
+@pytest.mark.parametrize("in_features", [96, 416])  # 3 and 13 input blocks: short and long chains of tile products
+def test_amx_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_features, in_features):
     """Alone, in calls of 2-32 rows (the paths for up to 16 and up to 32 rows) and in one call of 73."""
     torch.manual_seed(out_features)
-    weight = torch.randn(out_features, 96)
+    weight = torch.randn(out_features, in_features)
     lin = Linear(weight, Route.parse("bfloat16-amx"))
-    x = torch.randn(32, 96)
+    x = torch.randn(32, in_features)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(32)])
     for rows in (2, 15, 16, 17, 31, 32):
         assert torch.equal(lin(x[:rows]), alone[:rows]), rows
@@ -297,13 +298,14 @@ def test_amx_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_featu
 
 
 @pytest.mark.skipif(not AMX, reason="no AMX here")
-def test_amx_argmax_picks_what_the_products_argmax_picks_ties_included():
+@pytest.mark.parametrize("in_features", [64, 416])
+def test_amx_argmax_picks_what_the_products_argmax_picks_ties_included(in_features):
     torch.manual_seed(0)
-    weight = torch.randn(1000, 64)
+    weight = torch.randn(1000, in_features)
     weight[700] = weight[300] = weight[5]  # equal outputs: the first column wins, as torch's argmax
     lin = Linear(weight, Route.parse("bfloat16-amx"))
     for rows in (1, 16, 17, 32, 45):
-        x = torch.randn(2, rows, 64)
+        x = torch.randn(2, rows, in_features)
         x[0, 0] = weight[5] * 4
         assert torch.equal(lin.argmax(x), lin(x).argmax(-1))
     assert lin.argmax(weight[5:6] * 4).item() == 5
