@@ -71,13 +71,6 @@ class TokenTree:
         return cls(tuple(nodes), parents, depths, ancestors, ranks, children)
 
 
-def subtree(tree: TokenTree, nodes: list[int]) -> TokenTree:
-    """The tree of ``nodes`` (increasing indices: the root and, for every node, its parent): node k
-    of the result is ``nodes[k]`` of ``tree``, since both order their paths the same way. Built
-    once per shape: draft-scored ProPD steps take one every step."""
-    return tree_of(tuple(tree.paths[i - 1] for i in nodes[1:]))
-
-
 @functools.lru_cache(maxsize=1024)
 def tree_of(paths: tuple[RankPath, ...]) -> TokenTree:
     """``TokenTree.from_paths``, built once per shape (trees chosen per step come back often)."""
