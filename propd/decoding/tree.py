@@ -116,7 +116,7 @@ def verify(
     last, roots = walk(tokens, tree, _acceptor(decoder, picker, normed, tree, alive), alive)
     offsets, counts = accepted_offsets(tree, last)
     cache.keep(offsets, counts)
-    return Verified(normed, offsets, counts, roots, verified, [tree.size] * B if alive is None else alive.sum(1).tolist())
+    return Verified(normed, offsets, counts, roots, verified, verified if pruner is None else alive.sum(1).tolist())
 
 
 def run_tree(
