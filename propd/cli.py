@@ -54,7 +54,7 @@ def check_method_args(args: argparse.Namespace) -> None:
         ignored.append("--tree")
     if args.method != "propd":
         switches = (("--prune", args.prune is not None), ("--no-dynamic", not args.dynamic), ("--no-draft-scores", not args.draft_scores),
-                    ("--max-depth", args.max_depth is not None))
+                    ("--max-depth", args.max_depth is not None), ("--prune-layer", args.prune_layer is not None))
         ignored += [o for o, set_ in switches if set_]
     if args.method != "propd" and args.drafter != "draft":
         ignored.append("--drafter")
@@ -97,6 +97,8 @@ def add_propd_args(p: argparse.ArgumentParser) -> None:
                    help="propd: early pruning by the early head (default: off, see README: ProPD); --no-prune for the ablation")
     p.add_argument("--prune-top-k", type=positive_int, default=10, help="propd: a node survives if its token is in its parent's early top-k")
     p.add_argument("--prune-keep-ranks", type=non_negative_int, default=0, help="propd: never prune the drafter's best N guesses at a node")
+    p.add_argument("--prune-layer", type=positive_int,
+                   help="propd: prune after this layer, with the heads' early head trained there (default: the heads' chosen one)")
     p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
                    help="propd: choose the tree every step (default); --no-dynamic keeps --tree (default best16) every step")
     p.add_argument("--max-depth", type=positive_int, help="propd: the deepest tree it builds (default 2 with the draft layer, whose every "
@@ -115,7 +117,7 @@ def load_model_and_method(args: argparse.Namespace):
     prune = PRUNE_BY_DEFAULT if args.prune is None else args.prune
     return model, model.method(
         args.method, args.tree, args.heads, args.drafter, prune, args.dynamic, args.prune_top_k, args.prune_keep_ranks, args.draft_scores,
-        args.draft_model, args.max_depth,
+        args.draft_model, args.max_depth, args.prune_layer,
     )
 
 
@@ -414,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: hf (transformers generate), ar, bpd, medusa, draft, propd, spec (with --draft-model); "
                         "medusa@TREE / draft@TREE / spec@TREE picks a tree per method, "
                         "propd@medusa / propd@model (with --draft-model) propd's drafter; "
-                        "propd+prune / propd+prune20 (early top-20) / propd+prune20r1 (and the drafter's top guess) / "
+                        "propd+prune / propd+prune20 (early top-20) / propd+prune20r1 (and the drafter's top guess) / propd+prune20r1l16 (after layer 16) / "
                         "propd+noprune, propd+static / propd+staticTREE (one tree every step): the ablations")
     b.add_argument("--batch-sizes", type=positive_ints, default=[1], help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--long-context", metavar="SOURCE",
@@ -465,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-heads", type=positive_int, default=4)
     t.add_argument("--num-layers", type=positive_int, default=1, help="residual blocks per head")
     t.add_argument("--early-layers", default="4,8,12", help="candidate layers for the early-pruning head")
-    t.add_argument("--epochs", type=float, default=2.0)
+    t.add_argument("--epochs", type=float, default=2.0, help="Medusa heads' epochs (0: no Medusa heads)")
     t.add_argument("--early-epochs", type=float, default=1.0)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--candidate-vocab", type=non_negative_int, default=8192, help="heads guess among the N most emitted tokens (0: all)")

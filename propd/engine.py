@@ -175,12 +175,20 @@ class Propd:
         heads.check_fits(self.decoder.args)
         return heads.to(self.device)
 
-    def load_early_head(self, heads: str | os.PathLike = "default") -> EarlyHead:
-        """The early-pruning head: ``default`` (shipped for the default model) or a directory holding early_head.json."""
+    def load_early_head(self, heads: str | os.PathLike = "default", layer: int | None = None) -> EarlyHead:
+        """The early-pruning head of a heads directory (``default``: shipped for the default model):
+        its chosen one (early_head.json), or the one trained after ``layer`` (early_heads/layer-K,
+        where the chosen one is at another layer)."""
         directory = self._heads_dir(heads if isinstance(heads, (str, os.PathLike)) else "default")
         if not (directory / "early_head.json").exists():
             raise PropdError(f"{directory} holds no early head (early_head.json) for pruning; pass --no-prune, or train one (`propd train`)")
         head = EarlyHead.load(directory)
+        if layer is not None and head.layer != layer:
+            held = sorted(int(d.name.removeprefix("layer-")) for d in (directory / "early_heads").glob("layer-*") if (d / "early_head.json").exists())
+            if layer not in held:
+                raise PropdError(f"{directory} holds no early head trained after layer {layer} (it has layers {sorted({head.layer, *held})}); "
+                                 "`propd train --early-layers` trains them")
+            head = EarlyHead.load(directory / "early_heads" / f"layer-{layer}")
         if head.dim != self.decoder.args.dim or head.vocab_size != self.decoder.args.vocab_size or head.layer >= self.decoder.args.n_layers:
             raise PropdError(f"{directory}: the early head (dim {head.dim}, vocab {head.vocab_size}, layer {head.layer}) does not fit this model")
         return head.to(self.device)
@@ -197,13 +205,14 @@ class Propd:
     def method(
         self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads | DraftHead = "default", drafter: str = "draft",
         prune: bool = PRUNE_BY_DEFAULT, dynamic: bool = True, prune_top_k: int = 10, prune_keep_ranks: int = 0, draft_scores: bool = True,
-        draft_model: "str | os.PathLike | Propd | None" = None, max_depth: int | None = None,
+        draft_model: "str | os.PathLike | Propd | None" = None, max_depth: int | None = None, prune_layer: int | None = None,
     ) -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
         ``bpd`` (chain of each head's top-1), ``draft`` (the draft layer fills a static tree,
         default best8d2: 8 tokens, 2 levels of drafting passes) or ``propd`` (a tree chosen every step, filled by ``drafter``: the
         draft layer, the Medusa heads or ``model``, the ``draft_model``; ``prune``: early pruning by the early head's top
-        ``prune_top_k``, sparing the drafter's ``prune_keep_ranks`` best guesses; ``dynamic``
+        ``prune_top_k``, sparing the drafter's ``prune_keep_ranks`` best guesses, after layer ``prune_layer`` (default: the
+        heads' chosen early head); ``dynamic``
         False: the static ``tree`` every step, default best16; ``draft_scores`` False: the draft
         layer fills the rank statistics' best tree instead of its own most probable nodes;
         ``max_depth``: its trees' depth limit, default ``DRAFT_DEPTH`` with the draft layer (1 from
@@ -227,7 +236,8 @@ class Propd:
                         raise PropdError(f"propd needs the {drafter}'s acceptance statistics (rank_probabilities), and these have none")
                     static = load_tree(tree or "best16", stats) if not dynamic else load_tree("chain1")
                     inner = DraftMethod(d, static) if drafter == "draft" else TreeMethod(d, static)
-                pruner = Pruner(self.load_early_head(heads), prune_top_k, prune_keep_ranks) if prune else None
+                vocab = None if drafter == "model" else d.candidate_vocab  # the tokens the drafter can guess
+                pruner = Pruner(self.load_early_head(heads, prune_layer), prune_top_k, prune_keep_ranks, vocab) if prune else None
                 depth = max_depth or (DRAFT_DEPTH if drafter == "draft" else len(stats))
                 wide_depth = 1 if drafter == "draft" and max_depth is None else None  # each level a drafting pass: see TreeChooser
                 return PropdMethod(inner, TreeChooser(AcceptanceModel(stats[:depth]), wide_depth=wide_depth) if dynamic else None, pruner, draft_scores)

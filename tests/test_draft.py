@@ -164,6 +164,6 @@ def test_calibration_records_both_predictions_of_every_node_and_stays_lossless()
 def test_a_batch_start_packs_what_the_draft_reads_so_the_first_tree_step_is_not_timed_with_it():
     dec = Decoder.from_hf(tiny_hf_model("llama", seed=1))
     draft = random_draft(dec.args, 0, candidates=40)
-    assert draft._fc is None and draft._packed is None
+    assert draft._fc is None and not dec._vocab_projections
     generate_batch(dec, DraftMethod(draft, chain(2)), [[1, 2, 3]], 1, {0})  # the root token only: no step runs
-    assert draft._fc is not None and draft._packed is not None
+    assert draft._fc is not None and list(dec._vocab_projections) == [(draft.candidate_vocab.data_ptr(), 40)]

@@ -148,6 +148,8 @@ def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_an
         assert below[taken].min() >= torch.cat([below[~taken], torch.zeros(1)]).max()  # the batch's most probable (row, node) pairs
         if want is None:
             assert kept[0].sum() > kept[1].sum()  # the row the draft is surer of gets the larger tree
+        own = 1 + chooser.draft_scale * (below * taken).sum(1)  # each row expects what its own nodes promise
+        assert chooser.expected_rows == pytest.approx(own.tolist()) and chooser.expected == pytest.approx(float(own.mean()))
     before = chooser.draft_scale
     kept = chooser.select(2, 100, 4, torch.ones(2, tree.size))  # the draft promised every node to both rows...
     chooser.observe(tree, 2, 100, [0, 0], 0.03, kept)  # ...and none was accepted
@@ -219,6 +221,13 @@ def test_the_early_head_prunes_what_its_parent_does_not_predict():
     keep = Pruner(head, top_k=3).survivors(dec, early, tokens, tree)
     assert keep.tolist() == [[True, True, True, 94 in top[2].tolist() and tokens[0, 3] == 94]]
     assert Pruner(head, top_k=3, keep_ranks=1).survivors(dec, early, tokens, tree).all()  # a chain holds the drafter's top guesses only
+    vocab = torch.tensor(sorted({*range(0, dec.args.vocab_size, 3), *tokens[0].tolist()}))  # the tokens a drafter can guess
+    with torch.no_grad():
+        logits = dec.lm_head(dec.final_norm(head.blocks(early)))[0][:, vocab]
+    among = vocab[logits.topk(3, dim=-1).indices]  # [4, 3]: the early top-3 among those tokens only
+    want = [True] + [bool((among[n] == tokens[0, n + 1]).any()) for n in range(3)]
+    want = [all(want[: n + 1]) for n in range(4)]  # a pruned node takes its subtree
+    assert Pruner(head, top_k=3, vocab=vocab).survivors(dec, early, tokens, tree).tolist() == [want]
 
 
 def test_default_model_propd_equals_ar_batch_1_and_4(default_model):
@@ -229,6 +238,11 @@ def test_default_model_propd_equals_ar_batch_1_and_4(default_model):
         assert [g.token_ids for g in got] == want, (drafter, bs, prune, dynamic)
         if prune:
             assert sum(sum(g.stats.step_late_tokens) for g in got) < sum(sum(g.stats.step_tree_tokens) for g in got)
+    method = build_method(default_model, "propd+static+prune20r1l12", None, "default")  # the shipped head trained after layer 12
+    assert (method.pruner.layer, method.pruner.top_k, method.pruner.keep_ranks) == (12, 20, 1)
+    assert method.pruner.vocab is not None  # ranked among the tokens the draft can guess
+    got = default_model.generate(REAL_PROMPTS, method, max_new_tokens=48, batch_size=2)
+    assert [g.token_ids for g in got] == want
 
 
 def test_propd_trees_are_two_deep_with_the_draft_layer_unless_asked(default_model):

@@ -42,9 +42,19 @@ def test_train_pipeline_runs_and_heads_learn(tiny_propd, tmp_path):
     drafted = tiny_propd.generate(prompts, tiny_propd.method("draft", "best8", heads=tmp_path / "heads"), max_new_tokens=16, batch_size=2)
     assert [g.token_ids for g in drafted] == [g.token_ids for g in with_heads]
     assert EarlyHead.load(tmp_path / "heads").layer == report["early_layer"]
+    other = 3 - report["early_layer"]  # the other candidate layer's head, kept for --prune-layer
+    assert tiny_propd.load_early_head(tmp_path / "heads", other).layer == other
+    with pytest.raises(PropdError, match=r"no early head trained after layer 3 \(it has layers \[1, 2\]\)"):
+        tiny_propd.load_early_head(tmp_path / "heads", 3)
+    pruned = tiny_propd.generate(prompts, tiny_propd.method("propd", heads=tmp_path / "heads", prune=True, prune_layer=other), max_new_tokens=16, batch_size=2)
+    assert [g.token_ids for g in pruned] == [g.token_ids for g in with_heads]
     assert "Early-pruning head" in (tmp_path / "heads" / "report.md").read_text()
     again = run_training(tiny_propd, cfg)  # resumes: no new answers, cached features
     assert again["data"] == report["data"]
+    early_only = run_training(tiny_propd, TrainConfig(prompts=cfg.prompts, out=tmp_path / "early", num_prompts=4, max_new_tokens=16, batch_size=4,
+                                                      early_layers=(2,), epochs=0, draft_epochs=0))
+    assert "medusa" not in early_only and "draft" not in early_only and early_only["early_layer"] == 2
+    assert sorted(p.name for p in (tmp_path / "early" / "heads").iterdir()) == ["early_head.json", "early_head.safetensors", "report.json", "report.md"]
 
 
 def test_heads_checkpoint_round_trip_and_fit_check(tmp_path):

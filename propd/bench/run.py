@@ -130,7 +130,8 @@ def run_bench(
 
 def _build(model: Propd, spec: str, default_tree: str | None, heads, draft_model: str | None = None):
     """``medusa@top16`` names a method with its own tree (a bare name takes ``--tree``);
-    ``propd@medusa`` / ``propd@model`` (the ``--draft-model``) names propd's drafter (default the draft layer); ``+prune[K][rR]``,
+    ``propd@medusa`` / ``propd@model`` (the ``--draft-model``) names propd's drafter (default the draft layer); ``+prune[K][rR][lL]``
+    (top-K, sparing the drafter's R best guesses, after layer L),
     ``+noprune``, ``+static[TREE]``, ``+ranks`` (no draft scores) and ``+depthN`` (trees at most N deep) set propd's mechanisms
     (``propd+static+prune``: prune-only)."""
     head, *switches = spec.split("+")
@@ -143,8 +144,8 @@ def _build(model: Propd, spec: str, default_tree: str | None, heads, draft_model
     for switch in switches:
         if switch.startswith("noprune"):
             options["prune"] = False
-        elif match := re.fullmatch(r"prune(\d*)(?:r(\d+))?", switch):
-            options.update(prune=True, prune_top_k=int(match[1] or 10), prune_keep_ranks=int(match[2] or 0))
+        elif match := re.fullmatch(r"prune(\d*)(?:r(\d+))?(?:l(\d+))?", switch):
+            options.update(prune=True, prune_top_k=int(match[1] or 10), prune_keep_ranks=int(match[2] or 0), prune_layer=int(match[3]) if match[3] else None)
         elif switch.startswith("static"):
             options.update(dynamic=False, tree=switch[6:] or None)
         elif switch == "ranks":
@@ -152,7 +153,7 @@ def _build(model: Propd, spec: str, default_tree: str | None, heads, draft_model
         elif match := re.fullmatch(r"depth(\d+)", switch):
             options["max_depth"] = int(match[1])
         else:
-            raise PropdError(f"{spec!r}: unknown switch +{switch}; use +prune[K], +noprune, +static[TREE], +ranks, +depthN")
+            raise PropdError(f"{spec!r}: unknown switch +{switch}; use +prune[K][rR][lL], +noprune, +static[TREE], +ranks, +depthN")
     return model.method(name, heads=heads, draft_model=draft_model, **options)
 
 

@@ -54,7 +54,7 @@ class StepResult:
     roots: torch.Tensor  # [B] each row's new root (= its bonus token)
     tree_tokens: list[int]  # per row: tokens verified (root included)
     late_tokens: list[int]  # per row: tokens that went through the late layers (ProPD prunes before them)
-    expected: float | None = None  # ProPD: accepted tokens its acceptance model expected of the step's tree
+    expected: list[float] | None = None  # ProPD: per row, accepted tokens its acceptance model expected of the row's tree
 
 
 class State(Protocol):
@@ -236,7 +236,7 @@ class DecodeLoop:
             s.step_late_tokens.append(result.late_tokens[i])
             s.step_seconds.append(dt)
             if result.expected is not None:
-                s.step_expected.append(result.expected)
+                s.step_expected.append(result.expected[i])
         self.last_step = StepRecord(dt, emitted, result.tree_tokens, result.late_tokens)
         return events
 

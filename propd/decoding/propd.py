@@ -62,5 +62,5 @@ class PropdMethod:
             result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)  # candidates, early pruning, verify, accept
         if self.chooser:
             self.chooser.observe(tree, rows, context, last.tolist(), time.perf_counter() - t, verified)  # statistics
-            result.expected = self.chooser.expected
+            result.expected = self.chooser.expected_rows if verified is not None else [self.chooser.expected] * rows
         return result

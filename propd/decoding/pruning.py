@@ -22,8 +22,11 @@ class Pruner:
     except the drafter's ``keep_ranks`` best guesses at each node (a score of both predictors: the
     drafter's top guesses carry most accepted tokens, and the early head is weakest on them)."""
 
-    def __init__(self, head: EarlyHead, top_k: int = 10, keep_ranks: int = 0):
-        self.head, self.top_k, self.keep_ranks = head, top_k, keep_ranks
+    def __init__(self, head: EarlyHead, top_k: int = 10, keep_ranks: int = 0, vocab: torch.Tensor | None = None):
+        """``vocab``: the tokens the drafter guesses among (None: all). The early head ranks only
+        those, since no other token can be a child: projecting onto the whole vocabulary cost a
+        batch-1 step of a 16-token tree 2.2 ms, more than the late layers it saved."""
+        self.head, self.top_k, self.keep_ranks, self.vocab = head, top_k, keep_ranks, vocab
 
     @property
     def layer(self) -> int:
@@ -33,8 +36,11 @@ class Pruner:
         """Which nodes [B, N] survive, from the states after the early layers [B, N, dim] and the tokens [B, N]."""
         B, N = tokens.shape
         parents = (tree.children >= 0).any(dim=1).nonzero().flatten()  # nodes with children
+        projection = decoder.vocab_projection(self.vocab)
         with torch.no_grad():
-            top = decoder.lm_head.topk(decoder.final_norm(self.head.blocks(early[:, parents])), min(self.top_k, decoder.args.vocab_size))[1]  # [B, P, K]
+            top = projection.topk(decoder.final_norm(self.head.blocks(early[:, parents])), min(self.top_k, projection.out_features))[1]  # [B, P, K]
+        if self.vocab is not None:
+            top = self.vocab[top]
         slot = torch.full((N,), -1, dtype=torch.long)
         slot[parents] = torch.arange(len(parents))
         predicted = top[:, slot[tree.parents[1:]]]  # [B, N - 1, K]: each non-root node's parent's guesses

@@ -92,9 +92,10 @@ class Verified:
         return self.offsets.gather(1, (self.counts - 1).unsqueeze(1)).squeeze(1)
 
     def result(self, tokens: torch.Tensor) -> StepResult:
-        B = len(tokens)
-        path_tokens = tokens.gather(1, self.offsets)
-        accepted = [path_tokens[b, 1 : int(self.counts[b])].tolist() + [int(self.roots[b])] for b in range(B)]
+        """Each row's accepted tokens, the bonus token last (as lists at once: tensor slicing row by
+        row took 0.2 ms of a batch-8 step)."""
+        paths, counts, roots = tokens.gather(1, self.offsets).tolist(), self.counts.tolist(), self.roots.tolist()
+        accepted = [path[1:count] + [root] for path, count, root in zip(paths, counts, roots)]
         return StepResult(accepted, self.roots, self.verified, self.late)
 
 

@@ -46,7 +46,6 @@ class DraftHead(nn.Module):
         self.w_gate_up = nn.Parameter(torch.randn(dim, 2 * a.intermediate_size) * 0.02)
         self.w_down = nn.Parameter(torch.zeros(dim, a.intermediate_size))  # [out, in]: ``Decoder`` reads its transpose
         self._decoders: dict[tuple, Decoder] = {}  # (base, training, weights' versions) -> the draft as a Decoder
-        self._packed: tuple[int, Linear] | None = None  # (base's id, its candidate rows by the base's route)
         self._fc: tuple[tuple[int, int], Linear] | None = None  # ((base's id, fc's version), fc by the base's route)
 
     @property
@@ -80,19 +79,13 @@ class DraftHead(nn.Module):
         58 ms instead of ~17), and ProPD ruled trees out for the rest of a short answer."""
         self.decoder(base)
         self._packed_fc(base)
-        self._candidate_rows(base)
+        base.vocab_projection(self.candidate_vocab)
 
     def _packed_fc(self, base: Decoder) -> Linear:
         key = (id(base), self.fc.weight._version)
         if self._fc is None or self._fc[0] != key:
             self._fc = (key, base.linear(self.fc.weight.detach()))
         return self._fc[1]
-
-    def _candidate_rows(self, base: Decoder) -> Linear:
-        if self._packed is None or self._packed[0] != id(base):
-            rows = base.lm_head_weight if self.candidate_vocab is None else base.lm_head_weight[self.candidate_vocab]
-            self._packed = (id(base), base.linear(rows))
-        return self._packed[1]
 
     def projection(self, base: Decoder) -> torch.Tensor:
         """The base lm_head's columns for the candidate vocabulary, in fp32 [dim, Vc] (training)."""
@@ -102,7 +95,7 @@ class DraftHead(nn.Module):
         """The k best guesses [..., k] (token ids) after predicted features [..., dim], projected in
         the base model's dtype and route (the rows packed once per base model); with ``probs``, also
         the draft's probability of each [..., k] (over its candidate vocabulary)."""
-        scores, best = self._candidate_rows(base).topk(predicted, k, normalized=probs)
+        scores, best = base.vocab_projection(self.candidate_vocab).topk(predicted, k, normalized=probs)
         index = best if self.candidate_vocab is None else self.candidate_vocab[best]
         return (index, scores.exp()) if probs else index
 

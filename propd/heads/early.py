@@ -32,10 +32,11 @@ class EarlyHead(nn.Module):
         (in fp32 through the frozen final norm and lm_head, so that it trains)."""
         return nn.functional.linear(decoder.final_norm(self.blocks(hidden)), decoder.vocab_rows())
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, weight_dtype: torch.dtype = torch.float16) -> None:
+        """early_head.safetensors (weights in ``weight_dtype``, loaded back as fp32) + early_head.json."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.blocks.state_dict().items()}, directory / "early_head.safetensors")
+        save_file({k: v.detach().to(weight_dtype).contiguous() for k, v in self.blocks.state_dict().items()}, directory / "early_head.safetensors")
         config = {"hidden_size": self.dim, "vocab_size": self.vocab_size, "layer": self.layer, "num_layers": self.num_layers, **self.meta}
         (directory / "early_head.json").write_text(json.dumps(config, indent=1))
 

@@ -97,6 +97,7 @@ class Decoder:
         self.norm = norm
         self.lm_head_weight = lm_head  # [vocab, dim]
         self._vocab_rows: dict[tuple[int, int] | None, torch.Tensor] = {}
+        self._vocab_projections: dict[tuple[int, int], Linear] = {}
         self.products = [tuple(Linear(w, self.route) for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)) for layer in layers]
         inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
         angles = torch.outer(torch.arange(args.max_position, dtype=torch.float32), inv_freq)
@@ -118,6 +119,17 @@ class Decoder:
         if key not in self._vocab_rows:
             self._vocab_rows[key] = (self.lm_head_weight if tokens is None else self.lm_head_weight[tokens]).float()
         return self._vocab_rows[key]
+
+    def vocab_projection(self, tokens: torch.Tensor | None = None) -> Linear:
+        """The lm_head restricted to ``tokens`` (None: the whole vocabulary), by this decoder's route:
+        what a drafter's guesses and early pruning's ranking are projected through, over the tokens
+        a drafter can guess (a sixth of the vocabulary costs a sixth). Packed once per token set."""
+        if tokens is None:
+            return self.lm_head
+        key = (tokens.data_ptr(), len(tokens))
+        if key not in self._vocab_projections:
+            self._vocab_projections[key] = self.linear(self.lm_head_weight[tokens])
+        return self._vocab_projections[key]
 
     @cached_property
     def fused(self) -> FusedLayers | None:

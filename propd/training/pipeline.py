@@ -67,9 +67,11 @@ def _run_training(model: Propd, cfg: TrainConfig) -> dict:
     dec = model.decoder
 
     torch.manual_seed(0)
-    heads, losses = train_medusa(dec, features, train_rows, cfg.num_heads, cfg.num_layers, cfg.epochs, lr=cfg.lr,
-                                 candidate_vocab_size=cfg.candidate_vocab, root_conditioned=cfg.root_conditioned)
-    medusa_eval = evaluate_medusa(dec, heads, features, held_rows)
+    heads = None
+    if cfg.epochs > 0:
+        heads, losses = train_medusa(dec, features, train_rows, cfg.num_heads, cfg.num_layers, cfg.epochs, lr=cfg.lr,
+                                     candidate_vocab_size=cfg.candidate_vocab, root_conditioned=cfg.root_conditioned)
+        medusa_eval = evaluate_medusa(dec, heads, features, held_rows)
 
     draft = None
     if cfg.draft_epochs > 0:
@@ -92,24 +94,26 @@ def _run_training(model: Propd, cfg: TrainConfig) -> dict:
         "data": {"prompts_file": str(cfg.prompts), "num_prompts": cfg.num_prompts, "self_prompts": cfg.self_prompts,
                  "sequences": int(features["seq"].max()) + 1, "answer_tokens": len(features["seq"]),
                  "train_rows": len(train_rows), "heldout_rows": len(held_rows), "max_new_tokens": cfg.max_new_tokens},
-        "medusa": {"num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "epochs": cfg.epochs, "candidate_vocab": cfg.candidate_vocab,
-                   "root_conditioned": cfg.root_conditioned, "loss_first_last": [losses[0], losses[-1]], **medusa_eval},
         "early": {str(k): {kk: vv for kk, vv in v.items() if kk != "head"} for k, v in early.items()},
         "early_layer": chosen,
     }
+    if heads is not None:
+        report["medusa"] = {"num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "epochs": cfg.epochs, "candidate_vocab": cfg.candidate_vocab,
+                            "root_conditioned": cfg.root_conditioned, "loss_first_last": [losses[0], losses[-1]], **medusa_eval}
     if draft is not None:
         report["draft"] = {"epochs": cfg.draft_epochs, "depth": cfg.draft_depth, "device": device_name(model.device), "sources": data_sources(report["data"]),
                            "sequences": report["data"]["sequences"],
                            "answer_tokens": report["data"]["answer_tokens"], "loss_first_last": [draft_losses[0], draft_losses[-1]], **draft_eval}
-    heads.meta = {"base_model": model.name, "rank_probabilities": medusa_eval["rank_probabilities"], "per_head_accuracy": medusa_eval["per_head"]}
     heads_dir = cfg.out / "heads"
-    heads.save(heads_dir, torch.float16)
+    if heads is not None:
+        heads.meta = {"base_model": model.name, "rank_probabilities": medusa_eval["rank_probabilities"], "per_head_accuracy": medusa_eval["per_head"]}
+        heads.save(heads_dir, torch.float16)
     if draft is not None:
         draft.meta = {"base_model": model.name, "rank_probabilities": draft_eval["rank_probabilities"], "per_depth_accuracy": draft_eval["per_depth"]}
         draft.save(heads_dir)
-    early_head = early[chosen]["head"]
-    early_head.meta = {"base_model": model.name, "recall": early[chosen]["trained"]}
-    early_head.save(heads_dir)
+    for layer, e in early.items():  # the chosen one, and each layer's under early_heads/ (``--prune-layer``)
+        e["head"].meta = {"base_model": model.name, "recall": e["trained"]}
+        e["head"].save(heads_dir if layer == chosen else heads_dir / "early_heads" / f"layer-{layer}")
     (heads_dir / "report.json").write_text(json.dumps(report, indent=1))
     (heads_dir / "report.md").write_text(report_markdown(report))
     return report
@@ -129,22 +133,21 @@ def data_sources(data: dict) -> str:
 
 
 def report_markdown(report: dict) -> str:
-    d, m = report["data"], report["medusa"]
+    d = report["data"]
     lines = [
         "# Head training report",
         "",
         f"Base model `{report['base_model']}`; {d['sequences']} self-distilled answers ({d['answer_tokens']} answer tokens, "
         f"up to {d['max_new_tokens']} each) to {data_sources(d)}; held-out rows: {d['heldout_rows']}.",
-        "",
-        f"## Medusa heads ({m['num_heads']} heads x {m['num_layers']} residual block, "
-        f"{'reading the root token too, ' if m.get('root_conditioned') else ''}shared frozen lm_head over "
-        f"{m['candidate_vocab'] or 'all'} candidate tokens, {m['epochs']} epochs)",
-        "",
-        "| head (predicts t+k) | top-1 | top-5 | top-10 | top-20 |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    for i, acc in enumerate(m["per_head"]):
-        lines.append(f"| {i} (t+{i + 2}) | {acc['top1']:.3f} | {acc['top5']:.3f} | {acc['top10']:.3f} | {acc['top20']:.3f} |")
+    if "medusa" in report:
+        m = report["medusa"]
+        lines += ["", f"## Medusa heads ({m['num_heads']} heads x {m['num_layers']} residual block, "
+                  f"{'reading the root token too, ' if m.get('root_conditioned') else ''}shared frozen lm_head over "
+                  f"{m['candidate_vocab'] or 'all'} candidate tokens, {m['epochs']} epochs)", "",
+                  "| head (predicts t+k) | top-1 | top-5 | top-10 | top-20 |", "| --- | --- | --- | --- | --- |"]
+        for i, acc in enumerate(m["per_head"]):
+            lines.append(f"| {i} (t+{i + 2}) | {acc['top1']:.3f} | {acc['top5']:.3f} | {acc['top10']:.3f} | {acc['top20']:.3f} |")
     if "draft" in report:
         dr = report["draft"]
         lines += ["", f"## Draft layer (EAGLE-style, unrolled over {dr['depth']} depths in training, {dr['epochs']} epochs)", "",

@@ -186,6 +186,7 @@ class TreeChooser:
         self._trees: dict[tuple[int, int | None], tuple[TokenTree, float]] = {}  # (size, depth limit) -> tree, expected length
         self._ar_extra: dict[tuple[int, int], float] = {}  # per bucket: what the drafter's reading after AR steps costs per AR step
         self.expected = 1.0  # accepted tokens per row the last choice expected
+        self.expected_rows: list[float] | None = None  # and per row, where ``select`` gave rows their own nodes
         self._tree_retries = 0  # trees measured again since a tree last won a step
         # Draft path probabilities vs what was accepted: decayed sums, started at the over-confidence
         # `propd calibrate` measured (accepted nodes / drafted probability ~0.8 on MT-Bench).
@@ -296,6 +297,7 @@ class TreeChooser:
             keep.view(-1)[order[:k]] = True
             gain = float(gains[k - 1])
         self.expected = 1 + self.draft_scale * gain / B
+        self.expected_rows = (1 + self.draft_scale * (mass * keep).sum(1)).tolist()
         self._drafted_mass = gain
         return torch.cat([torch.ones(B, 1, dtype=torch.bool), keep], dim=1)
 
