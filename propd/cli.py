@@ -58,6 +58,8 @@ def check_method_args(args: argparse.Namespace) -> None:
         ignored += [o for o, set_ in switches if set_]
     if args.method != "propd" and args.drafter != "draft":
         ignored.append("--drafter")
+    if args.method == "propd" and args.prune_layer is not None and not args.prune:
+        print("propd: warning: --prune-layer is ignored without --prune", file=sys.stderr)
     for option in ignored:
         print(f"propd: warning: {option} is ignored by --method {args.method}", file=sys.stderr)
     if args.tree and "--tree" not in ignored:

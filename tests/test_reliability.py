@@ -111,6 +111,10 @@ def test_options_a_method_ignores_are_named(monkeypatch, capsys):
     assert "--tree is ignored by --method propd" in err
     _, _, err = run(["generate", "--method", "medusa", "--drafter", "medusa", "hi"], capsys)
     assert "--drafter is ignored by --method medusa" in err
+    _, _, err = run(["generate", "--method", "propd", "--prune-layer", "12", "hi"], capsys)
+    assert "--prune-layer is ignored without --prune" in err
+    _, _, err = run(["generate", "--method", "ar", "--prune-layer", "12", "hi"], capsys)
+    assert "--prune-layer is ignored by --method ar" in err
 
 
 ARGS = st.lists(
