@@ -75,6 +75,7 @@ def test_a_new_bucket_starts_from_a_smaller_or_near_batch_measures_its_smallest_
     assert chooser.latency.buckets[(8, 0)][4].seconds == pytest.approx(seeded4)
     chooser.latency.observe((8, 0), 2, 2 * seeded2)  # trees cost twice batch 4's here: so do the other seeded trees, until measured here
     assert chooser.latency.buckets[(8, 0)][4].seconds == pytest.approx(2 * seeded4)
+    assert chooser.latency.buckets[(8, 0)][1].seconds == pytest.approx(0.02)  # AR's seeded cost does not follow the trees'
     assert not chooser.latency.seeded_only((8, 0))
     assert chooser.choose(8, 100).size == 1
     chooser.choose(7, 100)  # a row left the batch: its costs are batch 8's

@@ -98,10 +98,12 @@ class LatencyModel:
         self.steps += 1
         sizes = self.buckets.setdefault(key, {})
         s = sizes.get(size)
-        if s is not None and s.seeded:  # the first of this size here: the other seeded sizes follow it in proportion
+        if s is not None and s.seeded:  # the first of this size here: the other seeded trees follow it in proportion
+            # (not AR, which runs no drafter: a batch-8 tree's cold first step made a seeded AR 28% dearer than it was,
+            # and an AR that looks dear is not measured again for 32 steps)
             scale = seconds / s.seconds
-            for other in sizes.values():
-                if other.seeded:
+            for n, other in sizes.items():
+                if other.seeded and n > 1 and size > 1:
                     other.seconds *= scale
             s.seeded = False
         if s is None:
