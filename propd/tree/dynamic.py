@@ -102,8 +102,8 @@ class LatencyModel:
             # (not AR, which runs no drafter: a batch-8 tree's cold first step made a seeded AR 28% dearer than it was,
             # and an AR that looks dear is not measured again for 32 steps)
             scale = seconds / s.seconds
-            for n, other in sizes.items():
-                if other.seeded and n > 1 and size > 1:
+            for n, other in sizes.items() if size > 1 else ():
+                if other.seeded and n > 1:
                     other.seconds *= scale
             s.seeded = False
         if s is None:
@@ -187,8 +187,8 @@ class TreeChooser:
         self._paths: list[tuple[float, tuple[int, ...]]] = []
         self._trees: dict[tuple[int, int | None], tuple[TokenTree, float]] = {}  # (size, depth limit) -> tree, expected length
         self._ar_extra: dict[tuple[int, int], float] = {}  # per bucket: what the drafter's reading after AR steps costs per AR step
-        self.expected = 1.0  # accepted tokens per row the last choice expected
-        self.expected_rows: list[float] | None = None  # and per row, where ``select`` gave rows their own nodes
+        self.expected = 1.0  # accepted tokens per row the last chosen tree expected
+        self.expected_rows: list[float] | None = None  # each row's, where ``select`` last gave rows their own nodes
         self._tree_retries = 0  # trees measured again since a tree last won a step
         # Draft path probabilities vs what was accepted: decayed sums, started at the over-confidence
         # `propd calibrate` measured (accepted nodes / drafted probability ~0.8 on MT-Bench).
@@ -289,7 +289,6 @@ class TreeChooser:
         if fit is None:
             best = torch.sort(-mass, dim=1, stable=True).indices[:, : min(chosen, N) - 1]
             keep.scatter_(1, best, True)
-            gain = float(mass.gather(1, best).sum())
         else:
             order = torch.sort(-mass.flatten(), stable=True).indices
             gains = torch.cumsum(mass.flatten()[order[:top]], 0)
@@ -297,10 +296,9 @@ class TreeChooser:
             rates = (B + self.draft_scale * gains) / seconds
             k = int(rates.argmax()) + 1
             keep.view(-1)[order[:k]] = True
-            gain = float(gains[k - 1])
-        self.expected = 1 + self.draft_scale * gain / B
-        self.expected_rows = (1 + self.draft_scale * (mass * keep).sum(1)).tolist()
-        self._drafted_mass = gain
+        kept = (mass * keep).sum(1)  # each row's drafted probability mass
+        self.expected_rows = (1 + self.draft_scale * kept).tolist()
+        self._drafted_mass = float(kept.sum())
         return torch.cat([torch.ones(B, 1, dtype=torch.bool), keep], dim=1)
 
     def observe(self, tree: TokenTree, batch_size: int, context: int, last_nodes: list[int], seconds: float, verified: torch.Tensor | None = None) -> None:
