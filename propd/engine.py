@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +24,7 @@ from propd.errors import PropdError
 from propd.heads.draft import DraftHead
 from propd.heads.early import EarlyHead
 from propd.heads.medusa import MedusaHeads
+from propd.models.attention import blocked_is_exact, runs_native
 from propd.models.decoder import Decoder, ModelArgs
 from propd.models.kernels import DTYPES, Route, autograd_route, choose_route
 from propd.models.loading import DEFAULT_MODEL, load_hf
@@ -85,7 +86,7 @@ class Propd:
         self.name = name
         self.route, self.route_measurements = pick_route(ModelArgs.from_hf_config(hf_model.config), dtype, route, self.device)
         if self.route.tile and not self.route.exact:
-            print(f"propd: warning: no exact product route here; {self.route.name} is used, and parallel methods are checked "
+            print(f"propd: warning: {self.route.name} is not exact here, and parallel methods are checked "
                   "token by token only (logits may differ from AR's in the last bits)", file=sys.stderr)
         self.dtype = self.route.dtype
         self.decoder = Decoder.from_hf(hf_model, self.route).to(self.device)
@@ -338,7 +339,11 @@ def pick_route(args: ModelArgs, dtype: torch.dtype | None, route: str | Route | 
         return route, []
     if device.type != "cpu":
         return (Route.parse(route) if route else autograd_route(dtype or torch.float32)), []
-    return choose_route(args.product_shapes(), dtype, route)
+    chosen, measured = choose_route(args.product_shapes(), dtype, route)
+    if chosen.exact and not runs_native(args.head_dim, device) and not blocked_is_exact(args.n_heads, args.n_kv_heads, args.head_dim):
+        print("propd: warning: attention runs as tensor ops here (no C kernel) and they are not row-invariant on this machine", file=sys.stderr)
+        chosen = replace(chosen, exact=False)
+    return chosen, measured
 
 
 class TextStream:

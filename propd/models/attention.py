@@ -128,8 +128,37 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: P
     """q [B, T, H, hd] (fp32) over one layer's cache entries keys/values [B, KV, S, hd + 1] (the
     last feature of every entry is 1) -> [B, T, H * hd]: by a C kernel where one runs (with ``copy``:
     on AMX tiles, in bf16, ``csrc/attention_amx.c``), else by tensor ops (``blocked_attention``)."""
-    lib = native.native_kernel() if q.device.type == "cpu" and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128 else None
-    return blocked_attention(q, keys, values, plan, exact) if lib is None else _native(lib, q, keys, values, plan, copy)
+    if not runs_native(q.shape[-1], q.device):
+        return blocked_attention(q, keys, values, plan, exact)
+    return _native(native.native_kernel(), q, keys, values, plan, copy)
+
+
+def runs_native(head_dim: int, device: torch.device) -> bool:
+    """Whether ``attention`` runs the C kernel for heads of this size on this device."""
+    return device.type == "cpu" and head_dim % 16 == 0 and head_dim <= 128 and native.native_kernel() is not None
+
+
+@functools.cache
+def blocked_is_exact(n_heads: int, n_kv_heads: int, head_dim: int, device: str = "cpu") -> bool:
+    """Whether the tensor version gives a query bitwise the same output alone as among other
+    queries and rows, on this device. Its block sums are small batched products, and some BLAS
+    libraries pick their kernel by the batch's layout (MKL on an AMD EPYC, measured: a block's
+    product changed with its place in the batch), so this is measured, not assumed."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, S = 3, 7, 4 * BLOCK + 16
+    keys, values = torch.randn(2, B, n_kv_heads, S, head_dim + 1, generator=gen).to(device).unbind(0)
+    keys[..., head_dim] = values[..., head_dim] = 1.0
+    q = torch.randn(B, T, n_heads, head_dim, generator=gen).to(device)
+    lengths = torch.tensor([5, BLOCK + 3, 3 * BLOCK + 1], device=device)
+    slots = (lengths[:, None] + torch.arange(T, device=device)).unsqueeze(1).expand(B, T, T)
+    ancestors = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    chained = blocked_attention(q, keys, values, path_plan(lengths[:, None].expand(B, T), slots.masked_fill(~ancestors, -1), n_kv_heads, S))
+    for b in range(B):
+        for t in range(T):
+            alone = blocked_attention(q[b : b + 1, t : t + 1], keys[b : b + 1], values[b : b + 1], chain_plan(lengths[b : b + 1] + t, 1, n_kv_heads, S))
+            if not torch.equal(alone[0, 0], chained[b, t]):
+                return False
+    return True
 
 
 def tiles_take(head_dim: int) -> bool:
