@@ -26,7 +26,7 @@ from propd.heads.early import EarlyHead
 from propd.heads.medusa import MedusaHeads
 from propd.models.attention import blocked_is_exact, runs_native
 from propd.models.decoder import Decoder, ModelArgs
-from propd.models.kernels import DTYPES, Route, autograd_route, choose_route
+from propd.models.kernels import DTYPES, PACKED, Route, autograd_route, choose_route
 from propd.models.loading import DEFAULT_MODEL, load_hf
 from propd.tree.dynamic import AcceptanceModel, TreeChooser
 from propd.tree.tree import TokenTree, load_tree
@@ -269,7 +269,7 @@ class Propd:
         """A draft model for ``spec``, loaded once per name. It runs inside this model's steps: on
         our AMX route it takes that route too (another route's threads would contend with ours)."""
         if str(name) not in self._draft_models:
-            route = self.route.name if self.route.kernel == "amx" else None
+            route = self.route.name if self.route.kernel in PACKED else None
             self._draft_models[str(name)] = Propd.from_pretrained(name, device=self.device, route=route)
         return self._draft_models[str(name)]
 

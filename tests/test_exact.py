@@ -15,19 +15,20 @@ from propd.decoding.pruning import whole_paths
 from propd.decoding.tree import run_tree
 from propd.models import attention, graphs, native, pointwise
 from propd.models.decoder import Decoder
-from propd.models.kernels import Linear, Route, choose_route, is_row_invariant, measure_route
+from propd.models.kernels import PACKED, Linear, Route, choose_route, is_row_invariant, measure_route
 from propd.models.kv_cache import path_slots
 from propd.tree.tree import TokenTree
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 
 TINY = tiny_hf_model("llama", seed=5, layers=2)
-ROUTES = [r for r in (Route.parse(n) for n in ("float32-torch-pad8", "bfloat16-onednn", "bfloat16-torch", "bfloat16-amx"))
+ROUTES = [r for r in (Route.parse(n) for n in ("float32-torch-pad8", "bfloat16-onednn", "bfloat16-torch", "bfloat16-amx", "bfloat16-avx512"))
           if measure_route(r, Decoder.from_hf(TINY).args.product_shapes(), rows=(1,)).get("exact")]
 TINY_ARGS = Decoder.from_hf(TINY).args
 TENSOR_EXACT = attention.blocked_is_exact(TINY_ARGS.n_heads, TINY_ARGS.n_kv_heads, TINY_ARGS.head_dim)  # not with MKL on an AMD EPYC
 # attention, norms, RoPE, SiLU: by the C kernels, or by tensor ops where this machine makes those invariant
 KERNELS = (["c"] if native.native_kernel() is not None else []) + (["torch"] if TENSOR_EXACT else [])
 AMX = native.native_kernel() is not None and bool(native.native_kernel().amx_ready())  # the amx route exists here, exact or broken
+OURS = next((f"bfloat16-{k}" for k, code in PACKED.items() if native.native_kernel() is not None and native.native_kernel().bf16_products() == code), None)
 AMX_ATTENTION = AMX and attention.tiles_take(64)
 
 
@@ -83,7 +84,7 @@ def tree_logits_equal_ar(dec: Decoder, rng: random.Random, prompts: list[list[in
             assert torch.equal(logits[b, node], want[k]), (b, k, float((logits[b, node].float() - want[k].float()).abs().max()))
 
 
-@pytest.mark.parametrize(("kernel", "route"), [(k, r) for r in ROUTES for k in KERNELS if k == "c" or r.kernel != "amx"],  # amx products are C
+@pytest.mark.parametrize(("kernel", "route"), [(k, r) for r in ROUTES for k in KERNELS if k == "c" or r.kernel not in PACKED],  # ours are C
                          ids=lambda x: getattr(x, "name", x))
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), size=st.integers(1, 40), depth=st.integers(1, 7))
@@ -259,15 +260,15 @@ def test_c_pointwise_kernels_agree_with_torch_and_ignore_their_neighbours(dtype)
         assert torch.equal(pointwise.silu_mul(gate_up[r : r + 1], True), got[2][r : r + 1])
 
 
-@pytest.mark.skipif(not any(r.kernel == "amx" for r in ROUTES), reason="no AMX route here: layers run kernel by kernel only")
+@pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here: layers run kernel by kernel only")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: with the qkv bias
-@pytest.mark.parametrize("tiled", [False, True])  # 16-feature heads (``attend``), 64 (the AMX attention)
+@pytest.mark.parametrize("tiled", [False, *([True] if AMX_ATTENTION else [])])  # 16-feature heads (``attend``), 64 (the AMX attention)
 def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family, tiled):
     """One C call per run of layers gives every hidden state and K/V entry the kernel-by-kernel code
     gives: a random tree over ragged caches, 40 tokens a row (several product calls), and a range of
     layers (what early pruning runs). Entries past a row's prompt and tree are the prompt's padding,
     which the C call skips."""
-    dec = tiled_model(family, seed=3, layers=3) if tiled else Decoder.from_hf(tiny_hf_model(family, seed=3, layers=3), Route.parse("bfloat16-amx"))
+    dec = tiled_model(family, seed=3, layers=3) if tiled else Decoder.from_hf(tiny_hf_model(family, seed=3, layers=3), Route.parse(OURS))
     assert dec.fused is not None and (dec.new_cache(1, 8).packed is not None) == tiled
     rng = random.Random(1)
     ancestors, _ = random_tree_with_path(rng, 40, 6)
@@ -285,14 +286,15 @@ def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family, tiled):
         assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not AMX, reason="no AMX here")
+@pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here")
 @pytest.mark.parametrize("out_features", [16, 48, 1000, 1030])  # whole groups of 4 blocks, 3 blocks, tails of 2 and 1, a partial block
-@pytest.mark.parametrize("in_features", [96, 416])  # 3 and 13 input blocks: short and long chains of tile products
-def test_amx_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_features, in_features):
-    """Alone, in calls of 2-32 rows (the paths for up to 16 and up to 32 rows) and in one call of 73."""
+@pytest.mark.parametrize("in_features", [96, 416])  # 3 and 13 input blocks: short and long chains of products
+def test_our_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_features, in_features):
+    """Alone, in calls of 2-32 rows (AMX: the paths for up to 16 and up to 32 rows; AVX512: groups
+    of 1-4 rows) and in one call of 73."""
     torch.manual_seed(out_features)
     weight = torch.randn(out_features, in_features)
-    lin = Linear(weight, Route.parse("bfloat16-amx"))
+    lin = Linear(weight, Route.parse(OURS))
     x = torch.randn(32, in_features)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(32)])
     for rows in (2, 15, 16, 17, 31, 32):
@@ -303,13 +305,13 @@ def test_amx_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_featu
     torch.testing.assert_close(alone, x.bfloat16().float() @ weight.bfloat16().float().T, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not AMX, reason="no AMX here")
+@pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here")
 @pytest.mark.parametrize("in_features", [64, 416])
-def test_amx_argmax_picks_what_the_products_argmax_picks_ties_included(in_features):
+def test_our_argmax_picks_what_the_products_argmax_picks_ties_included(in_features):
     torch.manual_seed(0)
     weight = torch.randn(1000, in_features)
     weight[700] = weight[300] = weight[5]  # equal outputs: the first column wins, as torch's argmax
-    lin = Linear(weight, Route.parse("bfloat16-amx"))
+    lin = Linear(weight, Route.parse(OURS))
     for rows in (1, 16, 17, 32, 45):
         x = torch.randn(2, rows, in_features)
         x[0, 0] = weight[5] * 4
@@ -317,12 +319,12 @@ def test_amx_argmax_picks_what_the_products_argmax_picks_ties_included(in_featur
     assert lin.argmax(weight[5:6] * 4).item() == 5
 
 
-@pytest.mark.skipif(not AMX, reason="no AMX here")
-def test_amx_topk_gives_the_products_largest_outputs_and_log_probabilities():
+@pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here")
+def test_our_topk_gives_the_products_largest_outputs_and_log_probabilities():
     torch.manual_seed(1)
     weight = torch.randn(1000, 64)
     weight[700] = weight[300] = weight[5]  # equal outputs: the first column first
-    lin = Linear(weight, Route.parse("bfloat16-amx"))
+    lin = Linear(weight, Route.parse(OURS))
     x = torch.randn(3, 7, 64)
     x[0, 0] = weight[5] * 4
     outputs = lin(x)

@@ -24,7 +24,7 @@ import torch
 from propd.models import graphs, native, pointwise
 from propd.models.attention import attention, tiles_take
 from propd.models.fused import FusedLayers
-from propd.models.kernels import Linear, Route, autograd_route
+from propd.models.kernels import PACKED, Linear, Route, autograd_route
 from propd.models.kv_cache import KVCache, Layout
 
 
@@ -224,9 +224,9 @@ class Decoder:
         return self.lm_head.argmax(normed)
 
     def cores(self) -> AbstractContextManager:
-        """The scope to run steps in: with our AMX products, torch's own ops on one thread and the
+        """The scope to run steps in: with our bf16 products, torch's own ops on one thread and the
         cores to our kernels (``native.own_cores``)."""
-        return native.own_cores() if self.route.kernel == "amx" else nullcontext()
+        return native.own_cores() if self.route.kernel in PACKED else nullcontext()
 
     def forward_layers(self, x: torch.Tensor, layout: Layout, cache: KVCache, start: int = 0, end: int | None = None, eager: bool = False) -> torch.Tensor:
         """Run layers [start, end) over new tokens x [B, T, dim] laid out by ``layout``, writing their

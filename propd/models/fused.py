@@ -1,4 +1,4 @@
-"""A run of decoder layers in one C call (``csrc/layer.c``) on the AMX route.
+"""A run of decoder layers in one C call (``csrc/layer.c``) on our bf16 routes (``amx``, ``avx512``).
 
 The tensor code calls the same C kernels one by one, with ~15 Python-level ops per layer between
 them; on the Intel Xeon with AMX those ops took a third of a batch-1 step. Here the whole run is one
@@ -13,6 +13,7 @@ import ctypes
 import torch
 
 from propd.models import native
+from propd.models.kernels import PACKED
 from propd.models.kv_cache import KVCache, Layout
 
 
@@ -34,7 +35,7 @@ class _Step(ctypes.Structure):
 
 
 class FusedLayers:
-    """The decoder's layers as the C code reads them: norms, biases and packed AMX weights."""
+    """The decoder's layers as the C code reads them: norms, biases and packed bf16 weights."""
 
     def __init__(self, args, layers, products, lib: ctypes.CDLL):
         self.args, self.lib = args, lib
@@ -47,10 +48,10 @@ class FusedLayers:
 
     @staticmethod
     def fits(args, layers, products) -> bool:
-        """Whether the C code takes these layers: AMX products whose inputs need no padding, fp32 norms."""
+        """Whether the C code takes these layers: our bf16 products, inputs needing no padding, fp32 norms."""
         widths = (args.dim, args.n_heads * args.head_dim, args.intermediate_size)
         return (
-            all(p.route.kernel == "amx" for ps in products for p in ps)
+            all(p.route.kernel in PACKED for ps in products for p in ps)
             and all(n % 32 == 0 for n in widths)
             and args.head_dim % 16 == 0
             and args.head_dim <= 128

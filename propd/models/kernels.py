@@ -5,7 +5,7 @@ between a matrix-vector and a matrix-matrix routine depends on the row count, a 
 depend on how many tokens share its step and a near-tie can flip the output. A ``Route`` is one
 kernel family at one dtype, called with a fixed row tile: a product of M rows runs as calls of at
 most ``tile`` rows (``pad``: exactly ``tile`` rows, zero-padded), so every row sees one code path;
-our ``amx`` kernel takes any number of rows in one call, each computed as if alone.
+our ``amx`` and ``avx512`` kernels take any number of rows in one call, each computed as if alone.
 
 Which route is fastest, and which kernels are row-invariant, differs between machines (oneDNN's
 AMX kernels on an Intel Xeon, OpenBLAS or MKL elsewhere). ``choose_route`` measures both for the
@@ -31,14 +31,15 @@ from propd.errors import PropdError
 from propd.models import native
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-KERNELS = ("onednn", "torch", "amx")
+KERNELS = ("onednn", "torch", "amx", "avx512")
+PACKED = {"amx": 1, "avx512": 2}  # our C products (``csrc/matmul.c``), by what its bf16_products() says of the build
 TILE = 32  # rows per call; oneDNN's prepacked bf16 kernels were row-invariant up to 32 rows (not at 64) on AMX
 ROUTE_ENV = "PROPD_ROUTE"
 
 
 @dataclass(frozen=True)
 class Route:
-    kernel: str  # "onednn" (weights prepacked once), "torch" (F.linear) or "amx" (our AMX tiles, bf16 only, fp32 out)
+    kernel: str  # "onednn" (weights prepacked once), "torch" (F.linear), "amx" or "avx512" (ours on AMX tiles or by AVX512-BF16; bf16 only, fp32 out)
     dtype_name: str  # "float32" or "bfloat16"
     tile: int = TILE  # 0: one call whatever the row count (autograd, GPUs)
     pad: bool = False  # pad every call to exactly ``tile`` rows
@@ -58,8 +59,8 @@ class Route:
         parts = name.split("-")
         if len(parts) not in (2, 3) or parts[0] not in DTYPES or parts[1] not in KERNELS or (len(parts) == 3 and not parts[2].startswith("pad")):
             raise PropdError(f"unknown route {name!r}: use DTYPE-KERNEL[-padN], DTYPE one of {', '.join(DTYPES)}, KERNEL one of {', '.join(KERNELS)}")
-        if parts[1] == "amx" and parts[0] != "bfloat16":
-            raise PropdError(f"unknown route {name!r}: the amx kernel multiplies bfloat16 only")
+        if parts[1] in PACKED and parts[0] != "bfloat16":
+            raise PropdError(f"unknown route {name!r}: the {parts[1]} kernel multiplies bfloat16 only")
         tile = int(parts[2][3:]) if len(parts) == 3 and parts[2][3:].isdigit() else TILE
         return cls(parts[1], parts[0], tile, len(parts) == 3)
 
@@ -91,18 +92,18 @@ def autograd_route(dtype: torch.dtype = torch.float32) -> Route:
 
 class Linear:
     """y = x W^T by one route. ``weight`` [out, in]; x [..., in] in any float dtype; y in the route's
-    dtype (fp32 from ``amx``, whose tiles sum in fp32)."""
+    dtype (fp32 from ours, which sum in fp32)."""
 
     def __init__(self, weight: torch.Tensor, route: Route):
         self.route = route
         self.weight = weight.to(route.dtype) if route.tile == 0 else weight.detach().to(route.dtype).contiguous()  # .to keeps autograd
         self.out_features, self.in_features = weight.shape
-        self.dtype = torch.float32 if route.kernel == "amx" else route.dtype  # what it takes and gives
+        self.dtype = torch.float32 if route.kernel in PACKED else route.dtype  # what it takes and gives
         self.packed = None
         if route.kernel == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, route.tile)
-        elif route.kernel == "amx":
-            self.lib, self.packed, self.weight = amx_kernels(), amx_pack(self.weight), None
+        elif route.kernel in PACKED:
+            self.lib, self.packed, self.weight = packed_kernels(route.kernel), pack_bf16(self.weight), None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
@@ -111,7 +112,7 @@ class Linear:
             return F.linear(x, self.weight)
         rows = x.reshape(-1, self.in_features)
         M = rows.shape[0]
-        if (M <= route.tile or route.kernel == "amx") and not route.pad:  # amx: any rows, each as alone
+        if (M <= route.tile or route.kernel in PACKED) and not route.pad:  # ours: any rows, each as alone
             return self._call(rows).view(*x.shape[:-1], self.out_features)
         out = torch.empty(M, self.out_features, dtype=self.dtype, device=x.device)
         for start in range(0, M, route.tile):
@@ -123,38 +124,38 @@ class Linear:
         return out.view(*x.shape[:-1], self.out_features)
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
-        """The column of each row's largest output [...] (the first of equal ones): on the AMX
+        """The column of each row's largest output [...] (the first of equal ones): on our
         route without writing the outputs (a greedy step's vocabulary projection: 3 MB at 16 rows)."""
-        if self.route.kernel != "amx" or x.device.type != "cpu":
+        if self.route.kernel not in PACKED or x.device.type != "cpu":
             return self(x).argmax(-1)
-        rows = amx_rows(x.to(self.dtype).reshape(-1, self.in_features), self.packed)
+        rows = packed_rows(x.to(self.dtype).reshape(-1, self.in_features), self.packed)
         at = torch.empty(rows.shape[0], dtype=torch.long)
         for start in range(0, len(rows), TILE):
             n = min(TILE, len(rows) - start)
-            status = self.lib.amx_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, rows.shape[1],
+            status = self.lib.bf16_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, rows.shape[1],
                                          native.kernel_threads())
             if status:
-                raise RuntimeError(f"amx argmax of {n} rows failed (out of memory)")
+                raise RuntimeError(f"{self.route.kernel} argmax of {n} rows failed (out of memory)")
         return at.view(x.shape[:-1])
 
     def topk(self, x: torch.Tensor, k: int, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's k largest outputs [..., k] (fp32, largest first) and their columns; ``normalized``:
-        as log-probabilities (minus the row's logsumexp). On the AMX route without handing the
+        as log-probabilities (minus the row's logsumexp). On our routes without handing the
         outputs back to torch (a draft's candidates: its topk and logsumexp took as long as the product)."""
-        if self.route.kernel != "amx" or x.device.type != "cpu":
+        if self.route.kernel not in PACKED or x.device.type != "cpu":
             outputs = self(x).float()
             best = outputs.topk(k, dim=-1)
             return (best.values - outputs.logsumexp(-1, keepdim=True) if normalized else best.values), best.indices
-        rows = amx_rows(x.to(self.dtype).reshape(-1, self.in_features), self.packed)
+        rows = packed_rows(x.to(self.dtype).reshape(-1, self.in_features), self.packed)
         top, at = torch.empty(rows.shape[0], k), torch.empty(rows.shape[0], k, dtype=torch.long)
-        if self.lib.amx_topk(rows.data_ptr(), self.packed.data_ptr(), at.data_ptr(), top.data_ptr(), rows.shape[0], self.out_features, rows.shape[1], k,
+        if self.lib.bf16_topk(rows.data_ptr(), self.packed.data_ptr(), at.data_ptr(), top.data_ptr(), rows.shape[0], self.out_features, rows.shape[1], k,
                              int(normalized), native.kernel_threads()):
-            raise RuntimeError(f"amx top-{k} of {rows.shape[0]} rows failed (out of memory, or more than {self.out_features})")
+            raise RuntimeError(f"{self.route.kernel} top-{k} of {rows.shape[0]} rows failed (out of memory, or more than {self.out_features})")
         return top.view(*x.shape[:-1], k), at.view(*x.shape[:-1], k)
 
     def _call(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.route.kernel == "amx":
-            return amx_product(self.lib, rows, self.packed, self.out_features)
+        if self.route.kernel in PACKED:
+            return packed_product(self.lib, rows, self.packed, self.out_features)
         held = native.kernel_threads()  # inside ``native.own_cores``, torch's threads back for this product
         with torch_threads(held) if held != torch.get_num_threads() else nullcontext():
             if self.packed is not None:
@@ -162,36 +163,38 @@ class Linear:
             return F.linear(rows, self.weight)
 
 
-def amx_kernels() -> ctypes.CDLL:
-    """The C kernels, where they can multiply on AMX tiles."""
+def packed_kernels(kernel: str) -> ctypes.CDLL:
+    """The C kernels, where they multiply by ``kernel`` ("amx" or "avx512") on this CPU."""
     lib = native.native_kernel()
-    if lib is None or not lib.amx_ready():
-        raise RuntimeError("the amx kernel needs a CPU with AMX tiles, Linux's permission to use them and a C compiler")
+    if lib is None or lib.bf16_products() != PACKED[kernel]:
+        need = "AMX tiles and Linux's permission to use them" if kernel == "amx" else "AVX512-BF16 and no AMX (AMX takes its place)"
+        raise RuntimeError(f"the {kernel} kernel needs a CPU with {need}, and a C compiler")
     return lib
 
 
-def amx_pack(weight: torch.Tensor) -> torch.Tensor:
-    """bf16 weights [out, in] in the AMX tiles' layout (``csrc/matmul.c``): per block of 16 outputs and
-    32 inputs, 16 rows of input pairs x 16 outputs; zero-padded to whole blocks."""
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 weights [out, in] in the AMX tiles' layout, which the AVX512-BF16 kernel reads too
+    (``csrc/matmul.c``): per block of 16 outputs and 32 inputs, 16 rows of input pairs x 16
+    outputs; zero-padded to whole blocks."""
     if weight.device.type != "cpu":
-        raise RuntimeError("the amx kernel runs on the CPU")
+        raise RuntimeError("our bf16 kernels run on the CPU")
     out, inp = weight.shape
     padded = F.pad(weight.to(torch.bfloat16), (0, -inp % 32, 0, -out % 16))
     return padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
 
 
-def amx_rows(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+def packed_rows(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """rows [M, in] (fp32), contiguous and zero-padded to the packed weights' whole input blocks."""
     inner = packed.shape[1] * 32
     return F.pad(rows, (0, inner - rows.shape[1])) if rows.shape[1] != inner else rows.contiguous()
 
 
-def amx_product(lib: ctypes.CDLL, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+def packed_product(lib: ctypes.CDLL, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """rows [M, in] (fp32) times the packed weights' transpose: [M, out] in fp32."""
-    x = amx_rows(rows, packed)
+    x = packed_rows(rows, packed)
     y = torch.empty(rows.shape[0], out_features)
-    if lib.amx_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, x.shape[1], native.kernel_threads()):
-        raise RuntimeError(f"amx product of {x.shape[0]} rows failed (out of memory)")
+    if lib.bf16_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, x.shape[1], native.kernel_threads()):
+        raise RuntimeError(f"bf16 product of {x.shape[0]} rows failed (out of memory)")
     return y
 
 
@@ -258,7 +261,7 @@ def calibrate(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None) -> 
     measured again padded to a fixed tile, which is invariant by construction (one call shape)."""
     results = []
     for name in [n for n, d in DTYPES.items() if dtype is None or d == dtype]:
-        for kernel in [k for k in KERNELS if k != "amx" or name == "bfloat16"]:
+        for kernel in [k for k in KERNELS if k not in PACKED or name == "bfloat16"]:
             results.append(measure_route(Route(kernel, name), shapes))
             if results[-1].get("exact") is False:
                 results.append(measure_route(Route(kernel, name, PAD_TILE, pad=True), shapes))
@@ -280,7 +283,7 @@ def choose_route(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None =
         if "error" in result:
             raise PropdError(f"route {override!r} does not run here: {result['error']}")
         return Route(route.kernel, route.dtype_name, route.tile, route.pad, result["exact"]), [result]
-    key = json.dumps({"check": 3, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype)})
+    key = json.dumps({"check": 4, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype)})
     path = cache_dir() / "routes" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     try:
         results = json.loads(path.read_text())["results"]

@@ -1,4 +1,4 @@
-"""propd's C kernels (``csrc``): attention, a layer's per-token steps, AMX products and whole runs of
+"""propd's C kernels (``csrc``): attention, a layer's per-token steps, bf16 products (AMX or AVX512-BF16) and whole runs of
 layers on them, exact by construction.
 
 Built once per machine with the system's C compiler into ``$PROPD_CACHE/kernels`` (keyed by the
@@ -62,12 +62,14 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     kernel.amx_ready.restype = ctypes.c_int
     kernel.amx_ready.argtypes = []
-    kernel.amx_linear.restype = ctypes.c_int
-    kernel.amx_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
-    kernel.amx_argmax.restype = ctypes.c_int
-    kernel.amx_argmax.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
-    kernel.amx_topk.restype = ctypes.c_int
-    kernel.amx_topk.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64]
+    kernel.bf16_products.restype = ctypes.c_int
+    kernel.bf16_products.argtypes = []
+    kernel.bf16_linear.restype = ctypes.c_int
+    kernel.bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    kernel.bf16_argmax.restype = ctypes.c_int
+    kernel.bf16_argmax.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    kernel.bf16_topk.restype = ctypes.c_int
+    kernel.bf16_topk.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64]
     kernel.forward_layers.restype = ctypes.c_int
     kernel.forward_layers.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     return kernel

@@ -1,5 +1,5 @@
-/* A run of decoder layers in one call, for the AMX route: the same kernels the tensor code calls
-   one by one (rms_norm, amx_linear, rope, attend or attend_amx, silu_mul), in the same order on the same values,
+/* A run of decoder layers in one call, for our bf16 products (AMX or AVX512-BF16): the same kernels the tensor code calls
+   one by one (rms_norm, bf16_linear, rope, attend or attend_amx, silu_mul), in the same order on the same values,
    with the glue between them (bias and residual adds, K/V writes) in plain loops. A step then
    costs its products and attention and nothing else: on the Intel Xeon with AMX, a batch-1 step
    of SmolLM2 spent a third of its time between kernels, in ~15 Python-level ops per layer. Every
@@ -26,7 +26,7 @@ static void silu_rows(void *arg) {
     const SiluJob *j = arg;
     for (int64_t r; (r = pool_take(1)) < j->rows;) silu_mul(j->gu + r * 2 * j->inter, j->act + r * j->inter, 1, j->inter, 0);
 }
-int amx_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads);
+int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads);
 int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
            float scale, int64_t max_keys, int64_t threads);
@@ -37,7 +37,7 @@ int attend_amx(const float *q, const float *k, const float *v, float *out, const
 
 typedef struct {
     const float *attn_norm, *bqkv, *mlp_norm; /* bqkv NULL: no bias */
-    const uint16_t *qkv, *wo, *gate_up, *down; /* packed for amx_linear */
+    const uint16_t *qkv, *wo, *gate_up, *down; /* packed for bf16_linear */
 } Weights;
 
 typedef struct {
@@ -75,7 +75,7 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
         const Weights *w = weights + i;
         float *keys = s->kv + (first + i) * s->s_layer, *values = keys + s->s_kv;
         rms_norm(x, w->attn_norm, normed, M, dim, s->eps);
-        status |= amx_linear_into(normed, w->qkv, h, M, width, dim, room, s->threads);
+        status |= bf16_linear_into(normed, w->qkv, h, M, width, dim, room, s->threads);
         for (int64_t m = 0; w->bqkv && m < M; ++m) add(h + m * width, w->bqkv, width);
         rope(h, s->cs, M, H + KV, width, hd);
         for (int64_t b = 0, m = 0; m < M; ++m) {
@@ -95,13 +95,13 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
         else
             status |= attend(q, keys, values, att, s->n_in, s->path, s->starts, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot,
                              s->scale, s->max_keys, s->attend_threads);
-        status |= amx_linear_into(att, w->wo, out, M, dim, H * hd, room, s->threads);
+        status |= bf16_linear_into(att, w->wo, out, M, dim, H * hd, room, s->threads);
         add(x, out, M * dim);
         rms_norm(x, w->mlp_norm, normed, M, dim, s->eps);
-        status |= amx_linear_into(normed, w->gate_up, gu, M, 2 * s->inter, dim, room, s->threads);
+        status |= bf16_linear_into(normed, w->gate_up, gu, M, 2 * s->inter, dim, room, s->threads);
         SiluJob silu = {gu, act, M, s->inter};
         pool_run(silu_rows, &silu, M >= 4 ? s->threads : 1);
-        status |= amx_linear_into(act, w->down, out, M, dim, s->inter, room, s->threads);
+        status |= bf16_linear_into(act, w->down, out, M, dim, s->inter, room, s->threads);
         add(x, out, M * dim);
     }
     free(normed), free(h), free(q), free(att), free(out), free(gu), free(act);

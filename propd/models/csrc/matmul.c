@@ -1,4 +1,6 @@
-/* y = x W^T on Intel AMX tiles, with every output computed the same way whatever the row count.
+/* y = x W^T in bf16 (fp32 sums), with every output computed the same way whatever the row count:
+   on Intel AMX tiles, or where the CPU has no AMX but AVX512-BF16 (an AMD EPYC), by its dot-product
+   instruction (``take_blocks`` below the AMX one). Both read one packed layout and give fp32.
 
    The weights are packed once into AMX's pair-interleaved layout: for each block of 16 outputs and
    each block of 32 inputs, one 16 x 64-byte tile (row r holds inputs 2r and 2r + 1 of every output).
@@ -12,7 +14,8 @@
 
    Output blocks are shared out a few at a time between the calling thread and the workers of
    ``pool.h``. Who computes a block changes no value.
-   Built without AMX (another CPU), amx_ready() says so and the route is not offered. */
+   bf16_products() says which of the two this build has (0: neither, and the route is not offered);
+   amx_ready() whether AMX tiles run (the AMX attention needs them too). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,16 +24,19 @@
 #include "vec.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include "tiles.h"
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
+#define PACKED 1
 #define CHUNK 4 /* output blocks a thread takes at a time */
-#define AHEAD 4 /* input blocks ahead whose weights the two-block loop fetches into L2 (17-32 rows: 3-5% off a step) */
+#define ROWS 32 /* the rows a call converts are rounded up to whole tiles */
+#elif defined(__AVX512BF16__)
+#define PACKED 2
+#define CHUNK 8
+#define ROWS 1
+#else
+#define PACKED 0
+#endif
+
+#if PACKED
+#include <immintrin.h>
 
 typedef struct {
     const uint16_t *a, *w; /* a: [M rounded up to 32, K] bf16 (rows past M zero); w: packed */
@@ -40,15 +46,6 @@ typedef struct {
     int64_t M, N, K, blocks, room; /* room: rows y holds (>= M; rows past M take padding's sums) */
 } Job;
 
-/* Whether ``count`` whole blocks from nb, rows r0 .. r0 + rows, go from the tiles straight into y:
-   a tile store row by row into the outputs, where a store to a buffer and a copy row by row took a
-   sixth of a 32-row product's time. */
-static int direct(const Job *j, int64_t nb, int64_t count, int64_t r0, int64_t rows) {
-    return j->y && j->M > 8 && r0 + rows <= j->room && (nb + count) * 16 <= j->N;
-}
-
-#define OUT(nb, r) (j->y + (r) * j->N + (nb) * 16)
-
 /* A chunk's largest output per row so far, lane by lane (lane l: the block columns n0 + l), and
    where it is: vectors, where a comparison per column took a third of an 8-row argmax. */
 typedef struct {
@@ -56,21 +53,17 @@ typedef struct {
     vi at[32];
 } Best;
 
-/* Writes block nb's sums for rows r0.. (r0 + 0-15 in sums[0], r0 + 16-31 in sums[1]) to y, or folds
-   them into ``best`` (restarted at the chunk's first block; r0 is 0 there). A lane takes a later
-   column only when it is larger, so each lane keeps the first of its equal ones. */
-static void finish_block(const Job *j, int64_t nb, int64_t first, int64_t r0, float sums[2][16 * 16], Best *best) {
-    int64_t n0 = nb * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16, rows = j->M - r0 < 32 ? j->M - r0 : 32;
+/* Row r's sums of block nb: into y, or folded into ``best`` (restarted at the chunk's first block).
+   A lane takes a later column only when it is larger, so each lane keeps the first of its equal ones. */
+static inline void finish_row(const Job *j, int64_t nb, int64_t first, int64_t r, vf row, Best *best) {
+    int64_t n0 = nb * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16;
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    for (int64_t r = 0; r < rows; ++r) {
-        vf row = load(sums[r / 16] + (r % 16) * 16);
-        if (j->y && cols == 16) store(j->y + (r0 + r) * j->N + n0, row);
-        else if (j->y) memcpy(j->y + (r0 + r) * j->N + n0, &row, cols * sizeof(float));
-        else {
-            vi mine = (lane < (vi){0} + (int32_t)cols) & (nb == first ? (vi){0} - 1 : row > best->top[r]);
-            best->top[r] = pick(mine, row, nb == first ? splat(-INFINITY) : best->top[r]);
-            best->at[r] = (vi)pick(mine, (vf)(lane + (int32_t)n0), (vf)(nb == first ? (vi){0} + INT32_MAX : best->at[r]));
-        }
+    if (j->y && cols == 16) store(j->y + r * j->N + n0, row);
+    else if (j->y) memcpy(j->y + r * j->N + n0, &row, cols * sizeof(float));
+    else {
+        vi mine = (lane < (vi){0} + (int32_t)cols) & (nb == first ? (vi){0} - 1 : row > best->top[r]);
+        best->top[r] = pick(mine, row, nb == first ? splat(-INFINITY) : best->top[r]);
+        best->at[r] = (vi)pick(mine, (vf)(lane + (int32_t)n0), (vf)(nb == first ? (vi){0} + INT32_MAX : best->at[r]));
     }
 }
 
@@ -83,6 +76,34 @@ static void finish_chunk(const Job *j, int64_t first, const Best *best) {
         for (int l = 0; l < 16; ++l)
             if (*at < 0 || best->top[r][l] > *top || (best->top[r][l] == *top && best->at[r][l] < *at)) *top = best->top[r][l], *at = best->at[r][l];
     }
+}
+
+#endif
+
+#if PACKED == 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "tiles.h"
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+#define AHEAD 4 /* input blocks ahead whose weights the two-block loop fetches into L2 (17-32 rows: 3-5% off a step) */
+
+/* Whether ``count`` whole blocks from nb, rows r0 .. r0 + rows, go from the tiles straight into y:
+   a tile store row by row into the outputs, where a store to a buffer and a copy row by row took a
+   sixth of a 32-row product's time. */
+static int direct(const Job *j, int64_t nb, int64_t count, int64_t r0, int64_t rows) {
+    return j->y && j->M > 8 && r0 + rows <= j->room && (nb + count) * 16 <= j->N;
+}
+
+#define OUT(nb, r) (j->y + (r) * j->N + (nb) * 16)
+
+/* Block nb's sums for rows r0.. (r0 + 0-15 in sums[0], r0 + 16-31 in sums[1]) as finish_row takes them. */
+static void finish_block(const Job *j, int64_t nb, int64_t first, int64_t r0, float sums[2][16 * 16], Best *best) {
+    int64_t rows = j->M - r0 < 32 ? j->M - r0 : 32;
+    for (int64_t r = 0; r < rows; ++r) finish_row(j, nb, first, r0 + r, load(sums[r / 16] + (r % 16) * 16), best);
 }
 
 #define WEIGHTS(nb, kb) (j->w + ((nb) * kblocks + (kb)) * 512)
@@ -193,6 +214,79 @@ int amx_ready(void) {
     return ready;
 }
 
+#else
+int amx_ready(void) { return 0; }
+#endif
+
+#if PACKED == 2
+/* Rows r0 .. r0 + R of blocks nb .. nb + B: every output one chain of dot-product instructions over
+   the input pairs in order, started from zero; R and B only say how many chains share a weight load
+   or an input broadcast (R * B accumulators in registers), never the order within a chain. */
+static inline __attribute__((always_inline)) void dot_tile(const Job *j, int64_t nb, int64_t first, int64_t r0, const int R, const int B, Best *best) {
+    int64_t K = j->K, kblocks = K / 32;
+    __m512 acc[4][8];
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < kblocks; ++kb)
+        for (int p = 0; p < 16; ++p) {
+            __m512i w[8];
+            for (int b = 0; b < B; ++b) w[b] = _mm512_loadu_si512(j->w + ((nb + b) * kblocks + kb) * 512 + p * 32);
+            for (int r = 0; r < R; ++r) {
+                int32_t pair;
+                memcpy(&pair, j->a + (r0 + r) * K + kb * 32 + 2 * p, sizeof pair);
+                __m512i a = _mm512_set1_epi32(pair);
+                for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)a, (__m512bh)w[b]);
+            }
+        }
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < B; ++b) finish_row(j, nb + b, first, r0 + r, (vf)acc[r][b], best);
+}
+
+/* Output blocks taken CHUNK at a time until none is left; per group of up to 4 rows, the chunk's
+   blocks 8 at a time (1-2 rows: the weights stream from memory, 8 chains hide the instruction's
+   latency) or 4 at a time (3-4 rows), the rest one by one. */
+static void take_blocks(void *arg) {
+    const Job *j = arg;
+    Best best;
+    for (int64_t first; (first = pool_take(CHUNK)) < j->blocks;) {
+        int64_t last = first + CHUNK < j->blocks ? first + CHUNK : j->blocks;
+        for (int64_t r0 = 0; r0 < j->M; r0 += 4) {
+            int rows = j->M - r0 < 4 ? (int)(j->M - r0) : 4;
+            for (int64_t nb = first; nb < last;) {
+                int64_t left = last - nb;
+                if (rows <= 2 && left >= 8) {
+                    if (rows == 1) dot_tile(j, nb, first, r0, 1, 8, &best);
+                    else dot_tile(j, nb, first, r0, 2, 8, &best);
+                    nb += 8;
+                } else if (left >= 4) {
+                    switch (rows) {
+                    case 1: dot_tile(j, nb, first, r0, 1, 4, &best); break;
+                    case 2: dot_tile(j, nb, first, r0, 2, 4, &best); break;
+                    case 3: dot_tile(j, nb, first, r0, 3, 4, &best); break;
+                    default: dot_tile(j, nb, first, r0, 4, 4, &best);
+                    }
+                    nb += 4;
+                } else {
+                    switch (rows) {
+                    case 1: dot_tile(j, nb, first, r0, 1, 1, &best); break;
+                    case 2: dot_tile(j, nb, first, r0, 2, 1, &best); break;
+                    case 3: dot_tile(j, nb, first, r0, 3, 1, &best); break;
+                    default: dot_tile(j, nb, first, r0, 4, 1, &best);
+                    }
+                    nb += 1;
+                }
+            }
+        }
+        if (!j->y) finish_chunk(j, first, &best);
+    }
+}
+#endif
+
+/* Which products this build multiplies by: 1 AMX tiles (where Linux lets this process use them), 2
+   AVX512-BF16, 0 none. */
+int bf16_products(void) { return PACKED == 1 && !amx_ready() ? 0 : PACKED; }
+
+#if PACKED
 /* A buffer of at least ``need`` bytes that stays with the thread between calls (a prompt's rows
    are megabytes, and a fresh mapping of them per call cost its page faults); NULL without memory. */
 static void *scratch(void **buffer, size_t *held, size_t need) {
@@ -206,12 +300,12 @@ static void *scratch(void **buffer, size_t *held, size_t need) {
 }
 
 /* x [M, K] (fp32; K a multiple of 32) as the bf16 rows a call multiplies, zero rows up to a multiple
-   of 32, in this thread's scratch; NULL without AMX or memory, or for a shape the calls do not take. */
+   of ROWS, in this thread's scratch; NULL without bf16 products or memory, or for a shape the calls do not take. */
 static uint16_t *bf16_rows(const float *x, int64_t M, int64_t K) {
     static _Thread_local void *buffer;
     static _Thread_local size_t held;
-    size_t need = (size_t)((M + 31) / 32 * 32 * K * 2);
-    uint16_t *a = amx_ready() && K % 32 == 0 && M >= 1 ? scratch(&buffer, &held, need) : NULL;
+    size_t need = (size_t)((M + ROWS - 1) / ROWS * ROWS * K * 2);
+    uint16_t *a = bf16_products() && K % 32 == 0 && M >= 1 ? scratch(&buffer, &held, need) : NULL;
     if (!a) return NULL;
     for (int64_t i = 0; i < M * K; i += W) store_bf16(a + i, load(x + i)); /* K % 32 == 0: whole vectors */
     memset(a + M * K, 0, need - (size_t)(M * K * 2));
@@ -221,8 +315,8 @@ static uint16_t *bf16_rows(const float *x, int64_t M, int64_t K) {
 /* y [M, N] (fp32) = x [M, K] (fp32; K a multiple of 32) times the packed weights' transpose, with up
    to ``threads`` - 1 workers helping the calling thread; y has room for ``room`` >= M rows (those
    past M get the zero rows' sums: a caller that rounds its rows up to 32 lets every tile go
-   straight into y). Returns 0, or -1 without AMX or memory, or for a shape it does not take. */
-int amx_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
+   straight into y). Returns 0, or -1 without bf16 products or memory, or for a shape it does not take. */
+int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
     uint16_t *a = bf16_rows(x, M, K);
     if (!a) return -1;
     Job job = {a, w, y, NULL, NULL, M, N, K, (N + 15) / 16, room};
@@ -230,15 +324,15 @@ int amx_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int6
     return 0;
 }
 
-/* amx_linear_into with room for M rows. */
-int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
-    return amx_linear_into(x, w, y, M, N, K, M, threads);
+/* bf16_linear_into with room for M rows. */
+int bf16_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
+    return bf16_linear_into(x, w, y, M, N, K, M, threads);
 }
 
-/* at [M] = the column of each row's largest output of the product amx_linear computes (the first
+/* at [M] = the column of each row's largest output of the product bf16_linear computes (the first
    of equal ones, as torch's argmax), without writing the outputs: a greedy step's vocabulary
-   projection. Returns 0, or -1 as amx_linear. */
-int amx_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads) {
+   projection. Returns 0, or -1 as bf16_linear. */
+int bf16_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads) {
     int64_t blocks = (N + 15) / 16, chunks = (blocks + CHUNK - 1) / CHUNK;
     uint16_t *a = M <= 32 ? bf16_rows(x, M, K) : NULL;
     float *tops = malloc(sizeof(float) * chunks * M);
@@ -287,37 +381,36 @@ static void top_rows(void *arg) {
     }
 }
 
-/* at [M, k], top [M, k] = each row's k largest outputs of the product amx_linear computes (k <= N),
+/* at [M, k], top [M, k] = each row's k largest outputs of the product bf16_linear computes (k <= N),
    largest first, the first column of equal ones first; ``normalized``: as log-probabilities (minus
-   the row's logsumexp). Returns 0, or -1 as amx_linear. */
-int amx_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t M, int64_t N, int64_t K, int64_t k, int normalized,
+   the row's logsumexp). Returns 0, or -1 as bf16_linear. */
+int bf16_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t M, int64_t N, int64_t K, int64_t k, int normalized,
              int64_t threads) {
     static _Thread_local void *buffer;
     static _Thread_local size_t held;
     int64_t room = (M + 31) / 32 * 32;
     float *outputs = k >= 1 && k <= N ? scratch(&buffer, &held, sizeof(float) * (size_t)(room * N)) : NULL;
-    if (!outputs || amx_linear_into(x, w, outputs, M, N, K, room, threads)) return -1;
+    if (!outputs || bf16_linear_into(x, w, outputs, M, N, K, room, threads)) return -1;
     TopJob job = {outputs, at, top, M, N, k, normalized};
     pool_run(top_rows, &job, M >= 4 ? threads : 1);
     return 0;
 }
 
 #else
-int amx_ready(void) { return 0; }
-int amx_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
+int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
     (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)room, (void)threads;
     return -1;
 }
-int amx_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
+int bf16_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
     (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)threads;
     return -1;
 }
-int amx_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads) {
+int bf16_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads) {
     (void)x, (void)w, (void)at, (void)M, (void)N, (void)K, (void)threads;
     return -1;
 }
-int amx_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t M, int64_t N, int64_t K, int64_t k, int normalized,
-             int64_t threads) {
+int bf16_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t M, int64_t N, int64_t K, int64_t k, int normalized,
+              int64_t threads) {
     (void)x, (void)w, (void)at, (void)top, (void)M, (void)N, (void)K, (void)k, (void)normalized, (void)threads;
     return -1;
 }
