@@ -213,9 +213,11 @@ class TreeChooser:
     def choose(self, batch_size: int, context: int) -> TokenTree:
         """A new bucket starts from the nearest measured one of about its batch size (rows leaving a
         batch, a context growing past a bucket) or of a smaller one, its seeded costs scaled to its
-        own as it measures them (``LatencyModel.observe``), its smallest tree measured first (seeded
-        from batch 4, batch 8's trees were predicted 24 ms where they took 21.5, and ProPD kept to
-        AR for 32 steps). After only larger batches it explores afresh."""
+        own as it measures them (``LatencyModel.observe``): where those costs favour a tree, its
+        smallest tree is measured first (seeded from batch 4, batch 8's trees were predicted 24 ms
+        where they took 21.5, and ProPD kept to AR for 32 steps); where they favour AR, AR (on the
+        AMD EPYC, rows finishing one by one made seven new buckets in a batch of 8, and a forced
+        tree step in each cost batch 8 a tenth of its speed). After only larger batches it explores afresh."""
         key = (batch_size, context // CONTEXT_BUCKET)
         depth = self.wide_depth if batch_size >= WIDE_BATCH else None
         if not self.latency.measured(key):
@@ -224,8 +226,6 @@ class TreeChooser:
             if fitted:
                 self.latency.seed(key, min(fitted, key=lambda k: (abs(k[0] - key[0]), abs(k[1] - key[1]))))
         unexplored = [n for n in self.explore if self.latency.count(key, self.tree(n, depth)[0].size) < 2]
-        if not unexplored and self.latency.seeded_only(key):
-            unexplored = self.explore[:1]  # the smallest tree, measured once here: the seeded trees' costs follow it
         self._exploring = bool(unexplored)
         if unexplored:
             tree, self.expected = self.tree(unexplored[0], depth)
@@ -241,6 +241,9 @@ class TreeChooser:
         seconds = [s + self._ar_extra.get(key, 0.0) if tree.size == 1 else s for (tree, _), s in zip(trees, seconds)]
         rates = [expected / s * (self.margin if tree.size == 1 else 1.0) for (tree, expected), s in zip(trees, seconds)]
         tree, self.expected = trees[rates.index(max(rates))]
+        if tree.size > 1 and self.latency.seeded_only(key):  # the smallest tree, measured once here: the seeded trees' costs follow it
+            self._exploring = True
+            tree, self.expected = self.tree(self.explore[0], depth)
         if tree.size > 1:
             self._tree_retries = 0
         return tree
