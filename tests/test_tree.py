@@ -7,7 +7,8 @@ import torch
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.loop import generate_batch
-from propd.decoding.tree import TreeMethod, accepted_offsets, walk
+from propd.decoding.pruning import whole_paths
+from propd.decoding.tree import TreeMethod, accepted_offsets, walk, walk_picks
 from propd.errors import PropdError
 from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder
@@ -93,6 +94,28 @@ def test_walk_follows_longest_correct_path_and_offsets_pack_it():
     offsets, counts = accepted_offsets(tree, last)
     assert counts.tolist() == [3, 1]
     assert offsets[0].tolist() == [0, 2, 4]
+    same_last, same_bonus = walk_picks(tokens, tree, predictions)  # every node's pick known: plain lists
+    assert same_last.tolist() == [4, 0] and same_bonus.tolist() == [2, 6]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_walking_known_picks_in_lists_follows_the_tensor_walk(seed):
+    """Random trees, tokens drawn from few values (so children often match), rows with their own alive nodes."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        tree = random_tree(rng, rng.randint(0, 12), rng.randint(2, 5), 3)
+        B = rng.randint(1, 4)
+        tokens, picks = torch.randint(0, 3, (2, B, tree.size), generator=gen)
+        alive = whole_paths(torch.rand(B, tree.size, generator=gen) < 0.7, tree) if rng.random() < 0.5 else None
+
+        def accept(rows, nodes, kids, valid):
+            picked = picks[rows, nodes]
+            return valid & (kids == picked.unsqueeze(1)), picked
+
+        want = walk(tokens, tree, accept, alive)
+        got = walk_picks(tokens, tree, picks, alive)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 @pytest.mark.parametrize("seed", range(6))

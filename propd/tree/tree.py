@@ -31,6 +31,8 @@ class TokenTree:
     ancestors: torch.Tensor  # [N, N] bool: ancestors[i, j] = j is i or an ancestor of i
     ranks: torch.Tensor  # [N] each node's rank among its parent's candidates (root: 0)
     children: torch.Tensor  # [N, C] each node's children, padded with -1
+    kids: tuple[tuple[int, ...], ...]  # the same as lists, for walks in plain Python
+    lineage: tuple[tuple[int, ...], ...]  # each node's path, root first, itself last
 
     @property
     def size(self) -> int:
@@ -68,7 +70,10 @@ class TokenTree:
             kids[int(parents[i])].append(i)
         width = max(1, max(len(c) for c in kids))
         children = torch.tensor([c + [-1] * (width - len(c)) for c in kids])
-        return cls(tuple(nodes), parents, depths, ancestors, ranks, children)
+        lineage: list[tuple[int, ...]] = [(0,)]
+        for i in range(1, n):
+            lineage.append(lineage[int(parents[i])] + (i,))
+        return cls(tuple(nodes), parents, depths, ancestors, ranks, children, tuple(map(tuple, kids)), tuple(lineage))
 
 
 @functools.lru_cache(maxsize=1024)
