@@ -1,9 +1,10 @@
-"""propd's C kernels (``csrc``): attention, a layer's per-token steps, bf16 products (AMX or AVX512-BF16) and whole runs of
-layers on them, exact by construction.
+"""propd's C kernels (``csrc``): attention, a layer's per-token steps, bf16 products (AMX or
+AVX512-BF16) and whole runs of layers on them, exact by construction.
 
 Built once per machine with the system's C compiler into ``$PROPD_CACHE/kernels`` (keyed by the
 sources, the compiler, the flags and the CPU), loaded with ctypes. Without a compiler (a warning
-says so), with ``PROPD_KERNELS=torch``, or on a GPU, the tensor versions run: exact as well, slower.
+says so), with ``PROPD_KERNELS=torch``, or on a GPU, the tensor versions run: slower, and exact
+where this machine's batched products are (``attention.blocked_is_exact`` checks).
 """
 
 from __future__ import annotations
