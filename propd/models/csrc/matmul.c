@@ -242,6 +242,16 @@ static inline __attribute__((always_inline)) void dot_tile(const Job *j, int64_t
         for (int b = 0; b < B; ++b) finish_row(j, nb + b, first, r0 + r, (vf)acc[r][b], best);
 }
 
+/* dot_tile for 1-4 rows, each count compiled with its accumulators in registers. */
+static inline __attribute__((always_inline)) void dot_rows(const Job *j, int64_t nb, int64_t first, int64_t r0, int rows, const int B, Best *best) {
+    switch (rows) {
+    case 1: dot_tile(j, nb, first, r0, 1, B, best); break;
+    case 2: dot_tile(j, nb, first, r0, 2, B, best); break;
+    case 3: dot_tile(j, nb, first, r0, 3, B, best); break;
+    default: dot_tile(j, nb, first, r0, 4, B, best);
+    }
+}
+
 /* Output blocks taken CHUNK at a time until none is left; per group of up to 4 rows, the chunk's
    blocks 8 at a time (1-2 rows: the weights stream from memory, 8 chains hide the instruction's
    latency) or 4 at a time (3-4 rows), the rest one by one. */
@@ -259,20 +269,10 @@ static void take_blocks(void *arg) {
                     else dot_tile(j, nb, first, r0, 2, 8, &best);
                     nb += 8;
                 } else if (left >= 4) {
-                    switch (rows) {
-                    case 1: dot_tile(j, nb, first, r0, 1, 4, &best); break;
-                    case 2: dot_tile(j, nb, first, r0, 2, 4, &best); break;
-                    case 3: dot_tile(j, nb, first, r0, 3, 4, &best); break;
-                    default: dot_tile(j, nb, first, r0, 4, 4, &best);
-                    }
+                    dot_rows(j, nb, first, r0, rows, 4, &best);
                     nb += 4;
                 } else {
-                    switch (rows) {
-                    case 1: dot_tile(j, nb, first, r0, 1, 1, &best); break;
-                    case 2: dot_tile(j, nb, first, r0, 2, 1, &best); break;
-                    case 3: dot_tile(j, nb, first, r0, 3, 1, &best); break;
-                    default: dot_tile(j, nb, first, r0, 4, 1, &best);
-                    }
+                    dot_rows(j, nb, first, r0, rows, 1, &best);
                     nb += 1;
                 }
             }
