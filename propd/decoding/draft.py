@@ -182,13 +182,12 @@ class DraftMethod:
         probs = torch.ones(len(roots), tree.size)
         drafted = self.propose(decoder, roots, state, tree, probs)
         nodes = select(path_products(tree, probs))
+        alive, keep = nodes, None
         if bool((nodes == nodes[:1]).all()):  # every row keeps the same nodes (always at batch 1): verified as a smaller tree
             keep = nodes[0].nonzero().flatten()  # root first; kept nodes keep their order, so sub-tree node j is keep[j]
-            sub, tokens = tree_of(tuple(tree.paths[i - 1] for i in keep[1:].tolist())), drafted[:, keep]
-            result, last = self.finish(tokens, verify(decoder, cache, sub, tokens, picker, pruner), state, root_only=False)
-            return result, keep[last], nodes
-        result, last = self.finish(drafted, verify(decoder, cache, tree, drafted, picker, pruner, nodes), state, root_only=False)
-        return result, last, nodes
+            tree, drafted, alive = tree_of(tuple(tree.paths[i - 1] for i in keep[1:].tolist())), drafted[:, keep], None
+        result, last = self.finish(drafted, verify(decoder, cache, tree, drafted, picker, pruner, alive), state, root_only=False)
+        return result, last if keep is None else keep[last], nodes
 
     def finish(self, tokens: torch.Tensor, v: Verified, state: DraftState, root_only: bool) -> tuple[StepResult, torch.Tensor]:
         """Queue the accepted path's features for the draft to read next step (after a root-only

@@ -139,19 +139,19 @@ def runs_native(head_dim: int, device: torch.device) -> bool:
 
 
 @functools.cache
-def blocked_is_exact(n_heads: int, n_kv_heads: int, head_dim: int, device: str = "cpu") -> bool:
+def blocked_is_exact(n_heads: int, n_kv_heads: int, head_dim: int) -> bool:
     """Whether the tensor version gives a query bitwise the same output alone as among other
-    queries and rows, on this device. Its block sums are small batched products, and some BLAS
+    queries and rows, on this CPU. Its block sums are small batched products, and some BLAS
     libraries pick their kernel by the batch's layout (MKL on an AMD EPYC, measured: a block's
     product changed with its place in the batch), so this is measured, not assumed."""
     gen = torch.Generator().manual_seed(0)
     B, T, S = 3, 7, 4 * BLOCK + 16
-    keys, values = torch.randn(2, B, n_kv_heads, S, head_dim + 1, generator=gen).to(device).unbind(0)
+    keys, values = torch.randn(2, B, n_kv_heads, S, head_dim + 1, generator=gen).unbind(0)
     keys[..., head_dim] = values[..., head_dim] = 1.0
-    q = torch.randn(B, T, n_heads, head_dim, generator=gen).to(device)
-    lengths = torch.tensor([5, BLOCK + 3, 3 * BLOCK + 1], device=device)
-    slots = (lengths[:, None] + torch.arange(T, device=device)).unsqueeze(1).expand(B, T, T)
-    ancestors = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    q = torch.randn(B, T, n_heads, head_dim, generator=gen)
+    lengths = torch.tensor([5, BLOCK + 3, 3 * BLOCK + 1])
+    slots = (lengths[:, None] + torch.arange(T)).unsqueeze(1).expand(B, T, T)
+    ancestors = torch.ones(T, T, dtype=torch.bool).tril()
     chained = blocked_attention(q, keys, values, path_plan(lengths[:, None].expand(B, T), slots.masked_fill(~ancestors, -1), n_kv_heads, S))
     for b in range(B):
         for t in range(T):
