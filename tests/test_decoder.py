@@ -120,3 +120,18 @@ def test_cache_truncate_reset_and_select_rows():
     assert cache.lengths.tolist() == [2, 0, 6]
     cache.select_rows(torch.tensor([2]))
     assert cache.lengths.tolist() == [6] and cache.kv.shape[2] == 1 and bool((cache.kv[..., :6, 0] == 7.0).all())  # its committed entries
+
+
+def test_cache_bookkeeping_of_the_tiles_stays_on_the_cpu_under_a_device_scope():
+    """A GPU model decodes in a device scope (``Propd.on_device``); the packed tiles' ``ready``
+    counts are the CPU's own, so a cache made there must still cut, join and select rows (the meta
+    device stands in for a GPU: a tensor made there can't meet a CPU one)."""
+    from propd.models.kv_cache import KVCache
+
+    with torch.device("meta"):
+        cache, other = KVCache(2, 2, 1, 32, 4, device="cpu", tiles=True), KVCache(2, 1, 1, 32, 4, device="cpu", tiles=True)
+        cache.lengths = torch.tensor([20, 9], device="cpu")
+        cache.cut(torch.tensor([17, 12], device="cpu"))
+        cache.join(other)
+        cache.select_rows(torch.tensor([0, 2], device="cpu"))
+    assert cache.ready.device.type == "cpu" and cache.ready.shape == (2, 2) and cache.lengths.tolist() == [17, 0]

@@ -46,7 +46,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self.packed = torch.empty(n_layers, batch_size, n_kv_heads, max_len // BLOCK, BLOCK * head_dim, dtype=torch.int32) if tiles else None
-        self.ready = torch.zeros(n_layers, batch_size, dtype=torch.long)
+        self.ready = torch.zeros(n_layers, batch_size, dtype=torch.long, device="cpu")
         self._set_rows(batch_size)
 
     @property
@@ -153,7 +153,7 @@ class KVCache:
         self.kv, self.max_len = kv, max_len
         if self.packed is not None:  # packed anew from the entries by the next step
             self.packed = torch.empty(kv.shape[0], kv.shape[2], kv.shape[3], max_len // BLOCK, BLOCK * self.head_dim, dtype=torch.int32)
-        self.ready = torch.zeros(kv.shape[0], kv.shape[2], dtype=torch.long)
+        self.ready = torch.zeros(kv.shape[0], kv.shape[2], dtype=torch.long, device="cpu")
         self.lengths = torch.cat([self.lengths, other.lengths])
         self._set_rows(self.batch_size)
 
