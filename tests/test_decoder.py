@@ -135,3 +135,45 @@ def test_cache_bookkeeping_of_the_tiles_stays_on_the_cpu_under_a_device_scope():
         cache.join(other)
         cache.select_rows(torch.tensor([0, 2], device="cpu"))
     assert cache.ready.device.type == "cpu" and cache.ready.shape == (2, 2) and cache.lengths.tolist() == [17, 0]
+
+
+def test_cache_pool_lends_a_tensor_again_only_once_no_cache_holds_it():
+    import gc
+
+    from propd.models.kv_cache import CachePool, KVCache
+
+    pool = CachePool(keep=2)
+    first = KVCache(2, 3, 1, 40, 4, "cpu", pool=pool)
+    first.kv[0, 0, 0, 0, 0, 0] = 5.0
+    held = first.storage
+    second = KVCache(2, 3, 1, 40, 4, "cpu", pool=pool)
+    assert second.storage is not held  # the first cache still holds its tensor
+    first.select_rows(torch.tensor([0, 2]))  # a view of the same tensor: still held
+    busy = KVCache(2, 3, 1, 40, 4, "cpu", pool=pool)
+    assert busy.storage is not held
+    del first
+    gc.collect()
+    third = KVCache(2, 3, 1, 40, 4, "cpu", pool=pool)
+    assert third.storage is held and third.kv[0, 0, 0, 0, 0, 0] == 0.0 and bool((third.kv[..., 4] == 1.0).all())  # zeroed, as new
+    grown = third.storage
+    third.join(KVCache(2, 1, 1, 40, 4, "cpu"))  # the joined batch takes a new tensor; the old one is spare
+    assert third.storage is not grown and KVCache(2, 3, 1, 40, 4, "cpu", pool=pool).storage is grown
+    assert len(pool.tensors()) <= 2 + 4 and any(t is busy.storage for t in pool.tensors())  # spares beyond ``keep`` go; lent ones stay
+
+
+def test_batches_decoding_one_after_another_reuse_the_pooled_cache_and_tokens_stay_the_same():
+    """Where steps are CUDA graphs, batches take their caches from a pool (graphs reused); shown
+    here on the CPU, where the same tokens must come out of a reused cache."""
+    import random
+
+    from propd.decoding.ar import ARMethod
+    from propd.decoding.loop import generate_batch
+    from propd.models.kv_cache import CachePool
+
+    rng = random.Random(0)
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=0))
+    prompts = [[[rng.randrange(1, 96) for _ in range(rng.randint(2, 30))] for _ in range(3)] for _ in range(3)]
+    alone = [[s.token_ids for s in generate_batch(dec, ARMethod(), p, 20, {0})] for p in prompts]
+    dec.__dict__["cache_pool"] = pool = CachePool()
+    assert [[s.token_ids for s in generate_batch(dec, ARMethod(), p, 20, {0})] for p in prompts] == alone
+    assert len(pool.tensors()) == 1  # one tensor lent to every batch (capacity rounded to 256)

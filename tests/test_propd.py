@@ -14,6 +14,7 @@ from propd.decoding.propd import PropdMethod
 from propd.decoding.pruning import Pruner, whole_paths
 from propd.decoding.tree import TreeMethod
 from propd.heads.early import EarlyHead
+from propd.models import graphs
 from propd.models.decoder import Decoder
 from propd.models.kernels import Route
 from propd.tree.dynamic import AcceptanceModel, LatencyModel, TreeChooser
@@ -129,6 +130,27 @@ def test_the_draft_reads_what_ar_steps_left_before_the_next_tree_and_stays_lossl
     out = generate_batch(dec, PropdMethod(drafter, chooser, draft_scores=False), prompts, 40, {0})
     assert [s.token_ids for s in out] == ar
     assert read[:4] == [0, 2, 1, 0]  # AR steps read at the next tree, all but the newest
+
+
+def test_a_step_that_captured_a_cuda_graph_is_no_latency_measurement(monkeypatch):
+    """A graph's first capture (each new step shape, on a GPU) costs many replays: timed as the
+    step's cost it made trees look dear and AR, charged the draft's catch-up, dearer still."""
+    rng, dec, prompts, ar = tiny_case(1)
+    drafter = DraftMethod(random_draft(dec.args, 1), chain(1))
+    chooser = ScriptedChooser([3, 1, 1, 3, 3, 1, 3])
+    captured, measured = [], []
+    step_tree, observe = drafter.step_tree, chooser.latency.observe
+
+    def step_capturing(*args, **kwargs):  # the 2nd, 4th, ... step captures a graph
+        captured.append(len(captured) % 2 == 1)
+        monkeypatch.setattr(graphs.GraphedLayers, "captures", graphs.captured() + captured[-1])
+        return step_tree(*args, **kwargs)
+
+    monkeypatch.setattr(drafter, "step_tree", step_capturing)
+    monkeypatch.setattr(chooser.latency, "observe", lambda *args: measured.append(len(captured) - 1) or observe(*args))
+    out = generate_batch(dec, PropdMethod(drafter, chooser, draft_scores=False), prompts, 20, {0})
+    assert [s.token_ids for s in out] == [a[:20] for a in ar]
+    assert measured == [i for i, cold in enumerate(captured) if not cold] and len(measured) >= 4
 
 
 def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_and_learn_their_calibration():

@@ -27,6 +27,7 @@ from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
 from propd.decoding.spec import SpecMethod
 from propd.decoding.tree import TreeMethod
+from propd.models import graphs
 from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache
 from propd.tree.dynamic import TreeChooser
@@ -49,10 +50,11 @@ class PropdMethod:
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State, picker: Picker) -> StepResult:
         rows, context = cache.batch_size, int(cache.lengths.max())
         tree = self.chooser.choose(rows, context) if self.chooser else self.drafter.tree  # dynamic tree generation
-        t = time.perf_counter()
+        t, captures = time.perf_counter(), graphs.captured()  # a CUDA graph's capture is timed as no step
         if tree.size > 1 and (ar_steps := self.drafter.catch_up(decoder, state)):  # what AR steps left the drafter to read
-            self.chooser.charge_ar(rows, context, (time.perf_counter() - t) / ar_steps)
-            t = time.perf_counter()
+            if graphs.captured() == captures:
+                self.chooser.charge_ar(rows, context, (_done(decoder.device) - t) / ar_steps)
+            t, captures = time.perf_counter(), graphs.captured()
         verified = None
         if self.draft_scores and tree.size > 1:  # the draft's own path probabilities pick which drafted nodes each row verifies
             select = functools.partial(self.chooser.select, rows, context, tree.size)
@@ -61,6 +63,15 @@ class PropdMethod:
         else:
             result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)  # candidates, early pruning, verify, accept
         if self.chooser:
-            self.chooser.observe(tree, rows, context, last.tolist(), time.perf_counter() - t, verified)  # statistics
+            last_nodes = last.tolist()  # the step's end (on a GPU, where its work is done)
+            seconds = time.perf_counter() - t if graphs.captured() == captures else None
+            self.chooser.observe(tree, rows, context, last_nodes, seconds, verified)  # statistics
             result.expected = self.chooser.expected_rows if verified is not None else [self.chooser.expected] * rows
         return result
+
+
+def _done(device: torch.device) -> float:
+    """The time once the work queued on ``device`` is done (a GPU runs behind the host)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

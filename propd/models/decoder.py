@@ -25,7 +25,7 @@ from propd.models import graphs, native, pointwise
 from propd.models.attention import attention, tiles_take
 from propd.models.fused import FusedLayers
 from propd.models.kernels import PACKED, Linear, Route, autograd_route
-from propd.models.kv_cache import KVCache, Layout
+from propd.models.kv_cache import CachePool, KVCache, Layout
 
 
 @dataclass
@@ -203,9 +203,19 @@ class Decoder:
         return cls(args, embed, layers, f32("norm.weight"), lm_head, route)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache for ``batch_size`` rows of ``max_len`` entries. With CUDA graphs its capacity is
+        a power of two (at least 256) and its tensor comes from ``cache_pool``: a later batch of the
+        same rows and capacity replays the graphs this one captured."""
         a = self.args
         tiles = self.route.kernel == "amx" and self.device.type == "cpu" and tiles_take(a.head_dim)
-        return KVCache(a.n_layers, batch_size, a.n_kv_heads, max_len, a.head_dim, self.device, tiles)
+        if self.cache_pool is not None:
+            max_len = max(256, 1 << (max_len - 1).bit_length())
+        return KVCache(a.n_layers, batch_size, a.n_kv_heads, max_len, a.head_dim, self.device, tiles, self.cache_pool)
+
+    @cached_property
+    def cache_pool(self) -> CachePool | None:
+        """Cache tensors lent again (``CachePool``), where steps run as CUDA graphs."""
+        return CachePool() if self.graphed is not None else None
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings [..., dim] in fp32, the residual stream's dtype."""

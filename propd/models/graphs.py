@@ -28,6 +28,11 @@ def enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get(ENV, "1") != "0"
 
 
+def captured() -> int:
+    """Graphs captured so far in this process (a step that captured one timed the capture too)."""
+    return GraphedLayers.captures
+
+
 def fixed_plan(plan: Plan, tokens: int) -> Plan:
     """``plan`` read with sizes from shapes alone, its paths padded to at least ``tokens`` deep
     (fewer depths, fewer graphs); a chain's plan has no paths and keeps none."""
@@ -64,13 +69,15 @@ class GraphedLayers:
     """Runs ``layer(i, x, rope, layout, cache)`` for i in [start, end) as one replayed graph per
     (rows, tokens, path depth, layer range, cache tensor)."""
 
+    captures = 0  # in this process (``captured``)
+
     def __init__(self, layer):
         self.layer = layer
         self.graphs: dict[tuple, _Captured] = {}
 
     def run(self, x: torch.Tensor, rope: torch.Tensor, layout: Layout, cache: KVCache, start: int, end: int) -> torch.Tensor:
         inputs = step_inputs(x, rope, layout, cache)
-        key = (tuple(inputs[0].shape), inputs[-1].shape[-1], start, end, cache.kv.data_ptr(), tuple(cache.kv.shape))
+        key = (tuple(inputs[0].shape), inputs[-1].shape[-1], start, end, cache.kv.data_ptr(), tuple(cache.kv.shape), cache.kv.stride())
         captured = self.graphs.get(key)
         if captured is None:
             captured = self.graphs[key] = self._capture(inputs, cache, start, end)
@@ -81,7 +88,9 @@ class GraphedLayers:
         return captured.out[:, : x.shape[1]].clone()
 
     def _capture(self, inputs: tuple[torch.Tensor, ...], cache: KVCache, start: int, end: int) -> _Captured:
-        stale = [k for k, c in self.graphs.items() if c.held[0] is not cache.kv]
+        GraphedLayers.captures += 1
+        live = {id(t) for t in (cache.pool.tensors() if cache.pool else [cache.storage])}  # what a later cache may take again
+        stale = [k for k, c in self.graphs.items() if id(c.held[0]) not in live]
         for k in stale if len(self.graphs) < MAX_GRAPHS else list(self.graphs):  # graphs of caches gone by; all, past the limit
             del self.graphs[k]
         with torch.inference_mode(False):  # inputs a later step may copy into from outside inference mode

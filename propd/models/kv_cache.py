@@ -15,6 +15,7 @@ reads them in half the bytes and converts only its newest block; lowering a row'
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +36,42 @@ class Layout:
     counts: torch.Tensor | None = None
 
 
+class CachePool:
+    """Cache tensors handed out again once no cache holds them. A CUDA graph reads the cache at the
+    address it was captured with (``graphs``): a batch whose cache takes an earlier batch's tensor
+    of the same shape replays that batch's graphs instead of capturing its own (on the H200, every
+    batch of a bench captured each of its step shapes anew). ``keep`` spare tensors at most."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._lent: list[tuple[torch.Tensor, weakref.ref]] = []  # (tensor, the cache it was last lent to)
+
+    def zeros(self, shape: tuple[int, ...], device: torch.device | str | None, owner: "KVCache") -> torch.Tensor:
+        """A zeroed tensor of ``shape`` for ``owner``: a spare one where there is one."""
+        spare = [i for i, (t, cache) in enumerate(self._lent) if cache() is None or cache().storage is not t]
+        match = next((i for i in spare if self._lent[i][0].shape == shape and self._lent[i][0].device == torch.device(device)), None)
+        if match is None:
+            tensor = torch.zeros(shape, device=device)
+            dropped = set(spare[: max(0, len(spare) - self.keep + 1)])  # the oldest spares make room
+            self._lent = [e for i, e in enumerate(self._lent) if i not in dropped]
+        else:
+            tensor = self._lent.pop(match)[0].zero_()
+        self._lent.append((tensor, weakref.ref(owner)))
+        return tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor it may hand out or has lent."""
+        return [t for t, _ in self._lent]
+
+
 class KVCache:
     def __init__(
-        self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device: torch.device | str | None = None, tiles: bool = False
+        self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device: torch.device | str | None = None, tiles: bool = False,
+        pool: CachePool | None = None,
     ):
         max_len = round_up(max_len) + BLOCK  # attention reads whole blocks, and one more past a tree
-        self.kv = torch.zeros(n_layers, 2, batch_size, n_kv_heads, max_len, head_dim + 1, device=device)
+        self.pool = pool
+        self.kv = self._zeros((n_layers, 2, batch_size, n_kv_heads, max_len, head_dim + 1), device)
         self.kv[..., head_dim] = 1.0
         self.head_dim = head_dim
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -48,6 +79,11 @@ class KVCache:
         self.packed = torch.empty(n_layers, batch_size, n_kv_heads, max_len // BLOCK, BLOCK * head_dim, dtype=torch.int32) if tiles else None
         self.ready = torch.zeros(n_layers, batch_size, dtype=torch.long, device="cpu")
         self._set_rows(batch_size)
+
+    def _zeros(self, shape: tuple[int, ...], device: torch.device | str | None) -> torch.Tensor:
+        """The whole cache tensor (``storage``; ``kv`` is a view of its first rows once rows leave)."""
+        self.storage = torch.zeros(shape, device=device) if self.pool is None else self.pool.zeros(shape, device, self)
+        return self.storage
 
     @property
     def batch_size(self) -> int:
@@ -60,7 +96,7 @@ class KVCache:
     @property
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The tensors a step reads and writes in place by address (what a CUDA graph keeps alive)."""
-        return self.kv, self._rows
+        return self.storage, self._rows
 
     def chain(self, T: int) -> Layout:
         """T new tokens after each row's cache, each seeing the cache and the new tokens before it."""
@@ -146,7 +182,7 @@ class KVCache:
         B, max_len = self.batch_size, max(self.max_len, other.max_len)
         shape = list(self.kv.shape)
         shape[2], shape[4] = B + other.batch_size, max_len
-        kv = torch.zeros(shape, dtype=self.kv.dtype, device=self.device)
+        kv = self._zeros(tuple(shape), self.device)
         kv[..., self.head_dim] = 1.0
         kv[:, :, :B, :, : self.max_len] = self.kv
         kv[:, :, B:, :, : other.max_len] = other.kv

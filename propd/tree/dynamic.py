@@ -303,11 +303,14 @@ class TreeChooser:
         self._drafted_mass = float(kept.sum())
         return torch.cat([torch.ones(B, 1, dtype=torch.bool), keep], dim=1)
 
-    def observe(self, tree: TokenTree, batch_size: int, context: int, last_nodes: list[int], seconds: float, verified: torch.Tensor | None = None) -> None:
+    def observe(
+        self, tree: TokenTree, batch_size: int, context: int, last_nodes: list[int], seconds: float | None, verified: torch.Tensor | None = None,
+    ) -> None:
         """A step over ``tree`` (each row's ``verified`` nodes [B, N] of it, where given) ended at
-        ``last_nodes`` and took ``seconds``."""
+        ``last_nodes`` and took ``seconds`` (None: not a measure of its cost)."""
         size = tree.size if verified is None else float(verified.sum()) / batch_size
-        self.latency.observe((batch_size, context // CONTEXT_BUCKET), size, seconds)
+        if seconds is not None:
+            self.latency.observe((batch_size, context // CONTEXT_BUCKET), size, seconds)
         held = None if verified is None else verified.tolist()
         for row, last in enumerate(last_nodes if tree.size > 1 else ()):  # the root alone shows no guess (and would only re-rank the trees)
             self.acceptance.observe(tree, last, None if held is None else held[row])
