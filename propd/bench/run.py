@@ -106,12 +106,12 @@ def run_bench(
         gens = hf_generate(model, texts, n) if method == HF else model.generate(texts, builders[method], n, len(texts), sampling=seeded)
         return gens, time.perf_counter() - t
 
-    for m in methods:  # warm-up: first-call allocations and caches
-        run_one(m, prompts[:1], 8)
     runs = []
     total = sum(len(methods) * -(-len(prompts) // b) for b in batch_sizes)
     with tqdm(total=total, desc="bench", unit="run") as bar:
         for b in batch_sizes:
+            for m in methods:  # warm-up at this batch size: first-call allocations, caches, a GPU's graphs of these rows
+                run_one(m, prompts[:b], 8)
             by_method = {m: MethodRun(m, b) for m in methods}
             for k, start in enumerate(range(0, len(prompts), b)):
                 batch = prompts[start : start + b]
