@@ -132,6 +132,25 @@ def test_the_draft_reads_what_ar_steps_left_before_the_next_tree_and_stays_lossl
     assert read[:4] == [0, 2, 1, 0]  # AR steps read at the next tree, all but the newest
 
 
+def test_drafting_levels_are_costed_apart_so_a_shallow_tree_can_win_over_a_deep_one():
+    """The draft layer drafts a level per pass: a deep tree costs its passes on top of its size."""
+    stats = [[0.7, 0.2, 0.1], [0.6, 0.1, 0.05], [0.6, 0.1, 0.05]]
+    rates = {}
+    for level_cost in (0.0, 0.004):
+        chooser = TreeChooser(AcceptanceModel([row[:] for row in stats]), sizes=(1, 2, 4), margin=1.0)
+        for _ in range(2):
+            for size in (1, 2, 4):
+                depth = chooser.tree(size)[0].depth if size > 1 else 0
+                drafted = (depth, level_cost * depth) if size > 1 else None
+                chooser.observe(chooser.tree(size)[0], 1, 0, [0], 0.010 + 0.0005 * size + (drafted[1] if drafted else 0.0), None, drafted)
+        assert chooser.latency.levels.get((1, 0), 0.0) == pytest.approx(level_cost)
+        assert chooser.latency.predict((1, 0), [4, 4], [1, 3]) == pytest.approx([0.012 + level_cost, 0.012 + 3 * level_cost])
+        chosen = chooser.choose(1, 0)
+        rates[level_cost] = (chosen.size, chosen.depth)
+    assert rates[0.0] == (4, 3)  # drafting free: the most probable 4-token tree, a chain
+    assert rates[0.004][0] > 1 and rates[0.004][1] == 1  # 4 ms a level: a tree one level deep
+
+
 def test_a_step_that_captured_a_cuda_graph_is_no_latency_measurement(monkeypatch):
     """A graph's first capture (each new step shape, on a GPU) costs many replays: timed as the
     step's cost it made trees look dear and AR, charged the draft's catch-up, dearer still."""
@@ -162,7 +181,7 @@ def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_an
         chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 2, 4, 8, 12, 16))
         for size in (1, 2, 8, 12):
             chooser.latency.observe((2, 0), size, 0.03 + slope * size + 0.01 * (size > 1))
-        kept = chooser.select(2, 100, 4, scores)
+        kept = chooser.select(2, 100, 4, tree.depth, scores)
         assert kept.shape == scores.shape and kept[:, 0].all()
         extra = int(kept[:, 1:].sum())
         assert extra == want if want else 1 < extra < 22
@@ -174,7 +193,7 @@ def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_an
         own = 1 + chooser.draft_scale * (below * taken).sum(1)  # each row expects what its own nodes promise
         assert chooser.expected_rows == pytest.approx(own.tolist())
     before = chooser.draft_scale
-    kept = chooser.select(2, 100, 4, torch.ones(2, tree.size))  # the draft promised every node to both rows...
+    kept = chooser.select(2, 100, 4, tree.depth, torch.ones(2, tree.size))  # the draft promised every node to both rows...
     chooser.observe(tree, 2, 100, [0, 0], 0.03, kept)  # ...and none was accepted
     assert chooser.draft_scale < before
     assert chooser.latency.count((2, 0), 12) == 2  # a step of 12 nodes per row on average

@@ -13,6 +13,7 @@ One step, for every row of the batch:
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -93,6 +94,8 @@ def level_layout(cache: KVCache, expand: torch.Tensor, paths: torch.Tensor) -> L
 class DraftMethod:
     """A static tree filled by the draft layer."""
 
+    drafted: tuple[int, float] | None = None  # the last tree's drafting: levels (a pass each) and seconds (``TreeChooser``)
+
     def __init__(self, draft: DraftHead, tree: TokenTree):
         self.draft = draft
         self.tree = tree
@@ -148,7 +151,8 @@ class DraftMethod:
         predicted[:, 0] = out[torch.arange(B), counts - 1]
         tokens = torch.empty(B, N, dtype=torch.long)
         tokens[:, 0] = roots
-        for nodes, parents, ranks, expand, paths in tree_levels(tree):
+        started = time.perf_counter()
+        for level, (nodes, parents, ranks, expand, paths) in enumerate(tree_levels(tree), 1):
             top = draft.top_tokens(predicted[:, parents], decoder, int(ranks.max()) + 1, probs is not None)  # [B, n, k]
             guesses, chances = top if probs is not None else (top, None)
             tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
@@ -158,6 +162,7 @@ class DraftMethod:
                 break
             x = draft.inputs(predicted[:, tree.parents[expand]], tokens[:, expand], decoder)
             predicted[:, expand] = dec.forward_layers(x, level_layout(cache, expand, paths), cache)
+        self.drafted = (level, time.perf_counter() - started)
         return tokens
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker) -> StepResult:

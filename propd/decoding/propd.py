@@ -57,7 +57,7 @@ class PropdMethod:
             t, captures = time.perf_counter(), graphs.captured()
         verified = None
         if self.draft_scores and tree.size > 1:  # the draft's own path probabilities pick which drafted nodes each row verifies
-            select = functools.partial(self.chooser.select, rows, context, tree.size)
+            select = functools.partial(self.chooser.select, rows, context, tree.size, tree.depth)
             tree = self.chooser.candidates(tree)
             result, last, verified = self.drafter.step_scored(decoder, cache, roots, state, picker, tree, select, self.pruner)
         else:
@@ -65,7 +65,8 @@ class PropdMethod:
         if self.chooser:
             last_nodes = last.tolist()  # the step's end (on a GPU, where its work is done)
             seconds = time.perf_counter() - t if graphs.captured() == captures else None
-            self.chooser.observe(tree, rows, context, last_nodes, seconds, verified)  # statistics
+            drafted = self.drafter.drafted if tree.size > 1 else None
+            self.chooser.observe(tree, rows, context, last_nodes, seconds, verified, drafted)  # statistics
             result.expected = self.chooser.expected_rows if verified is not None else [self.chooser.expected] * rows
         return result
 

@@ -15,6 +15,7 @@ statistics come with a draft model, so ProPD's acceptance model starts from ``PR
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,8 @@ class SpecState:
 
 class SpecMethod:
     """A tree filled by a draft model's top-k guesses: static (``step``) or chosen per step (``step_tree``)."""
+
+    drafted: tuple[int, float] | None = None  # the last tree's drafting: levels (a pass each) and seconds (``TreeChooser``)
 
     def __init__(self, draft: Decoder, tree: TokenTree):
         if tree.size < 2:
@@ -111,12 +114,14 @@ class SpecMethod:
         normed[:, 0] = draft.final_norm(out[torch.arange(B), state.counts - 1])
         tokens = torch.empty(B, tree.size, dtype=torch.long)
         tokens[:, 0] = roots
-        for nodes, parents, ranks, expand, paths in tree_levels(tree):
+        started = time.perf_counter()
+        for level, (nodes, parents, ranks, expand, paths) in enumerate(tree_levels(tree), 1):
             guesses = draft.lm_head.topk(normed[:, parents], int(ranks.max()) + 1)[1]  # [B, n, k]
             tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
             if len(expand) == 0:
                 break
             normed[:, expand] = draft.final_norm(draft.extend(tokens[:, expand], level_layout(cache, expand, paths), cache))
+        self.drafted = (level, time.perf_counter() - started)
         return tokens
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: SpecState, picker: Picker) -> StepResult:

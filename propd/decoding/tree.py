@@ -220,6 +220,8 @@ class TreeState:
 class TreeMethod:
     """Static-tree verification with Medusa heads; with a chain tree this is BPD."""
 
+    drafted = None  # the heads guess every depth in one pass, whatever the tree's depth: no cost per level
+
     def __init__(self, heads: MedusaHeads, tree: TokenTree):
         self.heads = heads
         self.tree = tree

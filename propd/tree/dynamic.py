@@ -9,10 +9,14 @@ Two online models (ProPD, arXiv 2402.13485, section 4.2):
 - ``LatencyModel``: step seconds as a line in the tree's size, fitted by weighted least squares over
   a moving average per size, weights decaying with the measurement's age; one line per batch size
   and context bucket, since both change what a tree token costs. A plain AR step (the root alone)
-  runs no drafter and keeps its own average.
+  runs no drafter and keeps its own average. A drafter that guesses level by level (the draft
+  layer, a draft model) times its levels apart, so a tree costs its line plus its depth times a
+  level's cost: on the AMD EPYC a 4-token tree 3 deep took 13.5 ms a step and 1 deep 12.0, and a
+  line in the size alone, fitted on the deeper best trees, let ProPD pick them over shallow ones.
 
-``TreeChooser`` puts them together: argmax over candidate sizes of E[accepted(n)] / T(n), size 1
-(plain AR) included. The first steps explore two small trees and AR, each twice (a size's first
+``TreeChooser`` puts them together: argmax over candidate trees (each size as deep as the
+acceptance model likes, and 1 or 2 deep) of E[accepted(n, depth)] / T(n, depth), size 1 (plain AR)
+included. The first steps explore two small trees and AR, each twice (a size's first
 step in a batch runs cold: at batch 8 a 2-token tree's first step took 26.8 ms, the next ones 21;
 kept, it ruled trees out for 32 steps), so that the line has a span;
 AR, or the trees, when unpicked for half a half-life, are measured once more (an AR step teaches
@@ -91,6 +95,7 @@ class LatencyModel:
     half_life: float = 64.0  # steps after which a measurement counts half
     rate: float = 0.3  # moving-average rate per size
     buckets: dict[tuple[int, int], dict[float, _SizeStats]] = field(default_factory=dict)
+    levels: dict[tuple[int, int], float] = field(default_factory=dict)  # per bucket: a drafting level's seconds (moving average)
     steps: int = 0
 
     def observe(self, key: tuple[int, int], size: float, seconds: float) -> None:
@@ -113,6 +118,11 @@ class LatencyModel:
             s.weight = self._decayed(s) + 1.0
             s.step = self.steps
 
+    def observe_levels(self, key: tuple[int, int], levels: int, seconds: float) -> None:
+        """A tree's drafting: ``levels`` levels of guesses in ``seconds`` (not in the step's own time)."""
+        before, now = self.levels.get(key), seconds / levels
+        self.levels[key] = now if before is None else before + self.rate * (now - before)
+
     def _decayed(self, s: _SizeStats) -> float:
         return s.weight * 0.5 ** ((self.steps - s.step) / self.half_life)
 
@@ -129,6 +139,8 @@ class LatencyModel:
             n: _SizeStats(s.seconds if n == 1 else ar + (s.seconds - ar) * rows, 0.5 * self._decayed(s), self.steps, seeded=True, count=2)
             for n, s in src.items()
         }
+        if source in self.levels:
+            self.levels[key] = self.levels[source] * rows
 
     def count(self, key: tuple[int, int], size: float) -> int:
         """Measurements of ``size`` in this bucket (a seeded size counts as measured)."""
@@ -157,13 +169,14 @@ class LatencyModel:
         slope = max(0.0, sum(w[n] * (n - mean_n) * (s.seconds - mean_t) for n, s in sizes.items()) / var) if var else 0.0
         return mean_t - slope * mean_n, slope
 
-    def predict(self, key: tuple[int, int], sizes: list[float]) -> list[float] | None:
-        """Predicted step seconds for each size (plain AR: its own average), or None before a line."""
+    def predict(self, key: tuple[int, int], sizes: list[float], depths: list[int] | None = None) -> list[float] | None:
+        """Predicted step seconds for each size drafted ``depths`` levels deep (plain AR: its own
+        average), or None before a line."""
         fit = self.line(key)
         if fit is None:
             return None
-        ar = self.buckets[key].get(1)
-        return [ar.seconds if n == 1 and ar else max(1e-6, fit[0] + fit[1] * n) for n in sizes]
+        ar, level = self.buckets[key].get(1), self.levels.get(key, 0.0)
+        return [ar.seconds if n == 1 and ar else max(1e-6, fit[0] + fit[1] * n + level * d) for n, d in zip(sizes, depths or [0] * len(sizes))]
 
 
 class TreeChooser:
@@ -185,6 +198,7 @@ class TreeChooser:
         self._ranked_at = -1_000_000  # and the step
         self._paths: list[tuple[float, tuple[int, ...]]] = []
         self._trees: dict[tuple[int, int | None], tuple[TokenTree, float]] = {}  # (size, depth limit) -> tree, expected length
+        self._shapes_at: dict[tuple[float, int | None], list[tuple[TokenTree, float]]] = {}  # ``_shapes``, built with ``_trees``
         self._ar_extra: dict[tuple[int, int], float] = {}  # per bucket: what the drafter's reading after AR steps costs per AR step
         self.expected = 1.0  # accepted tokens per row the last chosen tree expected
         self.expected_rows: list[float] | None = None  # each row's, where ``select`` last gave rows their own nodes
@@ -203,7 +217,7 @@ class TreeChooser:
         if self.acceptance.version - self._version >= 32 and self.latency.steps - self._ranked_at >= 16:
             self._version, self._ranked_at = self.acceptance.version, self.latency.steps
             self._paths = best_paths(self.acceptance.p, max(self.sizes) - 1)
-            self._trees = {}
+            self._trees, self._shapes_at = {}, {}
         if (size, depth) not in self._trees:
             chosen = [(prob, path) for prob, path in self._paths if depth is None or len(path) <= depth][: size - 1]
             self._trees[(size, depth)] = (TokenTree.from_paths([p for _, p in chosen]), 1.0 + sum(prob for prob, _ in chosen))
@@ -234,9 +248,8 @@ class TreeChooser:
             self._tree_retries += stale > 1
             tree, self.expected = self.tree(stale, depth)
             return tree
-        reach = 2 * max(self.latency.measured(key))
-        trees = [self.tree(n, depth) for n in self.sizes if n <= reach]  # (tree, expected accepted tokens)
-        seconds = self.latency.predict(key, [tree.size for tree, _ in trees])
+        trees = self._shapes(2 * max(self.latency.measured(key)), depth)  # (tree, expected accepted tokens)
+        seconds = self.latency.predict(key, [tree.size for tree, _ in trees], [tree.depth for tree, _ in trees])
         seconds = [s + self._ar_extra.get(key, 0.0) if tree.size == 1 else s for (tree, _), s in zip(trees, seconds)]
         rates = [expected / s * (self.margin if tree.size == 1 else 1.0) for (tree, expected), s in zip(trees, seconds)]
         tree, self.expected = trees[rates.index(max(rates))]
@@ -246,6 +259,18 @@ class TreeChooser:
         if tree.size > 1:
             self._tree_retries = 0
         return tree
+
+    def _shapes(self, reach: float, depth: int | None) -> list[tuple[TokenTree, float]]:
+        """The candidate trees up to ``reach`` tokens: each size as deep as the acceptance model
+        likes (at most ``depth``), and 1 and 2 deep, each tree once."""
+        if (reach, depth) not in self._shapes_at:
+            trees = {}
+            for n in (n for n in self.sizes if n <= reach):
+                for d in (depth, 1, 2):
+                    tree, expected = self.tree(n, d if depth is None or d is None else min(d, depth))
+                    trees.setdefault(tree.paths, (tree, expected))
+            self._shapes_at[(reach, depth)] = list(trees.values())
+        return self._shapes_at[(reach, depth)]
 
     def _stale(self, key: tuple[int, int]) -> int | None:
         """A size to measure again: AR, or the smallest explored tree, when that side went unpicked
@@ -273,12 +298,13 @@ class TreeChooser:
         as 3 tokens 2 deep cost a batch-8 step 29 ms where 1 deep it costs 20)."""
         return self.tree(min(max(self.sizes), tree.size + tree.size // 2), tree.depth)[0]
 
-    def select(self, batch_size: int, context: int, chosen: int, scores: torch.Tensor) -> torch.Tensor:
+    def select(self, batch_size: int, context: int, chosen: int, levels: int, scores: torch.Tensor) -> torch.Tensor:
         """Which drafted nodes each row verifies [B, N], from their draft path probabilities [B, N]:
         the batch's most probable (row, node) pairs, so a row the draft is sure of gets a longer
         tree than one it is not (ProPD's tree size per row), as many as buy the most expected tokens
         per second, a node counting its probability times ``draft_scale`` and a step costing what
-        the latency line gives its tokens per row; before the line exists, or while exploring, each
+        the latency line gives its tokens per row and its ``levels`` of drafting (paid by then, but part
+        of the step whose rate this is); before the line exists, or while exploring, each
         row's ``chosen`` - 1 most probable. A node never beats its parent (ties: the lower index, an
         ancestor, first), so rows keep whole paths. At least one node: the drafting is paid by
         then (the root alone after it cost more than an AR step, and timed as one it made AR look slow)."""
@@ -294,7 +320,8 @@ class TreeChooser:
         else:
             order = torch.sort(-mass.flatten(), stable=True).indices
             gains = torch.cumsum(mass.flatten()[order[:top]], 0)
-            seconds = (fit[0] + fit[1] * (1 + torch.arange(1, top + 1) / B)).clamp(min=1e-6)  # ``LatencyModel.predict``'s line
+            drafting = self.latency.levels.get(key, 0.0) * levels
+            seconds = (fit[0] + drafting + fit[1] * (1 + torch.arange(1, top + 1) / B)).clamp(min=1e-6)  # ``LatencyModel.predict``
             rates = (B + self.draft_scale * gains) / seconds
             k = int(rates.argmax()) + 1
             keep.view(-1)[order[:k]] = True
@@ -305,12 +332,18 @@ class TreeChooser:
 
     def observe(
         self, tree: TokenTree, batch_size: int, context: int, last_nodes: list[int], seconds: float | None, verified: torch.Tensor | None = None,
+        drafted: tuple[int, float] | None = None,
     ) -> None:
         """A step over ``tree`` (each row's ``verified`` nodes [B, N] of it, where given) ended at
-        ``last_nodes`` and took ``seconds`` (None: not a measure of its cost)."""
+        ``last_nodes`` and took ``seconds`` (None: not a measure of its cost), of which ``drafted``
+        (levels, seconds) drafted it level by level."""
+        key = (batch_size, context // CONTEXT_BUCKET)
         size = tree.size if verified is None else float(verified.sum()) / batch_size
+        if seconds is not None and drafted is not None:
+            self.latency.observe_levels(key, *drafted)
+            seconds -= drafted[1]
         if seconds is not None:
-            self.latency.observe((batch_size, context // CONTEXT_BUCKET), size, seconds)
+            self.latency.observe(key, size, seconds)
         held = None if verified is None else verified.tolist()
         for row, last in enumerate(last_nodes if tree.size > 1 else ()):  # the root alone shows no guess (and would only re-rank the trees)
             self.acceptance.observe(tree, last, None if held is None else held[row])
