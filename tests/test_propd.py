@@ -84,6 +84,22 @@ def test_a_new_bucket_starts_from_a_smaller_or_near_batch_measures_its_smallest_
     assert chooser.choose(2, 100).size == chooser.explore[0] and chooser.latency.measured((2, 0)) == []  # only larger batches: explores
 
 
+def test_a_seeded_buckets_tree_costs_move_with_its_own_ar_and_its_first_tree():
+    lat = LatencyModel()
+    for size, seconds in ((1, 0.020), (2, 0.021), (4, 0.024)) * 2:
+        lat.observe((4, 0), size, seconds)
+    lat.seed((8, 0), (4, 0))
+    seeded = {n: s.seconds for n, s in lat.buckets[(8, 0)].items()}
+    assert seeded[2] == pytest.approx(0.020 + 0.001 * 2**0.5)  # batch 4's AR under batch 8's extra
+    lat.observe((8, 0), 1, 0.030)  # batch 8's AR: 10 ms dearer than batch 4's
+    assert lat.buckets[(8, 0)][1].seconds == 0.030
+    assert [lat.buckets[(8, 0)][n].seconds for n in (2, 4)] == pytest.approx([seeded[2] + 0.010, seeded[4] + 0.010])  # not below AR
+    lat.observe((8, 0), 3, 0.040)  # the first tree, of a size never seeded: the seeded trees scale by its ratio to their line
+    line = (seeded[2] + seeded[4]) / 2 + 0.010
+    assert [lat.buckets[(8, 0)][n].seconds for n in (2, 4)] == pytest.approx([(seeded[n] + 0.010) * 0.040 / line for n in (2, 4)])
+    assert lat.buckets[(8, 0)][1].seconds == 0.030
+
+
 def test_ar_is_charged_what_the_drafter_reads_after_it_and_drafts_no_deeper_than_the_tree():
     chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
     for size, seconds in ((2, 0.03), (4, 0.042), (1, 0.02)) * 2:  # explored twice each

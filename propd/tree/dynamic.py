@@ -101,22 +101,35 @@ class LatencyModel:
     def observe(self, key: tuple[int, int], size: float, seconds: float) -> None:
         self.steps += 1
         sizes = self.buckets.setdefault(key, {})
+        self._follow(key, size, seconds)
         s = sizes.get(size)
-        if s is not None and s.seeded:  # the first of this size here: the other seeded trees follow it in proportion
-            # (not AR, which runs no drafter: a batch-8 tree's cold first step made a seeded AR 28% dearer than it was,
-            # and an AR that looks dear is not measured again for 32 steps)
-            scale = seconds / s.seconds
-            for n, other in sizes.items() if size > 1 else ():
-                if other.seeded and n > 1:
-                    other.seconds *= scale
-            s.seeded = False
         if s is None:
             sizes[size] = _SizeStats(seconds, 1.0, self.steps)
+        elif s.seeded:  # gives way to the first measurement here (counted as the second: no more exploring)
+            sizes[size] = _SizeStats(seconds, 1.0, self.steps, count=3)
         else:
             s.seconds = seconds if s.count == 1 else s.seconds + self.rate * (seconds - s.seconds)
             s.count += 1
             s.weight = self._decayed(s) + 1.0
             s.step = self.steps
+
+    def _follow(self, key: tuple[int, int], size: float, seconds: float) -> None:
+        """The seeded tree costs follow a bucket's first measurements. AR's moves them by as much:
+        the seed scaled only what a tree costs beyond AR, and kept the smaller batch's AR under it
+        (batch 8 seeded from batch 4 priced a 1.25-token tree at 14.5 ms, below its own AR's 17,
+        and tried trees that cost 21). The first tree's scales them by its ratio to the seeded line
+        (not AR, which runs no drafter: a batch-8 tree's cold first step made a seeded AR 28% dearer
+        than it was, and an AR that looks dear is not measured again for 32 steps)."""
+        sizes = self.buckets[key]
+        trees, ar = [s for n, s in sizes.items() if n > 1 and s.seeded], sizes.get(1)
+        if size == 1 and ar is not None and ar.seeded:
+            for s in trees:
+                s.seconds += seconds - ar.seconds
+        elif size > 1 and trees and self.seeded_only(key):
+            fit = self.line(key)
+            seeded = sizes[size].seconds if size in sizes else None if fit is None else fit[0] + fit[1] * size
+            for s in trees if seeded else ():
+                s.seconds *= seconds / seeded
 
     def observe_levels(self, key: tuple[int, int], levels: int, seconds: float) -> None:
         """A tree's drafting: ``levels`` levels of guesses in ``seconds`` (not in the step's own time)."""
