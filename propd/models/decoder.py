@@ -203,19 +203,18 @@ class Decoder:
         return cls(args, embed, layers, f32("norm.weight"), lm_head, route)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A cache for ``batch_size`` rows of ``max_len`` entries. With CUDA graphs its capacity is
-        a power of two (at least 256) and its tensor comes from ``cache_pool``: a later batch of the
-        same rows and capacity replays the graphs this one captured."""
+        """A cache for ``batch_size`` rows of at least ``max_len`` entries: a power of two (256 at
+        least, the model's context at most), its tensor from ``cache_pool``, so a later batch of as
+        many rows takes it again."""
         a = self.args
         tiles = self.route.kernel == "amx" and self.device.type == "cpu" and tiles_take(a.head_dim)
-        if self.cache_pool is not None:
-            max_len = max(256, 1 << (max_len - 1).bit_length())
-        return KVCache(a.n_layers, batch_size, a.n_kv_heads, max_len, a.head_dim, self.device, tiles, self.cache_pool)
+        capacity = min(max(256, 1 << (max_len - 1).bit_length()), max(max_len, a.max_position))
+        return KVCache(a.n_layers, batch_size, a.n_kv_heads, capacity, a.head_dim, self.device, tiles, self.cache_pool)
 
     @cached_property
-    def cache_pool(self) -> CachePool | None:
-        """Cache tensors lent again (``CachePool``), where steps run as CUDA graphs."""
-        return CachePool() if self.graphed is not None else None
+    def cache_pool(self) -> CachePool:
+        """Cache tensors lent again (``CachePool``): one spare on a CPU, a few where CUDA graphs hold theirs."""
+        return CachePool(keep=4 if self.graphed is not None else 1)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings [..., dim] in fp32, the residual stream's dtype."""

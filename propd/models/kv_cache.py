@@ -37,25 +37,28 @@ class Layout:
 
 
 class CachePool:
-    """Cache tensors handed out again once no cache holds them. A CUDA graph reads the cache at the
-    address it was captured with (``graphs``): a batch whose cache takes an earlier batch's tensor
-    of the same shape replays that batch's graphs instead of capturing its own (on the H200, every
-    batch of a bench captured each of its step shapes anew). ``keep`` spare tensors at most."""
+    """Cache tensors handed out again once no cache holds them, as they are (every entry finite,
+    the ones column set: what a new one holds, as far as any step can tell). A CUDA graph reads the
+    cache at the address it was captured with (``graphs``): a batch whose cache takes an earlier
+    batch's tensor of the same shape replays that batch's graphs instead of capturing its own (on
+    the H200, every batch of a bench captured each of its step shapes anew). On a CPU, a new
+    batch-8 cache cost 0.1 s to make (its pages touched for the first time): 4% of a bench batch.
+    ``keep`` spare tensors at most."""
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int):
         self.keep = keep
         self._lent: list[tuple[torch.Tensor, weakref.ref]] = []  # (tensor, the cache it was last lent to)
 
-    def zeros(self, shape: tuple[int, ...], device: torch.device | str | None, owner: "KVCache") -> torch.Tensor:
-        """A zeroed tensor of ``shape`` for ``owner``: a spare one where there is one."""
+    def lend(self, shape: tuple[int, ...], device: torch.device, owner: "KVCache", make) -> torch.Tensor:
+        """A spare tensor of ``shape`` for ``owner``, or a new one from ``make()``."""
         spare = [i for i, (t, cache) in enumerate(self._lent) if cache() is None or cache().storage is not t]
-        match = next((i for i in spare if self._lent[i][0].shape == shape and self._lent[i][0].device == torch.device(device)), None)
+        match = next((i for i in spare if self._lent[i][0].shape == shape and self._lent[i][0].device == device), None)
         if match is None:
-            tensor = torch.zeros(shape, device=device)
+            tensor = make()
             dropped = set(spare[: max(0, len(spare) - self.keep + 1)])  # the oldest spares make room
             self._lent = [e for i, e in enumerate(self._lent) if i not in dropped]
         else:
-            tensor = self._lent.pop(match)[0].zero_()
+            tensor = self._lent.pop(match)[0]
         self._lent.append((tensor, weakref.ref(owner)))
         return tensor
 
@@ -70,19 +73,24 @@ class KVCache:
         pool: CachePool | None = None,
     ):
         max_len = round_up(max_len) + BLOCK  # attention reads whole blocks, and one more past a tree
-        self.pool = pool
-        self.kv = self._zeros((n_layers, 2, batch_size, n_kv_heads, max_len, head_dim + 1), device)
-        self.kv[..., head_dim] = 1.0
-        self.head_dim = head_dim
+        self.pool, self.head_dim = pool, head_dim
+        self.kv = self._new((n_layers, 2, batch_size, n_kv_heads, max_len, head_dim + 1), torch.device(device) if device else None)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self.packed = torch.empty(n_layers, batch_size, n_kv_heads, max_len // BLOCK, BLOCK * head_dim, dtype=torch.int32) if tiles else None
         self.ready = torch.zeros(n_layers, batch_size, dtype=torch.long, device="cpu")
         self._set_rows(batch_size)
 
-    def _zeros(self, shape: tuple[int, ...], device: torch.device | str | None) -> torch.Tensor:
-        """The whole cache tensor (``storage``; ``kv`` is a view of its first rows once rows leave)."""
-        self.storage = torch.zeros(shape, device=device) if self.pool is None else self.pool.zeros(shape, device, self)
+    def _new(self, shape: tuple[int, ...], device: torch.device | None) -> torch.Tensor:
+        """The whole cache tensor (``storage``; ``kv`` is a view of its first rows once rows leave):
+        zeros with the ones column set, or the pool's spare one."""
+
+        def make() -> torch.Tensor:
+            kv = torch.zeros(shape, device=device)
+            kv[..., self.head_dim] = 1.0
+            return kv
+
+        self.storage = make() if self.pool is None or device is None else self.pool.lend(shape, device, self, make)
         return self.storage
 
     @property
@@ -182,8 +190,7 @@ class KVCache:
         B, max_len = self.batch_size, max(self.max_len, other.max_len)
         shape = list(self.kv.shape)
         shape[2], shape[4] = B + other.batch_size, max_len
-        kv = self._zeros(tuple(shape), self.device)
-        kv[..., self.head_dim] = 1.0
+        kv = self._new(tuple(shape), self.device)
         kv[:, :, :B, :, : self.max_len] = self.kv
         kv[:, :, B:, :, : other.max_len] = other.kv
         self.kv, self.max_len = kv, max_len
