@@ -158,7 +158,14 @@ def test_cache_pool_lends_a_tensor_again_only_once_no_cache_holds_it():
     grown = third.storage
     third.join(KVCache(2, 1, 1, 40, 4, "cpu"))  # the joined batch takes a new tensor; the old one is spare
     assert third.storage is not grown and KVCache(2, 3, 1, 40, 4, "cpu", pool=pool).storage is grown
-    assert len(pool.tensors()) <= 2 + 4 and any(t is busy.storage for t in pool.tensors())  # spares beyond ``keep`` go; lent ones stay
+    assert len(pool.tensors()) == 4  # second's, busy's, third's and the spare one
+    for n in (5, 6, 7):  # three more shapes, each cache gone at once: spares beyond ``keep`` make room
+        KVCache(2, n, 1, 40, 4, "cpu", pool=pool)
+    gc.collect()
+    assert len(pool.tensors()) == 3 + 2 and all(any(t is c.storage for t in pool.tensors()) for c in (second, busy, third))
+    with torch.inference_mode():  # a tensor made in inference mode is lent only in that mode (it takes no in-place write outside)
+        inside = KVCache(2, 8, 1, 40, 4, "cpu", pool=pool).storage
+    assert KVCache(2, 8, 1, 40, 4, "cpu", pool=pool).storage is not inside
 
 
 def test_batches_decoding_one_after_another_reuse_the_pooled_cache_and_tokens_stay_the_same():

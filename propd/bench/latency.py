@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from propd.models.decoder import Decoder  # noqa: E402
+from propd.models.decoder import Decoder, synchronize  # noqa: E402
 from propd.tree.tree import TokenTree, load_tree, medusa_paths  # noqa: E402
 
 
@@ -57,12 +57,6 @@ def memory_bandwidth(device: torch.device = torch.device("cpu"), megabytes: int 
         synchronize(device)
         times.append(time.perf_counter() - t)
     return buffer.numel() * 4 / statistics.median(times[1:]) / 1e9
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for a GPU's queued work, so that wall clocks measure it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def weight_bytes(decoder: Decoder) -> int:

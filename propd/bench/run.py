@@ -110,8 +110,8 @@ def run_bench(
     total = sum(len(methods) * -(-len(prompts) // b) for b in batch_sizes)
     with tqdm(total=total, desc="bench", unit="run") as bar:
         for b in batch_sizes:
-            for m in methods:  # warm-up at this batch size: first-call allocations, caches, a GPU's graphs of these rows
-                run_one(m, prompts[:b], 8)
+            for m in methods:  # warm-up at this batch size: first-call allocations, caches, a GPU's graphs of these rows and lengths
+                run_one(m, prompts[:b], max_new_tokens)
             by_method = {m: MethodRun(m, b) for m in methods}
             for k, start in enumerate(range(0, len(prompts), b)):
                 batch = prompts[start : start + b]

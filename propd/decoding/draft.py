@@ -25,7 +25,7 @@ from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
 from propd.decoding.tree import Verified, verify
 from propd.heads.draft import DraftHead
-from propd.models.decoder import Decoder
+from propd.models.decoder import Decoder, synchronize
 from propd.models.kv_cache import KVCache, Layout, path_slots
 from propd.tree.tree import TokenTree, path_products, tree_of
 
@@ -110,7 +110,7 @@ class DraftMethod:
         roots = picker.next_tokens(decoder, normed)
         pending = (normed.float().unsqueeze(1), roots.unsqueeze(1), torch.ones(len(roots), dtype=torch.long, device=roots.device))
         self.draft.prepare(decoder)
-        return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.max_len), [pending])
+        return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.capacity), [pending])
 
     @torch.no_grad()
     def catch_up(self, decoder: Decoder, state: DraftState) -> int:
@@ -151,7 +151,8 @@ class DraftMethod:
         predicted[:, 0] = out[torch.arange(B), counts - 1]
         tokens = torch.empty(B, N, dtype=torch.long)
         tokens[:, 0] = roots
-        started = time.perf_counter()
+        synchronize(decoder.device)  # the levels' own time (``drafted``), the draft's reading before them apart
+        started, level = time.perf_counter(), 0
         for level, (nodes, parents, ranks, expand, paths) in enumerate(tree_levels(tree), 1):
             top = draft.top_tokens(predicted[:, parents], decoder, int(ranks.max()) + 1, probs is not None)  # [B, n, k]
             guesses, chances = top if probs is not None else (top, None)
@@ -162,6 +163,7 @@ class DraftMethod:
                 break
             x = draft.inputs(predicted[:, tree.parents[expand]], tokens[:, expand], decoder)
             predicted[:, expand] = dec.forward_layers(x, level_layout(cache, expand, paths), cache)
+        synchronize(decoder.device)
         self.drafted = (level, time.perf_counter() - started)
         return tokens
 

@@ -28,7 +28,7 @@ from propd.decoding.sampling import Picker
 from propd.decoding.spec import SpecMethod
 from propd.decoding.tree import TreeMethod
 from propd.models import graphs
-from propd.models.decoder import Decoder
+from propd.models.decoder import Decoder, synchronize
 from propd.models.kv_cache import KVCache
 from propd.tree.dynamic import TreeChooser
 
@@ -53,12 +53,14 @@ class PropdMethod:
         t, captures = time.perf_counter(), graphs.captured()  # a CUDA graph's capture is timed as no step
         if tree.size > 1 and (ar_steps := self.drafter.catch_up(decoder, state)):  # what AR steps left the drafter to read
             if graphs.captured() == captures:
-                self.chooser.charge_ar(rows, context, (_done(decoder.device) - t) / ar_steps)
+                synchronize(decoder.device)
+                self.chooser.charge_ar(rows, context, (time.perf_counter() - t) / ar_steps)
             t, captures = time.perf_counter(), graphs.captured()
         verified = None
         if self.draft_scores and tree.size > 1:  # the draft's own path probabilities pick which drafted nodes each row verifies
-            select = functools.partial(self.chooser.select, rows, context, tree.size, tree.depth)
-            tree = self.chooser.candidates(tree)
+            candidates = self.chooser.candidates(tree)
+            select = functools.partial(self.chooser.select, rows, context, tree.size, candidates.depth)
+            tree = candidates
             result, last, verified = self.drafter.step_scored(decoder, cache, roots, state, picker, tree, select, self.pruner)
         else:
             result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)  # candidates, early pruning, verify, accept
@@ -69,10 +71,3 @@ class PropdMethod:
             self.chooser.observe(tree, rows, context, last_nodes, seconds, verified, drafted)  # statistics
             result.expected = self.chooser.expected_rows if verified is not None else [self.chooser.expected] * rows
         return result
-
-
-def _done(device: torch.device) -> float:
-    """The time once the work queued on ``device`` is done (a GPU runs behind the host)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -27,7 +27,7 @@ from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
 from propd.decoding.tree import verify
 from propd.errors import PropdError
-from propd.models.decoder import Decoder
+from propd.models.decoder import Decoder, synchronize
 from propd.models.kv_cache import KVCache
 from propd.tree.tree import TokenTree
 
@@ -83,7 +83,7 @@ class SpecMethod:
     def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]) -> tuple[torch.Tensor, SpecState]:
         self.check_fits(decoder)
         roots = picker.next_tokens(decoder, decoder.final_norm(hidden))
-        draft_cache = self.draft.new_cache(len(prompts), cache.max_len)
+        draft_cache = self.draft.new_cache(len(prompts), cache.capacity)
         prefill(self.draft, draft_cache, prompts)  # the draft model reads the prompts too
         return roots, SpecState(draft_cache, roots.unsqueeze(1), torch.ones(len(prompts), dtype=torch.long))
 
@@ -114,13 +114,15 @@ class SpecMethod:
         normed[:, 0] = draft.final_norm(out[torch.arange(B), state.counts - 1])
         tokens = torch.empty(B, tree.size, dtype=torch.long)
         tokens[:, 0] = roots
-        started = time.perf_counter()
+        synchronize(draft.device)  # the levels' own time (``drafted``), the draft's reading before them apart
+        started, level = time.perf_counter(), 0
         for level, (nodes, parents, ranks, expand, paths) in enumerate(tree_levels(tree), 1):
             guesses = draft.lm_head.topk(normed[:, parents], int(ranks.max()) + 1)[1]  # [B, n, k]
             tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
             if len(expand) == 0:
                 break
             normed[:, expand] = draft.final_norm(draft.extend(tokens[:, expand], level_layout(cache, expand, paths), cache))
+        synchronize(draft.device)
         self.drafted = (level, time.perf_counter() - started)
         return tokens
 

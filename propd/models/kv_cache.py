@@ -52,15 +52,20 @@ class CachePool:
     def lend(self, shape: tuple[int, ...], device: torch.device, owner: "KVCache", make) -> torch.Tensor:
         """A spare tensor of ``shape`` for ``owner``, or a new one from ``make()``."""
         spare = [i for i, (t, cache) in enumerate(self._lent) if cache() is None or cache().storage is not t]
-        match = next((i for i in spare if self._lent[i][0].shape == shape and self._lent[i][0].device == device), None)
+        inference = torch.is_inference_mode_enabled()  # an inference tensor takes no in-place write outside that mode
+        match = next((i for i in spare if self._fits(self._lent[i][0], shape, device, inference)), None)
         if match is None:
-            tensor = make()
-            dropped = set(spare[: max(0, len(spare) - self.keep + 1)])  # the oldest spares make room
+            dropped = set(spare[: max(0, len(spare) - self.keep + 1)])  # the oldest spares make room, before the new one is made
             self._lent = [e for i, e in enumerate(self._lent) if i not in dropped]
+            tensor = make()
         else:
             tensor = self._lent.pop(match)[0]
         self._lent.append((tensor, weakref.ref(owner)))
         return tensor
+
+    @staticmethod
+    def _fits(t: torch.Tensor, shape: tuple[int, ...], device: torch.device, inference: bool) -> bool:
+        return t.shape == shape and t.device == device and t.dtype == torch.get_default_dtype() and t.is_inference() == inference and not t.requires_grad
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor it may hand out or has lent."""
@@ -72,6 +77,7 @@ class KVCache:
         self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device: torch.device | str | None = None, tiles: bool = False,
         pool: CachePool | None = None,
     ):
+        self.capacity = max_len  # entries asked for (a draft's cache asks as many)
         max_len = round_up(max_len) + BLOCK  # attention reads whole blocks, and one more past a tree
         self.pool, self.head_dim = pool, head_dim
         self.kv = self._new((n_layers, 2, batch_size, n_kv_heads, max_len, head_dim + 1), torch.device(device) if device else None)
@@ -193,7 +199,7 @@ class KVCache:
         kv = self._new(tuple(shape), self.device)
         kv[:, :, :B, :, : self.max_len] = self.kv
         kv[:, :, B:, :, : other.max_len] = other.kv
-        self.kv, self.max_len = kv, max_len
+        self.kv, self.max_len, self.capacity = kv, max_len, max(self.capacity, other.capacity)
         if self.packed is not None:  # packed anew from the entries by the next step
             self.packed = torch.empty(kv.shape[0], kv.shape[2], kv.shape[3], max_len // BLOCK, BLOCK * self.head_dim, dtype=torch.int32)
         self.ready = torch.zeros(kv.shape[0], kv.shape[2], dtype=torch.long, device="cpu")

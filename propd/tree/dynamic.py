@@ -128,7 +128,7 @@ class LatencyModel:
         elif size > 1 and trees and self.seeded_only(key):
             fit = self.line(key)
             seeded = sizes[size].seconds if size in sizes else None if fit is None else fit[0] + fit[1] * size
-            for s in trees if seeded else ():
+            for s in trees if seeded and seeded > 0 else ():
                 s.seconds *= seconds / seeded
 
     def observe_levels(self, key: tuple[int, int], levels: int, seconds: float) -> None:
@@ -352,7 +352,7 @@ class TreeChooser:
         (levels, seconds) drafted it level by level."""
         key = (batch_size, context // CONTEXT_BUCKET)
         size = tree.size if verified is None else float(verified.sum()) / batch_size
-        if seconds is not None and drafted is not None:
+        if seconds is not None and drafted is not None and drafted[0] > 0:
             self.latency.observe_levels(key, *drafted)
             seconds -= drafted[1]
         if seconds is not None:
