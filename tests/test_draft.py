@@ -167,3 +167,16 @@ def test_a_batch_start_packs_what_the_draft_reads_so_the_first_tree_step_is_not_
     assert draft._fc is None and not dec._vocab_projections
     generate_batch(dec, DraftMethod(draft, chain(2)), [[1, 2, 3]], 1, {0})  # the root token only: no step runs
     assert draft._fc is not None and list(dec._vocab_projections) == [(draft.candidate_vocab.data_ptr(), 40)]
+
+
+def test_the_drafts_cache_holds_as_many_entries_as_the_models():
+    """The draft's cache asks for the model's capacity (not its rounded size, which a power of two
+    would double again: on a GPU a graph's attention reads the whole capacity)."""
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=1))
+    method, caches, states = DraftMethod(random_draft(dec.args, 1), chain(2)), [], []
+    start = method.start
+    method.start = lambda decoder, cache, *rest: caches.append(cache) or start(decoder, cache, *rest)
+    step = method.step
+    method.step = lambda decoder, cache, roots, state, picker: states.append(state) or step(decoder, cache, roots, state, picker)
+    generate_batch(dec, method, [[5, 6, 7], [8, 9]], 4, set())
+    assert states[0].cache.max_len == caches[0].max_len == 256 + 32
