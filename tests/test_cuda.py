@@ -11,6 +11,7 @@ from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import generate_batch, prefill
 from propd.decoding.tree import TreeMethod
+from propd.models import graphs
 from propd.models.decoder import Decoder
 from propd.models.graphs import step_inputs
 from propd.training.features import cache_features, load_features
@@ -80,3 +81,14 @@ def test_cuda_graphs_replay_what_the_eager_layers_compute():
                 cache.advance(torch.ones(3, dtype=torch.long))
             assert torch.equal(*out), step
         assert len(dec.graphed.graphs) == 3  # AR, trees padded to 8 and to 16 tokens: each captured once, replayed since
+
+
+def test_cuda_a_later_batch_of_the_same_shape_replays_the_graphs_the_first_captured():
+    """Its cache takes the first batch's tensor again (``CachePool``), so no step shape is captured
+    anew (on the H200 every batch of a bench had captured its own)."""
+    gpu = Decoder.from_hf(tiny_hf_model("llama", seed=4)).to("cuda")
+    with torch.device("cuda"):
+        generate_batch(gpu, ARMethod(), [[5, 6, 7], [8, 9, 10, 11]], 12, set())
+        captured = graphs.captured()
+        generate_batch(gpu, ARMethod(), [[12, 13], [14, 15, 16]], 12, set())
+    assert graphs.captured() == captured
