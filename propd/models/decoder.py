@@ -85,11 +85,11 @@ class Layer:
     w_down: torch.Tensor  # [dim, intermediate]
 
 
-
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (a GPU runs behind the host), so wall clocks measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
 
 class Decoder:
     """Weights + RoPE tables + forward passes; the KV cache is passed in, never hidden inside."""

@@ -125,10 +125,15 @@ class LatencyModel:
         if size == 1 and ar is not None and ar.seeded:
             for s in trees:
                 s.seconds += seconds - ar.seconds
-        elif size > 1 and trees and self.seeded_only(key):
+        elif size > 1 and self.seeded_only(key):
             fit = self.line(key)
-            seeded = sizes[size].seconds if size in sizes else None if fit is None else fit[0] + fit[1] * size
-            for s in trees if seeded and seeded > 0 else ():
+            if size in sizes:
+                seeded = sizes[size].seconds
+            elif fit is not None:
+                seeded = fit[0] + fit[1] * size
+            else:
+                return
+            for s in trees if seeded > 0 else ():
                 s.seconds *= seconds / seeded
 
     def observe_levels(self, key: tuple[int, int], levels: int, seconds: float) -> None:
@@ -352,10 +357,10 @@ class TreeChooser:
         (levels, seconds) drafted it level by level."""
         key = (batch_size, context // CONTEXT_BUCKET)
         size = tree.size if verified is None else float(verified.sum()) / batch_size
-        if seconds is not None and drafted is not None and drafted[0] > 0:
-            self.latency.observe_levels(key, *drafted)
-            seconds -= drafted[1]
         if seconds is not None:
+            if drafted is not None and drafted[0] > 0:
+                self.latency.observe_levels(key, *drafted)
+                seconds -= drafted[1]
             self.latency.observe(key, size, seconds)
         held = None if verified is None else verified.tolist()
         for row, last in enumerate(last_nodes if tree.size > 1 else ()):  # the root alone shows no guess (and would only re-rank the trees)
