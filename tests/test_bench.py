@@ -14,7 +14,7 @@ from tests.test_tree import random_heads
 
 RUN_KEYS = {
     "method", "batch_size", "tokens_per_s", "mean_accepted", "speedup_vs_ar", "speedup_vs_hf", "lossless", "prompts", "new_tokens",
-    "tree_tokens_per_step", "late_tokens_per_step",
+    "tree_tokens_per_step", "late_tokens_per_step", "rounds", "speedup_vs_ar_median", "speedup_vs_ar_range",
 }
 
 
@@ -45,6 +45,22 @@ def test_bench_writes_schema_report_and_plots(tiny_propd, tmp_path):
         cats = [c for c in data["per_category"] if (c["method"], c["batch_size"]) == (run["method"], run["batch_size"])]
         assert sum(c["seconds"] for c in cats) == pytest.approx(run["seconds"], abs=1e-4 * (len(cats) + 1))  # each rounded to 0.1 ms
     assert "| medusa | 2 |" in (tmp_path / "report.md").read_text()
+
+
+def test_rounds_run_every_batch_again_and_give_a_median_speed_up_of_same_batch_runs(tiny_propd):
+    prompts = load_prompts(limit=3)
+    runs = run_bench(tiny_propd, prompts, ["ar", "bpd"], [2], 5, random_heads(64, len(tiny_propd.tokenizer), 2, seed=2), rounds=2)
+    ar, bpd = runs
+    assert len(ar.batches) == len(bpd.batches) == 4  # 2 batches (2 prompts and 1), twice
+    assert [g.token_ids for g in bpd.generations] == [g.token_ids for g in ar.generations] and len(ar.generations) == 6
+    ar.batches[0] = (ar.batches[0][0], ar.batches[0][1] * 1000)  # one very slow ar run: the median does not follow it
+    rec = next(r for r in build_results(tiny_propd, runs, machine_facts(tiny_propd), {})["runs"] if r["method"] == "bpd")
+    ratios = sorted(t * a_s / (s * a_t) for (t, s), (a_t, a_s) in zip(bpd.batches, ar.batches))
+    assert rec["prompts"] == 3 and rec["rounds"] == 2 and rec["lossless"]
+    assert rec["speedup_vs_ar_range"] == [round(ratios[0], 3), round(ratios[-1], 3)]
+    assert rec["speedup_vs_ar_median"] == round((ratios[1] + ratios[2]) / 2, 3) < ratios[-1] / 10
+    with pytest.raises(PropdError, match="rounds"):
+        run_bench(tiny_propd, prompts, ["ar"], [1], 5, rounds=0)
 
 
 def test_lossless_flag_reports_first_difference(tiny_propd):

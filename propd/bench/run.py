@@ -1,8 +1,10 @@
 """``propd bench``: every method on the same prompts, same process, interleaved, Spec-Bench style.
 
-For each batch size the prompts are cut into batches; every batch runs each method once, in an order
-that rotates from batch to batch so that machine noise hits all methods alike. A method's tokens/s is
-its new tokens over its wall time; its output must be token-identical to ``ar``'s (``lossless``).
+For each batch size the prompts are cut into batches; every batch runs each method ``rounds`` times,
+in an order that rotates from run to run so that machine noise hits all methods alike. A method's
+tokens/s is its new tokens over its wall time, and its per-batch speed-ups over ``ar`` (the same batch,
+the same round) give a median that one slow moment of the machine does not move; its output must be
+token-identical to ``ar``'s (``lossless``).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ class MethodRun:
 
     method: str
     batch_size: int
+    rounds: int = 1  # runs of every batch (generations and prompts hold each run's)
     generations: list[Generation] = field(default_factory=list)
     prompts: list[Prompt] = field(default_factory=list)
     prompt_seconds: list[float] = field(default_factory=list)  # each prompt's share of its batch's wall time
+    batches: list[tuple[int, float]] = field(default_factory=list)  # each batch run's new tokens and wall time, in run order
 
     @property
     def seconds(self) -> float:
@@ -91,12 +95,15 @@ def run_bench(
     tree: str | None = None,
     sampling: Sampling | None = None,
     draft_model: str | None = None,
+    rounds: int = 1,
 ) -> list[MethodRun]:
-    """Every method on every batch of prompts, side by side. With ``sampling`` (its seed set),
-    prompt k samples with seed + k under every method and batch size, so exact acceptance must
-    give AR sampling's very tokens; ``hf`` stays greedy."""
+    """Every method on every batch of prompts, ``rounds`` times, side by side. With ``sampling``
+    (its seed set), prompt k samples with seed + k under every method and batch size, so exact
+    acceptance must give AR sampling's very tokens; ``hf`` stays greedy."""
     if "ar" not in methods:
         raise PropdError("bench needs 'ar' among the methods: it is the reference for speed-up and losslessness")
+    if rounds < 1:
+        raise PropdError("rounds must be at least 1")
     builders = {m: (None if m == HF else _build(model, m, tree, heads, draft_model)) for m in methods}
 
     def run_one(method: str, batch: list[Prompt], n: int, start: int = 0) -> tuple[list[Generation], float]:
@@ -107,13 +114,14 @@ def run_bench(
         return gens, time.perf_counter() - t
 
     runs = []
-    total = sum(len(methods) * -(-len(prompts) // b) for b in batch_sizes)
+    total = rounds * sum(len(methods) * -(-len(prompts) // b) for b in batch_sizes)
     with tqdm(total=total, desc="bench", unit="run") as bar:
         for b in batch_sizes:
             for m in methods:  # warm-up at this batch size: first-call allocations, caches, a GPU's graphs of these rows and lengths
                 run_one(m, prompts[:b], max_new_tokens)
-            by_method = {m: MethodRun(m, b) for m in methods}
-            for k, start in enumerate(range(0, len(prompts), b)):
+            by_method = {m: MethodRun(m, b, rounds) for m in methods}
+            batch_starts = [start for start in range(0, len(prompts), b) for _ in range(rounds)]
+            for k, start in enumerate(batch_starts):
                 batch = prompts[start : start + b]
                 order = methods[k % len(methods) :] + methods[: k % len(methods)]
                 for m in order:
@@ -122,6 +130,7 @@ def run_bench(
                     r.generations += gens
                     r.prompts += batch
                     r.prompt_seconds += [seconds / len(batch)] * len(batch)
+                    r.batches.append((sum(g.new_tokens for g in gens), seconds))
                     bar.set_postfix(batch_size=b, method=m)
                     bar.update(1)
             runs += by_method.values()
