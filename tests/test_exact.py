@@ -15,7 +15,7 @@ from propd.decoding.pruning import whole_paths
 from propd.decoding.tree import run_tree
 from propd.models import attention, graphs, native, pointwise
 from propd.models.decoder import Decoder
-from propd.models.kernels import PACKED, Linear, Route, choose_route, is_row_invariant, measure_route
+from propd.models.kernels import PACKED, Linear, Route, choose_route, is_row_invariant, measure_route, packed_rows
 from propd.models.kv_cache import path_slots
 from propd.tree.tree import TokenTree
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
@@ -30,6 +30,7 @@ KERNELS = (["c"] if native.native_kernel() is not None else []) + (["torch"] if 
 AMX = native.native_kernel() is not None and bool(native.native_kernel().amx_ready())  # the amx route exists here, exact or broken
 OURS = next((f"bfloat16-{k}" for k, code in PACKED.items() if native.native_kernel() is not None and native.native_kernel().bf16_products() == code), None)
 AMX_ATTENTION = AMX and attention.tiles_take(64)
+SCREEN = OURS is not None and bool(native.native_kernel().bf16_screen_ready())  # the int8-screened argmax runs here
 
 
 def tiled_model(family: str = "llama", seed: int = 5, layers: int = 2):
@@ -317,6 +318,34 @@ def test_our_argmax_picks_what_the_products_argmax_picks_ties_included(in_featur
         x[0, 0] = weight[5] * 4
         assert torch.equal(lin.argmax(x), lin(x).argmax(-1))
     assert lin.argmax(weight[5:6] * 4).item() == 5
+
+
+@pytest.mark.skipif(not SCREEN, reason="no int8 screen here: it needs our AVX512-BF16 products and AVX512-VNNI")
+@pytest.mark.parametrize("in_features", [64, 576])
+def test_the_screened_argmax_picks_what_the_full_products_argmax_picks_ties_and_near_ties_included(in_features):
+    torch.manual_seed(2)
+    weight = torch.randn(5000, in_features) * 0.05  # a partial last block; blocks padded to whole groups of 4
+    weight[4900] = weight[3000] = weight[17]  # equal outputs: the first column wins
+    weight[18] = weight[17]
+    weight[18, 0] += 0.002  # a near tie: one input differs by a bf16 step or two
+    lin = Linear(weight, Route.parse(OURS))
+    assert lin.screen is not None and Linear(weight[:1000], Route.parse(OURS)).screen is None  # a small product reads its bf16 weights
+    x = torch.randn(6, in_features)
+    x[0] = weight[17] * 40
+    x[1, 3] *= 300  # an outlier feature
+    x[2] = weight[17] * 40 * (1 + 1e-3 * torch.randn(in_features))
+    rows = packed_rows(x, lin.packed)
+    at = torch.empty(6, dtype=torch.long)
+    screen = lin.screen
+    status = lin.lib.bf16_argmax_screened(rows.data_ptr(), lin.packed.data_ptr(), screen.q.data_ptr(), screen.scales.data_ptr(), screen.weight_norms.data_ptr(),
+                                          screen.error_norms.data_ptr(), at.data_ptr(), 6, 5000, rows.shape[1], screen.blocks, screen.blocks // 16, 1)
+    assert status == 0 and torch.equal(at, lin(x).argmax(-1)) and at[0] == 17  # answered by the screen itself
+    for trial in range(20):
+        y = torch.randn(1 + trial % 9, in_features) * (1 + trial % 4)
+        y[0] = x[trial % 3]
+        if trial % 5 == 0:
+            y[-1] = 0.0  # all zero: the screen gives up, the full product answers
+        assert torch.equal(lin.argmax(y), lin(y).argmax(-1)), trial
 
 
 @pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("attention.c", "attention_amx.c", "pointwise.c", "matmul.c", "layer.c", "pool.c", "pool.h", "tiles.h", "vec.h")
+SOURCES = ("attention.c", "attention_amx.c", "pointwise.c", "matmul.c", "screen.c", "layer.c", "pool.c", "pool.h", "tiles.h", "vec.h")
 ENV = "PROPD_KERNELS"
 PARALLEL_WORK = 1 << 12  # elements (attention: query heads x keys) above which a call shares its tasks between threads
 
@@ -69,6 +69,10 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     kernel.bf16_argmax.restype = ctypes.c_int
     kernel.bf16_argmax.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    kernel.bf16_argmax_screened.restype = ctypes.c_int
+    kernel.bf16_argmax_screened.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6
+    kernel.bf16_screen_ready.restype = ctypes.c_int
+    kernel.bf16_screen_ready.argtypes = []
     kernel.bf16_topk.restype = ctypes.c_int
     kernel.bf16_topk.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64]
     kernel.forward_layers.restype = ctypes.c_int
