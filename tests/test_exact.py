@@ -345,7 +345,11 @@ def test_the_screened_argmax_picks_what_the_full_products_argmax_picks_ties_and_
         y[0] = x[trial % 3]
         if trial % 5 == 0:
             y[-1] = 0.0  # all zero: the screen gives up, the full product answers
+        if trial % 5 == 1:
+            y[-1] *= 1e25  # past the norm the screen's bound holds for: so does it
         assert torch.equal(lin.argmax(y), lin(y).argmax(-1)), trial
+    weight[9, 2] = float("inf")
+    assert Linear(weight, Route.parse(OURS)).screen is None  # no screen of weights that are not finite
 
 
 @pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here")

@@ -141,7 +141,7 @@ class Linear:
                     rows[start].data_ptr(), self.packed.data_ptr(), screen.q.data_ptr(), screen.scales.data_ptr(), screen.weight_norms.data_ptr(),
                     screen.error_norms.data_ptr(), at[start].data_ptr(), n, self.out_features, K, screen.blocks, screen.blocks // 16, native.kernel_threads(),
                 )
-            if status == 1:  # no screen, or one it could not answer: every column
+            if status:  # no screen, or one it could not answer (or without memory): every column
                 status = self.lib.bf16_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, K, native.kernel_threads())
             if status:
                 raise RuntimeError(f"{self.route.kernel} argmax of {n} rows failed (out of memory)")
@@ -153,7 +153,7 @@ class Linear:
         vocabulary) on our AVX512-BF16 kernel where the CPU has AVX512-VNNI; else None."""
         if self.route.kernel not in PACKED or self.out_features < SCREEN_COLUMNS or not self.lib.bf16_screen_ready():
             return None
-        return Int8Screen.of(self.packed, self.out_features)
+        return Int8Screen.of(self.packed)
 
     def topk(self, x: torch.Tensor, k: int, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's k largest outputs [..., k] (fp32, largest first) and their columns; ``normalized``:
@@ -220,18 +220,30 @@ class Int8Screen:
     blocks: int
 
     @classmethod
-    def of(cls, packed: torch.Tensor, out_features: int) -> "Int8Screen":
+    def of(cls, packed: torch.Tensor, chunk: int = 4096) -> "Int8Screen | None":
+        """The screen of packed bf16 weights, ``chunk`` columns at a time (in float64: the whole of
+        a 49152-column vocabulary at once held ~1 GB); None where a weight is not finite or a
+        column's norm passes 2^40 (the screen's sums must stay far inside fp32's range)."""
         NB, KB = packed.shape[:2]
-        weight = packed.permute(0, 3, 1, 2, 4).reshape(NB * 16, KB * 32).double()  # the bf16 values the product multiplies
-        weight = F.pad(weight, (0, 0, 0, -NB % 4 * 16))
-        scales = (weight.abs().amax(1) / 127).float()
-        step = scales.double().unsqueeze(1)
-        q = torch.where(step > 0, weight / step.clamp(min=1e-300), 0.0).round().clamp(-127, 127)
-        error = weight - step * q
-        up = 1 + 1e-6
-        blocks = weight.shape[0] // 16
-        packed_q = q.to(torch.int8).view(blocks, 16, KB, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
-        return cls(packed_q, scales, (weight.norm(dim=1) * up).float(), (error.norm(dim=1) * up).float(), blocks)
+        blocks = NB + -NB % 4
+        q = torch.zeros(blocks * 16, KB * 32, dtype=torch.int8)
+        scales, weight_norms, error_norms = (torch.zeros(blocks * 16) for _ in range(3))
+        columns = packed.permute(0, 3, 1, 2, 4).reshape(NB * 16, KB * 32)  # the bf16 values the product multiplies
+        for start in range(0, NB * 16, chunk):
+            weight = columns[start : start + chunk].double()
+            if not bool(weight.isfinite().all()):
+                return None
+            end = start + len(weight)
+            scales[start:end] = (weight.abs().amax(1) / 127).float()
+            step = scales[start:end].double().unsqueeze(1)
+            levels = torch.where(step > 0, weight / step.clamp(min=1e-300), 0.0).round().clamp(-127, 127)
+            q[start:end] = levels.to(torch.int8)
+            weight_norms[start:end] = (weight.norm(dim=1) * (1 + 1e-6)).float()
+            error_norms[start:end] = ((weight - step * levels).norm(dim=1) * (1 + 1e-6)).float()
+        if float(weight_norms.max()) > 2.0**40:
+            return None
+        packed_q = q.view(blocks, 16, KB, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+        return cls(packed_q, scales, weight_norms, error_norms, blocks)
 
 
 def packed_rows(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,10 @@
    can reach the row's largest has u_i + B_i >= L, so the largest (and every one equal to it) is
    among them. On the default model's decode states: 1-2 columns a row, at most 203 seen.
 
+   Inputs are kept where nothing overflows: weights with |w_i| <= 2^40 (``Int8Screen``) and rows with
+   |x~| <= 2^64, so every sum stays far inside fp32's range, and the instruction's flushing of
+   denormal inputs and results moves a sum by far less than the bound's absolute 1e-6.
+
    Only where the bf16 products run by AVX512-BF16 (not AMX tiles, whose sums may round in
    another order) and the CPU has AVX512-VNNI; bf16_screen_ready() says so. */
 #include <math.h>
@@ -128,7 +132,7 @@ static int quantize_row(const float *x, uint16_t *xb, int16_t *p, float *t, floa
     }
     int64_t limit = (INT32_MAX / 127) / K; /* |p.q| < 2^31: the integer sums cannot wrap */
     limit = limit > 16383 ? 16383 : limit;
-    if (most == 0.0 || limit < 127) return 0;
+    if (most == 0.0 || limit < 127 || sqrt(norm) > 0x1p64) return 0; /* (and |x~||w_i| < 2^104: no sum nears fp32's range) */
     *t = (float)(most / (double)limit);
     double rest = 0.0, kept = 0.0;
     for (int64_t k = 0; k < K; ++k) {
@@ -166,13 +170,13 @@ int bf16_argmax_screened(const float *x, const uint16_t *w, const int8_t *q, con
         float floor = -INFINITY;
         for (int64_t c = 0; c < chunks; ++c) floor = lower[c * M + r] > floor ? lower[c * M + r] : floor;
         int64_t count = 0;
-        for (int64_t nb = 0; nb < blocks && count <= most_blocks; ++nb) {
+        for (int64_t nb = 0; nb < (N + 15) / 16 && count <= most_blocks; ++nb) { /* blocks past the weights' own: padding */
             vi reach = (vi)(load(upper + r * blocks * 16 + nb * 16) >= splat(floor));
             int any = 0;
             for (int l = 0; l < 16; ++l) any |= reach[l];
             if (any) todo[count++] = nb;
         }
-        if (count > most_blocks) {
+        if (count > most_blocks || count == 0 || !isfinite(floor)) {
             status = 1;
             break;
         }
