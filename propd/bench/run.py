@@ -1,8 +1,9 @@
 """``propd bench``: every method on the same prompts, same process, interleaved, Spec-Bench style.
 
 For each batch size the prompts are cut into batches; every batch runs each method ``rounds`` times,
-in an order that rotates from run to run so that machine noise hits all methods alike. A method's
-tokens/s is its new tokens over its wall time, and its per-batch speed-ups over ``ar`` (the same batch,
+in an order shuffled from run to run (seeded) so that machine noise, and whatever state a method
+leaves the machine in for the next, hits all methods alike (a rotation keeps every method behind
+the same one). A method's tokens/s is its new tokens over its wall time, and its per-batch speed-ups over ``ar`` (the same batch,
 the same round) give a median that one slow moment of the machine does not move; its output must be
 token-identical to ``ar``'s (``lossless``).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import random
 import re
 import time
 from dataclasses import dataclass, field
@@ -123,7 +125,7 @@ def run_bench(
             batch_starts = [start for start in range(0, len(prompts), b) for _ in range(rounds)]
             for k, start in enumerate(batch_starts):
                 batch = prompts[start : start + b]
-                order = methods[k % len(methods) :] + methods[: k % len(methods)]
+                order = random.Random(k).sample(methods, len(methods))  # not a rotation: that keeps each method behind the same one
                 for m in order:
                     gens, seconds = run_one(m, batch, max_new_tokens, start)
                     r = by_method[m]
