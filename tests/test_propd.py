@@ -112,19 +112,6 @@ def test_ar_is_charged_what_the_drafter_reads_after_it_and_drafts_no_deeper_than
     assert (drafted.size, drafted.depth) == (3, 1) and tree.depth == 2
 
 
-@pytest.mark.parametrize("accepted", [0, 1])
-def test_trees_that_realized_fewer_tokens_per_second_than_ar_give_way_to_it(accepted):
-    """The models price a 2-token tree at 1.8 tokens for 11 ms against AR's 1 for 10 ms; its steps
-    realize 1 token (none accepted: 91 tokens/s, AR 100) or 2 (182 tokens/s)."""
-    chooser = TreeChooser(AcceptanceModel([[0.9, 0.05], [0.9, 0.05]]))
-    two, four, root = chooser.tree(2)[0], chooser.tree(4)[0], chooser.tree(1)[0]
-    for _ in range(4):
-        chooser.observe(two, 1, 100, [accepted], 0.011)
-        chooser.observe(four, 1, 100, [accepted], 0.012)
-        chooser.observe(root, 1, 100, [0], 0.010)
-    assert (chooser.choose(1, 100).size > 1) == bool(accepted)
-
-
 def test_from_four_rows_the_chooser_keeps_its_trees_as_shallow_as_asked():
     depths = {}
     for rows in (1, 4):

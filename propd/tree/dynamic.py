@@ -40,8 +40,6 @@ CONTEXT_BUCKET = 512  # tokens: a tree's cost is measured separately per bucket 
 DRAFT_DECAY = 0.98  # per step: how fast the draft probabilities' calibration forgets
 DRAFT_PRIOR = 4.0  # drafted probability mass the calibration starts from
 WIDE_BATCH = 4  # rows from which ``TreeChooser.wide_depth`` limits the trees' depth
-REALIZED_STEPS = 4  # steps of each side a bucket measures before its realized rates can overrule its models
-REALIZED_RATE = 0.05  # moving-average rate of the realized tokens and seconds (about the last 20 steps of a side)
 
 
 class AcceptanceModel:
@@ -220,7 +218,6 @@ class TreeChooser:
         self._trees: dict[tuple[int, int | None], tuple[TokenTree, float]] = {}  # (size, depth limit) -> tree, expected length
         self._shapes_at: dict[tuple[float, int | None], list[tuple[TokenTree, float]]] = {}  # ``_shapes``, built with ``_trees``
         self._ar_extra: dict[tuple[int, int], float] = {}  # per bucket: what the drafter's reading after AR steps costs per AR step
-        self._realized: dict[tuple[tuple[int, int], str], tuple[float, float, int]] = {}  # (bucket, side): tokens a row, seconds, steps (``_realize``)
         self.expected = 1.0  # accepted tokens per row the last chosen tree expected
         self.expected_rows: list[float] | None = None  # each row's, where ``select`` last gave rows their own nodes
         self._tree_retries = 0  # trees measured again since a tree last won a step
@@ -274,35 +271,12 @@ class TreeChooser:
         seconds = [s + self._ar_extra.get(key, 0.0) if tree.size == 1 else s for (tree, _), s in zip(trees, seconds)]
         rates = [expected / s * (self.margin if tree.size == 1 else 1.0) for (tree, expected), s in zip(trees, seconds)]
         tree, self.expected = trees[rates.index(max(rates))]
-        if tree.size > 1 and self._trees_lag(key):
-            tree, self.expected = self.tree(1)
         if tree.size > 1 and self.latency.seeded_only(key):  # the smallest tree, measured once here: the seeded trees' costs follow it
             self._exploring = True
             tree, self.expected = self.tree(self.explore[0], depth)
         if tree.size > 1:
             self._tree_retries = 0
         return tree
-
-    def _trees_lag(self, key: tuple[int, int]) -> bool:
-        """Whether this bucket's recent tree steps gave fewer tokens per second than its AR steps did,
-        both as measured whole (drafting, and the drafter's reading after AR, included). The models
-        price a tree before the draft's probabilities choose its nodes, and where trees only break
-        even (batch 8 on the AMD EPYC: 1.6-1.9 tokens a row for 22-27 ms against AR's 15-17), their
-        errors and the machine's noise chose trees that realized 5% fewer tokens per second than AR.
-        The retries of a stale tree keep measuring trees, so a tree that starts to pay is taken again."""
-        trees, ar = self._realized.get((key, "tree")), self._realized.get((key, "root"))
-        return trees is not None and ar is not None and min(trees[2], ar[2]) >= REALIZED_STEPS and trees[0] / trees[1] < ar[0] / ar[1]
-
-    def _realize(self, key: tuple[int, int], side: str, tokens: float, seconds: float) -> None:
-        """A step's tokens per row and seconds into its side's moving averages (``tree`` or ``root``):
-        a ratio of averages, since one step's tokens swing from 1 to 4 at batch 1. The first step of
-        a side gives way to the second (a batch's first step of a kind runs cold)."""
-        before = self._realized.get((key, side))
-        count = 1 if before is None else before[2] + 1
-        if count <= 2:
-            self._realized[(key, side)] = (tokens, seconds, count)
-        else:
-            self._realized[(key, side)] = (before[0] + REALIZED_RATE * (tokens - before[0]), before[1] + REALIZED_RATE * (seconds - before[1]), count)
 
     def _shapes(self, reach: float, depth: int | None) -> list[tuple[TokenTree, float]]:
         """The candidate trees up to ``reach`` tokens: each size as deep as the acceptance model
@@ -384,10 +358,6 @@ class TreeChooser:
         key = (batch_size, context // CONTEXT_BUCKET)
         size = tree.size if verified is None else float(verified.sum()) / batch_size
         if seconds is not None:
-            if tree.size > 1:
-                self._realize(key, "tree", 1 + sum(int(tree.depths[n]) for n in last_nodes) / batch_size, seconds)
-            else:
-                self._realize(key, "root", 1.0, seconds + self._ar_extra.get(key, 0.0))
             if drafted is not None and drafted[0] > 0:
                 self.latency.observe_levels(key, *drafted)
                 seconds -= drafted[1]
