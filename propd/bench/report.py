@@ -53,7 +53,8 @@ def build_results(model, runs: list[MethodRun], machine: dict, config: dict) -> 
     records, per_category = [], []
     for r in runs:
         ref = ar[r.batch_size]
-        rec = {"method": r.method, "batch_size": r.batch_size, "prompts": len(r.generations) // r.rounds, "rounds": r.rounds, **_summary(r.generations, r.seconds)}
+        rec = {"method": r.method, "batch_size": r.batch_size, "prompts": len(r.generations) // r.rounds, "rounds": r.rounds}
+        rec |= _summary(r.generations, r.seconds)
         rec["speedup_vs_ar"] = round(rec["tokens_per_s"] / tps[("ar", r.batch_size)], 3)
         ratios = sorted((tokens / seconds) / (ar_tokens / ar_seconds) for (tokens, seconds), (ar_tokens, ar_seconds) in zip(r.batches, ref.batches))
         rec["speedup_vs_ar_median"] = round(statistics.median(ratios), 3)
@@ -112,7 +113,8 @@ def markdown(results: dict) -> str:
         f"*per batch*: the median and range of the speed-ups over ar of each batch run ({_batch_runs(results)}), each against ar's run of "
         "the same batch in the same round: a moment's slowness of the machine moves one of them, not the median.",
         "",
-        "| method | batch | tokens/s | speed-up vs ar | per batch: median [range] | speed-up vs hf | mean accepted | tree tokens/step | late tokens/step | ms/step | lossless |",
+        "| method | batch | tokens/s | speed-up vs ar | per batch: median [range] | speed-up vs hf | mean accepted | tree tokens/step "
+        "| late tokens/step | ms/step | lossless |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["runs"]:
@@ -120,7 +122,8 @@ def markdown(results: dict) -> str:
         lossless = same if r["lossless"] else f"**NO** (first at {r['mismatches'][0]['position']}, gap {r['mismatches'][0]['logit_gap']})"
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | "
-            f"{r['speedup_vs_ar_median']:.2f}x [{r['speedup_vs_ar_range'][0]:.2f}-{r['speedup_vs_ar_range'][1]:.2f}] | {_fmt(r['speedup_vs_hf'], 'x')} | {_fmt(r['mean_accepted'])} | "
+            f"{r['speedup_vs_ar_median']:.2f}x [{r['speedup_vs_ar_range'][0]:.2f}-{r['speedup_vs_ar_range'][1]:.2f}] | "
+            f"{_fmt(r['speedup_vs_hf'], 'x')} | {_fmt(r['mean_accepted'])} | "
             f"{_fmt(r['tree_tokens_per_step'])} | {_fmt(r['late_tokens_per_step'])} | {_fmt(r['ms_per_step'])} | {lossless} |"
         )
     lines += ["", "## Per category", "", "*expected*: ProPD's acceptance model's prediction for the trees it chose (accepted tokens per step).", "",

@@ -142,7 +142,8 @@ class Linear:
                     screen.error_norms.data_ptr(), at[start].data_ptr(), n, self.out_features, K, screen.blocks, screen.blocks // 16, native.kernel_threads(),
                 )
             if status:  # no screen, or one it could not answer (or without memory): every column
-                status = self.lib.bf16_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, K, native.kernel_threads())
+                status = self.lib.bf16_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, K,
+                                             native.kernel_threads())
             if status:
                 raise RuntimeError(f"{self.route.kernel} argmax of {n} rows failed (out of memory)")
         return at.view(x.shape[:-1])
