@@ -148,6 +148,28 @@ def test_the_draft_reads_what_ar_steps_left_before_the_next_tree_and_stays_lossl
     assert read[:4] == [0, 2, 1, 0]  # AR steps read at the next tree, all but the newest
 
 
+def test_after_a_long_run_of_ar_the_draft_reads_only_its_window_into_an_emptied_cache_and_stays_lossless(monkeypatch):
+    import propd.decoding.draft as draft_module
+
+    monkeypatch.setattr(draft_module, "DRAFT_WINDOW", 4)
+    rng, dec, prompts, ar = tiny_case(3)
+    drafter = DraftMethod(random_draft(dec.args, 3), chain(1))
+    seen = []
+    catch_up = drafter.catch_up
+
+    def spy(decoder, state):
+        steps = catch_up(decoder, state)
+        seen.append((steps, state.cache.lengths.tolist()))
+        return steps
+
+    drafter.catch_up = spy
+    out = generate_batch(dec, PropdMethod(drafter, ScriptedChooser([3] + [1] * 9 + [3, 1, 1, 3]), draft_scores=False), prompts, 40, {0})
+    assert [s.token_ids for s in out] == ar
+    (long_run, emptied), (short_run, kept) = seen[1], seen[2]
+    assert long_run == 9 and emptied == [4] * len(prompts)  # 9 AR steps: an emptied cache reads only the last 4
+    assert short_run == 2 and all(k > e + 2 for k, e in zip(kept, emptied))  # 2: read on top of what it held (and the tree's path)
+
+
 def test_drafting_levels_are_costed_apart_so_a_shallow_tree_can_win_over_a_deep_one():
     """The draft layer drafts a level per pass: a deep tree costs its passes on top of its size."""
     stats = [[0.7, 0.2, 0.1], [0.6, 0.1, 0.05], [0.6, 0.1, 0.05]]
