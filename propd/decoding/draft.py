@@ -121,8 +121,8 @@ class DraftMethod:
         tree tried after a run of AR steps look slow. After more than ``DRAFT_WINDOW`` AR steps
         it reads only the last ``DRAFT_WINDOW`` into an emptied cache (attention under RoPE sees
         only their distances, which stay): at batch 8, where ProPD keeps to AR and tries a tree now
-        and then, reading 80 steps' entries had taken ~26 ms, more than the tree step itself
-        (AMD EPYC: a batch-7 tree step after a long AR run 28.8 -> 21.5 ms with the window)."""
+        and then, reading 80 steps' entries took 21-25 ms, more than the tree step itself, and 8-9
+        ms with the window (AMD EPYC)."""
         ar_steps = len(state.queued) - 1
         if ar_steps < 1:
             return 0
