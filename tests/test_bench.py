@@ -14,7 +14,7 @@ from tests.test_tree import random_heads
 
 RUN_KEYS = {
     "method", "batch_size", "tokens_per_s", "mean_accepted", "speedup_vs_ar", "speedup_vs_hf", "lossless", "prompts", "new_tokens",
-    "tree_tokens_per_step", "late_tokens_per_step", "rounds", "speedup_vs_ar_median", "speedup_vs_ar_range",
+    "tree_tokens_per_step", "late_tokens_per_step", "rounds", "batch_runs", "speedup_vs_ar_median", "speedup_vs_ar_range",
 }
 
 
@@ -56,9 +56,13 @@ def test_rounds_run_every_batch_again_and_give_a_median_speed_up_of_same_batch_r
     ar.batches[0] = (ar.batches[0][0], ar.batches[0][1] * 1000)  # one very slow ar run: the median does not follow it
     rec = next(r for r in build_results(tiny_propd, runs, machine_facts(tiny_propd), {})["runs"] if r["method"] == "bpd")
     ratios = sorted(t * a_s / (s * a_t) for (t, s), (a_t, a_s) in zip(bpd.batches, ar.batches))
-    assert rec["prompts"] == 3 and rec["rounds"] == 2 and rec["lossless"]
+    assert rec["prompts"] == 3 and rec["rounds"] == 2 and rec["batch_runs"] == 4 and rec["lossless"]
     assert rec["speedup_vs_ar_range"] == [round(ratios[0], 3), round(ratios[-1], 3)]
     assert rec["speedup_vs_ar_median"] == round((ratios[1] + ratios[2]) / 2, 3) < ratios[-1] / 10
+    for gen in (bpd.generations[0], bpd.generations[3]):  # prompt 0 in both rounds: reported once
+        gen.token_ids[1] = (gen.token_ids[1] + 1) % 100
+    rec = next(r for r in build_results(tiny_propd, runs, machine_facts(tiny_propd), {})["runs"] if r["method"] == "bpd")
+    assert not rec["lossless"] and [m["prompt_id"] for m in rec["mismatches"]] == [prompts[0].id]
     with pytest.raises(PropdError, match="rounds"):
         run_bench(tiny_propd, prompts, ["ar"], [1], 5, rounds=0)
 

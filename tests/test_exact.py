@@ -15,7 +15,7 @@ from propd.decoding.pruning import whole_paths
 from propd.decoding.tree import run_tree
 from propd.models import attention, graphs, native, pointwise
 from propd.models.decoder import Decoder
-from propd.models.kernels import PACKED, Linear, Route, choose_route, is_row_invariant, measure_route, packed_rows
+from propd.models.kernels import PACKED, SCREEN_ROWS, Linear, Route, choose_route, is_row_invariant, measure_route, packed_rows
 from propd.models.kv_cache import path_slots
 from propd.tree.tree import TokenTree
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
@@ -334,19 +334,18 @@ def test_the_screened_argmax_picks_what_the_full_products_argmax_picks_ties_and_
     x[0] = weight[17] * 40
     x[1, 3] *= 300  # an outlier feature
     x[2] = weight[17] * 40 * (1 + 1e-3 * torch.randn(in_features))
-    rows = packed_rows(x, lin.packed)
     at = torch.empty(6, dtype=torch.long)
-    screen = lin.screen
-    status = lin.lib.bf16_argmax_screened(rows.data_ptr(), lin.packed.data_ptr(), screen.q.data_ptr(), screen.scales.data_ptr(), screen.weight_norms.data_ptr(),
-                                          screen.error_norms.data_ptr(), at.data_ptr(), 6, 5000, rows.shape[1], screen.blocks, screen.blocks // 16, 1)
-    assert status == 0 and torch.equal(at, lin(x).argmax(-1)) and at[0] == 17  # answered by the screen itself
+    assert lin.screened_argmax(packed_rows(x, lin.packed), at) == 0  # answered by the screen itself
+    assert torch.equal(at, lin(x).argmax(-1)) and at[0] == 17
     for trial in range(20):
-        y = torch.randn(1 + trial % 9, in_features) * (1 + trial % 4)
+        y = torch.randn(1 + trial % SCREEN_ROWS, in_features) * (1 + trial % 4)
         y[0] = x[trial % 3]
         if trial % 5 == 0:
             y[-1] = 0.0  # all zero: the screen gives up, the full product answers
         if trial % 5 == 1:
             y[-1] *= 1e25  # past the norm the screen's bound holds for: so does it
+        gives_up = trial % 5 < 2
+        assert lin.screened_argmax(packed_rows(y, lin.packed), torch.empty(len(y), dtype=torch.long)) == int(gives_up), trial
         assert torch.equal(lin.argmax(y), lin(y).argmax(-1)), trial
     weight[9, 2] = float("inf")
     assert Linear(weight, Route.parse(OURS)).screen is None  # no screen of weights that are not finite

@@ -2,15 +2,15 @@
 
 results.json schema
   machine: {cpu, threads, torch, python, dtype, route, exact (the route's row-invariance check passed), device}
-  config: {prompts, methods, batch_sizes, max_new_tokens, heads, tree}
-  runs: one record per method x batch size:
-    method, batch_size, prompts (count), rounds (runs of each batch), new_tokens, seconds, tokens_per_s,
+  config: {prompts, methods, batch_sizes, rounds, max_new_tokens, heads, tree}
+  runs: one record per method x batch size (new_tokens, seconds, steps: summed over every round):
+    method, batch_size, prompts (count, one round's), rounds (runs of each batch), batch_runs, new_tokens, seconds, tokens_per_s,
     mean_accepted (tokens per decode step; null for hf), steps,
     tree_tokens_per_step, late_tokens_per_step (tokens through the late layers; < tree tokens when pruned),
     ms_per_step, speedup_vs_ar (tokens/s over ar's), speedup_vs_hf (null when hf did not run),
     speedup_vs_ar_median, speedup_vs_ar_range ([min, max]): over batch runs, each against ar's run of
-    the same batch in the same round,
-    lossless (every output token-identical to ar's), mismatches (first differing position per prompt)
+    the same batch in the same round (null where no run produced tokens),
+    lossless (every output, in every round, token-identical to ar's), mismatches (first differing position per prompt)
   per_category: new_tokens / seconds / tokens_per_s / mean_accepted / speedup_vs_ar, per method x batch size x category
 """
 
@@ -53,15 +53,19 @@ def build_results(model, runs: list[MethodRun], machine: dict, config: dict) -> 
     records, per_category = [], []
     for r in runs:
         ref = ar[r.batch_size]
-        rec = {"method": r.method, "batch_size": r.batch_size, "prompts": len(r.generations) // r.rounds, "rounds": r.rounds}
+        rec = {"method": r.method, "batch_size": r.batch_size, "prompts": len(r.generations) // r.rounds, "rounds": r.rounds, "batch_runs": len(r.batches)}
         rec |= _summary(r.generations, r.seconds)
         rec["speedup_vs_ar"] = round(rec["tokens_per_s"] / tps[("ar", r.batch_size)], 3)
-        ratios = sorted((tokens / seconds) / (ar_tokens / ar_seconds) for (tokens, seconds), (ar_tokens, ar_seconds) in zip(r.batches, ref.batches))
-        rec["speedup_vs_ar_median"] = round(statistics.median(ratios), 3)
-        rec["speedup_vs_ar_range"] = [round(ratios[0], 3), round(ratios[-1], 3)]
+        ratios = sorted(tokens * ar_seconds / (seconds * ar_tokens) for (tokens, seconds), (ar_tokens, ar_seconds) in zip(r.batches, ref.batches) if ar_tokens)
+        rec["speedup_vs_ar_median"] = round(statistics.median(ratios), 3) if ratios else None
+        rec["speedup_vs_ar_range"] = [round(ratios[0], 3), round(ratios[-1], 3)] if ratios else None
         hf_tps = tps.get((HF, r.batch_size))
         rec["speedup_vs_hf"] = round(rec["tokens_per_s"] / hf_tps, 3) if hf_tps else None
-        mismatches = [m for p, a, g in zip(r.prompts, ref.generations, r.generations) if (m := first_mismatch(model, p, a.token_ids, g.token_ids))]
+        mismatches, differing = [], set()
+        for p, a, g in zip(r.prompts, ref.generations, r.generations):  # every round checked, each prompt reported once
+            if p.id not in differing and (m := first_mismatch(model, p, a.token_ids, g.token_ids)):
+                mismatches.append(m)
+                differing.add(p.id)
         rec["lossless"] = not mismatches
         rec["mismatches"] = mismatches
         records.append(rec)
@@ -122,7 +126,7 @@ def markdown(results: dict) -> str:
         lossless = same if r["lossless"] else f"**NO** (first at {r['mismatches'][0]['position']}, gap {r['mismatches'][0]['logit_gap']})"
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | "
-            f"{r['speedup_vs_ar_median']:.2f}x [{r['speedup_vs_ar_range'][0]:.2f}-{r['speedup_vs_ar_range'][1]:.2f}] | "
+            f"{_spread(r['speedup_vs_ar_median'], r['speedup_vs_ar_range'])} | "
             f"{_fmt(r['speedup_vs_hf'], 'x')} | {_fmt(r['mean_accepted'])} | "
             f"{_fmt(r['tree_tokens_per_step'])} | {_fmt(r['late_tokens_per_step'])} | {_fmt(r['ms_per_step'])} | {lossless} |"
         )
@@ -139,8 +143,12 @@ def markdown(results: dict) -> str:
 
 def _batch_runs(results: dict) -> str:
     """How many batch runs each batch size's medians are over, e.g. "6 at batch 1, 2 at batch 8"."""
-    counts = {r["batch_size"]: -(-r["prompts"] // r["batch_size"]) * r["rounds"] for r in results["runs"]}
+    counts = {r["batch_size"]: r["batch_runs"] for r in results["runs"]}
     return ", ".join(f"{n} at batch {b}" for b, n in counts.items())
+
+
+def _spread(median: float | None, extent: list[float] | None) -> str:
+    return "" if median is None else f"{median:.2f}x [{extent[0]:.2f}-{extent[1]:.2f}]"
 
 
 def _fmt(x, suffix: str = "") -> str:

@@ -122,7 +122,7 @@ def run_bench(
             for m in methods:  # warm-up at this batch size: first-call allocations, caches, a GPU's graphs of these rows and lengths
                 run_one(m, prompts[:b], max_new_tokens)
             by_method = {m: MethodRun(m, b, rounds) for m in methods}
-            batch_starts = [start for start in range(0, len(prompts), b) for _ in range(rounds)]
+            batch_starts = [start for _ in range(rounds) for start in range(0, len(prompts), b)]  # round by round
             for k, start in enumerate(batch_starts):
                 batch = prompts[start : start + b]
                 order = random.Random(k).sample(methods, len(methods))  # not a rotation: that keeps each method behind the same one

@@ -119,8 +119,9 @@ class DraftMethod:
         reads, for the root's prediction); how many AR steps they came from. ProPD times this apart
         from the tree that follows and charges it to AR: counted in the tree's time, it made every
         tree tried after a run of AR steps look slow. After more than ``DRAFT_WINDOW`` AR steps
-        it reads only the last ``DRAFT_WINDOW`` into an emptied cache (attention under RoPE sees
-        only their distances, which stay): at batch 8, where ProPD keeps to AR and tries a tree now
+        it reads only the last ``DRAFT_WINDOW`` into an emptied cache: the prompt and everything
+        before them leave the draft's context (it only proposes; under RoPE the entries it keeps
+        see the same distances), and at batch 8, where ProPD keeps to AR and tries a tree now
         and then, reading 80 steps' entries took 21-25 ms, more than the tree step itself, and 8-9
         ms with the window (AMD EPYC)."""
         ar_steps = len(state.queued) - 1

@@ -132,24 +132,30 @@ class Linear:
             return self(x).argmax(-1)
         rows = packed_rows(x.to(self.dtype).reshape(-1, self.in_features), self.packed)
         at = torch.empty(rows.shape[0], dtype=torch.long)
-        screen = self.screen
+        K = rows.shape[1]
         for start in range(0, len(rows), TILE):
-            n, K = min(TILE, len(rows) - start), rows.shape[1]
-            status = 1
-            if screen is not None and n <= SCREEN_ROWS:
-                status = self.lib.bf16_argmax_screened(
-                    rows[start].data_ptr(), self.packed.data_ptr(), screen.q.data_ptr(), screen.scales.data_ptr(), screen.weight_norms.data_ptr(),
-                    screen.error_norms.data_ptr(), at[start].data_ptr(), n, self.out_features, K, screen.blocks, screen.blocks // 16, native.kernel_threads(),
-                )
-            if status:  # no screen, or one it could not answer (or without memory): every column
-                status = self.lib.bf16_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, K,
-                                             native.kernel_threads())
-            if status:
+            n = min(TILE, len(rows) - start)
+            if n <= SCREEN_ROWS and self.screened_argmax(rows[start : start + n], at[start : start + n]) == 0:
+                continue
+            if self.lib.bf16_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, K, native.kernel_threads()):
                 raise RuntimeError(f"{self.route.kernel} argmax of {n} rows failed (out of memory)")
         return at.view(x.shape[:-1])
 
+    def screened_argmax(self, rows: torch.Tensor, at: torch.Tensor) -> int:
+        """``argmax`` of rows [n, in] (fp32, packed_rows, n <= 32) into at [n] by the int8 screen: 0
+        where it answered, else 1 (no screen here, or one it cannot answer: call the full argmax)
+        or -1 (out of memory)."""
+        screen = self.screen
+        if screen is None:
+            return 1
+        return self.lib.bf16_argmax_screened(
+            rows.data_ptr(), self.packed.data_ptr(), screen.q.data_ptr(), screen.scales.data_ptr(), screen.weight_norms.data_ptr(),
+            screen.error_norms.data_ptr(), at.data_ptr(), len(rows), self.out_features, rows.shape[1], screen.blocks, screen.most_blocks,
+            native.kernel_threads(),
+        )
+
     @functools.cached_property
-    def screen(self) -> "Int8Screen | None":
+    def screen(self) -> Int8Screen | None:
         """The argmax's int8 screen: for products of ``SCREEN_COLUMNS`` outputs or more (a
         vocabulary) on our AVX512-BF16 kernel where the CPU has AVX512-VNNI; else None."""
         if self.route.kernel not in PACKED or self.out_features < SCREEN_COLUMNS or not self.lib.bf16_screen_ready():
@@ -206,6 +212,7 @@ SCREEN_COLUMNS = 4096  # outputs from which an argmax is screened: below, the bf
 # rows, where the product is bound by arithmetic rather than reading (AMD EPYC, the default model's
 # 49152 x 576 vocabulary: 1 row 1.01 vs 1.65 ms, 4: 1.08 vs 1.52, 6: 1.54 vs 1.87, 8: 2.24 vs 2.21, 16: 3.63 vs 3.30).
 SCREEN_ROWS = 6
+SCREEN_GROUP = 4  # output blocks the screen takes together (``GROUP`` in csrc/screen.c): the int8 copy has whole groups
 
 
 @dataclass(frozen=True)
@@ -220,13 +227,18 @@ class Int8Screen:
     error_norms: torch.Tensor
     blocks: int
 
+    @property
+    def most_blocks(self) -> int:
+        """Blocks a row may leave to compute again before the full argmax is cheaper."""
+        return self.blocks // 16
+
     @classmethod
-    def of(cls, packed: torch.Tensor, chunk: int = 4096) -> "Int8Screen | None":
+    def of(cls, packed: torch.Tensor, chunk: int = 4096) -> Int8Screen | None:
         """The screen of packed bf16 weights, ``chunk`` columns at a time (in float64: the whole of
         a 49152-column vocabulary at once held ~1 GB); None where a weight is not finite or a
         column's norm passes 2^40 (the screen's sums must stay far inside fp32's range)."""
         NB, KB = packed.shape[:2]
-        blocks = NB + -NB % 4
+        blocks = NB + -NB % SCREEN_GROUP
         q = torch.zeros(blocks * 16, KB * 32, dtype=torch.int8)
         scales, weight_norms, error_norms = (torch.zeros(blocks * 16) for _ in range(3))
         columns = packed.permute(0, 3, 1, 2, 4).reshape(NB * 16, KB * 32)  # the bf16 values the product multiplies
