@@ -340,11 +340,13 @@ def cmd_latency(args: argparse.Namespace) -> None:
 
     from propd.bench.latency import memory_bandwidth, plot_latency, step_latency, tree_build_time, weight_bytes
     from propd.engine import Propd, device_name
-    from propd.models.kernels import cpu_name
+    from propd.models.kernels import SCREEN_ROWS, cpu_name
 
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     graphs = model.decoder.graphed is not None
+    screened = model.decoder.lm_head.screen is not None
     print(f"{cpu_name()}, {device_name(model.device)}: products by {model.route.name} ({'exact' if model.route.exact else 'not checked exact'})"
+          + (f", greedy vocabulary argmax screened in int8 (calls of up to {SCREEN_ROWS} rows)" if screened else "")
           + (", steps replayed as CUDA graphs" if graphs else ""))
     rows = step_latency(model.decoder, args.sizes, args.batch_sizes, args.context)
     build_ms = tree_build_time()

@@ -1,7 +1,8 @@
 """Bench results: records (results.json), Markdown tables (report.md) and PNG plots.
 
 results.json schema
-  machine: {cpu, threads, torch, python, dtype, route, exact (the route's row-invariance check passed), device}
+  machine: {cpu, threads, torch, python, dtype, route, exact (the route's row-invariance check passed), device, cuda_graphs,
+            argmax_screen (the greedy argmax read in int8 behind an exact bound)}
   config: {prompts, methods, batch_sizes, rounds, max_new_tokens, heads, tree}
   runs: one record per method x batch size (new_tokens, seconds, steps: summed over every round):
     method, batch_size, prompts (count, one round's), rounds (runs of each batch), batch_runs, new_tokens, seconds, tokens_per_s,
@@ -107,7 +108,8 @@ def markdown(results: dict) -> str:
     lines = [
         "# propd bench",
         "",
-        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['dtype']} (products: {m['route']}). "
+        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['dtype']} (products: {m['route']}"
+        f"{'; greedy argmax screened in int8' if m.get('argmax_screen') else ''}). "
         f"{c['prompts']} prompts from `{c['prompts_file']}`, up to {c['max_new_tokens']} new tokens, greedy.",
         "",
         "lossless: *exact* = token-identical to ar, and this route computes every token's logits bitwise as AR does "

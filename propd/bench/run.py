@@ -59,6 +59,7 @@ def machine_facts(model: Propd) -> dict:
         "exact": model.route.exact,
         "device": device_name(model.device),
         "cuda_graphs": model.decoder.graphed is not None,
+        "argmax_screen": model.decoder.lm_head.screen is not None,  # greedy argmax read in int8, exact (csrc/screen.c)
     }
 
 
