@@ -297,18 +297,6 @@ static void take_blocks(void *arg) {
 int bf16_products(void) { return PACKED == 1 && !amx_ready() ? 0 : PACKED; }
 
 #if PACKED
-/* A buffer of at least ``need`` bytes that stays with the thread between calls (a prompt's rows
-   are megabytes, and a fresh mapping of them per call cost its page faults); NULL without memory. */
-static void *scratch(void **buffer, size_t *held, size_t need) {
-    if (need > *held) {
-        free(*buffer);
-        *held = 0;
-        if (!(*buffer = aligned_alloc(64, (need + 63) / 64 * 64))) return NULL;
-        *held = need;
-    }
-    return *buffer;
-}
-
 /* x [M, K] (fp32; K a multiple of 32) as the bf16 rows a call multiplies, zero rows up to a multiple
    of ROWS, in this thread's scratch; NULL without bf16 products or memory, or for a shape the calls do not take. */
 static uint16_t *bf16_rows(const float *x, int64_t M, int64_t K) {

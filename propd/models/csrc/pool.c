@@ -2,6 +2,7 @@
 #include "pool.h"
 
 #include <pthread.h>
+#include <stdlib.h>
 #include <stdatomic.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -76,4 +77,14 @@ void pool_run(void (*work)(void *), void *arg, int64_t threads) {
     atomic_store(&pool.open, 0);
     while (atomic_load(&pool.busy) > 0) RELAX();
     pthread_mutex_unlock(&pool.call);
+}
+
+void *scratch(void **buffer, size_t *held, size_t need) {
+    if (need > *held) {
+        free(*buffer);
+        *held = 0;
+        if (!(*buffer = aligned_alloc(64, (need + 63) / 64 * 64))) return NULL;
+        *held = need;
+    }
+    return *buffer;
 }

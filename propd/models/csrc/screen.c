@@ -19,7 +19,6 @@
    another order) and the CPU has AVX512-VNNI; bf16_screen_ready() says so. */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "pool.h"
@@ -154,13 +153,23 @@ static int quantize_row(const float *x, uint16_t *xb, int16_t *p, float *t, floa
 int bf16_argmax_screened(const float *x, const uint16_t *w, const int8_t *q, const float *s, const float *wn, const float *en, int64_t *at,
                          int64_t M, int64_t N, int64_t K, int64_t blocks, int64_t most_blocks, int64_t threads) {
     if (M < 1 || M > 32 || K % 32 || blocks % GROUP || blocks * 16 < N) return 1;
+    static _Thread_local void *buffer;
+    static _Thread_local size_t held;
     int64_t chunks = (blocks + CHUNK - 1) / CHUNK;
-    uint16_t *xb = malloc(sizeof(uint16_t) * M * K);
-    int16_t *p = malloc(sizeof(int16_t) * M * K);
-    float *upper = malloc(sizeof(float) * M * blocks * 16), *lower = malloc(sizeof(float) * chunks * M);
-    int64_t *todo = malloc(sizeof(int64_t) * (most_blocks + 1));
+    /* one scratch buffer, parts 64-byte aligned: upper [M, blocks * 16], lower, todo, xb, p (a fresh
+       mapping of upper's 196 KB a row per call cost its page faults) */
+    size_t parts[5] = {sizeof(float) * M * blocks * 16, sizeof(float) * chunks * M, sizeof(int64_t) * (most_blocks + 1),
+                       sizeof(uint16_t) * M * K, sizeof(int16_t) * M * K};
+    size_t at_part[5], need = 0;
+    for (int i = 0; i < 5; ++i) at_part[i] = need, need += (parts[i] + 63) / 64 * 64;
+    char *base = scratch(&buffer, &held, need);
+    if (!base) return -1;
+    float *upper = (float *)(base + at_part[0]), *lower = (float *)(base + at_part[1]);
+    int64_t *todo = (int64_t *)(base + at_part[2]);
+    uint16_t *xb = (uint16_t *)(base + at_part[3]);
+    int16_t *p = (int16_t *)(base + at_part[4]);
     float t[32], a[32], b[32];
-    int status = !xb || !p || !upper || !lower || !todo ? -1 : 0;
+    int status = 0;
     for (int64_t r = 0; r < M && !status; ++r) status = !quantize_row(x + r * K, xb + r * K, p + r * K, &t[r], &a[r], &b[r], K);
     if (!status) {
         Screen job = {p, q, s, wn, en, t, a, b, upper, lower, M, N, K, blocks};
@@ -188,7 +197,6 @@ int bf16_argmax_screened(const float *x, const uint16_t *w, const int8_t *q, con
                 if (at[r] < 0 || v[l] > best) best = v[l], at[r] = todo[i] * 16 + l;
         }
     }
-    free(xb), free(p), free(upper), free(lower), free(todo);
     return status;
 }
 
