@@ -49,6 +49,25 @@ def test_latency_line_fits_and_forgets():
     assert lat.predict(key, [10]) == pytest.approx([0.060], rel=1e-3)
 
 
+def test_one_stalled_step_moves_a_cost_at_most_twofold_and_a_stalled_second_step_is_not_kept():
+    lat = LatencyModel(rate=0.3)
+    key = (6, 0)
+    lat.observe(key, 1, 0.014)  # cold first step
+    lat.observe(key, 1, 0.650)  # a stall (on the AMD EPYC: the argmax's int8 screen built in this step)
+    assert lat.buckets[key][1].seconds == 0.014
+    for _ in range(5):
+        lat.observe(key, 1, 0.013)
+    before = lat.buckets[key][1].seconds
+    lat.observe(key, 1, 0.650)
+    assert lat.buckets[key][1].seconds == pytest.approx(before * 1.3)  # moved by rate x (2 x before - before)
+    for seconds in (0.030, 0.030, 0.900):
+        lat.observe(key, 2, seconds)
+    assert lat.buckets[key][2].seconds == pytest.approx(0.030 * 1.3)
+    lat.seed((5, 0), key)  # a seeded cost: its first measurement here is capped too
+    lat.observe((5, 0), 1, 0.650)
+    assert lat.buckets[(5, 0)][1].seconds < 0.04
+
+
 def test_chooser_explores_small_trees_then_picks_ar_when_trees_cost_and_grows_trees_when_they_do_not():
     for slope, want_big in ((0.05, False), (0.0001, True)):
         chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))

@@ -40,6 +40,15 @@ CONTEXT_BUCKET = 512  # tokens: a tree's cost is measured separately per bucket 
 DRAFT_DECAY = 0.98  # per step: how fast the draft probabilities' calibration forgets
 DRAFT_PRIOR = 4.0  # drafted probability mass the calibration starts from
 WIDE_BATCH = 4  # rows from which ``TreeChooser.wide_depth`` limits the trees' depth
+# A measurement counts at most this many times the estimate it updates: a step can stall for reasons
+# not its own (a page fault storm, another process), and on the AMD EPYC one AR step that built the
+# argmax's int8 screen (0.65 s) made AR look 40 times dearer, so ProPD kept to trees that lost.
+OUTLIER = 2.0
+
+
+def _moved(before: float | None, now: float, rate: float) -> float:
+    """A moving average's next value, the new measurement capped at ``OUTLIER`` times it."""
+    return now if not before else before + rate * (min(now, OUTLIER * before) - before)
 
 
 class AcceptanceModel:
@@ -84,7 +93,7 @@ class _SizeStats:
     weight: float  # how much it counts, decaying with age
     step: int  # when it was last measured
     seeded: bool = False  # taken from another bucket, not yet measured in this one
-    count: int = 1  # measurements taken here; the first is replaced by the second (it ran cold)
+    count: int = 1  # measurements taken here; of the first two, the faster is kept (the first ran cold)
 
 
 @dataclass
@@ -101,14 +110,15 @@ class LatencyModel:
     def observe(self, key: tuple[int, int], size: float, seconds: float) -> None:
         self.steps += 1
         sizes = self.buckets.setdefault(key, {})
-        self._follow(key, size, seconds)
         s = sizes.get(size)
+        seconds = min(seconds, OUTLIER * s.seconds) if s is not None and s.seconds > 0 else seconds
+        self._follow(key, size, seconds)
         if s is None:
             sizes[size] = _SizeStats(seconds, 1.0, self.steps)
         elif s.seeded:  # gives way to the first measurement here (counted as the second: no more exploring)
             sizes[size] = _SizeStats(seconds, 1.0, self.steps, count=3)
         else:
-            s.seconds = seconds if s.count == 1 else s.seconds + self.rate * (seconds - s.seconds)
+            s.seconds = min(s.seconds, seconds) if s.count == 1 else _moved(s.seconds, seconds, self.rate)  # the first ran cold: the faster of two
             s.count += 1
             s.weight = self._decayed(s) + 1.0
             s.step = self.steps
@@ -138,8 +148,7 @@ class LatencyModel:
 
     def observe_levels(self, key: tuple[int, int], levels: int, seconds: float) -> None:
         """A tree's drafting: ``levels`` levels of guesses in ``seconds`` (not in the step's own time)."""
-        before, now = self.levels.get(key), seconds / levels
-        self.levels[key] = now if before is None else before + self.rate * (now - before)
+        self.levels[key] = _moved(self.levels.get(key), seconds / levels, self.rate)
 
     def _decayed(self, s: _SizeStats) -> float:
         return s.weight * 0.5 ** ((self.steps - s.step) / self.half_life)
@@ -306,8 +315,7 @@ class TreeChooser:
         """Add to AR's cost what the drafter's reading of an AR step's token cost when a tree came
         (the drafter reads them then, not in the AR steps, which are timed without it)."""
         key = (batch_size, context // CONTEXT_BUCKET)
-        before = self._ar_extra.get(key)
-        self._ar_extra[key] = seconds if before is None else before + self.latency.rate * (seconds - before)
+        self._ar_extra[key] = _moved(self._ar_extra.get(key), seconds, self.latency.rate)
 
     def candidates(self, tree: TokenTree) -> TokenTree:
         """What to draft when the draft's own path probabilities pick the nodes to verify: the rank
