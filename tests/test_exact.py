@@ -238,6 +238,22 @@ def test_c_attention_kernel_agrees_with_the_tensor_version():
 
 
 @pytest.mark.skipif(native.native_kernel() is None, reason="no C compiler: no C kernels")
+def test_c_attention_reads_a_bf16_cache_as_the_fp32_it_widens_to():
+    """A bf16 cache (``Decoder.cache_dtype``) gives bitwise what the fp32 kernel gives over the same
+    entries widened, on trees above ragged caches, for 16- to 128-feature heads."""
+    torch.manual_seed(1)
+    for heads, kv_heads, hd in ((4, 2, 16), (9, 3, 64), (12, 2, 128)):
+        B, T, S = 3, 7, 320
+        keys, values = torch.randn(2, B, kv_heads, S, hd + 1, dtype=torch.bfloat16).unbind(0)
+        ancestors, _ = random_tree_with_path(random.Random(hd), T, 4)
+        slots = torch.tensor([[100], [37], [250]]) + torch.arange(T)
+        plan = attention.path_plan(slots[:, :1].expand(B, T), path_slots(ancestors.expand(B, T, T), slots), kv_heads, S)
+        q = torch.randn(B, T, heads, hd)
+        by_bf16 = attention._native(native.native_kernel(), q, keys, values, plan)
+        assert torch.equal(by_bf16, attention._native(native.native_kernel(), q, keys.float(), values.float(), plan))
+
+
+@pytest.mark.skipif(native.native_kernel() is None, reason="no C compiler: no C kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_c_pointwise_kernels_agree_with_torch_and_ignore_their_neighbours(dtype):
     """RMSNorm, RoPE and SiLU-gated inputs by C match torch's ops (to rounding; dims with vector
@@ -271,6 +287,7 @@ def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family, tiled):
     which the C call skips."""
     dec = tiled_model(family, seed=3, layers=3) if tiled else Decoder.from_hf(tiny_hf_model(family, seed=3, layers=3), Route.parse(OURS))
     assert dec.fused is not None and (dec.new_cache(1, 8).packed is not None) == tiled
+    assert dec.new_cache(1, 8).kv.dtype == (torch.bfloat16 if OURS.endswith("avx512") else torch.float32)  # the C code writes bf16 entries too
     rng = random.Random(1)
     ancestors, _ = random_tree_with_path(rng, 40, 6)
     tokens = torch.randint(0, dec.args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))

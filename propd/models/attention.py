@@ -126,8 +126,9 @@ class TileCopy:
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, exact: bool = True, copy: TileCopy | None = None) -> torch.Tensor:
     """q [B, T, H, hd] (fp32) over one layer's cache entries keys/values [B, KV, S, hd + 1] (the
-    last feature of every entry is 1) -> [B, T, H * hd]: by a C kernel where one runs (with ``copy``:
-    on AMX tiles, in bf16, ``csrc/attention_amx.c``), else by tensor ops (``blocked_attention``)."""
+    last feature of every entry is 1; fp32, or bf16 read as the fp32 they widen to) -> [B, T, H * hd]:
+    by a C kernel where one runs (with ``copy``: on AMX tiles, in bf16, ``csrc/attention_amx.c``),
+    else by tensor ops (``blocked_attention``)."""
     if not runs_native(q.shape[-1], q.device):
         return blocked_attention(q, keys, values, plan, exact)
     return _native(native.native_kernel(), q, keys, values, plan, copy)
@@ -180,7 +181,7 @@ def _native(lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch
         B, T, H, keys.shape[1], plan.path.shape[-1], hd, sb, sh, ss, ctypes.c_float(hd**-0.5), max_keys, threads,
     ]  # fmt: skip
     if copy is None:
-        status = lib.attend(*args)
+        status = lib.attend(*args, keys.dtype == torch.bfloat16)
     else:
         committed = copy.committed.contiguous()
         pb, ph = copy.packed.stride()[:2]
@@ -196,6 +197,7 @@ def blocked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     B, T, H, hd = q.shape
     plan = plan.blocked
     KV, S = keys.shape[1], keys.shape[2]
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
     g = H // KV
     # Queries get a zero feature against the keys' ones column: scoring whole cache entries reads
     # the keys in place (one term 0 * 1 = 0 more in every dot product).

@@ -22,7 +22,7 @@ from functools import cached_property
 import torch
 
 from propd.models import graphs, native, pointwise
-from propd.models.attention import attention, tiles_take
+from propd.models.attention import attention, runs_native, tiles_take
 from propd.models.fused import FusedLayers
 from propd.models.kernels import PACKED, Linear, Route, autograd_route
 from propd.models.kv_cache import CachePool, KVCache, Layout
@@ -219,7 +219,14 @@ class Decoder:
         a = self.args
         tiles = self.route.kernel == "amx" and self.device.type == "cpu" and tiles_take(a.head_dim)
         capacity = min(max(256, 1 << (max_len - 1).bit_length()), max(max_len, a.max_position))
-        return KVCache(a.n_layers, batch_size, a.n_kv_heads, capacity, a.head_dim, self.device, tiles, self.cache_pool)
+        return KVCache(a.n_layers, batch_size, a.n_kv_heads, capacity, a.head_dim, self.device, tiles, self.cache_pool, self.cache_dtype)
+
+    @property
+    def cache_dtype(self) -> torch.dtype | None:
+        """bf16 K/V where our AVX512-BF16 products run and the C attention reads the cache (its
+        products take bf16 inputs already; the AMX route keeps its own bf16 copy beside an fp32 cache);
+        else None, the default dtype."""
+        return torch.bfloat16 if self.route.kernel == "avx512" and runs_native(self.args.head_dim, self.device) else None
 
     @cached_property
     def cache_pool(self) -> CachePool:

@@ -27,7 +27,7 @@ class _Step(ctypes.Structure):
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("kv", ctypes.c_void_p),
-        *[(name, ctypes.c_int64) for name in ("s_layer", "s_kv", "s_row", "s_head", "s_slot", "B", "T", "D", "max_keys", "attend_threads")],
+        *[(name, ctypes.c_int64) for name in ("kv_bf16", "s_layer", "s_kv", "s_row", "s_head", "s_slot", "B", "T", "D", "max_keys", "attend_threads")],
         *[(name, ctypes.c_void_p) for name in ("starts", "slots", "n_in", "path", "cs", "packed")],
         *[(name, ctypes.c_int64) for name in ("p_layer", "p_row", "p_head")],
         *[(name, ctypes.c_void_p) for name in ("ready", "committed")],
@@ -77,7 +77,7 @@ class FusedLayers:
         kv = cache.kv
         step = _Step(
             a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size, native.kernel_threads(), a.norm_eps, a.head_dim**-0.5,
-            kv.data_ptr(), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), kv.stride(4), B, int(counts.max()), path.shape[-1], max_keys,
+            kv.data_ptr(), kv.dtype == torch.bfloat16, *kv.stride()[:5], B, int(counts.max()), path.shape[-1], max_keys,
             native.threads(len(x) * a.n_heads * max_keys), starts.data_ptr(), slots.data_ptr(), n_in.data_ptr(), path.data_ptr(), cs.data_ptr(),
         )
         if cache.packed is not None:

@@ -5,7 +5,9 @@ compaction after acceptance or pruning is a single gather/scatter over all layer
 feature of every entry is 1: attention multiplies its weights by the values and this column in one
 product, which gives the weights' sum in the same (row-invariant) reduction (see ``attention``).
 Row b's valid entries are slots [0, lengths[b]); new tokens are written at slots >= lengths[b]
-and only become part of the row when ``keep`` (or ``advance``) commits them.
+and only become part of the row when ``keep`` (or ``advance``) commits them. The entries are in the
+default dtype, or in bf16 (``dtype``): the C attention reads either, and a bf16 cache is half the
+bytes a step reads (at batch 8 on the AMD EPYC, the fp32 cache's reads were a fifth of an AR step).
 
 For the AMX attention (``tiles``), the cache also keeps every layer's committed blocks of 32 entries
 converted to the tiles' bf16 layout (``packed``; ``ready[layer, b]`` blocks of row b are), so a step
@@ -49,11 +51,11 @@ class CachePool:
         self.keep = keep
         self._lent: list[tuple[torch.Tensor, weakref.ref]] = []  # (tensor, the cache it was last lent to)
 
-    def lend(self, shape: tuple[int, ...], device: torch.device, owner: "KVCache", make) -> torch.Tensor:
-        """A spare tensor of ``shape`` for ``owner``, or a new one from ``make()``."""
+    def lend(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, owner: "KVCache", make) -> torch.Tensor:
+        """A spare tensor of ``shape`` and ``dtype`` for ``owner``, or a new one from ``make()``."""
         spare = [i for i, (t, cache) in enumerate(self._lent) if cache() is None or cache().storage is not t]
         inference = torch.is_inference_mode_enabled()  # an inference tensor takes no in-place write outside that mode
-        match = next((i for i in spare if self._fits(self._lent[i][0], shape, device, inference)), None)
+        match = next((i for i in spare if self._fits(self._lent[i][0], shape, dtype, device, inference)), None)
         if match is None:
             dropped = set(spare[: max(0, len(spare) - self.keep + 1)])  # the oldest spares make room, before the new one is made
             self._lent = [e for i, e in enumerate(self._lent) if i not in dropped]
@@ -64,8 +66,8 @@ class CachePool:
         return tensor
 
     @staticmethod
-    def _fits(t: torch.Tensor, shape: tuple[int, ...], device: torch.device, inference: bool) -> bool:
-        return t.shape == shape and t.device == device and t.dtype == torch.get_default_dtype() and t.is_inference() == inference and not t.requires_grad
+    def _fits(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, inference: bool) -> bool:
+        return t.shape == shape and t.device == device and t.dtype == dtype and t.is_inference() == inference and not t.requires_grad
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor it may hand out or has lent."""
@@ -75,11 +77,11 @@ class CachePool:
 class KVCache:
     def __init__(
         self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device: torch.device | str | None = None, tiles: bool = False,
-        pool: CachePool | None = None,
+        pool: CachePool | None = None, dtype: torch.dtype | None = None,
     ):
         self.capacity = max_len  # entries asked for (a draft's cache asks as many)
         max_len = round_up(max_len) + BLOCK  # attention reads whole blocks, and one more past a tree
-        self.pool, self.head_dim = pool, head_dim
+        self.pool, self.head_dim, self.dtype = pool, head_dim, dtype or torch.get_default_dtype()
         self.kv = self._new((n_layers, 2, batch_size, n_kv_heads, max_len, head_dim + 1), torch.device(device) if device else None)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
@@ -92,11 +94,11 @@ class KVCache:
         zeros with the ones column set, or the pool's spare one."""
 
         def make() -> torch.Tensor:
-            kv = torch.zeros(shape, device=device)
+            kv = torch.zeros(shape, dtype=self.dtype, device=device)
             kv[..., self.head_dim] = 1.0
             return kv
 
-        self.storage = make() if self.pool is None or device is None else self.pool.lend(shape, device, self, make)
+        self.storage = make() if self.pool is None or device is None else self.pool.lend(shape, self.dtype, device, self, make)
         return self.storage
 
     @property

@@ -52,9 +52,10 @@ def native_kernel() -> ctypes.CDLL | None:
         warnings.warn(f"propd: no C kernels ({detail}); using the slower tensor versions", stacklevel=2)
         return None
     kernel.attend.restype = ctypes.c_int
-    kernel.attend.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
+    attend = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
+    kernel.attend.argtypes = attend + [ctypes.c_int64]  # and whether the entries are bf16
     kernel.attend_amx.restype = ctypes.c_int
-    kernel.attend_amx.argtypes = kernel.attend.argtypes + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    kernel.attend_amx.argtypes = attend + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     kernel.rms_norm.restype = None
     kernel.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     kernel.rope.restype = None

@@ -10,7 +10,8 @@
    output alone (AR), inside a tree or inside a batch. Vectors run across features (or, for exp,
    across positions with the same code in every lane); built with -ffp-contract=off and without
    fast-math, so no sum is reordered and the only fused multiply-adds are the explicit ``fmadd``
-   (18% off a compute-bound call). */
+   (18% off a compute-bound call). The entries are fp32, or bf16 (a cache kept in bf16: half the
+   bytes to read, each entry widened exactly to the fp32 the same kernel would read). */
 #include <stdatomic.h>
 #include <stdlib.h>
 
@@ -18,11 +19,13 @@
 #include "vec.h"
 
 typedef struct {
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v; /* fp32 or, with bf16, bf16 entries */
     float *out;
     const int64_t *n_in, *path, *starts; /* row b's tokens: [starts[b], starts[b + 1]) */
     int64_t B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks, group; /* chunks: query chunks per K/V head of the longest row */
     float scale;
+    int64_t bf16;
     atomic_int status;
 } Job;
 
@@ -32,10 +35,12 @@ typedef struct {
 /* Queries [p0, p0 + nq) of row b's K/V head kvh, query p being token p / g's head p % g of that
    group: each key and value they all see is read once for all of them; every query's sums run in
    the same order as if it were alone (keys in position order). ``lanes`` and ``nq`` are constants
-   where this is inlined, so queries and accumulators stay in registers. */
-__attribute__((always_inline)) static inline void chunk(const Job *a, int64_t lanes, int64_t nq, int64_t b, int64_t kvh, int64_t p0, float *scores) {
-    int64_t g = a->H / a->KV, hd = a->hd, padded = (a->max_keys + W - 1) / W * W, shared = INT64_MAX;
-    const float *kh = a->k + b * a->sb + kvh * a->sh, *vh = a->v + b * a->sb + kvh * a->sh;
+   where this is inlined, so queries and accumulators stay in registers; so is ``bf16`` (the
+   entries' type). */
+__attribute__((always_inline)) static inline void chunk(const Job *a, int bf16, int64_t lanes, int64_t nq, int64_t b, int64_t kvh, int64_t p0,
+                                                        float *scores) {
+    int64_t g = a->H / a->KV, hd = a->hd, padded = (a->max_keys + W - 1) / W * W, shared = INT64_MAX, size = bf16 ? 2 : 4;
+    const char *kh = (const char *)a->k + (b * a->sb + kvh * a->sh) * size, *vh = (const char *)a->v + (b * a->sb + kvh * a->sh) * size;
     vf qs[CHUNK][8], acc[CHUNK][8];
     float top[CHUNK], total[CHUNK];
     int64_t inplace[CHUNK], L[CHUNK], row[CHUNK];
@@ -51,17 +56,19 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int64_t la
         top[i] = -INFINITY, total[i] = 0.0f;
     }
 #define SLOT(i, j) ((j) < inplace[i] ? (j) : path[i][(j) - inplace[i]])
+#define ENTRY(base, slot) ((base) + (slot) * a->ss * size)
+#define FEATURES(e, c) (bf16 ? load_bf16((const uint16_t *)(e) + (c) * W) : load((const float *)(e) + (c) * W))
 #define SCORE(i, j, kj)                                                       \
     do {                                                                      \
-        vf s = qs[i][0] * load(kj);                                           \
-        for (int64_t c = 1; c < lanes; ++c) s = fmadd(qs[i][c], load(kj + c * W), s); \
+        vf s = qs[i][0] * FEATURES(kj, 0);                                    \
+        for (int64_t c = 1; c < lanes; ++c) s = fmadd(qs[i][c], FEATURES(kj, c), s); \
         float x = fold(s);                                                    \
         scores[(i) * padded + (j)] = x;                                       \
         top[i] = x > top[i] ? x : top[i];                                     \
     } while (0)
 #define ADD_VALUE(i, j, vj)                                                                                \
     do {                                                                                                   \
-        for (int64_t c = 0; c < lanes; ++c) acc[i][c] = fmadd(splat(scores[(i) * padded + (j)]), load(vj + c * W), acc[i][c]); \
+        for (int64_t c = 0; c < lanes; ++c) acc[i][c] = fmadd(splat(scores[(i) * padded + (j)]), FEATURES(vj, c), acc[i][c]); \
         total[i] += scores[(i) * padded + (j)];                                                            \
     } while (0)
 /* OP for every query and entry: entries [0, shared) read once for all queries (and fetched AHEAD
@@ -69,12 +76,12 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int64_t la
 #define EACH_ENTRY(base, OP)                                                                        \
     do {                                                                                            \
         for (int64_t j = 0; j < shared; ++j) {                                                      \
-            const float *e = (base) + j * a->ss;                                                    \
-            for (int64_t c = 0; c <= lanes; ++c) __builtin_prefetch(e + AHEAD * a->ss + c * W);    \
+            const char *e = ENTRY(base, j);                                                         \
+            for (int64_t at = 0; at <= lanes * W * size; at += 64) __builtin_prefetch(ENTRY(e, AHEAD) + at); \
             for (int64_t i = 0; i < nq; ++i) OP(i, j, e);                                           \
         }                                                                                           \
         for (int64_t i = 0; i < nq; ++i)                                                            \
-            for (int64_t j = shared; j < L[i]; ++j) OP(i, j, (base) + SLOT(i, j) * a->ss);          \
+            for (int64_t j = shared; j < L[i]; ++j) OP(i, j, ENTRY(base, SLOT(i, j)));              \
     } while (0)
     EACH_ENTRY(kh, SCORE);
     for (int64_t i = 0; i < nq; ++i) {
@@ -86,17 +93,21 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int64_t la
     for (int64_t i = 0; i < nq; ++i)
         for (int64_t c = 0; c < lanes; ++c) store(a->out + row[i] * hd + c * W, acc[i][c] / splat(total[i]));
 #undef SLOT
+#undef ENTRY
+#undef FEATURES
 #undef EACH_ENTRY
 #undef SCORE
 #undef ADD_VALUE
 }
 
-/* A chunk with its sizes as constants for the common head dims (64, 128) and chunk sizes. */
+/* A chunk with its sizes and entry type as constants for the common head dims (64, 128) and chunk sizes. */
 static void chunk_any(const Job *a, int64_t nq, int64_t b, int64_t kvh, int64_t p0, float *scores) {
-#define CASE(LANES, NQ) if (a->hd == (LANES) * W && nq == (NQ)) { chunk(a, LANES, NQ, b, kvh, p0, scores); return; }
-    CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4) CASE(8, 1) CASE(8, 2) CASE(8, 3) CASE(8, 4)
+#define CASE(BF16, LANES, NQ) if (a->bf16 == (BF16) && a->hd == (LANES) * W && nq == (NQ)) { chunk(a, BF16, LANES, NQ, b, kvh, p0, scores); return; }
+    CASE(0, 4, 1) CASE(0, 4, 2) CASE(0, 4, 3) CASE(0, 4, 4) CASE(0, 8, 1) CASE(0, 8, 2) CASE(0, 8, 3) CASE(0, 8, 4)
+    CASE(1, 4, 1) CASE(1, 4, 2) CASE(1, 4, 3) CASE(1, 4, 4) CASE(1, 8, 1) CASE(1, 8, 2) CASE(1, 8, 3) CASE(1, 8, 4)
 #undef CASE
-    chunk(a, a->hd / W, nq, b, kvh, p0, scores);
+    if (a->bf16) chunk(a, 1, a->hd / W, nq, b, kvh, p0, scores);
+    else chunk(a, 0, a->hd / W, nq, b, kvh, p0, scores);
 }
 
 /* Tasks taken one at a time until none is left: a task is ``group`` consecutive query chunks of
@@ -122,15 +133,15 @@ static void run(void *arg) {
 }
 
 /* q [M, H, hd] contiguous (hd a multiple of 16, at most 128), row b's tokens at [starts[b], starts[b + 1]), at most T
-   of them; k, v one layer's keys / values with strides (batch, K/V head, slot) in floats; out [M, H, hd]
-   contiguous; n_in [M]; path [M, D];
+   of them; k, v one layer's keys / values, fp32 or (bf16 1) bf16, with strides (batch, K/V head, slot) in
+   entries' elements; out [M, H, hd] contiguous; n_in [M]; path [M, D];
    max_keys: no query reads more entries. Up to ``threads`` threads take the tasks (``pool.h``).
    Returns 0, or -1 when out of memory. */
-int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
+int attend(const float *q, const void *k, const void *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
-           float scale, int64_t max_keys, int64_t threads) {
+           float scale, int64_t max_keys, int64_t threads, int64_t bf16) {
     int64_t chunks = (T * (H / KV) + CHUNK - 1) / CHUNK;
-    Job job = {q, k, v, out, n_in, path, starts, B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks, B * KV >= 4 * threads ? chunks : 1, scale, 0};
+    Job job = {q, k, v, out, n_in, path, starts, B, T, H, KV, D, hd, sb, sh, ss, max_keys, chunks, B * KV >= 4 * threads ? chunks : 1, scale, bf16 != 0, 0};
     pool_run(run, &job, threads);
     return atomic_load(&job.status);
 }

@@ -27,9 +27,9 @@ static void silu_rows(void *arg) {
     for (int64_t r; (r = pool_take(1)) < j->rows;) silu_mul(j->gu + r * 2 * j->inter, j->act + r * j->inter, 1, j->inter, 0);
 }
 int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads);
-int attend(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
+int attend(const float *q, const void *k, const void *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
-           float scale, int64_t max_keys, int64_t threads);
+           float scale, int64_t max_keys, int64_t threads, int64_t bf16);
 int attend_amx(const float *q, const float *k, const float *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
                int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
                float scale, int64_t max_keys, int64_t threads, uint32_t *packed, int64_t pb, int64_t ph, int64_t *ready,
@@ -43,9 +43,9 @@ typedef struct {
 typedef struct {
     int64_t dim, heads, kv_heads, hd, inter, threads;
     float eps, scale; /* scale: attention's, hd^-0.5 as the tensor code rounds it */
-    /* the cache: [layers, 2, B, kv_heads, slots, hd + 1] floats, strides in floats */
-    float *kv;
-    int64_t s_layer, s_kv, s_row, s_head, s_slot;
+    /* the cache: [layers, 2, B, kv_heads, slots, hd + 1], fp32 or (kv_bf16 1) bf16, strides in elements */
+    void *kv;
+    int64_t kv_bf16, s_layer, s_kv, s_row, s_head, s_slot;
     /* this call's tokens: row b's at [starts[b], starts[b + 1]), at most T of them; per token its slot, RoPE
        (cos, sin) [hd / 2, 2] and attention's plan */
     int64_t B, T, D, max_keys, attend_threads;
@@ -62,6 +62,12 @@ static void add(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
+/* A key or value of hd features into the cache: as it is, or rounded to bf16 as torch rounds it. */
+static void put(char *entry, const float *features, int64_t hd, int64_t bf16) {
+    if (!bf16) memcpy(entry, features, sizeof(float) * hd);
+    for (int64_t i = 0; bf16 && i < hd; i += W) store_bf16((uint16_t *)entry + i, load(features + i)); /* hd % 16 == 0 */
+}
+
 /* Layers [0, n) of ``weights`` over x [M, dim] (fp32, updated in place), their K/V written at
    the tokens' slots of cache layers first, first + 1, ... Returns 0, or -1 out of memory. */
 int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, const Step *s) {
@@ -73,7 +79,8 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
     int status = normed && h && q && att && out && gu && act ? 0 : -1;
     for (int64_t i = 0; i < n && !status; ++i) {
         const Weights *w = weights + i;
-        float *keys = s->kv + (first + i) * s->s_layer, *values = keys + s->s_kv;
+        int64_t size = s->kv_bf16 ? 2 : 4;
+        char *keys = (char *)s->kv + (first + i) * s->s_layer * size, *values = keys + s->s_kv * size;
         rms_norm(x, w->attn_norm, normed, M, dim, s->eps);
         status |= bf16_linear_into(normed, w->qkv, h, M, width, dim, room, s->threads);
         for (int64_t m = 0; w->bqkv && m < M; ++m) add(h + m * width, w->bqkv, width);
@@ -84,17 +91,17 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
             int64_t at = b * s->s_row + s->slots[m] * s->s_slot;
             memcpy(q + m * H * hd, row, sizeof(float) * H * hd);
             for (int64_t k = 0; k < KV; ++k) {
-                memcpy(keys + at + k * s->s_head, row + (H + k) * hd, sizeof(float) * hd);
-                memcpy(values + at + k * s->s_head, row + (H + KV + k) * hd, sizeof(float) * hd);
+                put(keys + (at + k * s->s_head) * size, row + (H + k) * hd, hd, s->kv_bf16);
+                put(values + (at + k * s->s_head) * size, row + (H + KV + k) * hd, hd, s->kv_bf16);
             }
         }
         if (s->packed)
-            status |= attend_amx(q, keys, values, att, s->n_in, s->path, s->starts, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot, s->scale,
+            status |= attend_amx(q, (const float *)keys, (const float *)values, att, s->n_in, s->path, s->starts, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot, s->scale,
                                  s->max_keys, s->attend_threads, s->packed + (first + i) * s->p_layer, s->p_row, s->p_head,
                                  s->ready + (first + i) * s->B, s->committed);
         else
             status |= attend(q, keys, values, att, s->n_in, s->path, s->starts, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot,
-                             s->scale, s->max_keys, s->attend_threads);
+                             s->scale, s->max_keys, s->attend_threads, s->kv_bf16);
         status |= bf16_linear_into(att, w->wo, out, M, dim, H * hd, room, s->threads);
         add(x, out, M * dim);
         rms_norm(x, w->mlp_norm, normed, M, dim, s->eps);
