@@ -16,7 +16,7 @@ from propd.decoding.tree import run_tree
 from propd.models import attention, graphs, native, pointwise
 from propd.models.decoder import Decoder
 from propd.models.kernels import PACKED, SCREEN_ROWS, Linear, Route, choose_route, is_row_invariant, measure_route, packed_rows
-from propd.models.kv_cache import path_slots
+from propd.models.kv_cache import KVCache, path_slots
 from propd.tree.tree import TokenTree
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 
@@ -251,6 +251,8 @@ def test_c_attention_reads_a_bf16_cache_as_the_fp32_it_widens_to():
         q = torch.randn(B, T, heads, hd)
         by_bf16 = attention._native(native.native_kernel(), q, keys, values, plan)
         assert torch.equal(by_bf16, attention._native(native.native_kernel(), q, keys.float(), values.float(), plan))
+    with pytest.raises(ValueError, match="fp32 entries"):  # the AMX attention reads the cache as fp32
+        KVCache(1, 1, 1, 8, 16, tiles=True, dtype=torch.bfloat16)
 
 
 @pytest.mark.skipif(native.native_kernel() is None, reason="no C compiler: no C kernels")

@@ -8,6 +8,7 @@ import torch
 
 from propd.engine import Propd
 from propd.errors import PropdError
+from propd.heads.draft import DraftHead
 from propd.heads.early import EarlyHead
 from propd.heads.medusa import MedusaHeads
 from propd.prompts import builtin_prompts_path, load_prompts
@@ -15,6 +16,7 @@ from propd.training.distill import generate_answers
 from propd.training.features import cache_features, load_features
 from propd.training.pipeline import TrainConfig, choose_early_layer, run_training
 from propd.training.self_prompts import write_self_prompts
+from propd.training.train import draft_unroll
 from tests.conftest import tiny_hf_model
 
 
@@ -55,6 +57,23 @@ def test_train_pipeline_runs_and_heads_learn(tiny_propd, tmp_path):
                                                       early_layers=(2,), epochs=0, draft_epochs=0))
     assert "medusa" not in early_only and "draft" not in early_only and early_only["early_layer"] == 2
     assert sorted(p.name for p in (tmp_path / "early" / "heads").iterdir()) == ["early_head.json", "early_head.safetensors", "report.json", "report.md"]
+
+
+def test_every_draft_weight_gets_a_gradient_on_a_cpu(tiny_propd):
+    """Unrolled draft training runs the attention by tensor ops where autograd records: through
+    the C kernel (no graph) the layer's q/k/v weights got no gradient and never trained."""
+    torch.manual_seed(0)
+    decoder = tiny_propd.decoder
+    draft = DraftHead(decoder.args)
+    with torch.no_grad():
+        draft.w_down.normal_(0, 0.02)  # zero at the start of training: nothing before it would move here
+    B, T, depth = 2, 6, 3
+    features = torch.randn(B, T, decoder.args.dim)
+    tokens = torch.randint(0, decoder.args.vocab_size, (B, T))
+    targets = torch.randint(0, decoder.args.vocab_size, (B, T, depth))
+    sum(p.square().sum() for p in draft_unroll(draft, decoder, features, tokens, targets)).backward()
+    missing = [name for name, p in draft.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == [], missing
 
 
 def test_heads_checkpoint_round_trip_and_fit_check(tmp_path):

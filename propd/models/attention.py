@@ -128,10 +128,12 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: P
     """q [B, T, H, hd] (fp32) over one layer's cache entries keys/values [B, KV, S, hd + 1] (the
     last feature of every entry is 1; fp32, or bf16 read as the fp32 they widen to) -> [B, T, H * hd]:
     by a C kernel where one runs (with ``copy``: on AMX tiles, in bf16, ``csrc/attention_amx.c``),
-    else by tensor ops (``blocked_attention``)."""
-    if not runs_native(q.shape[-1], q.device):
+    else by tensor ops (``blocked_attention``), which also run where autograd records (training a
+    draft layer on a CPU: through the C kernel its q/k/v weights got no gradient)."""
+    lib = native.usable(q, keys, values)
+    if lib is None or not runs_native(q.shape[-1], q.device):
         return blocked_attention(q, keys, values, plan, exact)
-    return _native(native.native_kernel(), q, keys, values, plan, copy)
+    return _native(lib, q, keys, values, plan, copy)
 
 
 def runs_native(head_dim: int, device: torch.device) -> bool:

@@ -82,6 +82,8 @@ class KVCache:
         self.capacity = max_len  # entries asked for (a draft's cache asks as many)
         max_len = round_up(max_len) + BLOCK  # attention reads whole blocks, and one more past a tree
         self.pool, self.head_dim, self.dtype = pool, head_dim, dtype or torch.get_default_dtype()
+        if tiles and self.dtype != torch.float32:
+            raise ValueError("the AMX attention's cache (tiles) keeps fp32 entries beside its bf16 copy")
         self.kv = self._new((n_layers, 2, batch_size, n_kv_heads, max_len, head_dim + 1), torch.device(device) if device else None)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len

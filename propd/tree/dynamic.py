@@ -48,7 +48,7 @@ OUTLIER = 2.0
 
 def _moved(before: float | None, now: float, rate: float) -> float:
     """A moving average's next value, the new measurement capped at ``OUTLIER`` times it."""
-    return now if not before else before + rate * (min(now, OUTLIER * before) - before)
+    return now if before is None or before <= 0 else before + rate * (min(now, OUTLIER * before) - before)
 
 
 class AcceptanceModel:

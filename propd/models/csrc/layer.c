@@ -62,7 +62,8 @@ static void add(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-/* A key or value of hd features into the cache: as it is, or rounded to bf16 as torch rounds it. */
+/* A key or value of hd features into the cache: as it is, or rounded to bf16 as torch rounds finite
+   values and infinities (a NaN stays a NaN, with its own payload where torch writes 0xffff). */
 static void put(char *entry, const float *features, int64_t hd, int64_t bf16) {
     if (!bf16) memcpy(entry, features, sizeof(float) * hd);
     for (int64_t i = 0; bf16 && i < hd; i += W) store_bf16((uint16_t *)entry + i, load(features + i)); /* hd % 16 == 0 */
