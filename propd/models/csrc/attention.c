@@ -58,43 +58,75 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int bf16, 
 #define SLOT(i, j) ((j) < inplace[i] ? (j) : path[i][(j) - inplace[i]])
 #define ENTRY(base, slot) ((base) + (slot) * a->ss * size)
 #define FEATURES(e, c) (bf16 ? load_bf16((const uint16_t *)(e) + (c) * W) : load((const float *)(e) + (c) * W))
-#define SCORE(i, j, kj)                                                       \
+#define SCORE(i, j, f)                                                        \
     do {                                                                      \
-        vf s = qs[i][0] * FEATURES(kj, 0);                                    \
-        for (int64_t c = 1; c < lanes; ++c) s = fmadd(qs[i][c], FEATURES(kj, c), s); \
+        vf s = qs[i][0] * (f)[0];                                             \
+        for (int64_t c = 1; c < lanes; ++c) s = fmadd(qs[i][c], (f)[c], s);   \
         float x = fold(s);                                                    \
         scores[(i) * padded + (j)] = x;                                       \
         top[i] = x > top[i] ? x : top[i];                                     \
     } while (0)
-#define ADD_VALUE(i, j, vj)                                                                                \
+#define ADD_VALUE(i, j, f)                                                                                 \
     do {                                                                                                   \
-        for (int64_t c = 0; c < lanes; ++c) acc[i][c] = fmadd(splat(scores[(i) * padded + (j)]), FEATURES(vj, c), acc[i][c]); \
+        for (int64_t c = 0; c < lanes; ++c) acc[i][c] = fmadd(splat(scores[(i) * padded + (j)]), (f)[c], acc[i][c]); \
         total[i] += scores[(i) * padded + (j)];                                                            \
     } while (0)
-/* OP for every query and entry: entries [0, shared) read once for all queries (and fetched AHEAD
-   entries early), then each query's own [shared, L), in position order for each query. */
-#define EACH_ENTRY(base, OP)                                                                        \
+/* OP for every query and entry from ``from`` on, given the entry's features as fp32 vectors: entries
+   [from, shared) read (and widened) once for all queries (fetched AHEAD entries early; widened per
+   query, the 16-token step above took 26.8 ms), then each query's own [shared, L), in position order
+   for each query. */
+#define WIDEN(f, e) for (int64_t c = 0; c < lanes; ++c) (f)[c] = FEATURES(e, c)
+#define EACH_ENTRY(base, OP, from)                                                                  \
     do {                                                                                            \
-        for (int64_t j = 0; j < shared; ++j) {                                                      \
+        vf f[8];                                                                                    \
+        for (int64_t j = (from); j < shared; ++j) {                                                 \
             const char *e = ENTRY(base, j);                                                         \
             for (int64_t at = 0; at <= lanes * W * size; at += 64) __builtin_prefetch(ENTRY(e, AHEAD) + at); \
-            for (int64_t i = 0; i < nq; ++i) OP(i, j, e);                                           \
+            WIDEN(f, e);                                                                            \
+            for (int64_t i = 0; i < nq; ++i) OP(i, j, f);                                           \
         }                                                                                           \
         for (int64_t i = 0; i < nq; ++i)                                                            \
-            for (int64_t j = shared; j < L[i]; ++j) OP(i, j, ENTRY(base, SLOT(i, j)));              \
+            for (int64_t j = shared; j < L[i]; ++j) {                                               \
+                WIDEN(f, ENTRY(base, SLOT(i, j)));                                                  \
+                OP(i, j, f);                                                                        \
+            }                                                                                       \
     } while (0)
-    EACH_ENTRY(kh, SCORE);
+    /* With bf16 entries, the shared entries' scores 16 keys at a time, folded together (``fold16``:
+       the same bits as ``fold``), the rest one by one: with the entries widened once for all queries,
+       attention 21.8 -> 17.6 ms (30 layers, a 16-token step over 1,500 entries) and 4.5 -> 4.0 (batch-8
+       AR over 400), AMD EPYC; over fp32 entries it gained nothing there. */
+    int64_t blocked = bf16 ? shared / W * W : 0;
+    for (int64_t j0 = 0; j0 < blocked; j0 += W) {
+        vf part[CHUNK][W], f[8];
+        for (int64_t n = 0; n < W; ++n) {
+            const char *e = ENTRY(kh, j0 + n);
+            for (int64_t at = 0; at <= lanes * W * size; at += 64) __builtin_prefetch(ENTRY(e, AHEAD) + at);
+            WIDEN(f, e);
+            for (int64_t i = 0; i < nq; ++i) {
+                vf x = qs[i][0] * f[0];
+                for (int64_t c = 1; c < lanes; ++c) x = fmadd(qs[i][c], f[c], x);
+                part[i][n] = x;
+            }
+        }
+        for (int64_t i = 0; i < nq; ++i) {
+            vf x = fold16(part[i]);
+            store(scores + i * padded + j0, x);
+            for (int n = 0; n < W; ++n) top[i] = x[n] > top[i] ? x[n] : top[i];
+        }
+    }
+    EACH_ENTRY(kh, SCORE, blocked);
     for (int64_t i = 0; i < nq; ++i) {
         float *r = scores + i * padded;
         for (int64_t j = L[i]; j < (L[i] + W - 1) / W * W; ++j) r[j] = top[i];
         for (int64_t j = 0; j < L[i]; j += W) store(r + j, vexp(load(r + j) - splat(top[i])));
     }
-    EACH_ENTRY(vh, ADD_VALUE);
+    EACH_ENTRY(vh, ADD_VALUE, 0);
     for (int64_t i = 0; i < nq; ++i)
         for (int64_t c = 0; c < lanes; ++c) store(a->out + row[i] * hd + c * W, acc[i][c] / splat(total[i]));
 #undef SLOT
 #undef ENTRY
 #undef FEATURES
+#undef WIDEN
 #undef EACH_ENTRY
 #undef SCORE
 #undef ADD_VALUE
