@@ -44,6 +44,10 @@ WIDE_BATCH = 4  # rows from which ``TreeChooser.wide_depth`` limits the trees' d
 # not its own (a page fault storm, another process), and on the AMD EPYC one AR step that built the
 # argmax's int8 screen (0.65 s) made AR look 40 times dearer, so ProPD kept to trees that lost.
 OUTLIER = 2.0
+# A tree that wins by less than this factor of AR's rate (its margin included) has AR measured again
+# 4 times as often: AR's cost only moves when AR runs, and at batch 8 on the AMD EPYC a few AR steps
+# in a slow spell priced AR at 25 ms (its steps took 14) and trees ran for the next 34 steps.
+NARROW_WIN = 1.2
 
 
 def _moved(before: float | None, now: float, rate: float) -> float:
@@ -230,6 +234,7 @@ class TreeChooser:
         self.expected = 1.0  # accepted tokens per row the last chosen tree expected
         self.expected_rows: list[float] | None = None  # each row's, where ``select`` last gave rows their own nodes
         self._tree_retries = 0  # trees measured again since a tree last won a step
+        self._won_by = float("inf")  # the last choice's best tree rate over AR's (with the margin)
         # Draft path probabilities vs what was accepted: decayed sums, started at the over-confidence
         # `propd calibrate` measured (accepted nodes / drafted probability ~0.8 on MT-Bench).
         self._draft_mass, self._draft_accepted = DRAFT_PRIOR, 0.8 * DRAFT_PRIOR
@@ -280,6 +285,8 @@ class TreeChooser:
         seconds = [s + self._ar_extra.get(key, 0.0) if tree.size == 1 else s for (tree, _), s in zip(trees, seconds)]
         rates = [expected / s * (self.margin if tree.size == 1 else 1.0) for (tree, expected), s in zip(trees, seconds)]
         tree, self.expected = trees[rates.index(max(rates))]
+        ar_rate = next((r for (t, _), r in zip(trees, rates) if t.size == 1), None)
+        self._won_by = max(r for (t, _), r in zip(trees, rates) if t.size > 1) / ar_rate if ar_rate and len(trees) > 1 else float("inf")
         if tree.size > 1 and self.latency.seeded_only(key):  # the smallest tree, measured once here: the seeded trees' costs follow it
             self._exploring = True
             tree, self.expected = self.tree(self.explore[0], depth)
@@ -301,10 +308,11 @@ class TreeChooser:
 
     def _stale(self, key: tuple[int, int]) -> int | None:
         """A size to measure again: AR, or the smallest explored tree, when that side went unpicked
-        for half a half-life; the trees' wait doubles (up to 8 times) with each retry that did not
-        win them a step (where AR pays, at batch 8, each retry cost two AR steps)."""
+        for half a half-life (AR: an eighth, while the trees win by less than ``NARROW_WIN``); the
+        trees' wait doubles (up to 8 times) with each retry that did not win them a step (where AR
+        pays, at batch 8, each retry cost two AR steps)."""
         sizes = self.latency.buckets[key]
-        since = self.latency.steps - self.latency.half_life / 2
+        since = self.latency.steps - self.latency.half_life / (8 if self._won_by < NARROW_WIN else 2)
         if 1 in sizes and sizes[1].step < since:
             return 1
         trees = [s.step for n, s in sizes.items() if n > 1]
