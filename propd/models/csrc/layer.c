@@ -65,8 +65,11 @@ static void add(float *x, const float *y, int64_t n) {
 /* A key or value of hd features into the cache: as it is, or rounded to bf16 as torch rounds finite
    values and infinities (a NaN stays a NaN, with its own payload where torch writes 0xffff). */
 static void put(char *entry, const float *features, int64_t hd, int64_t bf16) {
-    if (!bf16) memcpy(entry, features, sizeof(float) * hd);
-    for (int64_t i = 0; bf16 && i < hd; i += W) store_bf16((uint16_t *)entry + i, load(features + i)); /* hd % 16 == 0 */
+    if (!bf16) {
+        memcpy(entry, features, sizeof(float) * hd);
+        return;
+    }
+    for (int64_t i = 0; i < hd; i += W) store_bf16((uint16_t *)entry + i, load(features + i)); /* hd % 16 == 0 */
 }
 
 /* Layers [0, n) of ``weights`` over x [M, dim] (fp32, updated in place), their K/V written at
