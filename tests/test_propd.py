@@ -145,6 +145,21 @@ def test_ar_is_charged_what_the_drafter_reads_after_it_and_drafts_no_deeper_than
     assert (drafted.size, drafted.depth) == (3, 1) and tree.depth == 2
 
 
+def test_an_ar_step_measured_again_between_trees_is_not_charged_the_drafters_reading():
+    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
+    chosen = []
+    while chosen.count(1) < 3:  # explored twice, then measured again once trees have won for a while
+        size = chooser.choose(1, 100).size
+        chosen.append(size)
+        if size > 1 and chosen[-2:-1] == [1]:
+            chooser.charge_ar(1, 100, 0.005)
+        chooser.observe(chooser.tree(size)[0], 1, 100, [0], 0.02 + 0.002 * size * (size > 1))
+    assert chosen[6:].count(1) == 1 and chosen[-1] == 1
+    chooser.choose(1, 100)  # a tree again
+    chooser.charge_ar(1, 100, 0.005)
+    assert chooser._ar_extra == {}  # neither the explored AR steps nor the one measured again won a step
+
+
 def test_from_four_rows_the_chooser_keeps_its_trees_as_shallow_as_asked():
     depths = {}
     for rows in (1, 4):

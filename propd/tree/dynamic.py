@@ -235,6 +235,7 @@ class TreeChooser:
         self.expected_rows: list[float] | None = None  # each row's, where ``select`` last gave rows their own nodes
         self._tree_retries = 0  # trees measured again since a tree last won a step
         self._won_by = float("inf")  # the last choice's best tree rate over AR's (with the margin)
+        self._ar_won = False  # an AR step since the last tree won on its rate (not explored, not measured again)
         # Draft path probabilities vs what was accepted: decayed sums, started at the over-confidence
         # `propd calibrate` measured (accepted nodes / drafted probability ~0.8 on MT-Bench).
         self._draft_mass, self._draft_accepted = DRAFT_PRIOR, 0.8 * DRAFT_PRIOR
@@ -292,6 +293,7 @@ class TreeChooser:
             tree, self.expected = self.tree(self.explore[0], depth)
         if tree.size > 1:
             self._tree_retries = 0
+        self._ar_won |= tree.size == 1
         return tree
 
     def _shapes(self, reach: float, depth: int | None) -> list[tuple[TokenTree, float]]:
@@ -321,9 +323,13 @@ class TreeChooser:
 
     def charge_ar(self, batch_size: int, context: int, seconds: float) -> None:
         """Add to AR's cost what the drafter's reading of an AR step's token cost when a tree came
-        (the drafter reads them then, not in the AR steps, which are timed without it)."""
-        key = (batch_size, context // CONTEXT_BUCKET)
-        self._ar_extra[key] = _moved(self._ar_extra.get(key), seconds, self.latency.rate)
+        (the drafter reads them then, not in the AR steps, which are timed without it), where AR
+        won a step on its rate since the last tree: a lone AR step measured again between trees
+        left a whole reading to one step, AR looked 6% dearer at batch 8 (AMD EPYC), and more
+        trees came."""
+        if self._ar_won:
+            key = (batch_size, context // CONTEXT_BUCKET)
+            self._ar_extra[key] = _moved(self._ar_extra.get(key), seconds, self.latency.rate)
 
     def candidates(self, tree: TokenTree) -> TokenTree:
         """What to draft when the draft's own path probabilities pick the nodes to verify: the rank
@@ -373,6 +379,7 @@ class TreeChooser:
         (levels, seconds) drafted it level by level."""
         key = (batch_size, context // CONTEXT_BUCKET)
         size = tree.size if verified is None else float(verified.sum()) / batch_size
+        self._ar_won &= tree.size == 1
         if seconds is not None:
             if drafted is not None and drafted[0] > 0:
                 self.latency.observe_levels(key, *drafted)
