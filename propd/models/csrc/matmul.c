@@ -226,7 +226,7 @@ int amx_ready(void) { return 0; }
    instruction's rate (8-token batch-1 steps 16.2 -> 13.5 ms, 16 tokens 24.3 -> 19.2). */
 #define EACH_PAIR                                  \
     for (int64_t kb = 0; kb < j->K / 32; ++kb)     \
-        for (int p = 0; p < 16; ++p)
+        for (int p = 0; p < 16; ++p, fetch_lines(next))
 #define WEIGHTS(b) ((__m512bh)_mm512_loadu_si512(j->w + (nb + (b)) * (j->K / 32 * 512) + kb * 512 + p * 32))
 #define BROADCAST(r)                                                               \
     int32_t pair##r;                                                               \
@@ -236,8 +236,25 @@ int amx_ready(void) { return 0; }
 #define ROW4(r) { BROADCAST(r) DOT(r, 0); DOT(r, 1); DOT(r, 2); DOT(r, 3); }
 #define ROW8(r) { BROADCAST(r) DOT(r, 0); DOT(r, 1); DOT(r, 2); DOT(r, 3); DOT(r, 4); DOT(r, 5); DOT(r, 6); DOT(r, 7); }
 
+/* The weights of the chunk a thread takes next, fetched into L2 a few lines per pair of inputs
+   while its groups of rows compute on this chunk's. Without it, a chunk's first group of rows
+   waited on memory and its later groups on arithmetic, one after the other, with memory idle
+   (30 layers' products on the AMD EPYC, weights cold, 2 threads: 16 rows 13.2 -> 11.7 ms, 8 rows
+   9.0 -> 8.5, 32 rows 20.9 -> 20.3; reading the weights alone takes 6.4 ms. From the L3 the
+   fetches cost 5-7%). */
+typedef struct {
+    const char *at, *end;
+    int64_t lines; /* per pair of inputs */
+} Fetch;
+
+static inline void fetch_lines(Fetch *f) {
+    if (!f || f->at >= f->end) return;
+    for (int64_t l = 0; l < f->lines; ++l) _mm_prefetch(f->at + 64 * l, _MM_HINT_T1);
+    f->at += 64 * f->lines;
+}
+
 /* Rows r0 .. r0 + rows (1-4) of ``count`` blocks (1-4) from nb: 16 chains at most. */
-static void dot_x4(const Job *j, int64_t nb, int64_t count, int64_t first, int64_t r0, int rows, Best *best) {
+static void dot_x4(const Job *j, int64_t nb, int64_t count, int64_t first, int64_t r0, int rows, Best *best, Fetch *next) {
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
     __m512 c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
     EACH_PAIR {
@@ -254,7 +271,7 @@ static void dot_x4(const Job *j, int64_t nb, int64_t count, int64_t first, int64
 
 /* Rows r0 .. r0 + rows (1-2) of 8 blocks from nb: the weights stream from memory, and 8 chains a
    row hide the instruction's latency. */
-static void dot_x8(const Job *j, int64_t nb, int64_t first, int64_t r0, int rows, Best *best) {
+static void dot_x8(const Job *j, int64_t nb, int64_t first, int64_t r0, int rows, Best *best, Fetch *next) {
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c04 = c00, c05 = c00, c06 = c00, c07 = c00;
     __m512 c10 = c00, c11 = c00, c12 = c00, c13 = c00, c14 = c00, c15 = c00, c16 = c00, c17 = c00;
     EACH_PAIR {
@@ -268,26 +285,40 @@ static void dot_x8(const Job *j, int64_t nb, int64_t first, int64_t r0, int rows
 }
 
 /* Output blocks taken CHUNK at a time until none is left; per group of up to 4 rows, the chunk's
-   blocks 8 at a time (1-2 rows) or 4 at a time (3-4 rows, and the chunk's tail). */
+   blocks 8 at a time (1-2 rows) or 4 at a time (3-4 rows, and the chunk's tail). With more than one
+   group, the next chunk is taken at the start of this one, and its weights fetched meanwhile
+   (``Fetch``; a single group streams its weights once, as the hardware's prefetcher expects). */
 static void take_blocks(void *arg) {
     const Job *j = arg;
     Best best;
-    for (int64_t first; (first = pool_take(CHUNK)) < j->blocks;) {
+    const int64_t groups = (j->M + 3) / 4, block_bytes = j->K / 32 * 1024;
+    for (int64_t first = pool_take(CHUNK), after; first < j->blocks; first = after) {
         int64_t last = first + CHUNK < j->blocks ? first + CHUNK : j->blocks;
+        after = groups > 1 ? pool_take(CHUNK) : j->blocks;
+        int64_t ahead = after < j->blocks ? (after + CHUNK < j->blocks ? CHUNK : j->blocks - after) : 0;
+        int64_t steps = groups * ((last - first + 3) / 4) * (j->K / 32) * 16; /* pairs of inputs the groups take, about */
+        Fetch fetch = {NULL, NULL, 0};
+        if (ahead) {
+            fetch.at = (const char *)(j->w + after * (block_bytes / 2));
+            fetch.end = fetch.at + ahead * block_bytes;
+            fetch.lines = (ahead * block_bytes / 64 + steps - 1) / steps;
+        }
         for (int64_t r0 = 0; r0 < j->M; r0 += 4) {
             int rows = j->M - r0 < 4 ? (int)(j->M - r0) : 4;
+            Fetch *next = fetch.lines ? &fetch : NULL;
             for (int64_t nb = first; nb < last;) {
                 if (rows <= 2 && last - nb >= 8) {
-                    dot_x8(j, nb, first, r0, rows, &best);
+                    dot_x8(j, nb, first, r0, rows, &best, next);
                     nb += 8;
                 } else {
                     int64_t count = last - nb < 4 ? last - nb : 4;
-                    dot_x4(j, nb, count, first, r0, rows, &best);
+                    dot_x4(j, nb, count, first, r0, rows, &best, next);
                     nb += count;
                 }
             }
         }
         if (!j->y) finish_chunk(j, first, &best);
+        if (groups == 1) after = pool_take(CHUNK);
     }
 }
 #endif
