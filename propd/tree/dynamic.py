@@ -110,9 +110,11 @@ class LatencyModel:
     buckets: dict[tuple[int, int], dict[float, _SizeStats]] = field(default_factory=dict)
     levels: dict[tuple[int, int], float] = field(default_factory=dict)  # per bucket: a drafting level's seconds (moving average)
     steps: int = 0
+    fits: dict[tuple[int, int], tuple[float, float] | None] = field(default_factory=dict, repr=False)  # ``line``'s, until a measurement or a seed
 
     def observe(self, key: tuple[int, int], size: float, seconds: float) -> None:
         self.steps += 1
+        self.fits.clear()  # (again below: the seeded costs follow this measurement, and it joins its size's average)
         sizes = self.buckets.setdefault(key, {})
         s = sizes.get(size)
         seconds = min(seconds, OUTLIER * s.seconds) if s is not None and s.seconds > 0 else seconds
@@ -126,6 +128,7 @@ class LatencyModel:
             s.count += 1
             s.weight = self._decayed(s) + 1.0
             s.step = self.steps
+        self.fits.clear()
 
     def _follow(self, key: tuple[int, int], size: float, seconds: float) -> None:
         """The seeded tree costs follow a bucket's first measurements. AR's moves them by as much:
@@ -163,6 +166,7 @@ class LatencyModel:
         Xeon with AMX it grew 1.7x from batch 1 to 4 and about 2.9x to 8 (products cost the same up
         to 32 rows, drafting has a fixed part); scaled by the ratio itself, a 2-token tree that
         paid at batch 4 (1.09x AR) was predicted at 4x its cost and never tried there."""
+        self.fits.clear()
         src = self.buckets[source]
         ar = src[1].seconds if 1 in src else 0.0
         rows = max(1.0, key[0] / source[0]) ** 0.5
@@ -188,7 +192,13 @@ class LatencyModel:
 
     def line(self, key: tuple[int, int]) -> tuple[float, float] | None:
         """(intercept, slope) in seconds and seconds per token over the trees (sizes > 1), or None
-        before two are measured. A step of the root alone runs no drafter: it is no point of the line."""
+        before two are measured. A step of the root alone runs no drafter: it is no point of the line.
+        Kept until the next measurement (choose and select ask for it every step)."""
+        if key not in self.fits:
+            self.fits[key] = self._fit(key)
+        return self.fits[key]
+
+    def _fit(self, key: tuple[int, int]) -> tuple[float, float] | None:
         sizes = {n: s for n, s in self.buckets.get(key, {}).items() if n > 1}
         if len(sizes) < 2:
             return None
@@ -350,25 +360,28 @@ class TreeChooser:
         then (the root alone after it cost more than an AR step, and timed as one it made AR look slow)."""
         key = (batch_size, context // CONTEXT_BUCKET)
         B, N = scores.shape
-        mass = scores[:, 1:]
-        keep = torch.zeros(B, N - 1, dtype=torch.bool)
-        top = min(mass.numel(), int(B * (2 * max(self.latency.measured(key) or [chosen]) - 1)))
+        mass = scores[:, 1:].tolist()  # plain lists: as a dozen tensor ops on a few dozen nodes it took 0.2 ms of a batch-1 step (AMD EPYC)
         fit = None if self._exploring else self.latency.line(key)
         if fit is None:
-            best = torch.sort(-mass, dim=1, stable=True).indices[:, : min(chosen, N) - 1]
-            keep.scatter_(1, best, True)
+            picked = [(b, n) for b, row in enumerate(mass) for n in sorted(range(N - 1), key=lambda n: -row[n])[: min(chosen, N) - 1]]
         else:
-            order = torch.sort(-mass.flatten(), stable=True).indices
-            gains = torch.cumsum(mass.flatten()[order[:top]], 0)
-            drafting = self.latency.levels.get(key, 0.0) * levels
-            seconds = (fit[0] + drafting + fit[1] * (1 + torch.arange(1, top + 1) / B)).clamp(min=1e-6)  # ``LatencyModel.predict``
-            rates = (B + self.draft_scale * gains) / seconds
-            k = int(rates.argmax()) + 1
-            keep.view(-1)[order[:k]] = True
-        kept = (mass * keep).sum(1)  # each row's drafted probability mass
-        self.expected_rows = (1 + self.draft_scale * kept).tolist()
-        self._drafted_mass = float(kept.sum())
-        return torch.cat([torch.ones(B, 1, dtype=torch.bool), keep], dim=1)
+            top = int(B * (2 * max(self.latency.measured(key) or [chosen]) - 1))
+            order = sorted(((b, n) for b in range(B) for n in range(N - 1)), key=lambda bn: -mass[bn[0]][bn[1]])[:top]  # stable: ancestors first
+            drafting, gains, best, k = fit[0] + self.latency.levels.get(key, 0.0) * levels, 0.0, -1.0, 1
+            for i, (b, n) in enumerate(order, 1):  # ``LatencyModel.predict``'s line at 1 + i / B tokens a row
+                gains += mass[b][n]
+                rate = (B + self.draft_scale * gains) / max(1e-6, drafting + fit[1] * (1 + i / B))
+                if rate > best:
+                    best, k = rate, i
+            picked = order[:k]
+        keep = [[True] + [False] * (N - 1) for _ in range(B)]
+        kept = [0.0] * B  # each row's drafted probability mass
+        for b, n in picked:
+            keep[b][n + 1] = True
+            kept[b] += mass[b][n]
+        self.expected_rows = [1 + self.draft_scale * m for m in kept]
+        self._drafted_mass = sum(kept)
+        return torch.tensor(keep)
 
     def observe(
         self, tree: TokenTree, batch_size: int, context: int, last_nodes: list[int], seconds: float | None, verified: torch.Tensor | None = None,
