@@ -229,7 +229,7 @@ def test_drafting_levels_are_costed_apart_so_a_shallow_tree_can_win_over_a_deep_
                 depth = chooser.tree(size)[0].depth if size > 1 else 0
                 drafted = (depth, level_cost * depth) if size > 1 else None
                 chooser.observe(chooser.tree(size)[0], 1, 0, [0], 0.010 + 0.0005 * size + (drafted[1] if drafted else 0.0), None, drafted)
-        assert chooser.latency.levels.get((1, 0), 0.0) == pytest.approx(level_cost)
+        assert chooser.latency.drafting((1, 0), 1) == pytest.approx(level_cost)
         assert chooser.latency.predict((1, 0), [4, 4], [1, 3]) == pytest.approx([0.012 + level_cost, 0.012 + 3 * level_cost])
         chosen = chooser.choose(1, 0)
         rates[level_cost] = (chosen.size, chosen.depth)

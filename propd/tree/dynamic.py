@@ -10,9 +10,9 @@ Two online models (ProPD, arXiv 2402.13485, section 4.2):
   a moving average per size, weights decaying with the measurement's age; one line per batch size
   and context bucket, since both change what a tree token costs. A plain AR step (the root alone)
   runs no drafter and keeps its own average. A drafter that guesses level by level (the draft
-  layer, a draft model) times its levels apart, so a tree costs its line plus its depth times a
-  level's cost: on the AMD EPYC a 4-token tree 3 deep took 13.5 ms a step and 1 deep 12.0, and a
-  line in the size alone, fitted on the deeper best trees, let ProPD pick them over shallow ones.
+  layer, a draft model) times its drafting apart, per depth, so a tree costs its line plus its
+  depth's drafting: on the AMD EPYC a 4-token tree 3 deep took 13.5 ms a step and 1 deep 12.0, and
+  a line in the size alone, fitted on the deeper best trees, let ProPD pick them over shallow ones.
 
 ``TreeChooser`` puts them together: argmax over candidate trees (each size as deep as the
 acceptance model likes, and 1 or 2 deep) of E[accepted(n, depth)] / T(n, depth), size 1 (plain AR)
@@ -108,7 +108,7 @@ class LatencyModel:
     half_life: float = 64.0  # steps after which a measurement counts half
     rate: float = 0.3  # moving-average rate per size
     buckets: dict[tuple[int, int], dict[float, _SizeStats]] = field(default_factory=dict)
-    levels: dict[tuple[int, int], float] = field(default_factory=dict)  # per bucket: a drafting level's seconds (moving average)
+    drafts: dict[tuple[int, int], dict[int, float]] = field(default_factory=dict)  # per bucket and depth: a tree's drafting seconds (moving average)
     steps: int = 0
     fits: dict[tuple[int, int], tuple[float, float] | None] = field(default_factory=dict, repr=False)  # ``line``'s, until a measurement or a seed
 
@@ -155,7 +155,19 @@ class LatencyModel:
 
     def observe_levels(self, key: tuple[int, int], levels: int, seconds: float) -> None:
         """A tree's drafting: ``levels`` levels of guesses in ``seconds`` (not in the step's own time)."""
-        self.levels[key] = _moved(self.levels.get(key), seconds / levels, self.rate)
+        depths = self.drafts.setdefault(key, {})
+        depths[levels] = _moved(depths.get(levels), seconds, self.rate)
+
+    def drafting(self, key: tuple[int, int], depth: int) -> float:
+        """Seconds to draft a tree ``depth`` levels deep: as measured at that depth, else the
+        measured depths' mean per level times it. Per depth, since the first level (the root's
+        guesses) runs no pass of the draft and the others do: on the AMD EPYC at batch 1 one
+        level took 0.35 ms and two 1.1 ms, and priced at their mean per level the second level
+        looked half its cost, and ProPD drafted 2 deep where 1 deep paid more."""
+        depths = self.drafts.get(key, {})
+        if depth in depths or not depths or depth == 0:
+            return depths.get(depth, 0.0)
+        return depth * sum(s / n for n, s in depths.items()) / len(depths)
 
     def _decayed(self, s: _SizeStats) -> float:
         return s.weight * 0.5 ** ((self.steps - s.step) / self.half_life)
@@ -174,8 +186,8 @@ class LatencyModel:
             n: _SizeStats(s.seconds if n == 1 else ar + (s.seconds - ar) * rows, 0.5 * self._decayed(s), self.steps, seeded=True, count=2)
             for n, s in src.items()
         }
-        if source in self.levels:
-            self.levels[key] = self.levels[source] * rows
+        if source in self.drafts:
+            self.drafts[key] = {n: seconds * rows for n, seconds in self.drafts[source].items()}
 
     def count(self, key: tuple[int, int], size: float) -> int:
         """Measurements of ``size`` in this bucket (a seeded size counts as measured)."""
@@ -216,8 +228,8 @@ class LatencyModel:
         fit = self.line(key)
         if fit is None:
             return None
-        ar, level = self.buckets[key].get(1), self.levels.get(key, 0.0)
-        return [ar.seconds if n == 1 and ar else max(1e-6, fit[0] + fit[1] * n + level * d) for n, d in zip(sizes, depths or [0] * len(sizes))]
+        ar = self.buckets[key].get(1)
+        return [ar.seconds if n == 1 and ar else max(1e-6, fit[0] + fit[1] * n + self.drafting(key, d)) for n, d in zip(sizes, depths or [0] * len(sizes))]
 
 
 class TreeChooser:
@@ -367,7 +379,7 @@ class TreeChooser:
         else:
             top = int(B * (2 * max(self.latency.measured(key) or [chosen]) - 1))
             order = sorted(((b, n) for b in range(B) for n in range(N - 1)), key=lambda bn: -mass[bn[0]][bn[1]])[:top]  # stable: ancestors first
-            drafting, gains, best, k = fit[0] + self.latency.levels.get(key, 0.0) * levels, 0.0, -1.0, 1
+            drafting, gains, best, k = fit[0] + self.latency.drafting(key, levels), 0.0, -1.0, 1
             for i, (b, n) in enumerate(order, 1):  # ``LatencyModel.predict``'s line at 1 + i / B tokens a row
                 gains += mass[b][n]
                 rate = (B + self.draft_scale * gains) / max(1e-6, drafting + fit[1] * (1 + i / B))
