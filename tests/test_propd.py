@@ -17,7 +17,7 @@ from propd.heads.early import EarlyHead
 from propd.models import graphs
 from propd.models.decoder import Decoder
 from propd.models.kernels import Route
-from propd.tree.dynamic import AcceptanceModel, LatencyModel, TreeChooser
+from propd.tree.dynamic import SPEED_RATE, AcceptanceModel, LatencyModel, TreeChooser
 from propd.tree.tree import best_tree, chain, path_products
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 from tests.test_draft import random_draft
@@ -256,6 +256,23 @@ def test_a_step_that_captured_a_cuda_graph_is_no_latency_measurement(monkeypatch
     out = generate_batch(dec, PropdMethod(drafter, chooser, draft_scores=False), prompts, 20, {0})
     assert [s.token_ids for s in out] == [a[:20] for a in ar]
     assert measured == [i for i, cold in enumerate(captured) if not cold] and len(measured) >= 4
+
+
+def test_a_measurement_moves_the_other_sizes_estimates_part_of_the_way_its_own_moved():
+    """The host's speed moves every size's cost at once: a slow spell measured at one size raises the
+    others', so a size left alone since is not priced at an old speed against the rest."""
+    lat = LatencyModel()
+    key = (1, 0)
+    for size, seconds in ((1, 0.010), (2, 0.011), (4, 0.012)) * 2:
+        lat.observe(key, size, seconds)
+    lat.drafts[key] = {1: 0.001}
+    before = {n: s.seconds for n, s in lat.buckets[key].items()}
+    lat.observe(key, 2, 0.0165)  # 1.5x its estimate
+    after = {n: s.seconds for n, s in lat.buckets[key].items()}
+    follow = 1 + SPEED_RATE * 0.5
+    assert after[1] == pytest.approx(before[1] * follow) and after[4] == pytest.approx(before[4] * follow)
+    assert lat.drafts[key][1] == pytest.approx(0.001 * follow)
+    assert after[2] == pytest.approx(before[2] + lat.rate * (0.0165 - before[2]))  # its own size: its moving average
 
 
 def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_and_learn_their_calibration():

@@ -48,6 +48,13 @@ OUTLIER = 2.0
 # 4 times as often: AR's cost only moves when AR runs, and at batch 8 on the AMD EPYC a few AR steps
 # in a slow spell priced AR at 25 ms (its steps took 14) and trees ran for the next 34 steps.
 NARROW_WIN = 1.2
+# A measurement moves every other size's average in its bucket (and its drafting costs) this part of the
+# way its own size's moved: the host's speed moves all of them at once, and on the AMD EPYC, where it
+# changed by a third between minutes, a size measured in a slow spell and then left alone stayed dear
+# (a 4-token step at 11.2 ms against 9.6 for 3 tokens, then 10.3 against 11.4 in the next run, where
+# the token between them costs 0.2-0.4 ms), the line through such points grew too steep and ProPD's
+# trees too small.
+SPEED_RATE = 0.1
 
 
 def _moved(before: float | None, now: float, rate: float) -> float:
@@ -119,6 +126,12 @@ class LatencyModel:
         s = sizes.get(size)
         seconds = min(seconds, OUTLIER * s.seconds) if s is not None and s.seconds > 0 else seconds
         self._follow(key, size, seconds)
+        if s is not None and not s.seeded and s.count >= 2 and s.seconds > 0:  # the host's speed: every estimate here follows part of the way
+            follow = 1 + SPEED_RATE * (seconds / s.seconds - 1)
+            for other in sizes.values():
+                other.seconds *= follow if other is not s else 1.0
+            for depth in self.drafts.get(key, {}):
+                self.drafts[key][depth] *= follow
         if s is None:
             sizes[size] = _SizeStats(seconds, 1.0, self.steps)
         elif s.seeded:  # gives way to the first measurement here (counted as the second: no more exploring)
