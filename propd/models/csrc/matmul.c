@@ -287,7 +287,9 @@ static void dot_x8(const Job *j, int64_t nb, int64_t first, int64_t r0, int rows
 /* Output blocks taken CHUNK at a time until none is left; per group of up to 4 rows, the chunk's
    blocks 8 at a time (1-2 rows) or 4 at a time (3-4 rows, and the chunk's tail). With more than one
    group, the next chunk is taken at the start of this one, and its weights fetched meanwhile
-   (``Fetch``; a single group streams its weights once, as the hardware's prefetcher expects). */
+   (``Fetch``). A single group streams its weights once, as the hardware's prefetcher expects, and
+   takes its next chunk only when done (one taken early and held could leave the other threads
+   idle at the end of the call). */
 static void take_blocks(void *arg) {
     const Job *j = arg;
     Best best;
@@ -296,9 +298,9 @@ static void take_blocks(void *arg) {
         int64_t last = first + CHUNK < j->blocks ? first + CHUNK : j->blocks;
         after = groups > 1 ? pool_take(CHUNK) : j->blocks;
         int64_t ahead = after < j->blocks ? (after + CHUNK < j->blocks ? CHUNK : j->blocks - after) : 0;
-        int64_t steps = groups * ((last - first + 3) / 4) * (j->K / 32) * 16; /* pairs of inputs the groups take, about */
         Fetch fetch = {NULL, NULL, 0};
         if (ahead) {
+            int64_t steps = groups * ((last - first + 3) / 4) * (j->K / 32) * 16; /* pairs of inputs the groups take, about */
             fetch.at = (const char *)(j->w + after * (block_bytes / 2));
             fetch.end = fetch.at + ahead * block_bytes;
             fetch.lines = (ahead * block_bytes / 64 + steps - 1) / steps;
