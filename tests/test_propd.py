@@ -17,7 +17,7 @@ from propd.heads.early import EarlyHead
 from propd.models import graphs
 from propd.models.decoder import Decoder
 from propd.models.kernels import Route
-from propd.tree.dynamic import SPEED_RATE, AcceptanceModel, LatencyModel, TreeChooser
+from propd.tree.dynamic import CHOOSE_EVERY, SPEED_RATE, AcceptanceModel, LatencyModel, TreeChooser
 from propd.tree.tree import best_tree, chain, path_products
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 from tests.test_draft import random_draft
@@ -143,6 +143,25 @@ def test_ar_is_charged_what_the_drafter_reads_after_it_and_drafts_no_deeper_than
     tree = chooser.tree(4)[0]
     drafted = chooser.candidates(chooser.tree(2)[0])  # 1.5x the chosen size, as deep as the chosen tree
     assert (drafted.size, drafted.depth) == (3, 1) and tree.depth == 2
+
+
+def test_a_choice_holds_for_a_few_steps_until_ars_price_moves(monkeypatch):  # (a choice of the largest size measured does not: growing trees, above)
+    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 2, 4, 8))
+    for size, seconds in ((2, 0.022), (4, 0.024), (1, 0.02), (8, 0.06)) * 2:  # small trees pay; 8 tokens measured, and dear
+        chooser.latency.observe((1, 0), size, seconds)
+    priced = []
+    monkeypatch.setattr(chooser.latency, "predict", lambda *a, predict=chooser.latency.predict: priced.append(1) or predict(*a))
+    chosen = []
+    for _ in range(2 * CHOOSE_EVERY):
+        tree = chooser.choose(1, 100)
+        chosen.append((tree.size, len(priced)))
+        chooser.latency.observe((1, 0), tree.size, 0.022 + 0.001 * tree.size)
+    assert len({size for size, _ in chosen}) == 1 and 1 < chosen[0][0] < 8  # a tree, not the largest measured
+    assert [n for _, n in chosen] == [1] * CHOOSE_EVERY + [2] * CHOOSE_EVERY  # priced every CHOOSE_EVERY steps
+    chooser._ar_won = True
+    chooser.charge_ar(1, 100, 0.001)  # AR's price moved: priced again at once
+    chooser.choose(1, 100)
+    assert len(priced) == 3
 
 
 def test_an_ar_step_measured_again_between_trees_is_not_charged_the_drafters_reading():

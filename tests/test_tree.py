@@ -12,7 +12,7 @@ from propd.decoding.tree import TreeMethod, accepted_offsets, walk, walk_picks
 from propd.errors import PropdError
 from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder
-from propd.tree.tree import TokenTree, best_tree, chain, check_tree_spec, expected_accepted, load_tree
+from propd.tree.tree import TokenTree, best_tree, chain, check_tree_spec, expected_accepted, load_tree, path_products
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 
 
@@ -171,3 +171,15 @@ def test_default_model_medusa_equals_ar_batch_1_and_4(default_model):
     for tree, bs in (("top16", 1), ("mc_sim_7b_63", 4)):
         got = default_model.generate(REAL_PROMPTS, default_model.method("medusa", tree, heads), max_new_tokens=32, batch_size=bs)
         assert [g.token_ids for g in got] == want, (tree, bs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_path_products_multiply_each_nodes_probability_by_its_ancestors_below_the_root(seed):
+    rng = random.Random(seed)
+    tree = random_tree(rng, rng.randint(1, 20), rng.randint(1, 5), 4)
+    probs = torch.rand(3, tree.size, generator=torch.Generator().manual_seed(seed))
+    want = torch.ones(3, tree.size)
+    for node in range(tree.size):
+        for ancestor in tree.ancestors[node].nonzero().flatten().tolist():
+            want[:, node] *= probs[:, ancestor] if ancestor else 1.0
+    assert torch.allclose(path_products(tree, probs), want) and path_products(tree, probs).dtype == probs.dtype

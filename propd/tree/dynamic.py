@@ -16,7 +16,7 @@ Two online models (ProPD, arXiv 2402.13485, section 4.2):
 
 ``TreeChooser`` puts them together: argmax over candidate trees (each size as deep as the
 acceptance model likes, and 1 or 2 deep) of E[accepted(n, depth)] / T(n, depth), size 1 (plain AR)
-included. The first steps explore two small trees and AR, each twice (a size's first
+included, priced every ``CHOOSE_EVERY`` steps. The first steps explore two small trees and AR, each twice (a size's first
 step in a batch runs cold: at batch 8 a 2-token tree's first step took 26.8 ms, the next ones 21;
 kept, it ruled trees out for 32 steps), so that the line has a span;
 AR, or the trees, when unpicked for half a half-life, are measured once more (an AR step teaches
@@ -55,6 +55,12 @@ NARROW_WIN = 1.2
 # the token between them costs 0.2-0.4 ms). Side by side at batch 1 it gave 1.20x AR against 1.19x
 # without: within the host's noise.
 SPEED_RATE = 0.1
+# Steps a choice of tree holds in its bucket (not an explored or re-measured size, nor the largest size
+# measured, from which the trees may grow): a choice prices every candidate tree, 0.09-0.17 ms of a
+# batch-1 step on the AMD EPYC, where ProPD's machinery beside its drafting and verification (0.57 ms a
+# step against a static tree's 0.15) was most of what kept it below the static 4-token tree. Each step
+# still picks its nodes from the draft's probabilities (``select``).
+CHOOSE_EVERY = 4
 
 
 def _moved(before: float | None, now: float, rate: float) -> float:
@@ -276,19 +282,21 @@ class TreeChooser:
         self._draft_mass, self._draft_accepted = DRAFT_PRIOR, 0.8 * DRAFT_PRIOR
         self._drafted_mass: float | None = None
         self._exploring = False  # this step measures an explored size: ``select`` keeps it
+        self._chosen: tuple[tuple, int, tuple[TokenTree, float]] | None = None  # the last priced choice: (bucket, depth), step, (tree, expected)
 
     def tree(self, size: int, depth: int | None = None) -> tuple[TokenTree, float]:
         """The best tree of ``size`` tokens (at most ``depth`` deep) and its expected accepted length.
         The most probable paths are ranked again after the acceptance model has moved by a few dozen
         observations, over 16 steps at least (at batch 8, 32 observations came every 4 steps, and
-        building the trees again took 0.1 ms a step)."""
+        building the trees again took 0.1 ms a step); a tree whose paths came before is not built
+        again (``tree_of``: building some 20 trees at each ranking cost a batch-1 step 0.1 ms on average)."""
         if self.acceptance.version - self._version >= 32 and self.latency.steps - self._ranked_at >= 16:
             self._version, self._ranked_at = self.acceptance.version, self.latency.steps
             self._paths = best_paths(self.acceptance.p, max(self.sizes) - 1)
             self._trees, self._shapes_at = {}, {}
         if (size, depth) not in self._trees:
             chosen = [(prob, path) for prob, path in self._paths if depth is None or len(path) <= depth][: size - 1]
-            self._trees[(size, depth)] = (TokenTree.from_paths([p for _, p in chosen]), 1.0 + sum(prob for prob, _ in chosen))
+            self._trees[(size, depth)] = (tree_of(tuple(p for _, p in chosen)), 1.0 + sum(prob for prob, _ in chosen))
         return self._trees[(size, depth)]
 
     def choose(self, batch_size: int, context: int) -> TokenTree:
@@ -316,6 +324,10 @@ class TreeChooser:
             self._tree_retries += stale > 1
             tree, self.expected = self.tree(stale, depth)
             return tree
+        held = self._chosen
+        if held is not None and held[0] == (key, depth) and self.latency.steps - held[1] < CHOOSE_EVERY and held[2][0].size < max(self.latency.measured(key)):
+            tree, self.expected = held[2]  # (not the largest size measured: the next step measures it, and the trees may grow)
+            return tree
         trees = self._shapes(2 * max(self.latency.measured(key)), depth)  # (tree, expected accepted tokens)
         seconds = self.latency.predict(key, [tree.size for tree, _ in trees], [tree.depth for tree, _ in trees])
         seconds = [s + self._ar_extra.get(key, 0.0) if tree.size == 1 else s for (tree, _), s in zip(trees, seconds)]
@@ -323,8 +335,9 @@ class TreeChooser:
         tree, self.expected = trees[rates.index(max(rates))]
         ar_rate = next((r for (t, _), r in zip(trees, rates) if t.size == 1), None)
         self._won_by = max(r for (t, _), r in zip(trees, rates) if t.size > 1) / ar_rate if ar_rate and len(trees) > 1 else float("inf")
+        self._chosen = ((key, depth), self.latency.steps, (tree, self.expected))
         if tree.size > 1 and self.latency.seeded_only(key):  # the smallest tree, measured once here: the seeded trees' costs follow it
-            self._exploring = True
+            self._exploring, self._chosen = True, None
             tree, self.expected = self.tree(self.explore[0], depth)
         if tree.size > 1:
             self._tree_retries = 0
@@ -365,6 +378,7 @@ class TreeChooser:
         if self._ar_won:
             key = (batch_size, context // CONTEXT_BUCKET)
             self._ar_extra[key] = _moved(self._ar_extra.get(key), seconds, self.latency.rate)
+            self._chosen = None  # AR's price moved: the next step chooses afresh
 
     def candidates(self, tree: TokenTree) -> TokenTree:
         """What to draft when the draft's own path probabilities pick the nodes to verify: the rank
@@ -428,7 +442,7 @@ class TreeChooser:
             self.acceptance.observe(tree, last, None if held is None else held[row])
         if self._drafted_mass is not None:  # the draft's probabilities picked this tree: how far they over-promised
             self._draft_mass = DRAFT_DECAY * self._draft_mass + self._drafted_mass
-            self._draft_accepted = DRAFT_DECAY * self._draft_accepted + sum(int(tree.depths[n]) for n in last_nodes)
+            self._draft_accepted = DRAFT_DECAY * self._draft_accepted + sum(len(tree.lineage[n]) - 1 for n in last_nodes)
             self._drafted_mass = None
 
     @property
