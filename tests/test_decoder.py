@@ -187,3 +187,26 @@ def test_batches_decoding_one_after_another_reuse_the_pooled_cache_and_tokens_st
         lent.append(dec.cache_pool.tensors()[-1])
     assert pooled == fresh
     assert lent[0] is lent[1] is lent[2] and lent[3] is lent[4] is lent[5] and lent[2] is not lent[3]  # one tensor a batch size (capacity 256)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_trees_layout_is_the_same_from_its_mask_or_from_every_rows_copy_of_it_and_follows_edits(seed):
+    import random
+
+    from propd.models.kv_cache import KVCache
+    from tests.test_tree import random_tree
+
+    rng = random.Random(seed)
+    tree = random_tree(rng, rng.randint(1, 12), rng.randint(1, 4), 3)
+    cache = KVCache(1, 3, 1, 64, 4)
+    cache.advance(torch.tensor([rng.randrange(20) for _ in range(3)]))
+    for _ in range(2):  # the second time from the cached order
+        shared, per_row = cache.tree(tree.ancestors), cache.tree(tree.ancestors.expand(3, -1, -1))
+        for a, b in ((shared.slots, per_row.slots), (shared.positions, per_row.positions), (shared.plan.inplace, per_row.plan.inplace)):
+            assert torch.equal(a, b)
+        assert torch.equal(shared.plan.path, per_row.plan.path)
+    chain = torch.ones(4, 4, dtype=torch.bool).tril()
+    before = cache.tree(chain).plan.path.clone()
+    chain[3, 2] = False  # node 3 now hangs from node 1: its path changes
+    assert not torch.equal(cache.tree(chain).plan.path, before)
+    assert torch.equal(cache.tree(chain).plan.path, cache.tree(chain.expand(3, -1, -1)).plan.path)
