@@ -85,18 +85,18 @@ def test_chooser_explores_small_trees_then_picks_ar_when_trees_cost_and_grows_tr
             assert len(retries) == 2 and retries[0] < 40 and retries[1] - retries[0] >= 64 and set(chosen[6:]) == {1, 2}, chosen
 
 
-def test_ar_is_measured_again_sooner_while_trees_win_narrowly():
-    for tree_cost, narrow in ((0.01, True), (0.005, False)):  # trees win by ~1.1x, then by ~1.4x
+def test_ar_is_measured_again_sooner_while_a_wide_batchs_trees_win_narrowly():
+    for rows, tree_cost, sooner in ((4, 0.01, True), (4, 0.005, False), (1, 0.01, False)):  # trees win by ~1.1x, ~1.4x, ~1.1x
         chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
         chosen = []
         for _ in range(80):
-            size = chooser.choose(1, 100).size
+            size = chooser.choose(rows, 100).size
             chosen.append(size)
-            chooser.latency.observe((1, 0), size, 0.02 + (tree_cost + 0.0015 * size) * (size > 1))
+            chooser.latency.observe((rows, 0), size, 0.02 + (tree_cost + 0.0015 * size) * (size > 1))
         ar_steps = [i for i, n in enumerate(chosen) if n == 1][1:]  # after exploring
         gaps = [b - a for a, b in zip(ar_steps, ar_steps[1:])]
-        assert (chooser._won_by < 1.2) == narrow and len(gaps) >= 2, chosen
-        assert max(gaps) <= 10 if narrow else min(gaps) > 30, gaps
+        assert (chooser._won_by < 1.2) == (tree_cost == 0.01) and len(gaps) >= 2, chosen
+        assert max(gaps) <= 10 if sooner else min(gaps) > 30, (rows, gaps)
 
 
 def test_a_new_bucket_starts_from_a_smaller_or_near_batch_measures_its_smallest_tree_and_its_seeded_costs_follow_its_own():

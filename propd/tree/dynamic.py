@@ -44,9 +44,12 @@ WIDE_BATCH = 4  # rows from which ``TreeChooser.wide_depth`` limits the trees' d
 # not its own (a page fault storm, another process), and on the AMD EPYC one AR step that built the
 # argmax's int8 screen (0.65 s) made AR look 40 times dearer, so ProPD kept to trees that lost.
 OUTLIER = 2.0
-# A tree that wins by less than this factor of AR's rate (its margin included) has AR measured again
-# 4 times as often: AR's cost only moves when AR runs, and at batch 8 on the AMD EPYC a few AR steps
-# in a slow spell priced AR at 25 ms (its steps took 14) and trees ran for the next 34 steps.
+# From WIDE_BATCH rows, a tree that wins by less than this factor of AR's rate (its margin included) has
+# AR measured again 4 times as often: AR's cost only moves when AR runs, and at batch 8 on the AMD EPYC
+# a few AR steps in a slow spell priced AR at 25 ms (its steps took 14) and trees ran for the next 34
+# steps. Not below: at batch 1 each AR step measured again gives up a third of a tree step's tokens,
+# and there without the rule ProPD gave 1.251x, 1.237x and 1.227x AR against 1.241x, 1.234x and 1.212x with it
+# (side by side; at batch 4, whose rows leave it one by one, 0.983x and 0.969x against 0.981x and 0.983x).
 NARROW_WIN = 1.2
 # A measurement moves every other size's average in its bucket (and its drafting costs) this part of the
 # way its own size's moved: the host's speed moves all of them at once, and on the AMD EPYC, where it
@@ -358,11 +361,12 @@ class TreeChooser:
 
     def _stale(self, key: tuple[int, int]) -> int | None:
         """A size to measure again: AR, or the smallest explored tree, when that side went unpicked
-        for half a half-life (AR: an eighth, while the trees win by less than ``NARROW_WIN``); the
+        for half a half-life (AR: an eighth, while the trees of a wide batch win by less than ``NARROW_WIN``); the
         trees' wait doubles (up to 8 times) with each retry that did not win them a step (where AR
         pays, at batch 8, each retry cost two AR steps)."""
         sizes = self.latency.buckets[key]
-        since = self.latency.steps - self.latency.half_life / (8 if self._won_by < NARROW_WIN else 2)
+        narrow = key[0] >= WIDE_BATCH and self._won_by < NARROW_WIN
+        since = self.latency.steps - self.latency.half_life / (8 if narrow else 2)
         if 1 in sizes and sizes[1].step < since:
             return 1
         trees = [s.step for n, s in sizes.items() if n > 1]
