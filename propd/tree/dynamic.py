@@ -16,9 +16,9 @@ Two online models (ProPD, arXiv 2402.13485, section 4.2):
 
 ``TreeChooser`` puts them together: argmax over candidate trees (each size as deep as the
 acceptance model likes, and 1 or 2 deep) of E[accepted(n, depth)] / T(n, depth), size 1 (plain AR)
-included, priced every ``CHOOSE_EVERY`` steps. The first steps explore two small trees and AR, each twice (a size's first
-step in a batch runs cold: at batch 8 a 2-token tree's first step took 26.8 ms, the next ones 21;
-kept, it ruled trees out for 32 steps), so that the line has a span;
+included, priced every ``CHOOSE_EVERY`` steps. The first steps explore two small trees and AR, each
+twice (a size's first step in a batch runs cold: at batch 8 a 2-token tree's first step took 26.8
+ms, the next ones 21; kept, it ruled trees out for 32 steps), so that the line has a span;
 AR, or the trees, when unpicked for half a half-life, are measured once more (an AR step teaches
 the acceptance model nothing, and one slow early measurement would otherwise rule a side out for
 good). A size is a candidate only up to twice the largest measured one: the line is trusted
@@ -130,17 +130,18 @@ class LatencyModel:
 
     def observe(self, key: tuple[int, int], size: float, seconds: float) -> None:
         self.steps += 1
-        self.fits.clear()  # (again below: the seeded costs follow this measurement, and it joins its size's average)
         sizes = self.buckets.setdefault(key, {})
         s = sizes.get(size)
         seconds = min(seconds, OUTLIER * s.seconds) if s is not None and s.seconds > 0 else seconds
         self._follow(key, size, seconds)
         if s is not None and not s.seeded and s.count >= 2 and s.seconds > 0:  # the host's speed: every estimate here follows part of the way
             follow = 1 + SPEED_RATE * (seconds / s.seconds - 1)
-            for other in (other for other in sizes.values() if other is not s):
-                other.seconds *= follow
-            for depth in self.drafts.get(key, {}):
-                self.drafts[key][depth] *= follow
+            for other in sizes.values():
+                if other is not s:
+                    other.seconds *= follow
+            drafts = self.drafts.get(key, {})
+            for depth in drafts:
+                drafts[depth] *= follow
         if s is None:
             sizes[size] = _SizeStats(seconds, 1.0, self.steps)
         elif s.seeded:  # gives way to the first measurement here (counted as the second: no more exploring)
