@@ -50,11 +50,13 @@ def check_method_args(args: argparse.Namespace) -> None:
     ignored = []
     if args.method == "ar":
         ignored += [o for o, set_ in (("--tree", args.tree), ("--heads", args.heads != "default")) if set_]
+    if args.method == "lookup" and args.heads != "default":
+        ignored.append("--heads")
     if args.method == "propd" and args.tree and args.dynamic:
         ignored.append("--tree")
     if args.method != "propd":
         switches = (("--prune", args.prune is not None), ("--no-dynamic", not args.dynamic), ("--no-draft-scores", not args.draft_scores),
-                    ("--max-depth", args.max_depth is not None), ("--prune-layer", args.prune_layer is not None))
+                    ("--max-depth", args.max_depth is not None), ("--prune-layer", args.prune_layer is not None), ("--no-lookup", not args.lookup))
         ignored += [o for o, set_ in switches if set_]
     if args.method != "propd" and args.drafter != "draft":
         ignored.append("--drafter")
@@ -71,7 +73,7 @@ def check_method_args(args: argparse.Namespace) -> None:
     if not by_model and args.draft_model:
         print(f"propd: warning: --draft-model is ignored by --method {args.method}{' --drafter ' + args.drafter if args.method == 'propd' else ''}",
               file=sys.stderr)
-    if args.method not in ("ar", "spec") and not by_model and args.heads == "default" and args.model != "default":
+    if args.method not in ("ar", "spec", "lookup") and not by_model and args.heads == "default" and args.model != "default":
         raise PropdError(f"--method {args.method} needs heads trained for {args.model}: the shipped ones (--heads default) fit only the default "
                          "model; use --method ar, or pass --heads DIR (`propd train --model ...` trains them)")
 
@@ -108,6 +110,9 @@ def add_propd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-scores", action=argparse.BooleanOptionalAction, default=True,
                    help="propd with the draft layer: its own path probabilities pick which drafted nodes to verify (default); "
                         "--no-draft-scores: the rank statistics' best tree")
+    p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True,
+                   help="propd with the draft layer's scores: offer each row's prompt-lookup guesses (what followed its newest n-gram where it "
+                        "last occurred in its prompt or answer) beside the draft's (default); --no-lookup for the ablation")
 
 
 def load_model_and_method(args: argparse.Namespace):
@@ -119,7 +124,7 @@ def load_model_and_method(args: argparse.Namespace):
     prune = PRUNE_BY_DEFAULT if args.prune is None else args.prune
     return model, model.method(
         args.method, args.tree, args.heads, args.drafter, prune, args.dynamic, args.prune_top_k, args.prune_keep_ranks, args.draft_scores,
-        args.draft_model, args.max_depth, args.prune_layer,
+        args.draft_model, args.max_depth, args.prune_layer, args.lookup,
     )
 
 

@@ -13,6 +13,7 @@ import torch
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
+from propd.decoding.lookup import LookupMethod
 from propd.decoding.loop import DecodeLoop, Method, RowStats, generate_batch
 from propd.decoding.propd import PropdMethod
 from propd.decoding.pruning import Pruner
@@ -31,7 +32,7 @@ from propd.models.loading import DEFAULT_MODEL, load_hf
 from propd.tree.dynamic import AcceptanceModel, TreeChooser
 from propd.tree.tree import TokenTree, load_tree
 
-METHODS = ("ar", "bpd", "medusa", "draft", "propd", "spec")
+METHODS = ("ar", "bpd", "medusa", "draft", "lookup", "propd", "spec")
 DRAFTERS = ("draft", "medusa", "model")
 DEFAULT_HEADS = Path(__file__).parent / "heads" / "default"
 PRUNE_BY_DEFAULT = False  # the shipped early head rules out too many accepted tokens to pay (README: ProPD, early pruning)
@@ -206,7 +207,7 @@ class Propd:
     def method(
         self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads | DraftHead = "default", drafter: str = "draft",
         prune: bool = PRUNE_BY_DEFAULT, dynamic: bool = True, prune_top_k: int = 10, prune_keep_ranks: int = 0, draft_scores: bool = True,
-        draft_model: "str | os.PathLike | Propd | None" = None, max_depth: int | None = None, prune_layer: int | None = None,
+        draft_model: "str | os.PathLike | Propd | None" = None, max_depth: int | None = None, prune_layer: int | None = None, lookup: bool = True,
     ) -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
         ``bpd`` (chain of each head's top-1), ``draft`` (the draft layer fills a static tree,
@@ -216,10 +217,12 @@ class Propd:
         heads' chosen early head); ``dynamic``
         False: the static ``tree`` every step, default best16; ``draft_scores`` False: the draft
         layer fills the rank statistics' best tree instead of its own most probable nodes;
-        ``max_depth``: its trees' depth limit, default ``DRAFT_DEPTH`` with the draft layer (1 from
+        ``lookup`` False: no prompt-lookup guesses offered beside the draft layer's; ``max_depth``: its trees' depth limit, default
+        ``DRAFT_DEPTH`` with the draft layer (1 from
         ``WIDE_BATCH`` rows on) and every depth of the statistics otherwise); ``spec``:
         ``draft_model`` (a name, directory, .gguf or loaded ``Propd`` sharing the tokenizer) fills
-        a static tree (default chain4) with its own top-k guesses."""
+        a static tree (default chain4) with its own top-k guesses; ``lookup``: prompt lookup decoding, a chain (default chain3)
+        of what followed each row's newest n-gram where it last occurred in its prompt or answer."""
         with self.on_device():
             if name == "ar":
                 return ARMethod()
@@ -241,9 +244,14 @@ class Propd:
                 pruner = Pruner(self.load_early_head(heads, prune_layer), prune_top_k, prune_keep_ranks, vocab) if prune else None
                 depth = max_depth or (DRAFT_DEPTH if drafter == "draft" else len(stats))
                 wide_depth = 1 if drafter == "draft" and max_depth is None else None  # each level a drafting pass: see TreeChooser
-                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats[:depth]), wide_depth=wide_depth) if dynamic else None, pruner, draft_scores)
+                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats[:depth]), wide_depth=wide_depth) if dynamic else None, pruner, draft_scores, lookup)
             if name == "spec":
                 return self._spec(draft_model, load_tree(tree or "chain4"))
+            if name == "lookup":
+                t = load_tree(tree or "chain3")
+                if t.paths != tuple((0,) * d for d in range(1, t.depth + 1)):
+                    raise PropdError(f"--method lookup verifies a chain of guesses (chainN), not the tree {tree!r}")
+                return LookupMethod(t)
             if name == "draft":
                 d = self.load_draft(heads)
                 t = load_tree(tree or "best8d2", d.meta.get("rank_probabilities"))

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from propd.decoding.lookup import LookupState, Offer, graft, lookup_state
 from propd.decoding.loop import StepResult
 from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
@@ -41,6 +42,7 @@ class DraftState:
 
     cache: KVCache
     queued: list[Entries]
+    lookup: LookupState | None = None  # the rows' n-gram indexes, where ProPD offers lookup guesses beside the draft's
 
     @property
     def pending(self) -> Entries:
@@ -51,12 +53,16 @@ class DraftState:
     def select(self, rows: torch.Tensor) -> None:
         self.cache.select_rows(rows)
         self.queued = [tuple(x[rows] for x in entries) for entries in self.queued]
+        if self.lookup is not None:
+            self.lookup.select(rows)
 
     def join(self, other: "DraftState") -> None:
         self.cache.join(other.cache)
         width = max(self.pending[1].shape[1], other.pending[1].shape[1])
         mine, theirs = _pad_entries(self.pending, width), _pad_entries(other.pending, width)
         self.queued = [tuple(torch.cat(pair) for pair in zip(mine, theirs))]
+        if self.lookup is not None:
+            self.lookup.join(other.lookup)
 
 
 def _pad_entries(entries: Entries, width: int) -> Entries:
@@ -96,6 +102,7 @@ class DraftMethod:
     """A static tree filled by the draft layer."""
 
     drafted: tuple[int, float] | None = None  # the last tree's drafting: levels (a pass each) and seconds (``TreeChooser``)
+    lookup = False  # whether ``step_scored`` offers each row's prompt-lookup guesses too (ProPD)
 
     def __init__(self, draft: DraftHead, tree: TokenTree):
         self.draft = draft
@@ -111,7 +118,8 @@ class DraftMethod:
         roots = picker.next_tokens(decoder, normed)
         pending = (normed.float().unsqueeze(1), roots.unsqueeze(1), torch.ones(len(roots), dtype=torch.long, device=roots.device))
         self.draft.prepare(decoder)
-        return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.capacity), [pending])
+        lookup = lookup_state(prompts, roots) if self.lookup else None
+        return roots, DraftState(self.draft.decoder(decoder).new_cache(len(roots), cache.capacity), [pending], lookup)
 
     @torch.no_grad()
     def catch_up(self, decoder: Decoder, state: DraftState) -> int:
@@ -190,20 +198,25 @@ class DraftMethod:
 
     def step_scored(
         self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker, tree: TokenTree,
-        select: Callable[[torch.Tensor], torch.Tensor], pruner: Pruner | None = None,
-    ) -> tuple[StepResult, torch.Tensor, torch.Tensor]:
-        """Draft ``tree``, then verify only the nodes [B, N] ``select`` keeps of each row given their
-        draft path probabilities [B, N] (whole paths; rows keep different numbers): the step's
-        result, each row's last accepted node and the nodes verified."""
+        select: Callable[[torch.Tensor, Offer | None], torch.Tensor], pruner: Pruner | None = None,
+    ) -> tuple[StepResult, torch.Tensor, torch.Tensor, Offer | None]:
+        """Draft ``tree`` (and, with ``lookup``, graft each row's lookup guesses on: the ``Offer``),
+        then verify only the nodes [B, N] ``select`` keeps of each row given their draft path
+        probabilities [B, N] (whole paths; rows keep different numbers): the step's result, each
+        row's last accepted node and the nodes verified (of the offer's tree, where there is one)."""
         probs = torch.ones(len(roots), tree.size)
         drafted = self.propose(decoder, roots, state, tree, probs)
-        nodes = select(path_products(tree, probs))
+        scores, offer = path_products(tree, probs), None
+        if state.lookup is not None:
+            offer = graft(tree, drafted, scores, state.lookup, self.tree_size)
+            tree, drafted, scores = offer.tree, offer.tokens, offer.scores
+        nodes = select(scores, offer)
         alive, keep = nodes, None
         if bool((nodes == nodes[:1]).all()):  # every row keeps the same nodes (always at batch 1): verified as a smaller tree
             keep = nodes[0].nonzero().flatten()  # root first; kept nodes keep their order, so sub-tree node j is keep[j]
             tree, drafted, alive = tree_of(tuple(tree.paths[i - 1] for i in keep[1:].tolist())), drafted[:, keep], None
         result, last = self.finish(drafted, verify(decoder, cache, tree, drafted, picker, pruner, alive), state, root_only=False)
-        return result, last if keep is None else keep[last], nodes
+        return result, last if keep is None else keep[last], nodes, offer
 
     def finish(self, tokens: torch.Tensor, v: Verified, state: DraftState, root_only: bool) -> tuple[StepResult, torch.Tensor]:
         """Queue the accepted path's features for the draft to read next step (after a root-only
@@ -215,7 +228,10 @@ class DraftMethod:
             next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
             next_tokens[torch.arange(len(v.roots)), v.counts - 1] = v.roots
             state.queued = [(v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)]
-        return v.result(tokens), v.last_nodes()
+        result = v.result(tokens)
+        if state.lookup is not None:
+            state.lookup.extend(result.accepted)
+        return result, v.last_nodes()
 
 
 def _pack(queued: list[Entries]) -> Entries:

@@ -22,6 +22,7 @@ import time
 import torch
 
 from propd.decoding.draft import DraftMethod
+from propd.decoding.lookup import LOOKUP_DEPTH
 from propd.decoding.loop import State, StepResult
 from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
@@ -32,15 +33,23 @@ from propd.models.decoder import Decoder, synchronize
 from propd.models.kv_cache import KVCache
 from propd.tree.dynamic import TreeChooser
 
+LOOKUP_CHAINS = 4  # lookup chains a step's tree holds beside the draft's nodes, at most (one per node they hang from)
+
 
 class PropdMethod:
     """ProPD's step. ``chooser`` None keeps the drafter's own static tree (the prune-only ablation);
     ``pruner`` None verifies every tree token through every layer (the dynamic-only ablation)."""
 
-    def __init__(self, drafter: DraftMethod | TreeMethod | SpecMethod, chooser: TreeChooser | None, pruner: Pruner | None = None, draft_scores: bool = True):
+    def __init__(
+        self, drafter: DraftMethod | TreeMethod | SpecMethod, chooser: TreeChooser | None, pruner: Pruner | None = None, draft_scores: bool = True,
+        lookup: bool = True,
+    ):
         self.drafter, self.chooser, self.pruner = drafter, chooser, pruner
         self.draft_scores = draft_scores and chooser is not None and isinstance(drafter, DraftMethod)
-        if chooser is not None:
+        if self.draft_scores and lookup:  # each row's prompt-lookup guesses offered beside the draft's
+            drafter.lookup = True
+            drafter.reserve(max(chooser.sizes) + LOOKUP_CHAINS * LOOKUP_DEPTH, max(len(chooser.acceptance.p), LOOKUP_DEPTH), 0)
+        elif chooser is not None:
             drafter.reserve(max(chooser.sizes), len(chooser.acceptance.p), len(chooser.acceptance.p[0]))
         self.tree_size, self.tree_depth = drafter.tree_size, drafter.tree_depth
 
@@ -56,18 +65,18 @@ class PropdMethod:
                 synchronize(decoder.device)
                 self.chooser.charge_ar(rows, context, (time.perf_counter() - t) / ar_steps)
             t, captures = time.perf_counter(), graphs.captured()
-        verified = None
+        verified = offer = None
         if self.draft_scores and tree.size > 1:  # the draft's own path probabilities pick which drafted nodes each row verifies
             candidates = self.chooser.candidates(tree)
             select = functools.partial(self.chooser.select, rows, context, tree.size, candidates.depth)
-            tree = candidates
-            result, last, verified = self.drafter.step_scored(decoder, cache, roots, state, picker, tree, select, self.pruner)
+            result, last, verified, offer = self.drafter.step_scored(decoder, cache, roots, state, picker, candidates, select, self.pruner)
+            tree = offer.tree if offer else candidates
         else:
             result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)  # candidates, early pruning, verify, accept
         if self.chooser:
             last_nodes = last.tolist()  # the step's end (on a GPU, where its work is done)
             seconds = time.perf_counter() - t if graphs.captured() == captures else None
             drafted = self.drafter.drafted if tree.size > 1 else None
-            self.chooser.observe(tree, rows, context, last_nodes, seconds, verified, drafted)  # statistics
+            self.chooser.observe(tree, rows, context, last_nodes, seconds, verified, drafted, offer)  # statistics
             result.expected = self.chooser.expected_rows if verified is not None else [self.chooser.expected] * rows
         return result

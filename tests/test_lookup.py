@@ -1,0 +1,144 @@
+"""Prompt lookup: the n-gram index guesses what followed, its chains verify losslessly alone and
+grafted onto ProPD's draft trees, and ProPD learns how far to trust them."""
+
+import random
+
+import pytest
+import torch
+
+from propd.decoding.ar import ARMethod
+from propd.decoding.draft import DraftMethod
+from propd.decoding.lookup import LOOKUP_DEPTH, LOOKUP_RANK, Chain, LookupMethod, LookupState, NgramIndex, graft
+from propd.decoding.loop import generate_batch
+from propd.decoding.propd import PropdMethod
+from propd.tree.dynamic import AcceptanceModel, LookupAcceptance, TreeChooser
+from propd.tree.tree import chain, path_products
+from tests.test_draft import random_draft
+from tests.test_propd import STATS, tiny_case
+from tests.test_tree import random_tree
+
+
+def naive_guess(tokens: list[int], depth: int, max_n: int = 3) -> tuple[list[int], int]:
+    for n in range(min(max_n, len(tokens)), 0, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == tokens[-n:]:
+                return tokens[start + n : start + n + depth], n
+    return [], 0
+
+
+def test_the_index_guesses_what_followed_the_longest_ngram_where_it_last_occurred():
+    index = NgramIndex([5, 6, 7, 8, 1, 6, 7, 9, 6, 7])
+    assert index.guess(3) == ([9, 6, 7], 2)  # "6 7" last occurred before at 5-6, followed by 9
+    index.extend([9])
+    assert index.guess(2) == ([6, 7], 3)  # "6 7 9"
+    assert NgramIndex([1, 2, 3]).guess(4) == ([], 0)
+    rng = random.Random(0)
+    for _ in range(200):  # built at once or token by token, it guesses as a scan from the end would
+        tokens = [rng.randrange(6) for _ in range(rng.randint(1, 40))]
+        grown = NgramIndex(tokens[:1])
+        grown.extend(tokens[1:])
+        depth = rng.randint(1, 5)
+        assert NgramIndex(tokens).guess(depth) == grown.guess(depth) == naive_guess(tokens, depth)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lookup_decoding_equals_ar_on_tiny_models_and_ragged_batches(seed):
+    rng, dec, prompts, _ = tiny_case(seed)
+    prompts = [p + p[: rng.randint(1, len(p))] for p in prompts]  # repeats: the lookup finds matches
+    ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
+    out = generate_batch(dec, LookupMethod(chain(rng.randint(1, 5))), prompts, 40, {0})
+    assert [s.token_ids for s in out] == ar
+    assert max(n for s in out for n in s.step_tree_tokens) > 1  # it did guess
+
+
+def random_offer(seed: int):
+    rng = random.Random(seed)
+    tree = random_tree(rng, nodes=rng.randint(2, 12), depth=2, width=3)
+    B = rng.randint(1, 4)
+    tokens = torch.randint(0, 6, (B, tree.size), generator=torch.Generator().manual_seed(seed))
+    rows = [NgramIndex([rng.randrange(6) for _ in range(rng.randint(1, 30))] + [int(tokens[b, 0])]) for b in range(B)]
+    scores = path_products(tree, torch.rand(B, tree.size, generator=torch.Generator().manual_seed(seed)))
+    return tree, tokens, scores, LookupState(rows), graft(tree, tokens, scores, LookupState(rows), room=64)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_graft_keeps_the_drafted_tree_and_hangs_each_rows_guesses_where_they_continue_it(seed):
+    tree, tokens, scores, state, offer = random_offer(seed)
+    full, at = offer.tree, {path: i for i, path in enumerate(offer.tree.paths, 1)}
+    for i, path in enumerate(tree.paths, 1):  # every drafted node keeps its token and score
+        assert (offer.tokens[:, at[path]] == tokens[:, i]).all() and (offer.scores[:, at[path]] == scores[:, i]).all()
+    assert (offer.tokens[:, 0] == tokens[:, 0]).all()
+    for b, (row, chain_) in enumerate(zip(state.rows, offer.chains)):
+        guesses, n = row.guess(LOOKUP_DEPTH)
+        if chain_ is None:
+            assert not guesses or (len(guesses) == 1 and any(int(tokens[b, k]) == guesses[0] for k in tree.kids[0]))
+            continue
+        assert chain_.n == n and offer.tokens[b, chain_.nodes].tolist() == guesses[chain_.first :]
+        assert all(full.paths[node - 1][-1] == 0 or full.paths[node - 1][-1] == LOOKUP_RANK for node in chain_.nodes)
+        assert [int(full.parents[node]) for node in chain_.nodes] == [chain_.anchor, *chain_.nodes[:-1]]  # a chain from its anchor
+        if chain_.anchor:  # grafted under the drafted depth-1 node carrying the first guess
+            assert chain_.first == 1 and int(full.depths[chain_.anchor]) == 1 and int(offer.tokens[b, chain_.anchor]) == guesses[0]
+        else:
+            assert chain_.first == 0 and all(int(offer.tokens[b, k]) != guesses[0] for k in full.kids[0] if k not in chain_.nodes)
+        for node in offer.duplicates[b]:  # drafted nodes beside the chain's first node with its token, and their subtrees
+            top = next(k for k in full.lineage[node] if int(full.parents[k]) == chain_.anchor)
+            assert int(offer.tokens[b, top]) == int(offer.tokens[b, chain_.nodes[0]]) and LOOKUP_RANK not in full.paths[top - 1]
+    assert graft(tree, tokens, scores, state, room=tree.size).tree == tree  # no room: the drafted tree alone
+
+
+def test_selection_counts_a_guess_its_anchors_worth_times_its_chances_and_a_duplicate_nothing():
+    tree, tokens, scores, state, offer = next(o for o in map(random_offer, range(100)) if any(c and c.anchor for c in o[4].chains))
+    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 2, 4, 8, 12, 16))
+    B = len(tokens)
+    for size in (1, 2, 8, 12):
+        chooser.latency.observe((B, 0), size, 0.03 + 0.0001 * size + 0.01 * (size > 1))  # trees nearly free: every node that adds pays
+    kept = chooser.select(B, 100, 4, tree.depth, offer.scores, offer)
+    full = offer.tree
+    assert (kept[:, 1:] <= kept.gather(1, full.parents[1:].expand(B, -1))).all()  # whole paths
+    for b, chain_ in enumerate(offer.chains):
+        assert not kept[b, offer.duplicates[b]].any()
+        want = 1 + chooser.draft_scale * float((offer.scores[b, 1:] * kept[b, 1:]).sum())
+        if chain_ is not None:
+            anchor = 1.0 if chain_.anchor == 0 else chooser.draft_scale * float(offer.scores[b, chain_.anchor])
+            want += sum(anchor * c for node, c in zip(chain_.nodes, chooser.lookup.chances(chain_)) if kept[b, node])
+        assert chooser.expected_rows[b] == pytest.approx(want)
+
+
+def test_lookup_acceptance_learns_from_the_guesses_it_saw():
+    model = LookupAcceptance(rate=0.5)
+    before = [row[:] for row in model.q]
+    chain_ = Chain([3, 4, 5], anchor=0, n=2, first=0)
+    model.observe(chain_, (0, 3, 4), None)  # two guesses right, the third wrong
+    assert model.q[1][0] > before[1][0] and model.q[1][1] > before[1][1] and model.q[1][2] < before[1][2]
+    assert model.q[1][3] == before[1][3] and model.q[0] == before[0]
+    model.observe(Chain([7, 8], anchor=2, n=3, first=1), (0, 1), None)  # its anchor was rejected: nothing seen
+    assert model.q[2] == before[2]
+    model.observe(Chain([7, 8], anchor=0, n=3, first=0), (0, 7), [True, True, True, True, True, True, True, True, False])
+    assert model.q[2][0] > before[2][0] and model.q[2][1] == before[2][1]  # the second guess was not verified
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_propd_with_lookup_guesses_equals_ar_on_tiny_models(seed):
+    rng, dec, prompts, _ = tiny_case(seed)
+    prompts = [p + p[: rng.randint(1, len(p))] for p in prompts]
+    ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
+    chooser = TreeChooser(AcceptanceModel([[rng.random() / (r + 1) for r in range(3)] for _ in range(2)]), sizes=(1, 3, 8))
+    chooser.latency.observe((len(prompts), 0), 1, 1.0)  # every size looks free to try
+    method = PropdMethod(DraftMethod(random_draft(dec.args, seed), chain(1)), chooser)
+    grafts = []
+    select = chooser.select
+    chooser.select = lambda *a: grafts.append(a[-1] is not None and any(a[-1].chains)) or select(*a)
+    out = generate_batch(dec, method, prompts, 40, {0})
+    assert [s.token_ids for s in out] == ar
+    assert any(grafts)  # guesses were offered
+
+
+def test_default_model_propd_copies_with_lookup_guesses_and_equals_ar(default_model):
+    text = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm windowsill."
+    prompt = f"Repeat this sentence exactly, three times: {text}"
+    want = default_model.generate([prompt], "ar", max_new_tokens=64)[0]
+    with_lookup, without = (default_model.generate([prompt], default_model.method("propd", lookup=on), max_new_tokens=64)[0] for on in (True, False))
+    lookup_alone = default_model.generate([prompt], default_model.method("lookup"), max_new_tokens=64)[0]
+    assert with_lookup.token_ids == without.token_ids == lookup_alone.token_ids == want.token_ids
+    assert with_lookup.stats.mean_accepted > without.stats.mean_accepted  # the copy is guessed from the prompt
+    assert lookup_alone.stats.mean_accepted > 1.5
