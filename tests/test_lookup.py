@@ -142,3 +142,52 @@ def test_default_model_propd_copies_with_lookup_guesses_and_equals_ar(default_mo
     assert with_lookup.token_ids == without.token_ids == lookup_alone.token_ids == want.token_ids
     assert with_lookup.stats.mean_accepted > without.stats.mean_accepted  # the copy is guessed from the prompt
     assert lookup_alone.stats.mean_accepted > 1.5
+
+
+class ARPricedChooser(TreeChooser):
+    """Prices AR every step but every fourth, where it takes a 3-token tree; trees cost next to nothing, whatever the steps take."""
+
+    def __init__(self, batch_size: int):
+        super().__init__(AcceptanceModel([row[:] for row in STATS[:2]]), sizes=(1, 3))
+        for size in (1, 2, 3):
+            self.latency.observe((batch_size, 0), size, 1.0 if size == 1 else 0.01 * size)
+        self.steps = 0
+
+    def observe(self, tree, batch_size, context, last_nodes, seconds, *rest):
+        super().observe(tree, batch_size, context, last_nodes, None, *rest)  # the costs stay as set
+
+    def choose(self, batch_size, context):
+        self.steps += 1
+        tree, self.expected = self.tree(3 if self.steps % 4 == 0 else 1)
+        self.ar_by_price, self._exploring = tree.size == 1, False
+        return tree
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_where_ar_is_priced_lookup_guesses_alone_step_and_the_draft_reads_them_later_losslessly(seed):
+    rng, dec, prompts, _ = tiny_case(seed)
+    prompts = [p + p[: rng.randint(1, len(p))] for p in prompts]
+    ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
+    chooser = ARPricedChooser(len(prompts))
+    offered = []
+    select_guesses = chooser.select_guesses
+    chooser.select_guesses = lambda *a: offered.append(select_guesses(*a)) or offered[-1]
+    out = generate_batch(dec, PropdMethod(DraftMethod(random_draft(dec.args, seed), chain(1)), chooser), prompts, 40, {0})
+    assert [s.token_ids for s in out] == ar
+    assert any(kept is not None for kept in offered)  # guesses alone replaced some AR steps
+
+
+def test_guesses_replace_an_ar_step_only_where_they_buy_more_tokens_per_second_than_ar():
+    tree, tokens, _, state, offer = next(o for o in map(random_offer, range(100)) if sum(c is not None for c in o[4].chains) >= 1)
+    root = graft(chain(0), tokens[:, :1], torch.ones(len(tokens), 1), state, room=64)
+    B = len(tokens)
+    for ar_seconds, want in ((0.05, True), (0.003, False)):  # (a whole chain of 3-gram guesses adds 2.3 tokens a row)
+        chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 2, 4))
+        for size, seconds in ((1, ar_seconds), (2, 0.011), (4, 0.012)):
+            chooser.latency.observe((B, 0), size, seconds)
+        kept = chooser.select_guesses(B, 100, root)
+        assert (kept is not None) == want
+        if kept is not None:
+            full = root.tree
+            assert (kept[:, 1:] <= kept.gather(1, full.parents[1:].expand(B, -1))).all()
+            assert all(not kept[b, 1:].any() for b, c in enumerate(root.chains) if c is None)

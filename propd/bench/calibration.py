@@ -58,7 +58,7 @@ class CalibratingDraft:
         probs = torch.ones(len(roots), tree.size)
         tokens = self.inner.propose(decoder, roots, state, tree, probs)
         ranked = self._rank_predictions()
-        result, last = self.inner.finish(tokens, verify(decoder, cache, tree, tokens, picker), state, root_only=False)
+        result, last = self.inner.finish(tokens, verify(decoder, cache, tree, tokens, picker), state, read=True)
         drafted = path_products(tree, probs)
         for b, node in enumerate(last.tolist()):
             accepted = tree.ancestors[node]

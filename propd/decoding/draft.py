@@ -194,7 +194,7 @@ class DraftMethod:
         root alone is a plain AR step: the draft does not run, and reads the step's entry later."""
         root_only = tree.size == 1
         tokens = roots.unsqueeze(1) if root_only else self.propose(decoder, roots, state, tree)
-        return self.finish(tokens, verify(decoder, cache, tree, tokens, picker, pruner), state, root_only)
+        return self.finish(tokens, verify(decoder, cache, tree, tokens, picker, pruner), state, read=not root_only)
 
     def step_scored(
         self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker, tree: TokenTree,
@@ -215,19 +215,36 @@ class DraftMethod:
         if bool((nodes == nodes[:1]).all()):  # every row keeps the same nodes (always at batch 1): verified as a smaller tree
             keep = nodes[0].nonzero().flatten()  # root first; kept nodes keep their order, so sub-tree node j is keep[j]
             tree, drafted, alive = tree_of(tuple(tree.paths[i - 1] for i in keep[1:].tolist())), drafted[:, keep], None
-        result, last = self.finish(drafted, verify(decoder, cache, tree, drafted, picker, pruner, alive), state, root_only=False)
+        result, last = self.finish(drafted, verify(decoder, cache, tree, drafted, picker, pruner, alive), state, read=True)
         return result, last if keep is None else keep[last], nodes, offer
 
-    def finish(self, tokens: torch.Tensor, v: Verified, state: DraftState, root_only: bool) -> tuple[StepResult, torch.Tensor]:
-        """Queue the accepted path's features for the draft to read next step (after a root-only
-        step, behind those queued before); the step's result and each row's last accepted node."""
-        if root_only:  # one entry a row: the root's feature, the new root after it
-            state.queued.append((v.normed.float(), v.roots.unsqueeze(1), v.counts))
+    def step_guesses(
+        self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker, select: Callable[[Offer], torch.Tensor | None],
+    ) -> tuple[StepResult, torch.Tensor, torch.Tensor | None, Offer | None]:
+        """A step without drafting: the rows' lookup guesses that ``select`` keeps [B, N] of the
+        root's tree with them grafted on, else (none offered or kept) an AR step; the result, each
+        row's last accepted node, the nodes verified and the offer (None for an AR step). The draft
+        reads the step's path later, as after an AR step."""
+        offer = graft(tree_of(()), roots.unsqueeze(1), torch.ones(len(roots), 1), state.lookup, self.tree_size)
+        nodes = select(offer) if offer.tree.size > 1 else None
+        if nodes is None:
+            result, last = self.step_tree(decoder, cache, roots, state, picker, tree_of(()))
+            return result, last, None, None
+        result, last = self.finish(offer.tokens, verify(decoder, cache, offer.tree, offer.tokens, picker, alive=nodes), state, read=False)
+        return result, last, nodes, offer
+
+    def finish(self, tokens: torch.Tensor, v: Verified, state: DraftState, read: bool) -> tuple[StepResult, torch.Tensor]:
+        """Queue the accepted path's features, each with the token after it, for the draft to read
+        next step (behind those queued before, where the draft did not ``read`` them this step: a
+        root-only step, or lookup guesses alone); the step's result and each row's last accepted node."""
+        path_tokens = tokens.gather(1, v.offsets)  # root first
+        next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
+        next_tokens[torch.arange(len(v.roots)), v.counts - 1] = v.roots
+        entries = (v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)
+        if read:
+            state.queued = [entries]
         else:
-            path_tokens = tokens.gather(1, v.offsets)  # root first
-            next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
-            next_tokens[torch.arange(len(v.roots)), v.counts - 1] = v.roots
-            state.queued = [(v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)]
+            state.queued.append(entries)
         result = v.result(tokens)
         if state.lookup is not None:
             state.lookup.extend(result.accepted)

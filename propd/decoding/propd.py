@@ -66,17 +66,22 @@ class PropdMethod:
                 self.chooser.charge_ar(rows, context, (time.perf_counter() - t) / ar_steps)
             t, captures = time.perf_counter(), graphs.captured()
         verified = offer = None
-        if self.draft_scores and tree.size > 1:  # the draft's own path probabilities pick which drafted nodes each row verifies
+        drafting = tree.size > 1
+        if self.draft_scores and not drafting and self.drafter.lookup and self.chooser.ar_by_price:  # AR priced: lookup guesses need no drafting
+            select = functools.partial(self.chooser.select_guesses, rows, context)
+            result, last, verified, offer = self.drafter.step_guesses(decoder, cache, roots, state, picker, select)
+        elif self.draft_scores and drafting:  # the draft's own path probabilities pick which drafted nodes each row verifies
             candidates = self.chooser.candidates(tree)
             select = functools.partial(self.chooser.select, rows, context, tree.size, candidates.depth)
             result, last, verified, offer = self.drafter.step_scored(decoder, cache, roots, state, picker, candidates, select, self.pruner)
-            tree = offer.tree if offer else candidates
+            tree = candidates
         else:
             result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)  # candidates, early pruning, verify, accept
         if self.chooser:
             last_nodes = last.tolist()  # the step's end (on a GPU, where its work is done)
-            seconds = time.perf_counter() - t if graphs.captured() == captures else None
-            drafted = self.drafter.drafted if tree.size > 1 else None
-            self.chooser.observe(tree, rows, context, last_nodes, seconds, verified, drafted, offer)  # statistics
+            measured = graphs.captured() == captures and (drafting or offer is None)  # guesses alone: no point of the drafted trees' line
+            seconds = time.perf_counter() - t if measured else None
+            drafted = self.drafter.drafted if drafting else None
+            self.chooser.observe(offer.tree if offer else tree, rows, context, last_nodes, seconds, verified, drafted, offer)  # statistics
             result.expected = self.chooser.expected_rows if verified is not None else [self.chooser.expected] * rows
         return result

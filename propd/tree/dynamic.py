@@ -210,6 +210,11 @@ class LatencyModel:
             for s in trees if seeded > 0 else ():
                 s.seconds *= seconds / seeded
 
+    def tick(self) -> None:
+        """A step that measured nothing: the measurements still age, so AR and the trees are measured again in time."""
+        self.steps += 1
+        self.fits.clear()
+
     def observe_levels(self, key: tuple[int, int], levels: int, seconds: float) -> None:
         """A tree's drafting: ``levels`` levels of guesses in ``seconds`` (not in the step's own time)."""
         depths = self.drafts.setdefault(key, {})
@@ -289,6 +294,19 @@ class LatencyModel:
         return [ar.seconds if n == 1 and ar else max(1e-6, fit[0] + fit[1] * n + self.drafting(key, d)) for n, d in zip(sizes, depths or [0] * len(sizes))]
 
 
+def _paying(order: list[tuple[int, int]], worth: list[list[float]], B: int, base: float, slope: float, floor: float) -> int:
+    """How many of the (row, node) pairs in ``order`` a step takes: the prefix of i pairs whose
+    expected tokens per second, B plus their worth over ``base`` + ``slope`` (1 + i / B) seconds
+    (the latency line at 1 + i / B tokens a row), is highest and above ``floor``; 0 where none is."""
+    gains, best, k = 0.0, floor, 0
+    for i, (b, n) in enumerate(order, 1):
+        gains += worth[b][n]
+        rate = (B + gains) / max(1e-6, base + slope * (1 + i / B))
+        if rate > best:
+            best, k = rate, i
+    return k
+
+
 class TreeChooser:
     """Picks each step's tree from the two models (``choose``) and learns from the step (``observe``)."""
 
@@ -320,6 +338,7 @@ class TreeChooser:
         self._draft_mass, self._draft_accepted = DRAFT_PRIOR, 0.8 * DRAFT_PRIOR
         self._drafted_mass: float | None = None
         self._exploring = False  # this step measures an explored size: ``select`` keeps it
+        self.ar_by_price = False  # this step's AR was priced, not explored or measured again: lookup guesses may replace it (``select_guesses``)
         self._chosen: tuple[tuple, int, tuple[TokenTree, float]] | None = None  # the last priced choice: (bucket, depth), step, (tree, expected)
         self.lookup = LookupAcceptance()  # for prompt-lookup guesses offered beside the draft's (``Offer``)
 
@@ -354,7 +373,7 @@ class TreeChooser:
             if fitted:
                 self.latency.seed(key, min(fitted, key=lambda k: (abs(k[0] - key[0]), abs(k[1] - key[1]))))
         unexplored = [n for n in self.explore if self.latency.count(key, self.tree(n, depth)[0].size) < 2]
-        self._exploring = bool(unexplored)
+        self._exploring, self.ar_by_price = bool(unexplored), False
         if unexplored:
             tree, self.expected = self.tree(unexplored[0], depth)
             return tree
@@ -366,6 +385,7 @@ class TreeChooser:
         held = self._chosen
         if held is not None and held[0] == (key, depth) and self.latency.steps - held[1] < CHOOSE_EVERY and held[2][0].size < max(self.latency.measured(key)):
             tree, self.expected = held[2]  # (not the largest size measured: the next step measures it, and the trees may grow)
+            self.ar_by_price = tree.size == 1
             return tree
         trees = self._shapes(2 * max(self.latency.measured(key)), depth)  # (tree, expected accepted tokens)
         seconds = self.latency.predict(key, [tree.size for tree, _ in trees], [tree.depth for tree, _ in trees])
@@ -381,6 +401,7 @@ class TreeChooser:
         if tree.size > 1:
             self._tree_retries = 0
         self._ar_won |= tree.size == 1
+        self.ar_by_price = tree.size == 1
         return tree
 
     def _shapes(self, reach: float, depth: int | None) -> list[tuple[TokenTree, float]]:
@@ -437,12 +458,41 @@ class TreeChooser:
         row's ``chosen`` - 1 most probable. A node never beats its parent (ties: the lower index, an
         ancestor, first), so rows keep whole paths. At least one node: the drafting is paid by
         then (the root alone after it cost more than an AR step, and timed as one it made AR look slow).
-        With an ``offer``, a lookup guess counts its anchor's worth times its chain's chances
-        (``LookupAcceptance``), and a drafted node that a chain duplicates counts nothing."""
+        With an ``offer``, its lookup guesses compete with the drafted nodes (``_worth``)."""
         key = (batch_size, context // CONTEXT_BUCKET)
         B, N = scores.shape
         mass = scores[:, 1:].tolist()  # plain lists: as a dozen tensor ops on a few dozen nodes it took 0.2 ms of a batch-1 step (AMD EPYC)
-        worth = [[self.draft_scale * m for m in row] for row in mass]  # expected accepted tokens each node adds
+        worth = self._worth(mass, offer)
+        fit = None if self._exploring else self.latency.line(key)
+        if fit is None:
+            picked = [(b, n) for b, row in enumerate(worth) for n in sorted(range(N - 1), key=lambda n: -row[n])[: min(chosen, N) - 1] if row[n] > 0]
+        else:
+            top = int(B * (2 * max(self.latency.measured(key) or [chosen]) - 1))
+            order = sorted(((b, n) for b in range(B) for n in range(N - 1)), key=lambda bn: -worth[bn[0]][bn[1]])[:top]  # stable: ancestors first
+            picked = order[: max(1, _paying(order, worth, B, fit[0] + self.latency.drafting(key, levels), fit[1], 0.0))]
+        return self._keep(picked, B, N, worth, mass)
+
+    def select_guesses(self, batch_size: int, context: int, offer: Offer) -> torch.Tensor | None:
+        """Where a priced choice took AR (``ar_by_price``): the rows' lookup guesses [B, N] of
+        ``offer`` (the root's tree with them grafted on) that buy more tokens per second than AR, with
+        its margin, at the trees' line without drafting (their cost includes the draft's reading,
+        which such a step leaves to a later one); None where none does (an AR step)."""
+        key = (batch_size, context // CONTEXT_BUCKET)
+        fit, ar = self.latency.line(key), self.latency.buckets.get(key, {}).get(1)
+        if fit is None or ar is None:
+            return None
+        B, N = offer.tokens.shape
+        worth = self._worth([[0.0] * (N - 1) for _ in range(B)], offer)
+        order = sorted(((b, n) for b in range(B) for n in range(N - 1) if worth[b][n] > 0), key=lambda bn: -worth[bn[0]][bn[1]])
+        k = _paying(order, worth, B, fit[0], fit[1], self.margin * B / (ar.seconds + self._ar_extra.get(key, 0.0)))
+        return self._keep(order[:k], B, N, worth, None) if k else None
+
+    def _worth(self, mass: list[list[float]], offer: Offer | None) -> list[list[float]]:
+        """Expected accepted tokens each node below the root adds [B][N - 1]: its draft path
+        probability ``mass`` times ``draft_scale``; with an ``offer``, a lookup guess its anchor's
+        worth times its chain's chances (``LookupAcceptance``), and a drafted node that a chain
+        duplicates nothing."""
+        worth = [[self.draft_scale * m for m in row] for row in mass]
         for b, chain in enumerate(offer.chains if offer else ()):
             for node in offer.duplicates[b]:
                 worth[b][node - 1] = 0.0
@@ -450,27 +500,18 @@ class TreeChooser:
                 anchor = 1.0 if chain.anchor == 0 else worth[b][chain.anchor - 1]
                 for node, chance in zip(chain.nodes, self.lookup.chances(chain)):
                     worth[b][node - 1] = anchor * chance
-        fit = None if self._exploring else self.latency.line(key)
-        if fit is None:
-            picked = [(b, n) for b, row in enumerate(worth) for n in sorted(range(N - 1), key=lambda n: -row[n])[: min(chosen, N) - 1] if row[n] > 0]
-        else:
-            top = int(B * (2 * max(self.latency.measured(key) or [chosen]) - 1))
-            order = sorted(((b, n) for b in range(B) for n in range(N - 1)), key=lambda bn: -worth[bn[0]][bn[1]])[:top]  # stable: ancestors first
-            drafting, gains, best, k = fit[0] + self.latency.drafting(key, levels), 0.0, -1.0, 1
-            for i, (b, n) in enumerate(order, 1):  # ``LatencyModel.predict``'s line at 1 + i / B tokens a row
-                gains += worth[b][n]
-                rate = (B + gains) / max(1e-6, drafting + fit[1] * (1 + i / B))
-                if rate > best:
-                    best, k = rate, i
-            picked = order[:k]
+        return worth
+
+    def _keep(self, picked: list[tuple[int, int]], B: int, N: int, worth: list[list[float]], mass: list[list[float]] | None) -> torch.Tensor:
+        """The ``picked`` (row, node below the root) pairs as a mask [B, N], the root kept; each row's
+        expected accepted tokens, and the drafted probability mass kept (``mass`` None: none drafted)."""
         keep = [[True] + [False] * (N - 1) for _ in range(B)]
-        expected, drafted = [1.0] * B, 0.0  # each row's expected accepted tokens; the drafted probability mass kept
+        expected = [1.0] * B
         for b, n in picked:
             keep[b][n + 1] = True
             expected[b] += worth[b][n]
-            drafted += mass[b][n]
         self.expected_rows = expected
-        self._drafted_mass = drafted
+        self._drafted_mass = None if mass is None else sum(mass[b][n] for b, n in picked)
         return torch.tensor(keep)
 
     def observe(
@@ -482,8 +523,10 @@ class TreeChooser:
         (levels, seconds) drafted it level by level; ``offer``: the lookup guesses it held."""
         key = (batch_size, context // CONTEXT_BUCKET)
         size = tree.size if verified is None else float(verified.sum()) / batch_size
-        self._ar_won &= tree.size == 1
-        if seconds is not None:
+        self._ar_won &= tree.size == 1 or drafted is None
+        if seconds is None:
+            self.latency.tick()
+        else:
             if drafted is not None and drafted[0] > 0:
                 self.latency.observe_levels(key, *drafted)
                 seconds -= drafted[1]
