@@ -191,3 +191,21 @@ def test_guesses_replace_an_ar_step_only_where_they_buy_more_tokens_per_second_t
             full = root.tree
             assert (kept[:, 1:] <= kept.gather(1, full.parents[1:].expand(B, -1))).all()
             assert all(not kept[b, 1:].any() for b, c in enumerate(root.chains) if c is None)
+
+
+def test_steps_of_guesses_alone_that_take_longer_than_their_price_make_the_next_ones_dearer():
+    tree, tokens, _, state, offer = next(o for o in map(random_offer, range(100)) if sum(c is not None for c in o[4].chains) >= 1)
+    root = graft(chain(0), tokens[:, :1], torch.ones(len(tokens), 1), state, room=64)
+    B = len(tokens)
+    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 2, 4))
+    for size, seconds in ((1, 0.02), (2, 0.021), (4, 0.022)):
+        chooser.latency.observe((B, 0), size, seconds)
+    steps = chooser.latency.steps
+    for _ in range(40):
+        kept = chooser.select_guesses(B, 100, root)
+        if kept is None:
+            break
+        last = [int(kept[b].nonzero().max()) for b in range(B)]  # every kept guess (a chain from the root) accepted: they keep their worth
+        chooser.observe(root.tree, B, 100, last, 3 * chooser._guess_cost[1], kept, None, root)
+    assert kept is None and chooser._guess_scale[(B, 0)] > 1  # three times their price (capped at twice a step): AR again
+    assert chooser.latency.steps > steps and chooser.latency.count((B, 0), 1) == 1  # they aged the measurements, and measured no AR step

@@ -12,6 +12,12 @@ statistics (``propd calibrate``): the draft fills the rank statistics' best tree
 chosen size for every row, and the chooser keeps the batch's most probable (row, node) pairs, as
 many as buy the most expected tokens per second, so each row verifies a tree of its own size
 (``step_scored``, ``TreeChooser.select``).
+
+Beside the draft's nodes each row is offered its prompt-lookup guesses (``lookup``: what followed
+its newest n-gram where it last occurred in its prompt or answer), grafted onto the drafted tree
+and valued by their own acceptance model, so they compete for the step's tokens with the draft's
+nodes; where the chooser prices AR, the guesses alone may replace the AR step, since they need no
+drafting (``step_guesses``, ``TreeChooser.select_guesses``).
 """
 
 from __future__ import annotations
@@ -79,8 +85,7 @@ class PropdMethod:
             result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)  # candidates, early pruning, verify, accept
         if self.chooser:
             last_nodes = last.tolist()  # the step's end (on a GPU, where its work is done)
-            measured = graphs.captured() == captures and (drafting or offer is None)  # guesses alone: no point of the drafted trees' line
-            seconds = time.perf_counter() - t if measured else None
+            seconds = time.perf_counter() - t if graphs.captured() == captures else None
             drafted = self.drafter.drafted if drafting else None
             self.chooser.observe(offer.tree if offer else tree, rows, context, last_nodes, seconds, verified, drafted, offer)  # statistics
             result.expected = self.chooser.expected_rows if verified is not None else [self.chooser.expected] * rows
