@@ -106,15 +106,30 @@ def test_selection_counts_a_guess_its_anchors_worth_times_its_chances_and_a_dupl
 
 def test_lookup_acceptance_learns_from_the_guesses_it_saw():
     model = LookupAcceptance(rate=0.5)
-    before = [row[:] for row in model.q]
-    chain_ = Chain([3, 4, 5], anchor=0, n=2, first=0)
-    model.observe(chain_, (0, 3, 4), None)  # two guesses right, the third wrong
-    assert model.q[1][0] > before[1][0] and model.q[1][1] > before[1][1] and model.q[1][2] < before[1][2]
-    assert model.q[1][3] == before[1][3] and model.q[0] == before[0]
-    model.observe(Chain([7, 8], anchor=2, n=3, first=1), (0, 1), None)  # its anchor was rejected: nothing seen
-    assert model.q[2] == before[2]
-    model.observe(Chain([7, 8], anchor=0, n=3, first=0), (0, 7), [True, True, True, True, True, True, True, True, False])
-    assert model.q[2][0] > before[2][0] and model.q[2][1] == before[2][1]  # the second guess was not verified
+    before = [[row[:] for row in state] for state in model.q]
+    model.observe(Chain([3, 4, 5], anchor=0, n=2, first=0), (0, 3, 4), None)  # two guesses right, the third wrong
+    q, was = model.q[0][1], before[0][1]
+    assert q[0] > was[0] and q[1] > was[1] and q[2] < was[2] and q[3] == was[3]
+    assert model.q[1] == before[1] and model.q[0][0] == before[0][0]  # (a row copying, another n: other estimates)
+    model.observe(Chain([7, 8], anchor=2, n=3, first=1, copying=True), (0, 1), None)  # its anchor was rejected: nothing seen
+    assert model.q[1] == before[1]
+    model.observe(Chain([7, 8], anchor=0, n=3, first=0, copying=True), (0, 7), [True] * 8 + [False])
+    assert model.q[1][2][0] > before[1][2][0] and model.q[1][2][1] == before[1][2][1]  # the second guess was not verified
+    assert model.chances(Chain([7, 8], anchor=0, n=3, first=0, copying=True)) == pytest.approx([model.q[1][2][0], model.q[1][2][0] * model.q[1][2][1]])
+
+
+def test_a_row_is_copying_while_its_last_guess_was_right():
+    index = NgramIndex([1, 2, 3, 4, 1, 2])
+    assert not index.copying and index.guess(2) == ([3, 4], 2)
+    index.extend([3, 9])  # the guess's first token was right
+    assert index.copying
+    index.guess(2)  # ("9": never before, nothing guessed): the state stays
+    index.extend([5])
+    assert index.copying
+    index.extend([1])
+    assert index.guess(1) == ([2], 1)
+    index.extend([7])
+    assert not index.copying
 
 
 @pytest.mark.parametrize("seed", range(4))

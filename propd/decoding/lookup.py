@@ -30,15 +30,22 @@ LOOKUP_RANK = 1 << 10  # the rank of a lookup guess in a tree's paths: after any
 
 class NgramIndex:
     """One row's tokens (prompt and answer) and, for n = 1..``max_n``, where the token after each
-    n-gram's latest occurrence sits, over the n-grams that end before the row's newest token."""
+    n-gram's latest occurrence sits, over the n-grams that end before the row's newest token; and
+    whether the row is ``copying``: its last guess's first token was right (on the default model's
+    MT-Bench answers a 1-gram's first guess was right 0.30 of the time then, 0.17 otherwise)."""
 
     def __init__(self, tokens: list[int], max_n: int = MAX_NGRAM):
         self.tokens: list[int] = []
         self.after: dict[tuple[int, ...], int] = {}
         self.max_n = max_n
+        self.copying = False
+        self._guessed: int | None = None  # the first token of the guess made since the last ``extend``
         self.extend(tokens)
 
     def extend(self, tokens: list[int]) -> None:
+        """The row's next tokens (a step's accepted ones)."""
+        if self._guessed is not None and tokens:
+            self.copying, self._guessed = tokens[0] == self._guessed, None
         for token in tokens:
             end = len(self.tokens)  # the n-grams ending at the newest token, now followed by ``token``
             for n in range(1, min(self.max_n, end) + 1):
@@ -51,6 +58,7 @@ class NgramIndex:
         for n in range(min(self.max_n, len(self.tokens)), 0, -1):
             at = self.after.get(tuple(self.tokens[-n:]))
             if at is not None:
+                self._guessed = self.tokens[at]
                 return self.tokens[at : at + depth], n
         return [], 0
 
@@ -77,12 +85,14 @@ class LookupState:
 class Chain:
     """A row's lookup guesses in a tree: its nodes (in order), the node they hang from (0: the root;
     else the drafter's depth-1 node carrying the first guess, whose place the chain takes from its
-    second guess on), the length n of the n-gram that matched, and the guess index of the first node."""
+    second guess on), the length n of the n-gram that matched, the guess index of the first node,
+    and whether the row was copying (``NgramIndex``)."""
 
     nodes: list[int]
     anchor: int
     n: int
     first: int
+    copying: bool = False
 
 
 @dataclass
@@ -118,7 +128,7 @@ def graft(tree: TokenTree, tokens: torch.Tensor, scores: torch.Tensor, state: Lo
             continue
         placed.update(new)
         paths += new
-        plans.append((wanted, anchor, n, first, guesses))
+        plans.append((wanted, anchor, n, first, guesses, index.copying))
     full = tree_of(tuple(paths)) if len(paths) > len(tree.paths) else tree
     at = {path: i for i, path in enumerate(full.paths, 1)}
     order = torch.tensor([0] + [at[path] for path in tree.paths], dtype=torch.long)  # the drafted nodes' places in ``full``
@@ -132,10 +142,10 @@ def graft(tree: TokenTree, tokens: torch.Tensor, scores: torch.Tensor, state: Lo
             chains.append(None)
             duplicates.append([])
             continue
-        wanted, anchor, n, first, guesses = plan
+        wanted, anchor, n, first, guesses, copying = plan
         nodes = [at[path] for path in wanted]
         out[row, nodes] = torch.tensor(guesses[first:])
-        chains.append(Chain(nodes, at[tree.paths[anchor - 1]] if anchor else 0, n, first))
+        chains.append(Chain(nodes, at[tree.paths[anchor - 1]] if anchor else 0, n, first, copying))
         below = [at[tree.paths[kid - 1]] for kid in (tree.kids[anchor] if anchor else ()) if drafted[row][kid] == guesses[first]]
         duplicates.append([node for kid in below for node in full.ancestors[:, kid].nonzero().flatten().tolist()])
     return Offer(full, out, placed_scores, chains, duplicates)

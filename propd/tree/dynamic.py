@@ -65,10 +65,14 @@ SPEED_RATE = 0.1
 # step against a static tree's 0.15) was most of what kept it below the static 4-token tree. Each step
 # still picks its nodes from the draft's probabilities (``select``).
 CHOOSE_EVERY = 4
-# Per matched n-gram length (1-3) and guess index (0-3): the chance a prompt-lookup guess is the model's token
-# given that the one before it was, measured on the default model's greedy answers to 24 MT-Bench questions
-# (first guesses 0.19 / 0.44 / 0.77 after a 1- / 2- / 3-gram; ``LookupAcceptance`` follows the prompts at hand).
-LOOKUP_PRIOR = [[0.2, 0.4, 0.65, 0.75], [0.45, 0.55, 0.7, 0.8], [0.75, 0.8, 0.85, 0.9]]
+# Per row state (not copying, copying: ``NgramIndex``), matched n-gram length (1-3) and guess index (0-3): the
+# chance a prompt-lookup guess is the model's token given that the one before it was, measured on the default
+# model's greedy answers to 24 MT-Bench questions (first guesses after a 1- / 2- / 3-gram 0.17 / 0.41 / 0.71, and
+# 0.30 / 0.55 / 0.77 while copying; ``LookupAcceptance`` follows the prompts at hand).
+LOOKUP_PRIOR = [
+    [[0.17, 0.4, 0.6, 0.7], [0.4, 0.5, 0.65, 0.75], [0.7, 0.75, 0.8, 0.85]],
+    [[0.3, 0.4, 0.75, 0.8], [0.55, 0.6, 0.8, 0.8], [0.77, 0.84, 0.86, 0.9]],
+]
 
 
 def _moved(before: float | None, now: float, rate: float) -> float:
@@ -107,24 +111,29 @@ class AcceptanceModel:
 
 class LookupAcceptance:
     """Moving averages of the chance that a prompt-lookup guess is the model's token given that
-    the guess before it was (the first: given its anchor), per matched n-gram length and guess index."""
+    the guess before it was (the first: given its anchor), per row state (copying or not), matched
+    n-gram length and guess index."""
 
-    def __init__(self, prior: list[list[float]] = LOOKUP_PRIOR, rate: float = 0.05):
-        self.q = [list(row) for row in prior]
+    def __init__(self, prior: list[list[list[float]]] = LOOKUP_PRIOR, rate: float = 0.05):
+        self.q = [[list(row) for row in state] for state in prior]
         self.rate = rate
+
+    def _row(self, chain: Chain) -> list[float]:
+        return self.q[chain.copying][chain.n - 1]
 
     def chances(self, chain: Chain) -> list[float]:
         """Each of the chain's nodes' probability of being accepted given that its anchor is."""
         out, p = [], 1.0
+        q = self._row(chain)
         for i in range(len(chain.nodes)):
-            p *= self.q[chain.n - 1][chain.first + i]
+            p *= q[chain.first + i]
             out.append(p)
         return out
 
     def observe(self, chain: Chain, path: tuple[int, ...], verified: list[bool] | None) -> None:
         """A row's step accepted ``path`` (nodes, root first): each verified guess whose parent was
         accepted was seen."""
-        accepted, q = set(path), self.q[chain.n - 1]
+        accepted, q = set(path), self._row(chain)
         seen = chain.anchor in accepted
         for i, node in enumerate(chain.nodes):
             if not seen or (verified is not None and not verified[node]):
