@@ -11,7 +11,7 @@ from propd.decoding.draft import DraftMethod
 from propd.decoding.lookup import LOOKUP_DEPTH, LOOKUP_RANK, Chain, LookupMethod, LookupState, NgramIndex, graft
 from propd.decoding.loop import generate_batch
 from propd.decoding.propd import PropdMethod
-from propd.tree.dynamic import LOOKUP_MOST, ROW_PRIOR, AcceptanceModel, LookupAcceptance, TreeChooser
+from propd.tree.dynamic import AcceptanceModel, LookupAcceptance, TreeChooser
 from propd.tree.tree import chain, path_products
 from tests.test_draft import random_draft
 from tests.test_propd import STATS, tiny_case
@@ -104,41 +104,18 @@ def test_selection_counts_a_guess_its_anchors_worth_times_its_chances_and_a_dupl
         assert chooser.expected_rows[b] == pytest.approx(want)
 
 
-def row_state(copying: bool = False) -> NgramIndex:
-    row = NgramIndex([])
-    row.copying = copying
-    return row
-
-
 def test_lookup_acceptance_learns_from_the_guesses_it_saw():
     model = LookupAcceptance(rate=0.5)
     before = [[row[:] for row in state] for state in model.q]
-    model.observe(Chain([3, 4, 5], anchor=0, n=2, first=0, row=row_state()), (0, 3, 4), None)  # two guesses right, the third wrong
+    model.observe(Chain([3, 4, 5], anchor=0, n=2, first=0), (0, 3, 4), None)  # two guesses right, the third wrong
     q, was = model.q[0][1], before[0][1]
     assert q[0] > was[0] and q[1] > was[1] and q[2] < was[2] and q[3] == was[3]
     assert model.q[1] == before[1] and model.q[0][0] == before[0][0]  # (a row copying, another n: other estimates)
-    model.observe(Chain([7, 8], anchor=2, n=3, first=1, row=row_state(True)), (0, 1), None)  # its anchor was rejected: nothing seen
+    model.observe(Chain([7, 8], anchor=2, n=3, first=1, copying=True), (0, 1), None)  # its anchor was rejected: nothing seen
     assert model.q[1] == before[1]
-    fresh = row_state(True)
-    model.observe(Chain([7, 8], anchor=0, n=3, first=0, row=fresh), (0, 7), [True] * 8 + [False])
+    model.observe(Chain([7, 8], anchor=0, n=3, first=0, copying=True), (0, 7), [True] * 8 + [False])
     assert model.q[1][2][0] > before[1][2][0] and model.q[1][2][1] == before[1][2][1]  # the second guess was not verified
-    assert (fresh.found, fresh.promised) == (1.0, pytest.approx(before[1][2][0]))  # the row's own record
-    scale = (1 + ROW_PRIOR) / (before[1][2][0] + ROW_PRIOR)
-    q = model.q[1][2]
-    assert model.chances(Chain([7, 8], anchor=0, n=3, first=0, row=fresh)) == pytest.approx([scale * q[0], scale * q[0] * scale * q[1]])
-
-
-def test_a_row_whose_guesses_come_true_is_trusted_more_than_the_shared_chances_say_and_one_whose_do_not_less():
-    model = LookupAcceptance(rate=0.0)  # the shared chances stay
-    good, bad = row_state(), row_state()
-    for _ in range(30):
-        model.observe(Chain([1, 2], anchor=0, n=1, first=0, row=good), (0, 1, 2), None)
-        model.observe(Chain([1, 2], anchor=0, n=1, first=0, row=bad), (0,), None)
-    shared = model.chances(Chain([1, 2], anchor=0, n=1, first=0, row=row_state()))
-    assert model.chances(Chain([1, 2], anchor=0, n=1, first=0, row=bad))[0] < shared[0] * 0.7
-    assert model.chances(Chain([1, 2], anchor=0, n=1, first=0, row=good))[0] > 2 * shared[0]
-    good.found, good.promised = 100.0, 1.0
-    assert model.chances(Chain([1, 2], anchor=0, n=1, first=0, row=good)) == pytest.approx([LOOKUP_MOST, LOOKUP_MOST**2])  # capped
+    assert model.chances(Chain([7, 8], anchor=0, n=3, first=0, copying=True)) == pytest.approx([model.q[1][2][0], model.q[1][2][0] * model.q[1][2][1]])
 
 
 def test_a_row_is_copying_while_its_last_guess_was_right():

@@ -39,7 +39,6 @@ class NgramIndex:
         self.after: dict[tuple[int, ...], int] = {}
         self.max_n = max_n
         self.copying = False
-        self.found, self.promised = 0.0, 0.0  # this row's guesses seen: accepted, and what the shared chances promised (decayed sums)
         self._guessed: int | None = None  # the first token of the guess made since the last ``extend``
         self.extend(tokens)
 
@@ -87,13 +86,13 @@ class Chain:
     """A row's lookup guesses in a tree: its nodes (in order), the node they hang from (0: the root;
     else the drafter's depth-1 node carrying the first guess, whose place the chain takes from its
     second guess on), the length n of the n-gram that matched, the guess index of the first node,
-    and the row's ``NgramIndex`` (its state: copying or not; how its guesses fared)."""
+    and whether the row was copying (``NgramIndex``)."""
 
     nodes: list[int]
     anchor: int
     n: int
     first: int
-    row: NgramIndex
+    copying: bool = False
 
 
 @dataclass
@@ -129,7 +128,7 @@ def graft(tree: TokenTree, tokens: torch.Tensor, scores: torch.Tensor, state: Lo
             continue
         placed.update(new)
         paths += new
-        plans.append((wanted, anchor, n, first, guesses, index))
+        plans.append((wanted, anchor, n, first, guesses, index.copying))
     full = tree_of(tuple(paths)) if len(paths) > len(tree.paths) else tree
     at = {path: i for i, path in enumerate(full.paths, 1)}
     order = torch.tensor([0] + [at[path] for path in tree.paths], dtype=torch.long)  # the drafted nodes' places in ``full``
@@ -143,10 +142,10 @@ def graft(tree: TokenTree, tokens: torch.Tensor, scores: torch.Tensor, state: Lo
             chains.append(None)
             duplicates.append([])
             continue
-        wanted, anchor, n, first, guesses, index = plan
+        wanted, anchor, n, first, guesses, copying = plan
         nodes = [at[path] for path in wanted]
         out[row, nodes] = torch.tensor(guesses[first:])
-        chains.append(Chain(nodes, at[tree.paths[anchor - 1]] if anchor else 0, n, first, index))
+        chains.append(Chain(nodes, at[tree.paths[anchor - 1]] if anchor else 0, n, first, copying))
         below = [at[tree.paths[kid - 1]] for kid in (tree.kids[anchor] if anchor else ()) if drafted[row][kid] == guesses[first]]
         duplicates.append([node for kid in below for node in full.ancestors[:, kid].nonzero().flatten().tolist()])
     return Offer(full, out, placed_scores, chains, duplicates)

@@ -69,9 +69,6 @@ CHOOSE_EVERY = 4
 # chance a prompt-lookup guess is the model's token given that the one before it was, measured on the default
 # model's greedy answers to 24 MT-Bench questions (first guesses after a 1- / 2- / 3-gram 0.17 / 0.41 / 0.71, and
 # 0.30 / 0.55 / 0.77 while copying; ``LookupAcceptance`` follows the prompts at hand).
-ROW_PRIOR = 4.0  # a row's lookup chances start as the shared ones, as if 4 promised tokens had come as promised
-ROW_DECAY = 0.95  # per guess seen: how fast a row's own record forgets
-LOOKUP_MOST = 0.98  # a lookup guess's chance at most, however well its row copies
 LOOKUP_PRIOR = [
     [[0.17, 0.4, 0.6, 0.7], [0.4, 0.5, 0.65, 0.75], [0.7, 0.75, 0.8, 0.85]],
     [[0.3, 0.4, 0.75, 0.8], [0.55, 0.6, 0.8, 0.8], [0.77, 0.84, 0.86, 0.9]],
@@ -114,39 +111,34 @@ class AcceptanceModel:
 
 class LookupAcceptance:
     """Moving averages of the chance that a prompt-lookup guess is the model's token given that
-    the guess before it was (the first: given its anchor), shared by all rows, per row state
-    (copying or not), matched n-gram length and guess index; each row's chances scaled by how its
-    own guesses fared against what these promised (``ROW_PRIOR`` promised tokens' worth of trust in
-    the shared ones: extraction prompts copy more than the others, and with the shared chances alone
-    ProPD expected 2.36 accepted tokens a step there where 2.68 came, AMD EPYC)."""
+    the guess before it was (the first: given its anchor), per row state (copying or not), matched
+    n-gram length and guess index."""
 
     def __init__(self, prior: list[list[list[float]]] = LOOKUP_PRIOR, rate: float = 0.05):
         self.q = [[list(row) for row in state] for state in prior]
         self.rate = rate
 
-    def _shared(self, chain: Chain) -> list[float]:
-        return self.q[chain.row.copying][chain.n - 1]
+    def _row(self, chain: Chain) -> list[float]:
+        return self.q[chain.copying][chain.n - 1]
 
     def chances(self, chain: Chain) -> list[float]:
         """Each of the chain's nodes' probability of being accepted given that its anchor is."""
-        row = chain.row
-        scale = (row.found + ROW_PRIOR) / (row.promised + ROW_PRIOR)
-        out, p, q = [], 1.0, self._shared(chain)
+        out, p = [], 1.0
+        q = self._row(chain)
         for i in range(len(chain.nodes)):
-            p *= min(LOOKUP_MOST, scale * q[chain.first + i])
+            p *= q[chain.first + i]
             out.append(p)
         return out
 
     def observe(self, chain: Chain, path: tuple[int, ...], verified: list[bool] | None) -> None:
         """A row's step accepted ``path`` (nodes, root first): each verified guess whose parent was
         accepted was seen."""
-        accepted, q, row = set(path), self._shared(chain), chain.row
+        accepted, q = set(path), self._row(chain)
         seen = chain.anchor in accepted
         for i, node in enumerate(chain.nodes):
             if not seen or (verified is not None and not verified[node]):
                 break
             seen = node in accepted
-            row.found, row.promised = ROW_DECAY * row.found + seen, ROW_DECAY * row.promised + q[chain.first + i]
             q[chain.first + i] += self.rate * (seen - q[chain.first + i])
 
 
