@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
@@ -248,10 +249,9 @@ class Propd:
             if name == "spec":
                 return self._spec(draft_model, load_tree(tree or "chain4"))
             if name == "lookup":
-                t = load_tree(tree or "chain3")
-                if t.paths != tuple((0,) * d for d in range(1, t.depth + 1)):
-                    raise PropdError(f"--method lookup verifies a chain of guesses (chainN), not the tree {tree!r}")
-                return LookupMethod(t)
+                if tree is not None and not re.fullmatch(r"chain[1-9]\d*", tree):
+                    raise PropdError(f"--method lookup verifies a chain of guesses (--tree chainN), not the tree {tree!r}")
+                return LookupMethod(load_tree(tree or "chain3"))
             if name == "draft":
                 d = self.load_draft(heads)
                 t = load_tree(tree or "best8d2", d.meta.get("rank_probabilities"))

@@ -31,6 +31,7 @@ def test_generate_json_fields():
         (["generate", "--model", "/no/such/model", "hi"], "does not exist"),
         (["generate", "--prompts", "/no/such.jsonl"], "not found"),
         (["generate", "--device", "gpu0", "hi"], "unknown device"),
+        (["generate", "--method", "lookup", "--tree", "best4", "hi"], "verifies a chain of guesses (--tree chainN)"),
     ],
 )
 def test_bad_input_gives_one_clear_error(args, message, capsys):
