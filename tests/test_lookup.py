@@ -12,7 +12,7 @@ from propd.decoding.lookup import LOOKUP_DEPTH, LOOKUP_RANK, Chain, LookupMethod
 from propd.decoding.loop import generate_batch
 from propd.decoding.propd import PropdMethod
 from propd.tree.dynamic import AcceptanceModel, LookupAcceptance, TreeChooser
-from propd.tree.tree import chain, path_products
+from propd.tree.tree import chain, path_products, tree_of
 from tests.test_draft import random_draft
 from tests.test_propd import STATS, tiny_case
 from tests.test_tree import random_tree
@@ -97,11 +97,21 @@ def test_selection_counts_a_guess_its_anchors_worth_times_its_chances_and_a_dupl
     assert (kept[:, 1:] <= kept.gather(1, full.parents[1:].expand(B, -1))).all()  # whole paths
     for b, chain_ in enumerate(offer.chains):
         assert not kept[b, offer.duplicates[b]].any()
-        want = 1 + chooser.draft_scale * float((offer.scores[b, 1:] * kept[b, 1:]).sum())
+        worth = (chooser.draft_scale * offer.scores[b, 1:]).tolist()
         if chain_ is not None:
-            anchor = 1.0 if chain_.anchor == 0 else chooser.draft_scale * float(offer.scores[b, chain_.anchor])
-            want += sum(anchor * c for node, c in zip(chain_.nodes, chooser.lookup.chances(chain_)) if kept[b, node])
-        assert chooser.expected_rows[b] == pytest.approx(want)
+            anchor = 1.0
+            if chain_.anchor:  # a drafted node carrying the first guess: as likely as the draft or the lookup says
+                anchor = worth[chain_.anchor - 1] = max(worth[chain_.anchor - 1], chooser.lookup.first(chain_))
+            for node, chance in zip(chain_.nodes, chooser.lookup.chances(chain_)):
+                worth[node - 1] = anchor * chance
+        assert chooser.expected_rows[b] == pytest.approx(1 + sum(w for w, k in zip(worth, kept[b, 1:].tolist()) if k))
+
+
+def test_the_draft_acceptance_model_learns_nothing_from_a_lookup_chain_but_the_drafted_siblings_it_passed():
+    tree = tree_of(((0,), (1,), (LOOKUP_RANK,), (LOOKUP_RANK, 0), (LOOKUP_RANK, 0, 0)))
+    model = AcceptanceModel([[0.5, 0.3], [0.4, 0.2]], rate=0.5)
+    model.observe(tree, tree.paths.index((LOOKUP_RANK, 0)) + 1)  # two guesses of the chain accepted
+    assert model.p == [[0.25, 0.15], [0.4, 0.2]]  # the root's drafted children were wrong; the chain's own nodes teach nothing
 
 
 def test_lookup_acceptance_learns_from_the_guesses_it_saw():
@@ -111,8 +121,9 @@ def test_lookup_acceptance_learns_from_the_guesses_it_saw():
     q, was = model.q[0][1], before[0][1]
     assert q[0] > was[0] and q[1] > was[1] and q[2] < was[2] and q[3] == was[3]
     assert model.q[1] == before[1] and model.q[0][0] == before[0][0]  # (a row copying, another n: other estimates)
-    model.observe(Chain([7, 8], anchor=2, n=3, first=1, copying=True), (0, 1), None)  # its anchor was rejected: nothing seen
-    assert model.q[1] == before[1]
+    model.observe(Chain([7, 8], anchor=2, n=3, first=1, copying=True), (0, 1), None)  # its anchor, the first guess, was rejected
+    assert model.q[1][2][0] < before[1][2][0] and model.q[1][2][1:] == before[1][2][1:]
+    model.q[1][2][0] = before[1][2][0]
     model.observe(Chain([7, 8], anchor=0, n=3, first=0, copying=True), (0, 7), [True] * 8 + [False])
     assert model.q[1][2][0] > before[1][2][0] and model.q[1][2][1] == before[1][2][1]  # the second guess was not verified
     assert model.chances(Chain([7, 8], anchor=0, n=3, first=0, copying=True)) == pytest.approx([model.q[1][2][0], model.q[1][2][0] * model.q[1][2][1]])
@@ -224,3 +235,6 @@ def test_steps_of_guesses_alone_that_take_longer_than_their_price_make_the_next_
         chooser.observe(root.tree, B, 100, last, 3 * chooser._guess_cost[1], kept, None, root)
     assert kept is None and chooser._guess_scale[(B, 0)] > 1  # three times their price (capped at twice a step): AR again
     assert chooser.latency.steps > steps and chooser.latency.count((B, 0), 1) == 1  # they aged the measurements, and measured no AR step
+    peak = chooser._guess_scale[(B, 0)]
+    again = next((i for i in range(1000) if chooser.select_guesses(B, 100, root) is not None), None)
+    assert again is not None and chooser._guess_scale[(B, 0)] < peak  # unmeasured while it rules them out, the price drifts back

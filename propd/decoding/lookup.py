@@ -21,7 +21,7 @@ from propd.decoding.sampling import Picker
 from propd.decoding.tree import verify
 from propd.models.decoder import Decoder
 from propd.models.kv_cache import KVCache
-from propd.tree.tree import TokenTree, tree_of
+from propd.tree.tree import TokenTree, chain, tree_of
 
 MAX_NGRAM = 3  # the longest n-gram looked up (the longest match is taken: it guesses best)
 LOOKUP_DEPTH = 4  # guesses ProPD offers a row
@@ -110,7 +110,8 @@ def graft(tree: TokenTree, tokens: torch.Tensor, scores: torch.Tensor, state: Lo
     """The drafted ``tree``, its ``tokens`` [B, N] and their path probabilities ``scores`` [B, N], and each row's lookup guesses as a chain of
     ``LOOKUP_RANK`` nodes: under the drafter's depth-1 node that carries the first guess (a second
     copy of it would only cost a tree token), else under the root. A drafted node below that one
-    carrying the second guess is a duplicate (listed, not verified). At most ``room`` nodes in all."""
+    carrying the second guess is a duplicate (listed, with its subtree: worth nothing). At most
+    ``room`` nodes in all: rows past it (in row order) offer no guesses this step."""
     roots = tokens[:, 0].tolist()
     drafted = tokens.tolist()
     paths = list(tree.paths)
@@ -159,8 +160,6 @@ def lookup_state(prompts: list[list[int]], roots: torch.Tensor) -> LookupState:
 class LookupMethod:
     """Each row's lookup guesses verified as a chain of up to ``tree.depth`` tokens after its root."""
 
-    drafted = None
-
     def __init__(self, tree: TokenTree):
         self.tree = tree
         self.tree_size, self.tree_depth = tree.size, tree.depth
@@ -172,7 +171,7 @@ class LookupMethod:
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: LookupState, picker: Picker) -> StepResult:
         guesses = [row.guess(self.tree_depth)[0] for row in state.rows]
         width = max(map(len, guesses))
-        tree = tree_of(tuple((0,) * d for d in range(1, width + 1)))  # a chain
+        tree = chain(width)
         tokens = torch.tensor([[root, *guess, *[root] * (width - len(guess))] for root, guess in zip(roots.tolist(), guesses)])
         alive = None
         if any(len(guess) < width for guess in guesses):  # rows verify their own guesses only

@@ -39,7 +39,7 @@ from propd.models.decoder import Decoder, synchronize
 from propd.models.kv_cache import KVCache
 from propd.tree.dynamic import TreeChooser
 
-LOOKUP_CHAINS = 4  # lookup chains a step's tree holds beside the draft's nodes, at most (one per node they hang from)
+LOOKUP_CHAINS = 4  # room a step's tree keeps beside the draft's nodes for this many lookup chains (rows sharing an anchor share one)
 
 
 class PropdMethod:

@@ -65,6 +65,7 @@ SPEED_RATE = 0.1
 # step against a static tree's 0.15) was most of what kept it below the static 4-token tree. Each step
 # still picks its nodes from the draft's probabilities (``select``).
 CHOOSE_EVERY = 4
+GUESS_DRIFT = 0.01  # per AR step whose guesses did not pay: how fast the price of guesses alone drifts back to its line
 # Per row state (not copying, copying: ``NgramIndex``), matched n-gram length (1-3) and guess index (0-3): the
 # chance a prompt-lookup guess is the model's token given that the one before it was, measured on the default
 # model's greedy answers to 24 MT-Bench questions (first guesses after a 1- / 2- / 3-gram 0.17 / 0.41 / 0.71, and
@@ -97,8 +98,8 @@ class AcceptanceModel:
         nodes = nodes[: next((i for i, node in enumerate(nodes) if ranks[node] >= LOOKUP_RANK), len(nodes))]  # (not another drafter's guesses)
         for depth, (parent, child) in enumerate(zip(nodes, nodes[1:])):
             self._update(depth, ranks[child], children[parent], ranks, verified)
-        if len(nodes) - 1 < len(self.p):
-            self._update(len(nodes) - 1, -1, children[last], ranks, verified)
+        if len(nodes) - 1 < len(self.p):  # (the drafted children of the path's last drafted node: a lookup chain's are its own)
+            self._update(len(nodes) - 1, -1, children[nodes[-1]], ranks, verified)
         self.version += 1
 
     def _update(self, depth: int, rank: int, children: list[int], ranks: list[int], verified: list[bool] | None) -> None:
@@ -130,11 +131,17 @@ class LookupAcceptance:
             out.append(p)
         return out
 
+    def first(self, chain: Chain) -> float:
+        """The chance of a chain's first guess, where a drafted node carries it (its anchor)."""
+        return self._row(chain)[0]
+
     def observe(self, chain: Chain, path: tuple[int, ...], verified: list[bool] | None) -> None:
         """A row's step accepted ``path`` (nodes, root first): each verified guess whose parent was
-        accepted was seen."""
+        accepted was seen (the first guess too, where a drafted node carried it)."""
         accepted, q = set(path), self._row(chain)
         seen = chain.anchor in accepted
+        if chain.first and (verified is None or verified[chain.anchor]):
+            q[0] += self.rate * (seen - q[0])
         for i, node in enumerate(chain.nodes):
             if not seen or (verified is not None and not verified[node]):
                 break
@@ -502,6 +509,8 @@ class TreeChooser:
         extra, scale = self._ar_extra.get(key, 0.0), self._guess_scale.get(key, 1.0)
         k = _paying(order, worth, B, scale * (ar.seconds - fit[1]) + extra, scale * fit[1], self.margin * B / (ar.seconds + extra))
         self._guess_cost = (key, ar.seconds + fit[1] * k / B)
+        if not k and key in self._guess_scale:  # unmeasured while it rules the guesses out: it drifts back, and they are tried again
+            self._guess_scale[key] += GUESS_DRIFT * (1.0 - self._guess_scale[key])
         return self._keep(order[:k], B, N, worth, None) if k else None
 
     def _worth(self, mass: list[list[float]], offer: Offer | None) -> list[list[float]]:
@@ -514,7 +523,9 @@ class TreeChooser:
             for node in offer.duplicates[b]:
                 worth[b][node - 1] = 0.0
             if chain is not None:
-                anchor = 1.0 if chain.anchor == 0 else worth[b][chain.anchor - 1]
+                anchor = 1.0
+                if chain.anchor:  # the drafted node carrying the first guess: as likely as either says
+                    anchor = worth[b][chain.anchor - 1] = max(worth[b][chain.anchor - 1], self.lookup.first(chain))
                 for node, chance in zip(chain.nodes, self.lookup.chances(chain)):
                     worth[b][node - 1] = anchor * chance
         return worth

@@ -96,8 +96,8 @@ def path_products(tree: TokenTree, probs: torch.Tensor) -> torch.Tensor:
 
 
 def chain(depth: int) -> TokenTree:
-    """Blockwise parallel decoding: each head's top-1 guess, one after another."""
-    return TokenTree.from_paths([[0] * d for d in range(1, depth + 1)])
+    """Blockwise parallel decoding: each head's top-1 guess, one after another (built once per depth)."""
+    return tree_of(tuple((0,) * d for d in range(1, depth + 1)))
 
 
 def medusa_paths(name: str = "mc_sim_7b_63") -> list[list[int]]:
