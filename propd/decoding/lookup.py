@@ -103,15 +103,16 @@ class Offer:
     tokens: torch.Tensor  # [B, N] root first
     scores: torch.Tensor  # [B, N] the drafter's path probabilities (0 at the lookup guesses)
     chains: list[Chain | None]  # per row (None: no guesses)
-    duplicates: list[list[int]]  # per row: the drafter's nodes whose token a chain carries at the same place (dropped)
+    duplicates: list[list[int]]  # per row: the drafter's nodes whose token a chain carries at the same place, and their subtrees
 
 
 def graft(tree: TokenTree, tokens: torch.Tensor, scores: torch.Tensor, state: LookupState, room: int) -> Offer:
-    """The drafted ``tree``, its ``tokens`` [B, N] and their path probabilities ``scores`` [B, N], and each row's lookup guesses as a chain of
-    ``LOOKUP_RANK`` nodes: under the drafter's depth-1 node that carries the first guess (a second
-    copy of it would only cost a tree token), else under the root. A drafted node below that one
-    carrying the second guess is a duplicate (listed, with its subtree: worth nothing). At most
-    ``room`` nodes in all: rows past it (in row order) offer no guesses this step."""
+    """The drafted ``tree``, its ``tokens`` [B, N] and their path probabilities ``scores`` [B, N],
+    and each row's lookup guesses as a chain of ``LOOKUP_RANK`` nodes: under the drafter's depth-1
+    node that carries the first guess (a second copy of it would only cost a tree token), else under
+    the root. A drafted node below that one carrying the second guess is a duplicate (listed, with
+    its subtree: worth nothing). At most ``room`` nodes in all: rows past it (in row order) offer no
+    guesses this step."""
     roots = tokens[:, 0].tolist()
     drafted = tokens.tolist()
     paths = list(tree.paths)
@@ -130,7 +131,9 @@ def graft(tree: TokenTree, tokens: torch.Tensor, scores: torch.Tensor, state: Lo
         placed.update(new)
         paths += new
         plans.append((wanted, anchor, n, first, guesses, index.copying))
-    full = tree_of(tuple(paths)) if len(paths) > len(tree.paths) else tree
+    if len(paths) == len(tree.paths):  # no row has guesses: the drafted tree as it is
+        return Offer(tree, tokens, scores, [None] * len(plans), [[] for _ in plans])
+    full = tree_of(tuple(paths))
     at = {path: i for i, path in enumerate(full.paths, 1)}
     order = torch.tensor([0] + [at[path] for path in tree.paths], dtype=torch.long)  # the drafted nodes' places in ``full``
     out = torch.tensor(roots).unsqueeze(1).repeat(1, full.size)

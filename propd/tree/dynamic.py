@@ -517,10 +517,11 @@ class TreeChooser:
         """Expected accepted tokens each node below the root adds [B][N - 1]: its draft path
         probability ``mass`` times ``draft_scale``; with an ``offer``, a lookup guess its anchor's
         worth times its chain's chances (``LookupAcceptance``), a drafted node that carries a
-        chain's first guess the larger of its own worth and that guess's chance (its ``mass``
-        raised to match: the draft's calibration credited the draft with what the lookup foresaw,
-        and ProPD expected 11-12% more accepted tokens than came on reasoning and stem questions),
-        and a drafted node that a chain duplicates nothing."""
+        chain's first guess the larger of its own worth and that guess's chance (its ``mass``, which
+        this raises to match, is what the draft's calibration counts as promised: counting the
+        draft's own, it credited the draft with what the lookup foresaw, and ProPD expected 12.5% and
+        11% more accepted tokens than came on reasoning and stem questions, 10.5% and 8% after), and
+        a drafted node that a chain duplicates nothing."""
         worth = [[self.draft_scale * m for m in row] for row in mass]
         for b, chain in enumerate(offer.chains if offer else ()):
             for node in offer.duplicates[b]:
