@@ -11,7 +11,7 @@ from propd.decoding.draft import DraftMethod
 from propd.decoding.lookup import LOOKUP_DEPTH, LOOKUP_RANK, Chain, LookupMethod, LookupState, NgramIndex, graft
 from propd.decoding.loop import generate_batch
 from propd.decoding.propd import PropdMethod
-from propd.tree.dynamic import AcceptanceModel, LookupAcceptance, TreeChooser
+from propd.tree.dynamic import WIDE_BATCH, AcceptanceModel, LookupAcceptance, TreeChooser
 from propd.tree.tree import chain, path_products, tree_of
 from tests.test_draft import random_draft
 from tests.test_propd import STATS, tiny_case
@@ -146,7 +146,7 @@ def test_a_row_is_copying_while_its_last_guess_was_right():
 @pytest.mark.parametrize("seed", range(4))
 def test_propd_with_lookup_guesses_equals_ar_on_tiny_models(seed):
     rng, dec, prompts, _ = tiny_case(seed)
-    prompts = [p + p[: rng.randint(1, len(p))] for p in prompts]
+    prompts = [p + p[: rng.randint(1, len(p))] for p in prompts[: WIDE_BATCH - 1]]  # (guesses below WIDE_BATCH rows only)
     ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
     chooser = TreeChooser(AcceptanceModel([[rng.random() / (r + 1) for r in range(3)] for _ in range(2)]), sizes=(1, 3, 8))
     chooser.latency.observe((len(prompts), 0), 1, 1.0)  # every size looks free to try
@@ -192,7 +192,7 @@ class ARPricedChooser(TreeChooser):
 @pytest.mark.parametrize("seed", range(4))
 def test_where_ar_is_priced_lookup_guesses_alone_step_and_the_draft_reads_them_later_losslessly(seed):
     rng, dec, prompts, _ = tiny_case(seed)
-    prompts = [p + p[: rng.randint(1, len(p))] for p in prompts]
+    prompts = [p + p[: rng.randint(1, len(p))] for p in prompts[: WIDE_BATCH - 1]]
     ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
     chooser = ARPricedChooser(len(prompts))
     offered = []
@@ -238,3 +238,17 @@ def test_steps_of_guesses_alone_that_take_longer_than_their_price_make_the_next_
     peak = chooser._guess_scale[(B, 0)]
     again = next((i for i in range(1000) if chooser.select_guesses(B, 100, root) is not None), None)
     assert again is not None and chooser._guess_scale[(B, 0)] < peak  # unmeasured while it rules them out, the price drifts back
+
+
+def test_from_a_wide_batch_no_lookup_guesses_are_offered_and_rows_still_keep_their_indexes():
+    rng, dec, prompts, _ = tiny_case(0)
+    prompts = [[rng.randrange(1, 96) for _ in range(12)] * 2 for _ in range(WIDE_BATCH)]
+    ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
+    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS[:2]]), sizes=(1, 3, 8))
+    chooser.latency.observe((len(prompts), 0), 1, 1.0)  # every size looks free to try
+    offers = []
+    select = chooser.select
+    chooser.select = lambda *a: offers.append((len(a[-2]), a[-1])) or select(*a)
+    out = generate_batch(dec, PropdMethod(DraftMethod(random_draft(dec.args, 0), chain(1)), chooser), prompts, 40, {0})
+    assert [s.token_ids for s in out] == ar
+    assert all(offer is None for rows, offer in offers if rows >= WIDE_BATCH) and any(rows >= WIDE_BATCH for rows, _ in offers)

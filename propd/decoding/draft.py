@@ -102,7 +102,7 @@ class DraftMethod:
     """A static tree filled by the draft layer."""
 
     drafted: tuple[int, float] | None = None  # the last tree's drafting: levels (a pass each) and seconds (``TreeChooser``)
-    lookup = False  # whether ``step_scored`` offers each row's prompt-lookup guesses too (ProPD)
+    lookup = False  # whether the rows keep n-gram indexes for prompt-lookup guesses (ProPD: ``step_scored``, ``step_guesses``)
 
     def __init__(self, draft: DraftHead, tree: TokenTree):
         self.draft = draft
@@ -198,7 +198,7 @@ class DraftMethod:
 
     def step_scored(
         self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker, tree: TokenTree,
-        select: Callable[[torch.Tensor, Offer | None], torch.Tensor], pruner: Pruner | None = None,
+        select: Callable[[torch.Tensor, Offer | None], torch.Tensor], pruner: Pruner | None = None, lookup: bool = False,
     ) -> tuple[StepResult, torch.Tensor, torch.Tensor, Offer | None]:
         """Draft ``tree`` (and, with ``lookup``, graft each row's lookup guesses on: the ``Offer``),
         then verify only the nodes [B, N] ``select`` keeps of each row given their draft path
@@ -207,7 +207,7 @@ class DraftMethod:
         probs = torch.ones(len(roots), tree.size)
         drafted = self.propose(decoder, roots, state, tree, probs)
         scores, offer = path_products(tree, probs), None
-        if state.lookup is not None:
+        if lookup:
             offer = graft(tree, drafted, scores, state.lookup, self.tree_size)
             tree, drafted, scores = offer.tree, offer.tokens, offer.scores
         nodes = select(scores, offer)

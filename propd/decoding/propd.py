@@ -17,7 +17,9 @@ Beside the draft's nodes each row is offered its prompt-lookup guesses (``lookup
 its newest n-gram where it last occurred in its prompt or answer), grafted onto the drafted tree
 and valued by their own acceptance model, so they compete for the step's tokens with the draft's
 nodes; where the chooser prices AR, the guesses alone may replace the AR step, since they need no
-drafting (``step_guesses``, ``TreeChooser.select_guesses``).
+drafting (``step_guesses``, ``TreeChooser.select_guesses``). Below ``WIDE_BATCH`` rows only: in
+five runs of the same bench on the AMD EPYC they gave batch 1 1.32-1.35x AR against 1.22-1.25x, but
+batch 4 0.94-0.96x against 0.96-0.99x and batch 8 0.86-0.97x against 0.89-0.99x.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from propd.decoding.tree import TreeMethod
 from propd.models import graphs
 from propd.models.decoder import Decoder, synchronize
 from propd.models.kv_cache import KVCache
-from propd.tree.dynamic import TreeChooser
+from propd.tree.dynamic import WIDE_BATCH, TreeChooser
 
 LOOKUP_CHAINS = 4  # room a step's tree keeps beside the draft's nodes for this many lookup chains (rows sharing an anchor share one)
 
@@ -72,14 +74,14 @@ class PropdMethod:
                 self.chooser.charge_ar(rows, context, (time.perf_counter() - t) / ar_steps)
             t, captures = time.perf_counter(), graphs.captured()
         verified = offer = None
-        drafting = tree.size > 1
-        if self.draft_scores and not drafting and self.drafter.lookup and self.chooser.ar_by_price:  # AR priced: lookup guesses need no drafting
+        drafting, lookup = tree.size > 1, self.draft_scores and self.drafter.lookup and rows < WIDE_BATCH
+        if not drafting and lookup and self.chooser.ar_by_price:  # AR priced: lookup guesses need no drafting
             select = functools.partial(self.chooser.select_guesses, rows, context)
             result, last, verified, offer = self.drafter.step_guesses(decoder, cache, roots, state, picker, select)
         elif self.draft_scores and drafting:  # the draft's own path probabilities pick which drafted nodes each row verifies
             candidates = self.chooser.candidates(tree)
             select = functools.partial(self.chooser.select, rows, context, tree.size, candidates.depth)
-            result, last, verified, offer = self.drafter.step_scored(decoder, cache, roots, state, picker, candidates, select, self.pruner)
+            result, last, verified, offer = self.drafter.step_scored(decoder, cache, roots, state, picker, candidates, select, self.pruner, lookup)
             tree = candidates
         else:
             result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)  # candidates, early pruning, verify, accept
