@@ -34,14 +34,15 @@ def _summary(gens, seconds: float) -> dict:
     new = sum(g.new_tokens for g in gens)
     steps = sum(g.stats.steps for g in gens)
     step_tokens = sum(sum(g.stats.step_accepted) for g in gens)
-    expected = [e for g in gens for e in g.stats.step_expected]
+    judged = [(e, a) for g in gens for e, a in zip(g.stats.step_expected, g.stats.step_accepted) if e is not None]  # ProPD's uncut steps
     return {
         "new_tokens": new,
         "seconds": round(seconds, 4),
         "tokens_per_s": round(new / seconds, 3) if seconds else None,
         "steps": steps,
         "mean_accepted": round(step_tokens / steps, 4) if steps else None,
-        "expected_accepted": round(sum(expected) / len(expected), 4) if expected else None,  # ProPD's acceptance model, per step
+        "expected_accepted": round(sum(e for e, _ in judged) / len(judged), 4) if judged else None,  # ProPD's acceptance model, per uncut step
+        "observed_accepted": round(sum(a for _, a in judged) / len(judged), 4) if judged else None,  # what those steps accepted
         "tree_tokens_per_step": round(sum(sum(g.stats.step_tree_tokens) for g in gens) / steps, 3) if steps else None,
         "late_tokens_per_step": round(sum(sum(g.stats.step_late_tokens) for g in gens) / steps, 3) if steps else None,
         "ms_per_step": round(1e3 * sum(g.stats.step_seconds[i] for g in gens for i in range(g.stats.steps)) / steps, 3) if steps else None,
@@ -89,7 +90,8 @@ def _per_category(run: MethodRun, ref: MethodRun) -> list[dict]:
     return [
         {"method": run.method, "batch_size": run.batch_size, "category": cat, "new_tokens": s["new_tokens"], "seconds": s["seconds"],
          "tokens_per_s": s["tokens_per_s"],
-         "mean_accepted": s["mean_accepted"], "expected_accepted": s["expected_accepted"], "tree_tokens_per_step": s["tree_tokens_per_step"],
+         "mean_accepted": s["mean_accepted"], "expected_accepted": s["expected_accepted"], "observed_accepted": s["observed_accepted"],
+         "tree_tokens_per_step": s["tree_tokens_per_step"],
          "speedup_vs_ar": round(s["tokens_per_s"] / ref_cats[cat]["tokens_per_s"], 3)}
         for cat, s in sorted(mine.items())
     ]
@@ -132,15 +134,24 @@ def markdown(results: dict) -> str:
             f"{_fmt(r['speedup_vs_hf'], 'x')} | {_fmt(r['mean_accepted'])} | "
             f"{_fmt(r['tree_tokens_per_step'])} | {_fmt(r['late_tokens_per_step'])} | {_fmt(r['ms_per_step'])} | {lossless} |"
         )
-    lines += ["", "## Per category", "", "*expected*: ProPD's acceptance model's prediction for the trees it chose (accepted tokens per step).", "",
-              "| method | batch | category | tokens/s | speed-up vs ar | mean accepted | expected | tree tokens/step |",
+    lines += ["", "## Per category", "",
+              "*expected / observed*: ProPD's acceptance model's prediction for the trees it chose, and what they accepted (tokens per step, "
+              "over the steps whose tokens EOS or the limit did not cut).", "",
+              "| method | batch | category | tokens/s | speed-up vs ar | mean accepted | expected / observed | tree tokens/step |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["per_category"]:
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['category']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | {_fmt(r['mean_accepted'])} | "
-            f"{_fmt(r['expected_accepted'])} | {_fmt(r['tree_tokens_per_step'])} |"
+            f"{_judged(r)} | {_fmt(r['tree_tokens_per_step'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _judged(r: dict) -> str:
+    """Expected / observed accepted tokens per step and the error, e.g. "2.10 / 2.00 (+5%)"; "-" for a method that chooses no trees."""
+    if r.get("expected_accepted") is None or not r.get("observed_accepted"):
+        return "-"
+    return f"{r['expected_accepted']:.2f} / {r['observed_accepted']:.2f} ({r['expected_accepted'] / r['observed_accepted'] - 1:+.0%})"
 
 
 def _batch_runs(results: dict) -> str:

@@ -34,7 +34,9 @@ class RowStats:
     step_tree_tokens: list[int] = field(default_factory=list)  # tokens verified by each step (root included)
     step_late_tokens: list[int] = field(default_factory=list)  # tokens that went through the late layers
     step_seconds: list[float] = field(default_factory=list)
-    step_expected: list[float] = field(default_factory=list)  # ProPD: tokens its acceptance model expected of each step's tree
+    # ProPD: tokens its acceptance model expected of each step's tree; None where EOS or the limit cut the
+    # step's tokens (what it accepted past the cut is not emitted, so it is no test of the expectation)
+    step_expected: list[float | None] = field(default_factory=list)
     prefill_seconds: float = 0.0
     seconds: float = 0.0  # from submission to the last token
 
@@ -236,7 +238,7 @@ class DecodeLoop:
             s.step_late_tokens.append(result.late_tokens[i])
             s.step_seconds.append(dt)
             if result.expected is not None:
-                s.step_expected.append(result.expected[i])
+                s.step_expected.append(result.expected[i] if emitted[i] == len(result.accepted[i]) else None)
         self.last_step = StepRecord(dt, emitted, result.tree_tokens, result.late_tokens)
         return events
 
