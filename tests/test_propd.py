@@ -99,20 +99,6 @@ def test_ar_is_measured_again_sooner_while_a_wide_batchs_trees_win_narrowly():
         assert max(gaps) <= 10 if sooner else min(gaps) > 30, (rows, gaps)
 
 
-def test_trees_are_measured_again_sooner_while_ar_wins_a_wide_batch_narrowly():
-    for rows, tree_cost, sooner in ((4, 0.015, True), (4, 0.03, False), (1, 0.015, False)):  # AR wins by ~1.02x, ~1.3x, ~1.02x
-        chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
-        chosen = []
-        for _ in range(120):
-            size = chooser.choose(rows, 100).size
-            chosen.append(size)
-            chooser.latency.observe((rows, 0), size, 0.02 + (tree_cost + 0.0015 * size) * (size > 1))
-        retries = [i for i, n in enumerate(chosen) if n > 1][4:]  # after exploring
-        gaps = [b - a for a, b in zip(retries, retries[1:])]
-        assert chooser._won_by < 1 and gaps, (rows, chosen)
-        assert max(gaps) <= 12 and len(gaps) >= 8 if sooner else min(gaps) > 30, (rows, gaps)
-
-
 def test_a_new_bucket_starts_from_a_smaller_or_near_batch_measures_its_smallest_tree_and_its_seeded_costs_follow_its_own():
     chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
     for size, seconds in ((1, 0.02), (2, 0.022), (4, 0.026)):  # trees pay at batch 4

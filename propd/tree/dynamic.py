@@ -51,11 +51,6 @@ OUTLIER = 2.0
 # steps. Not below: at batch 1 each AR step measured again gives up a third of a tree step's tokens,
 # and there without the rule ProPD gave 1.251x, 1.237x and 1.227x AR against 1.241x, 1.234x and 1.212x with it
 # (side by side; at batch 4, whose rows leave it one by one, 0.983x and 0.969x against 0.981x and 0.983x).
-# Likewise the trees, where AR wins by less than this factor: measured again every eighth of a half-life, their
-# wait not doubling. At batch 4 on the AMD EPYC three identical choosers side by side gave 0.96x, 1.02x and 1.06x
-# AR (the best static tree 1.05x): one slow tree step could leave trees priced dear for the rest of a batch. In a
-# simulation with slow spells (trees 10% ahead at batch 4, even or behind at batch 8), 30 seeds each: 1.159x
-# against 1.148x at batch 4 (worst seed 1.102x against 1.082x), the same at batch 8.
 NARROW_WIN = 1.2
 # A measurement moves every other size's average in its bucket (and its drafting costs) this part of the
 # way its own size's moved: the host's speed moves all of them at once, and on the AMD EPYC, where it
@@ -441,16 +436,16 @@ class TreeChooser:
 
     def _stale(self, key: tuple[int, int]) -> int | None:
         """A size to measure again: AR, or the smallest explored tree, when that side went unpicked
-        for half a half-life, or an eighth while the other side wins a wide batch by less than
-        ``NARROW_WIN``; else the trees' wait doubles (up to 8 times) with each retry that did not win
-        them a step (where AR pays by more, at batch 8, each retry cost two AR steps)."""
+        for half a half-life (AR: an eighth, while the trees of a wide batch win by less than ``NARROW_WIN``); the
+        trees' wait doubles (up to 8 times) with each retry that did not win them a step (where AR
+        pays, at batch 8, each retry cost two AR steps)."""
         sizes = self.latency.buckets[key]
-        narrow = key[0] >= WIDE_BATCH and 1 / NARROW_WIN < self._won_by < NARROW_WIN
+        narrow = key[0] >= WIDE_BATCH and self._won_by < NARROW_WIN
         since = self.latency.steps - self.latency.half_life / (8 if narrow else 2)
         if 1 in sizes and sizes[1].step < since:
             return 1
         trees = [s.step for n, s in sizes.items() if n > 1]
-        wait = self.latency.half_life / 8 if narrow else self.latency.half_life / 2 * 2 ** min(self._tree_retries, 3)
+        wait = self.latency.half_life / 2 * 2 ** min(self._tree_retries, 3)
         return self.explore[0] if trees and max(trees) < self.latency.steps - wait else None
 
     def charge_ar(self, batch_size: int, context: int, seconds: float) -> None:
