@@ -92,19 +92,41 @@ def test_selection_counts_a_guess_its_anchors_worth_times_its_chances_and_a_dupl
     B = len(tokens)
     for size in (1, 2, 8, 12):
         chooser.latency.observe((B, 0), size, 0.03 + 0.0001 * size + 0.01 * (size > 1))  # trees nearly free: every node that adds pays
-    kept = chooser.select(B, 100, 4, tree.depth, offer.scores, offer)
+    kept = chooser.select(B, 100, 4, tree, offer.scores, offer)
     full = offer.tree
     assert (kept[:, 1:] <= kept.gather(1, full.parents[1:].expand(B, -1))).all()  # whole paths
     for b, chain_ in enumerate(offer.chains):
         assert not kept[b, offer.duplicates[b]].any()
-        worth = (chooser.draft_scale * offer.scores[b, 1:]).tolist()
+        worth = [chooser.draft_scale(d) * m for d, m in zip(full.depths[1:].tolist(), offer.scores[b, 1:].tolist())]
         if chain_ is not None:
             anchor = 1.0
             if chain_.anchor:  # a drafted node carrying the first guess: as likely as the draft or the lookup says
-                anchor = worth[chain_.anchor - 1] = max(worth[chain_.anchor - 1], chooser.lookup.first(chain_))
+                anchor = worth[chain_.anchor - 1] = max(worth[chain_.anchor - 1], min(1.0, chooser.lookup.first(chain_) * chooser.lookup_scale))
             for node, chance in zip(chain_.nodes, chooser.lookup.chances(chain_)):
-                worth[node - 1] = anchor * chance
+                worth[node - 1] = anchor * min(1.0, chance * chooser.lookup_scale)
         assert chooser.expected_rows[b] == pytest.approx(1 + sum(w for w, k in zip(worth, kept[b, 1:].tolist()) if k))
+
+
+def test_the_guesses_chances_are_scaled_by_how_many_of_the_guesses_kept_came():
+    tree, tokens, scores, state, offer = next(o for o in map(random_offer, range(100)) if sum(c is not None for c in o[4].chains) >= 1)
+    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 2, 4, 8, 12, 16))
+    B = len(tokens)
+    for size in (1, 2, 8, 12):
+        chooser.latency.observe((B, 0), size, 0.03 + 0.0001 * size + 0.01 * (size > 1))  # trees nearly free: every node that adds pays
+    full, guessed = offer.tree, [c.nodes if c else [] for c in offer.chains]
+    assert chooser.lookup_scale == 1.0
+    for _ in range(30):  # every row's whole chain rejected, step after step
+        kept = chooser.select(B, 100, 4, tree, offer.scores, offer)
+        assert all(kept[b, guessed[b]].all() for b in range(B))  # every guess kept (they are nearly free)
+        before = chooser.lookup_scale
+        chooser.observe(full, B, 100, [0] * B, 0.03, kept, offer=offer)
+        assert chooser.lookup_scale < before
+    low = chooser.lookup_scale
+    assert low < 0.6  # (the prior, 4 tokens accepted of 4 promised, decays 2% a step)
+    for _ in range(10):  # then accepted whole
+        kept = chooser.select(B, 100, 4, tree, offer.scores, offer)
+        chooser.observe(full, B, 100, [nodes[-1] if nodes else 0 for nodes in guessed], 0.03, kept, offer=offer)
+    assert chooser.lookup_scale > 1.5 * low
 
 
 def test_the_draft_acceptance_model_learns_nothing_from_a_lookup_chain_but_the_drafted_siblings_it_passed():

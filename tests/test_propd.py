@@ -303,7 +303,7 @@ def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_an
         chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 2, 4, 8, 12, 16))
         for size in (1, 2, 8, 12):
             chooser.latency.observe((2, 0), size, 0.03 + slope * size + 0.01 * (size > 1))
-        kept = chooser.select(2, 100, 4, tree.depth, scores)
+        kept = chooser.select(2, 100, 4, tree, scores)
         assert kept.shape == scores.shape and kept[:, 0].all()
         extra = int(kept[:, 1:].sum())
         assert extra == want if want else 1 < extra < 22
@@ -312,12 +312,20 @@ def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_an
         assert below[taken].min() >= torch.cat([below[~taken], torch.zeros(1)]).max()  # the batch's most probable (row, node) pairs
         if want is None:
             assert kept[0].sum() > kept[1].sum()  # the row the draft is surer of gets the larger tree
-        own = 1 + chooser.draft_scale * (below * taken).sum(1)  # each row expects what its own nodes promise
+        scales = torch.tensor([chooser.draft_scale(d) for d in tree.depths[1:].tolist()])
+        own = 1 + (scales * below * taken).sum(1)  # each row expects what its own nodes promise, each at its depth's scale
         assert chooser.expected_rows == pytest.approx(own.tolist())
-    before = chooser.draft_scale
-    kept = chooser.select(2, 100, 4, tree.depth, torch.ones(2, tree.size))  # the draft promised every node to both rows...
+    before = [chooser.draft_scale(d) for d in (1, 2)]
+    kept = chooser.select(2, 100, 4, tree, torch.ones(2, tree.size))  # the draft promised every node to both rows...
     chooser.observe(tree, 2, 100, [0, 0], 0.03, kept)  # ...and none was accepted
-    assert chooser.draft_scale < before
+    assert all(chooser.draft_scale(d) < b for d, b in zip((1, 2), before))
+    first = tree.kids[0][0]  # the draft promises the root's first child and its children; every step takes the child, and nothing deeper
+    promised = torch.zeros(2, tree.size)
+    promised[:, [0, first, *tree.kids[first]]] = 1.0
+    for _ in range(20):
+        kept = chooser.select(2, 100, 4, tree, promised)
+        chooser.observe(tree, 2, 100, [first, first], 0.03, kept)
+    assert chooser.draft_scale(1) > before[0] and chooser.draft_scale(2) < before[1] / 2  # each depth learns its own over-confidence
     assert chooser.latency.count((2, 0), 12) == 2  # a step of 12 nodes per row on average
 
 
