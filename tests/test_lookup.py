@@ -122,11 +122,11 @@ def test_the_guesses_chances_are_scaled_by_how_many_of_the_guesses_kept_came():
         chooser.observe(full, B, 100, [0] * B, 0.03, kept, offer=offer)
         assert chooser.lookup_scale < before
     low = chooser.lookup_scale
-    assert low < 0.6  # (the prior, 4 tokens accepted of 4 promised, decays 2% a step)
+    assert low < 0.75  # (a prior of 4 tokens accepted of 4 promised stays in it)
     for _ in range(10):  # then accepted whole
         kept = chooser.select(B, 100, 4, tree, offer.scores, offer)
         chooser.observe(full, B, 100, [nodes[-1] if nodes else 0 for nodes in guessed], 0.03, kept, offer=offer)
-    assert chooser.lookup_scale > 1.5 * low
+    assert chooser.lookup_scale > 1.3 * low
 
 
 def test_the_draft_acceptance_model_learns_nothing_from_a_lookup_chain_but_the_drafted_siblings_it_passed():

@@ -326,6 +326,10 @@ def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_an
         kept = chooser.select(2, 100, 4, tree, promised)
         chooser.observe(tree, 2, 100, [first, first], 0.03, kept)
     assert chooser.draft_scale(1) > before[0] and chooser.draft_scale(2) < before[1] / 2  # each depth learns its own over-confidence
+    promised[:, tree.kids[first]] = 0.0  # then the draft promises nothing deeper: depth 2 goes unmeasured...
+    for _ in range(200):
+        chooser.observe(tree, 2, 100, [first, first], 0.03, chooser.select(2, 100, 4, tree, promised))
+    assert chooser.draft_scale(2) > 0.6  # ...and its evidence ages into the pooled depths' ratio
     assert chooser.latency.count((2, 0), 12) == 2  # a step of 12 nodes per row on average
 
 

@@ -349,13 +349,12 @@ class TreeChooser:
         self._tree_retries = 0  # trees measured again since a tree last won a step
         self._won_by = float("inf")  # the last choice's best tree rate over AR's (with the margin)
         self._ar_won = False  # an AR step since the last tree won on its rate (not explored, not measured again)
-        # Draft path probabilities vs what was accepted, per depth: decayed sums, each started at the
-        # over-confidence `propd calibrate` measured (accepted nodes / drafted probability ~0.8 on MT-Bench).
+        # Draft path probabilities vs what was accepted, per depth: decayed sums (``draft_scale``).
         self._draft_mass: dict[int, float] = {}
         self._draft_accepted: dict[int, float] = {}
         self._drafted_mass: dict[int, float] | None = None  # per depth, what the last ``select`` kept
-        # The lookup guesses' chances vs what was accepted, likewise (``lookup_scale``), started at 1.
-        self._lookup_mass, self._lookup_accepted = DRAFT_PRIOR, DRAFT_PRIOR
+        # The lookup guesses' chances vs what was accepted, likewise (``lookup_scale``).
+        self._lookup_mass = self._lookup_accepted = 0.0
         self._guessed_mass: float | None = None  # the chances the last selection kept
         self._exploring = False  # this step measures an explored size: ``select`` keeps it
         self.ar_by_price = False  # this step's AR was priced, not explored or measured again: lookup guesses may replace it (``select_guesses``)
@@ -598,8 +597,8 @@ class TreeChooser:
             for node in (node for n in last_nodes for node in tree.lineage[n][1:] if LOOKUP_RANK not in tree.paths[node - 1]):
                 accepted[len(tree.paths[node - 1])] = accepted.get(len(tree.paths[node - 1]), 0) + 1
             for depth in self._drafted_mass.keys() | accepted.keys() | self._draft_mass.keys():
-                self._draft_mass[depth] = DRAFT_DECAY * self._draft_mass.get(depth, DRAFT_PRIOR) + self._drafted_mass.get(depth, 0.0)
-                self._draft_accepted[depth] = DRAFT_DECAY * self._draft_accepted.get(depth, 0.8 * DRAFT_PRIOR) + accepted.get(depth, 0)
+                self._draft_mass[depth] = DRAFT_DECAY * self._draft_mass.get(depth, 0.0) + self._drafted_mass.get(depth, 0.0)
+                self._draft_accepted[depth] = DRAFT_DECAY * self._draft_accepted.get(depth, 0.0) + accepted.get(depth, 0)
             self._drafted_mass = None
         if self._guessed_mass is not None:  # and how far the lookup's chances did
             guessed = sum(1 for n in last_nodes for node in tree.lineage[n][1:] if LOOKUP_RANK in tree.paths[node - 1])
@@ -613,13 +612,19 @@ class TreeChooser:
         steps. The chances are shared by every prompt, and how much an answer copies its prompt is
         the prompt's own: on 16 MT-Bench questions at batch 1 (AMD EPYC) the guesses ProPD kept
         promised 20.8 tokens on reasoning questions where 11 came, 36.7 on stem where 19 came, and
-        58.5 on extraction where 83 came."""
-        return self._lookup_accepted / self._lookup_mass
+        58.5 on extraction where 83 came. ``DRAFT_PRIOR`` tokens' worth of a prior at 1 stays in it,
+        so that a scale that kept the guesses out comes back as its evidence ages."""
+        return (self._lookup_accepted + DRAFT_PRIOR) / (self._lookup_mass + DRAFT_PRIOR)
 
     def draft_scale(self, depth: int) -> float:
         """Accepted nodes per unit of draft path probability at ``depth``, over recent steps. The
         draft is over-confident, and more so deeper, where its probabilities are products: on 16
         MT-Bench questions at batch 1 (AMD EPYC) 0.85 at depth 1 and 0.71 at depth 2, and one scale
-        for both expected 12% more of the second level than came."""
-        return self._draft_accepted.get(depth, 0.8 * DRAFT_PRIOR) / self._draft_mass.get(depth, DRAFT_PRIOR)
+        for both expected 12% more of the second level than came. Each depth's holds ``DRAFT_PRIOR``
+        of the pooled depths' ratio (itself holding as much of the 0.8 `propd calibrate` measured on
+        MT-Bench): a depth whose nodes the scale kept out is no longer measured, and its evidence
+        ages into the pooled ratio (without, depth 2 fell to 0.29 on humanities and writing answers
+        and stayed there for eight questions, where the draft was as good as ever)."""
+        pooled = (sum(self._draft_accepted.values()) + 0.8 * DRAFT_PRIOR) / (sum(self._draft_mass.values()) + DRAFT_PRIOR)
+        return (self._draft_accepted.get(depth, 0.0) + DRAFT_PRIOR * pooled) / (self._draft_mass.get(depth, 0.0) + DRAFT_PRIOR)
 
