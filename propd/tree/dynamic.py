@@ -29,6 +29,7 @@ reached by doubling while each step up still pays.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -352,7 +353,7 @@ class TreeChooser:
         # Draft path probabilities vs what was accepted, per depth: decayed sums (``draft_scale``).
         self._draft_mass: dict[int, float] = {}
         self._draft_accepted: dict[int, float] = {}
-        self._drafted_mass: dict[int, float] | None = None  # per depth, what the last ``select`` kept
+        self._drafted_mass: Counter[int] | None = None  # per depth, what the last ``select`` kept
         # The lookup guesses' chances vs what was accepted, likewise (``lookup_scale``).
         self._lookup_mass = self._lookup_accepted = 0.0
         self._guessed_mass: float | None = None  # the chances the last selection kept
@@ -492,7 +493,7 @@ class TreeChooser:
             top = int(B * (2 * max(self.latency.measured(key) or [chosen]) - 1))
             order = sorted(((b, n) for b in range(B) for n in range(N - 1)), key=lambda bn: -worth[bn[0]][bn[1]])[:top]  # stable: ancestors first
             picked = order[: max(1, _paying(order, worth, B, fit[0] + self.latency.drafting(key, drafted.depth), fit[1], 0.0))]
-        return self._keep(picked, B, N, worth, mass, tree.depths[1:].tolist(), offer)
+        return self._keep(picked, B, N, worth, mass, tree, offer)
 
     def select_guesses(self, batch_size: int, context: int, offer: Offer) -> torch.Tensor | None:
         """Where a priced choice took AR (``ar_by_price``): the rows' lookup guesses [B, N] of
@@ -515,7 +516,7 @@ class TreeChooser:
         self._guess_cost = (key, ar.seconds + fit[1] * k / B)
         if not k and key in self._guess_scale:  # unmeasured while it rules the guesses out: it drifts back, and they are tried again
             self._guess_scale[key] += GUESS_DRIFT * (1.0 - self._guess_scale[key])
-        return self._keep(order[:k], B, N, worth, None, [], offer) if k else None
+        return self._keep(order[:k], B, N, worth, None, offer.tree, offer) if k else None
 
     def _worth(self, mass: list[list[float]], offer: Offer | None, tree: TokenTree) -> list[list[float]]:
         """Expected accepted tokens each node below the root adds [B][N - 1]: its draft path
@@ -526,32 +527,33 @@ class TreeChooser:
         draft's own, it credited the draft with what the lookup foresaw, and ProPD expected 12.5% and
         11% more accepted tokens than came on reasoning and stem questions, 10.5% and 8% after), and
         a drafted node that a chain duplicates nothing."""
-        scales = [self.draft_scale(d) for d in tree.depths[1:].tolist()]
+        by_depth = {depth: self.draft_scale(depth) for depth in range(1, tree.depth + 1)}
+        scales = [by_depth[len(path)] for path in tree.paths]
         worth = [[scale * m for scale, m in zip(scales, row)] for row in mass]
+        lookup_scale = self.lookup_scale
         for b, chain in enumerate(offer.chains if offer else ()):
             for node in offer.duplicates[b]:
                 worth[b][node - 1] = 0.0
             if chain is not None:
                 anchor = 1.0
                 if chain.anchor:  # the drafted node carrying the first guess: as likely as either says
-                    anchor = worth[b][chain.anchor - 1] = max(worth[b][chain.anchor - 1], min(1.0, self.lookup.first(chain) * self.lookup_scale))
+                    anchor = worth[b][chain.anchor - 1] = max(worth[b][chain.anchor - 1], min(1.0, self.lookup.first(chain) * lookup_scale))
                     mass[b][chain.anchor - 1] = anchor / scales[chain.anchor - 1]  # (what the draft's calibration then counts as promised)
                 for node, chance in zip(chain.nodes, self.lookup.chances(chain)):
-                    worth[b][node - 1] = anchor * min(1.0, chance * self.lookup_scale)
-        parents = tree.parents[1:].tolist()
+                    worth[b][node - 1] = anchor * min(1.0, chance * lookup_scale)
         for row in worth:  # a node is accepted only after its parent: never worth more (depths' scales may say so)
-            for n, parent in enumerate(parents):
-                if parent:
-                    row[n] = min(row[n], row[parent - 1])
+            for n, lineage in enumerate(tree.lineage[1:]):
+                if lineage[-2]:
+                    row[n] = min(row[n], row[lineage[-2] - 1])
         return worth
 
     def _keep(
-        self, picked: list[tuple[int, int]], B: int, N: int, worth: list[list[float]], mass: list[list[float]] | None, depths: list[int],
+        self, picked: list[tuple[int, int]], B: int, N: int, worth: list[list[float]], mass: list[list[float]] | None, tree: TokenTree,
         offer: Offer | None,
     ) -> torch.Tensor:
-        """The ``picked`` (row, node below the root) pairs as a mask [B, N], the root kept; each row's
-        expected accepted tokens, the drafted probability mass kept per depth (``mass`` None: none
-        drafted) and the lookup guesses' chances kept."""
+        """The ``picked`` (row, node below the root of ``tree``) pairs as a mask [B, N], the root kept;
+        each row's expected accepted tokens, the drafted probability mass kept per depth (``mass``
+        None: none drafted) and the lookup guesses' chances kept."""
         keep = [[True] + [False] * (N - 1) for _ in range(B)]
         expected = [1.0] * B
         for b, n in picked:
@@ -560,9 +562,9 @@ class TreeChooser:
         self.expected_rows = expected
         self._drafted_mass = None
         if mass is not None:
-            self._drafted_mass = {}
+            self._drafted_mass = Counter()
             for b, n in picked:
-                self._drafted_mass[depths[n]] = self._drafted_mass.get(depths[n], 0.0) + mass[b][n]
+                self._drafted_mass[len(tree.paths[n])] += mass[b][n]
         guesses = [set(chain.nodes) if chain else set() for chain in offer.chains] if offer else None
         self._guessed_mass = None if guesses is None else sum(worth[b][n] for b, n in picked if n + 1 in guesses[b]) / self.lookup_scale
         return torch.tensor(keep)
@@ -592,18 +594,16 @@ class TreeChooser:
             self.acceptance.observe(tree, last, None if held is None else held[row])
             if offer is not None and offer.chains[row] is not None:
                 self.lookup.observe(offer.chains[row], tree.lineage[last], None if held is None else held[row])
+        paths = (tree.paths[node - 1] for n in last_nodes for node in tree.lineage[n][1:])
+        accepted = Counter(0 if LOOKUP_RANK in path else len(path) for path in paths)  # per depth; 0: lookup guesses
         if self._drafted_mass is not None:  # the draft's probabilities picked this tree: how far they over-promised, per depth
-            accepted: dict[int, int] = {}
-            for node in (node for n in last_nodes for node in tree.lineage[n][1:] if LOOKUP_RANK not in tree.paths[node - 1]):
-                accepted[len(tree.paths[node - 1])] = accepted.get(len(tree.paths[node - 1]), 0) + 1
-            for depth in self._drafted_mass.keys() | accepted.keys() | self._draft_mass.keys():
-                self._draft_mass[depth] = DRAFT_DECAY * self._draft_mass.get(depth, 0.0) + self._drafted_mass.get(depth, 0.0)
-                self._draft_accepted[depth] = DRAFT_DECAY * self._draft_accepted.get(depth, 0.0) + accepted.get(depth, 0)
+            for depth in self._drafted_mass.keys() | self._draft_mass.keys() | accepted.keys() - {0}:
+                self._draft_mass[depth] = DRAFT_DECAY * self._draft_mass.get(depth, 0.0) + self._drafted_mass[depth]
+                self._draft_accepted[depth] = DRAFT_DECAY * self._draft_accepted.get(depth, 0.0) + accepted[depth]
             self._drafted_mass = None
         if self._guessed_mass is not None:  # and how far the lookup's chances did
-            guessed = sum(1 for n in last_nodes for node in tree.lineage[n][1:] if LOOKUP_RANK in tree.paths[node - 1])
             self._lookup_mass = DRAFT_DECAY * self._lookup_mass + self._guessed_mass
-            self._lookup_accepted = DRAFT_DECAY * self._lookup_accepted + guessed
+            self._lookup_accepted = DRAFT_DECAY * self._lookup_accepted + accepted[0]
             self._guessed_mass = None
 
     @property
