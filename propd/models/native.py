@@ -63,6 +63,7 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.silu_mul.restype = None
     kernel.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     kernel.amx_ready.restype = ctypes.c_int
+    kernel.bf16_dot_attention.restype = ctypes.c_int
     kernel.amx_ready.argtypes = []
     kernel.bf16_products.restype = ctypes.c_int
     kernel.bf16_products.argtypes = []

@@ -11,7 +11,8 @@
    across positions with the same code in every lane); built with -ffp-contract=off and without
    fast-math, so no sum is reordered and the only fused multiply-adds are the explicit ``fmadd``
    (18% off a compute-bound call). The entries are fp32, or bf16 (a cache kept in bf16: half the
-   bytes to read, each entry widened exactly to the fp32 the same kernel would read). */
+   bytes to read); bf16 entries of heads of 32k features are read by the CPU's bf16 dot products
+   where it has them (``chunk_dp``), others widened exactly to the fp32 the same kernel would read. */
 #include <stdatomic.h>
 #include <stdlib.h>
 
@@ -137,8 +138,158 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int bf16, 
 #undef ADD_VALUE
 }
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+
+/* ``chunk`` over bf16 entries by the CPU's bf16 dot-product instruction, as a bf16 model's attention
+   runs elsewhere (bf16 queries, bf16 weights, fp32 sums): a query's score with a key is one chain of
+   instructions over the feature pairs in order (each lane two pairs, then folded as ``fold``), and its
+   weighted values take the entries two at a time, positions (0, 1), (2, 3) ... of its own sequence
+   (the last alone, beside a zero entry, where it has an odd count), the weights rounded to bf16 and
+   summed 16 lanes apart and folded. What a query computes still depends on its own query and entries
+   alone. Over fp32 arithmetic on widened entries, with the scores' maximum and the weights' sum
+   kept in vectors (as one scalar chain each, they were most of what the arithmetic saved), 30
+   layers' attention on the AMD EPYC, the entries in cache: 8 tokens over 300 entries 2.06 -> 1.51
+   ms, over 2,000 10.5 -> 7.3; batch-8 AR over 300 2.15 -> 1.65. ``pairs``: the head's features / 32. */
+__attribute__((always_inline)) static inline void chunk_dp(const Job *a, int64_t pairs, int64_t nq, int64_t b, int64_t kvh, int64_t p0, float *scores) {
+    static const uint16_t zero[128] = {0};
+    int64_t g = a->H / a->KV, hd = a->hd, padded = (a->max_keys + W - 1) / W * W, shared = INT64_MAX;
+    const uint16_t *kh = (const uint16_t *)a->k + b * a->sb + kvh * a->sh, *vh = (const uint16_t *)a->v + b * a->sb + kvh * a->sh;
+    __m512bh qs[CHUNK][4];
+    __m512 acc[CHUNK][8];
+    float top[CHUNK], total[CHUNK];
+    int64_t inplace[CHUNK], L[CHUNK], row[CHUNK];
+    const int64_t *path[CHUNK];
+    for (int64_t i = 0; i < nq; ++i) {
+        int64_t bt = a->starts[b] + (p0 + i) / g;
+        row[i] = bt * a->H + kvh * g + (p0 + i) % g;
+        inplace[i] = L[i] = a->n_in[bt], path[i] = a->path + bt * a->D;
+        while (L[i] - inplace[i] < a->D && path[i][L[i] - inplace[i]] >= 0) ++L[i];
+        shared = inplace[i] < shared ? inplace[i] : shared;
+        uint16_t q[128];
+        for (int64_t c = 0; c < 2 * pairs; ++c) store_bf16(q + c * W, load(a->q + row[i] * hd + c * W) * splat(a->scale));
+        for (int64_t c = 0; c < pairs; ++c) qs[i][c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
+        for (int64_t c = 0; c < 2 * pairs; ++c) acc[i][c] = _mm512_setzero_ps();
+        top[i] = -INFINITY, total[i] = 0.0f;
+    }
+#define SLOT(i, j) ((j) < inplace[i] ? (j) : path[i][(j) - inplace[i]])
+#define ENTRY(base, slot) ((base) + (slot) * a->ss)
+/* the cache lines of ``count`` entries AHEAD entries after e (an entry: hd + 1 features, not line-aligned) */
+#define FETCH_AHEAD(e, count) for (int64_t at = 0; at <= (count) * (hd + 1) * 2; at += 64) __builtin_prefetch((const char *)ENTRY(e, AHEAD) + at)
+#define PRODUCTS(x, i, e)                                                                                    \
+    do {                                                                                                     \
+        __m512 s_ = _mm512_setzero_ps();                                                                     \
+        for (int64_t c = 0; c < pairs; ++c) s_ = _mm512_dpbf16_ps(s_, qs[i][c], (__m512bh)_mm512_loadu_si512((e) + 32 * c)); \
+        (x) = (vf)s_;                                                                                        \
+    } while (0)
+#define SCORE(i, j, e)                                \
+    do {                                              \
+        vf s;                                         \
+        PRODUCTS(s, i, e);                            \
+        float x = fold(s);                            \
+        scores[(i) * padded + (j)] = x;               \
+        top[i] = x > top[i] ? x : top[i];             \
+    } while (0)
+    int64_t blocked = shared / W * W;
+    vf tops[CHUNK]; /* the largest score so far per lane (a maximum is the same in any order) */
+    for (int64_t i = 0; i < nq; ++i) tops[i] = splat(-INFINITY);
+    for (int64_t j0 = 0; j0 < blocked; j0 += W) {
+        vf part[CHUNK][W];
+        for (int64_t n = 0; n < W; ++n) {
+            const uint16_t *e = ENTRY(kh, j0 + n);
+            FETCH_AHEAD(e, 1);
+            for (int64_t i = 0; i < nq; ++i) PRODUCTS(part[i][n], i, e);
+        }
+        for (int64_t i = 0; i < nq; ++i) {
+            vf x = fold16(part[i]);
+            store(scores + i * padded + j0, x);
+            tops[i] = pick(x > tops[i], x, tops[i]);
+        }
+    }
+    for (int64_t i = 0; i < nq; ++i)
+        for (int n = 0; n < W; ++n) top[i] = tops[i][n] > top[i] ? tops[i][n] : top[i];
+    for (int64_t j = blocked; j < shared; ++j)
+        for (int64_t i = 0; i < nq; ++i) SCORE(i, j, ENTRY(kh, j));
+    for (int64_t i = 0; i < nq; ++i)
+        for (int64_t j = shared; j < L[i]; ++j) SCORE(i, j, ENTRY(kh, SLOT(i, j)));
+    uint16_t *weights = (uint16_t *)(scores + nq * padded); /* per query, its weights in bf16, a zero after an odd count */
+    for (int64_t i = 0; i < nq; ++i) {
+        float *r = scores + i * padded;
+        uint16_t *w = weights + i * (padded + W);
+        const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        vf sums = splat(0.0f); /* lane l: the weights at positions l, l + 16, ... in order, then folded */
+        for (int64_t j = L[i]; j < (L[i] + W - 1) / W * W; ++j) r[j] = top[i];
+        for (int64_t j = 0; j < L[i]; j += W) {
+            store_bf16(w + j, pick(lane < (vi){0} + (int32_t)(L[i] - j), vexp(load(r + j) - splat(top[i])), splat(0.0f)));
+            sums += load_bf16(w + j);
+        }
+        w[L[i]] = 0;
+        total[i] = fold(sums);
+    }
+/* The values of entries e0 and e1 (e1 after e0 in position), weighted by query i's pair of weights at j. */
+#define ADD_PAIR(i, j, lo, hi)                                                                      \
+    do {                                                                                            \
+        uint32_t w_;                                                                                \
+        memcpy(&w_, weights + (i) * (padded + W) + (j), sizeof w_);                                 \
+        __m512bh ws_ = (__m512bh)_mm512_set1_epi32((int32_t)w_);                                    \
+        for (int64_t c = 0; c < pairs; ++c) {                                                       \
+            acc[i][2 * c] = _mm512_dpbf16_ps(acc[i][2 * c], ws_, lo[c]);                            \
+            acc[i][2 * c + 1] = _mm512_dpbf16_ps(acc[i][2 * c + 1], ws_, hi[c]);                    \
+        }                                                                                           \
+    } while (0)
+#define INTERLEAVE(lo, hi, e0, e1)                                                                  \
+    for (int64_t c = 0; c < pairs; ++c) {                                                           \
+        __m512i x_ = _mm512_loadu_si512((e0) + 32 * c), y_ = _mm512_loadu_si512((e1) + 32 * c);    \
+        lo[c] = (__m512bh)_mm512_unpacklo_epi16(x_, y_), hi[c] = (__m512bh)_mm512_unpackhi_epi16(x_, y_); \
+    }
+    __m512bh lo[4], hi[4];
+    int64_t even = shared & ~(int64_t)1;
+    for (int64_t j = 0; j < even; j += 2) {
+        const uint16_t *e = ENTRY(vh, j);
+        FETCH_AHEAD(e, 2);
+        INTERLEAVE(lo, hi, e, ENTRY(vh, j + 1));
+        for (int64_t i = 0; i < nq; ++i) ADD_PAIR(i, j, lo, hi);
+    }
+    for (int64_t i = 0; i < nq; ++i)
+        for (int64_t j = even; j < L[i]; j += 2) {
+            INTERLEAVE(lo, hi, ENTRY(vh, SLOT(i, j)), j + 1 < L[i] ? ENTRY(vh, SLOT(i, j + 1)) : zero);
+            ADD_PAIR(i, j, lo, hi);
+        }
+    /* lane 4m + l of the unpacked low half holds feature 8m + l of its 32, of the high half 8m + 4 + l */
+    for (int64_t i = 0; i < nq; ++i)
+        for (int64_t c = 0; c < pairs; ++c) {
+            vf x = (vf)acc[i][2 * c] / splat(total[i]), y = (vf)acc[i][2 * c + 1] / splat(total[i]);
+            float *o = a->out + row[i] * hd + 32 * c;
+            for (int m = 0; m < 4; ++m)
+                for (int l = 0; l < 4; ++l) o[8 * m + l] = x[4 * m + l], o[8 * m + 4 + l] = y[4 * m + l];
+        }
+#undef SLOT
+#undef ENTRY
+#undef FETCH_AHEAD
+#undef PRODUCTS
+#undef SCORE
+#undef ADD_PAIR
+#undef INTERLEAVE
+}
+#define DOT_BF16 1
+#else
+#define DOT_BF16 0
+#endif
+
+/* Whether a bf16 cache's heads of 32k features are read by ``chunk_dp`` (else widened to fp32). */
+int bf16_dot_attention(void) { return DOT_BF16; }
+
 /* A chunk with its sizes and entry type as constants for the common head dims (64, 128) and chunk sizes. */
 static void chunk_any(const Job *a, int64_t nq, int64_t b, int64_t kvh, int64_t p0, float *scores) {
+#if DOT_BF16
+#define CASE_DP(PAIRS, NQ) if (a->hd == 32 * (PAIRS) && nq == (NQ)) { chunk_dp(a, PAIRS, NQ, b, kvh, p0, scores); return; }
+    if (a->bf16 && a->hd % 32 == 0) {
+        CASE_DP(2, 1) CASE_DP(2, 2) CASE_DP(2, 3) CASE_DP(2, 4) CASE_DP(4, 1) CASE_DP(4, 2) CASE_DP(4, 3) CASE_DP(4, 4)
+        chunk_dp(a, a->hd / 32, nq, b, kvh, p0, scores);
+        return;
+    }
+#undef CASE_DP
+#endif
 #define CASE(BF16, LANES, NQ) if (a->bf16 == (BF16) && a->hd == (LANES) * W && nq == (NQ)) { chunk(a, BF16, LANES, NQ, b, kvh, p0, scores); return; }
     CASE(0, 4, 1) CASE(0, 4, 2) CASE(0, 4, 3) CASE(0, 4, 4) CASE(0, 8, 1) CASE(0, 8, 2) CASE(0, 8, 3) CASE(0, 8, 4)
     CASE(1, 4, 1) CASE(1, 4, 2) CASE(1, 4, 3) CASE(1, 4, 4) CASE(1, 8, 1) CASE(1, 8, 2) CASE(1, 8, 3) CASE(1, 8, 4)
@@ -153,7 +304,7 @@ static void chunk_any(const Job *a, int64_t nq, int64_t b, int64_t kvh, int64_t 
 static void run(void *arg) {
     Job *a = arg;
     int64_t tasks = a->B * a->KV * ((a->chunks + a->group - 1) / a->group);
-    float *scores = malloc(sizeof(float) * (size_t)(CHUNK * ((a->max_keys + W - 1) / W * W)));
+    float *scores = malloc(sizeof(float) * (size_t)(2 * CHUNK * ((a->max_keys + W - 1) / W * W + W))); /* scores, then (bf16) weights */
     if (!scores) {
         atomic_store(&a->status, -1);
         return;
