@@ -1,13 +1,14 @@
 """The decode loop: rows join a running batch (continuous batching) and leave it, each getting the
 tokens it gets alone, for every method; streams stop when their reader stops."""
 
+import math
 import random
 
 import pytest
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
-from propd.decoding.loop import PREFILL_CHUNK, DecodeLoop, generate_batch
+from propd.decoding.loop import LEAD_SCALE, PREFILL_CHUNK, DecodeLoop, generate_batch
 from propd.decoding.propd import PropdMethod
 from propd.decoding.spec import SpecMethod
 from propd.decoding.tree import TreeMethod
@@ -53,6 +54,23 @@ def test_rows_joining_a_running_batch_get_the_tokens_they_get_alone(seed):
         assert [r.stats.token_ids for r in rows] == alone, name
         assert all(r.done and r.finish_reason in ("stop", "length") for r in rows)
         assert most > 1, "rows never shared a step"
+
+
+def test_a_fixed_batch_weighs_its_rows_by_how_far_behind_they_are_and_a_joinable_one_does_not():
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=1), Route.parse("float32-torch-pad8"))
+    seen = []
+    method = ARMethod()
+    step = method.step
+    method.step = lambda *a: seen.append(a[-1].weights) or step(*a)
+    generate_batch(dec, method, [[5, 6, 7], [8, 9]], 6, set())
+    assert seen[0] == [1.0, 1.0]
+    loop = DecodeLoop(dec, method, set())
+    rows = loop.submit([[5, 6, 7], [8, 9]], [6, 3])
+    loop.fixed = True
+    loop.advance()  # the prompts' first tokens: 5 and 2 left
+    assert loop.weights() == pytest.approx([1.0, math.exp(-3 / LEAD_SCALE)])  # the row with fewer left counts less
+    loop.fixed = False
+    assert loop.weights() is None and rows[1].max_new_tokens == 3  # rows may join: every token counts
 
 
 def test_a_cancelled_row_leaves_and_the_others_go_on():

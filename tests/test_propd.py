@@ -333,6 +333,20 @@ def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_an
     assert chooser.latency.count((2, 0), 12) == 2  # a step of 12 nodes per row on average
 
 
+def test_weighted_rows_get_the_nodes_first():
+    """In a fixed batch the rows behind count more (``DecodeLoop.weights``): of two rows the draft is
+    equally sure of, the one behind gets the nodes a step pays for, and none of the other's comes first."""
+    tree = best_tree(STATS, 12)
+    scores = path_products(tree, torch.full((2, tree.size), 0.8))
+    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 2, 4, 8, 12, 16))
+    for size in (1, 2, 8, 12):
+        chooser.latency.observe((2, 0), size, 0.03 + 0.004 * size + 0.01 * (size > 1))
+    even = chooser.select(2, 100, 4, tree, scores)
+    assert even[0].sum() == even[1].sum()
+    kept = chooser.select(2, 100, 4, tree, scores, weights=[0.2, 1.0])
+    assert kept[1].sum() > kept[0].sum() and kept[1].sum() >= even[1].sum()
+
+
 def tiny_case(seed: int) -> tuple[random.Random, Decoder, list[list[int]], list[list[int]]]:
     """A tiny model on an exact route, 1-4 ragged prompts and their AR tokens."""
     rng = random.Random(seed)

@@ -80,7 +80,7 @@ class PropdMethod:
             result, last, verified, offer = self.drafter.step_guesses(decoder, cache, roots, state, picker, select)
         elif self.draft_scores and drafting:  # the draft's own path probabilities pick which drafted nodes each row verifies
             candidates = self.chooser.candidates(tree)
-            select = functools.partial(self.chooser.select, rows, context, tree.size, candidates)
+            select = functools.partial(self.chooser.select, rows, context, tree.size, candidates, weights=picker.weights)
             result, last, verified, offer = self.drafter.step_scored(decoder, cache, roots, state, picker, candidates, select, self.pruner, lookup)
             tree = candidates
         else:

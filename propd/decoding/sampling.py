@@ -88,9 +88,10 @@ class Picker:
     """The rows' rules for one step. ``pick`` gives each row's token after a node; ``accept`` also
     says which of the node's children the row accepts."""
 
-    def __init__(self, rows: list[RowChoice]):
+    def __init__(self, rows: list[RowChoice], weights: list[float] | None = None):
         self.rows = rows
         self.greedy = all(r.sampling is None for r in rows)
+        self.weights = weights  # what a row's tokens are worth to the step (``DecodeLoop.weights``); None: each the same
 
     def pick(self, decoder: Decoder, normed: torch.Tensor, rows: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
         """Tokens [R] after nodes at ``depths`` [R] below the roots of batch rows ``rows`` [R], from their normed states [R, dim]."""

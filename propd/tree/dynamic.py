@@ -311,14 +311,14 @@ class LatencyModel:
         return [ar.seconds if n == 1 and ar else max(1e-6, fit[0] + fit[1] * n + self.drafting(key, d)) for n, d in zip(sizes, depths or [0] * len(sizes))]
 
 
-def _paying(order: list[tuple[int, int]], worth: list[list[float]], B: int, base: float, slope: float, floor: float) -> int:
+def _paying(order: list[tuple[int, int]], worth: list[list[float]], B: int, base: float, slope: float, floor: float, roots: float | None = None) -> int:
     """How many of the (row, node) pairs in ``order`` a step takes: the prefix of i pairs whose
-    expected tokens per second, B plus their worth over ``base`` + ``slope`` (1 + i / B) seconds
+    expected tokens per second, the roots' worth (``roots``, default B) plus the pairs' over ``base`` + ``slope`` (1 + i / B) seconds
     (the latency line at 1 + i / B tokens a row), is highest and above ``floor``; 0 where none is."""
-    gains, best, k = 0.0, floor, 0
+    gains, best, k = B if roots is None else roots, floor, 0
     for i, (b, n) in enumerate(order, 1):
         gains += worth[b][n]
-        rate = (B + gains) / max(1e-6, base + slope * (1 + i / B))
+        rate = gains / max(1e-6, base + slope * (1 + i / B))
         if rate > best:
             best, k = rate, i
     return k
@@ -470,7 +470,10 @@ class TreeChooser:
         as 3 tokens 2 deep cost a batch-8 step 29 ms where 1 deep it costs 20)."""
         return self.tree(min(max(self.sizes), tree.size + tree.size // 2), tree.depth)[0]
 
-    def select(self, batch_size: int, context: int, chosen: int, drafted: TokenTree, scores: torch.Tensor, offer: Offer | None = None) -> torch.Tensor:
+    def select(
+        self, batch_size: int, context: int, chosen: int, drafted: TokenTree, scores: torch.Tensor, offer: Offer | None = None,
+        weights: list[float] | None = None,
+    ) -> torch.Tensor:
         """Which drafted nodes each row verifies [B, N], from their draft path probabilities [B, N]:
         the batch's most probable (row, node) pairs, so a row the draft is sure of gets a longer
         tree than one it is not (ProPD's tree size per row), as many as buy the most expected tokens
@@ -486,13 +489,15 @@ class TreeChooser:
         mass = scores[:, 1:].tolist()  # plain lists: as a dozen tensor ops on a few dozen nodes it took 0.2 ms of a batch-1 step (AMD EPYC)
         tree = offer.tree if offer else drafted
         worth = self._worth(mass, offer, tree)
+        weighed = worth if weights is None else [[w * x for x in row] for w, row in zip(weights, worth)]
         fit = None if self._exploring else self.latency.line(key)
         if fit is None:
             picked = [(b, n) for b, row in enumerate(worth) for n in sorted(range(N - 1), key=lambda n: -row[n])[: min(chosen, N) - 1] if row[n] > 0]
         else:
             top = int(B * (2 * max(self.latency.measured(key) or [chosen]) - 1))
-            order = sorted(((b, n) for b in range(B) for n in range(N - 1)), key=lambda bn: -worth[bn[0]][bn[1]])[:top]  # stable: ancestors first
-            picked = order[: max(1, _paying(order, worth, B, fit[0] + self.latency.drafting(key, drafted.depth), fit[1], 0.0))]
+            order = sorted(((b, n) for b in range(B) for n in range(N - 1)), key=lambda bn: -weighed[bn[0]][bn[1]])[:top]  # stable: ancestors first
+            roots = None if weights is None else sum(weights)
+            picked = order[: max(1, _paying(order, weighed, B, fit[0] + self.latency.drafting(key, drafted.depth), fit[1], 0.0, roots))]
         return self._keep(picked, B, N, worth, mass, tree, offer)
 
     def select_guesses(self, batch_size: int, context: int, offer: Offer) -> torch.Tensor | None:
