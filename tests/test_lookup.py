@@ -175,7 +175,7 @@ def test_propd_with_lookup_guesses_equals_ar_on_tiny_models(seed):
     method = PropdMethod(DraftMethod(random_draft(dec.args, seed), chain(1)), chooser)
     grafts = []
     select = chooser.select
-    chooser.select = lambda *a: grafts.append(a[-1] is not None and any(a[-1].chains)) or select(*a)
+    chooser.select = lambda *a, **k: grafts.append(a[-1] is not None and any(a[-1].chains)) or select(*a, **k)
     out = generate_batch(dec, method, prompts, 40, {0})
     assert [s.token_ids for s in out] == ar
     assert any(grafts)  # guesses were offered
@@ -270,7 +270,7 @@ def test_from_a_wide_batch_no_lookup_guesses_are_offered_and_rows_still_keep_the
     chooser.latency.observe((len(prompts), 0), 1, 1.0)  # every size looks free to try
     offers = []
     select = chooser.select
-    chooser.select = lambda *a: offers.append((len(a[-2]), a[-1])) or select(*a)
+    chooser.select = lambda *a, **k: offers.append((len(a[-2]), a[-1])) or select(*a, **k)
     out = generate_batch(dec, PropdMethod(DraftMethod(random_draft(dec.args, 0), chain(1)), chooser), prompts, 40, {0})
     assert [s.token_ids for s in out] == ar
     assert all(offer is None for rows, offer in offers if rows >= WIDE_BATCH) and any(rows >= WIDE_BATCH for rows, _ in offers)

@@ -256,6 +256,20 @@ def test_drafting_levels_are_costed_apart_so_a_shallow_tree_can_win_over_a_deep_
     assert rates[0.004][0] > 1 and rates[0.004][1] == 1  # 4 ms a level: a tree one level deep
 
 
+def test_a_cold_first_drafting_is_not_kept():
+    """Of a bucket's first two drafting measurements at a depth the faster counts (the first runs
+    cold); later ones move the average, a stall at most twofold."""
+    latency = LatencyModel()
+    latency.observe_levels((4, 0), 1, 0.0236)
+    latency.observe_levels((4, 0), 1, 0.0012)
+    assert latency.drafting((4, 0), 1) == pytest.approx(0.0012)
+    latency.observe_levels((4, 0), 1, 0.1)
+    assert latency.drafting((4, 0), 1) == pytest.approx(0.0012 + latency.rate * 0.0012)
+    latency.observe_levels((4, 0), 2, 0.002)  # each depth counts its own
+    latency.observe_levels((4, 0), 2, 0.003)
+    assert latency.drafting((4, 0), 2) == pytest.approx(0.002)
+
+
 def test_a_step_that_captured_a_cuda_graph_is_no_latency_measurement(monkeypatch):
     """A graph's first capture (each new step shape, on a GPU) costs many replays: timed as the
     step's cost it made trees look dear and AR, charged the draft's catch-up, dearer still."""
