@@ -204,7 +204,7 @@ class ARPricedChooser(TreeChooser):
     def observe(self, tree, batch_size, context, last_nodes, seconds, *rest):
         super().observe(tree, batch_size, context, last_nodes, None, *rest)  # the costs stay as set
 
-    def choose(self, batch_size, context):
+    def choose(self, batch_size, context, weights=None):
         self.steps += 1
         tree, self.expected = self.tree(3 if self.steps % 4 == 0 else 1)
         self.ar_by_price, self._exploring = tree.size == 1, False

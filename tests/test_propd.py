@@ -85,6 +85,19 @@ def test_chooser_explores_small_trees_then_picks_ar_when_trees_cost_and_grows_tr
             assert len(retries) == 2 and retries[0] < 40 and retries[1] - retries[0] >= 64 and set(chosen[6:]) == {1, 2}, chosen
 
 
+def test_trees_for_the_rows_that_count_are_priced_at_their_share_of_the_nodes():
+    """Where a fixed batch's rows ahead count less (``DecodeLoop.weights``), a tree's nodes go to the
+    rows behind (``select``) and the step costs the line at their share: a tree that loses to AR
+    for 8 rows alike wins for the 3 that count."""
+    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), margin=1.0)
+    for size in (1, 2, 2, 4, 4, 1):
+        chooser.choose(8, 100)
+        chooser.latency.observe((8, 0), size, 0.013 + 0.006 * (size - 1) + 0.002 * (size > 1))  # a tree token costs half an AR step
+    assert chooser.choose(8, 100).size == 1
+    chooser._chosen = None
+    assert chooser.choose(8, 100, [1.0] * 3 + [0.0] * 5).size > 1
+
+
 def test_ar_is_measured_again_sooner_while_a_wide_batchs_trees_win_narrowly():
     for rows, tree_cost, sooner in ((4, 0.01, True), (4, 0.005, False), (1, 0.01, False)):  # trees win by ~1.1x, ~1.4x, ~1.1x
         chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
@@ -197,7 +210,7 @@ class ScriptedChooser(TreeChooser):
         super().__init__(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 3))
         self.script = iter(script)
 
-    def choose(self, batch_size, context):
+    def choose(self, batch_size, context, weights=None):
         tree, self.expected = self.tree(next(self.script, 3))
         return tree
 

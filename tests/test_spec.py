@@ -60,7 +60,7 @@ class RandomChooser(TreeChooser):
         super().__init__(AcceptanceModel([row[:] for row in PRIOR]), sizes=sizes)
         self.rng = rng
 
-    def choose(self, batch_size: int, context: int) -> TokenTree:
+    def choose(self, batch_size: int, context: int, weights: list[float] | None = None) -> TokenTree:
         tree, self.expected = self.tree(self.rng.choice(self.sizes))
         return tree
 

@@ -11,7 +11,9 @@ With the draft layer, its own path probabilities predict acceptance better than 
 statistics (``propd calibrate``): the draft fills the rank statistics' best tree of 1.5 times the
 chosen size for every row, and the chooser keeps the batch's most probable (row, node) pairs, as
 many as buy the most expected tokens per second, so each row verifies a tree of its own size
-(``step_scored``, ``TreeChooser.select``).
+(``step_scored``, ``TreeChooser.select``). In a fixed batch, which ends with its slowest row, a row's
+nodes count less the further it is ahead (``DecodeLoop.weights``): the rows behind get the nodes first,
+and a tree for them alone is priced at their share.
 
 Beside the draft's nodes each row is offered its prompt-lookup guesses (``lookup``: what followed
 its newest n-gram where it last occurred in its prompt or answer), grafted onto the drafted tree
@@ -66,7 +68,7 @@ class PropdMethod:
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State, picker: Picker) -> StepResult:
         rows, context = cache.batch_size, int(cache.lengths.max())
-        tree = self.chooser.choose(rows, context) if self.chooser else self.drafter.tree  # dynamic tree generation
+        tree = self.chooser.choose(rows, context, picker.weights) if self.chooser else self.drafter.tree  # dynamic tree generation
         t, captures = time.perf_counter(), graphs.captured()  # a CUDA graph's capture is timed as no step
         if tree.size > 1 and (ar_steps := self.drafter.catch_up(decoder, state)):  # what AR steps left the drafter to read
             if graphs.captured() == captures:
