@@ -33,6 +33,31 @@ typedef struct {
 #define CHUNK 4 /* queries (token, head) sharing one read of each key and value */
 #define AHEAD 8 /* entries read ahead: a row's K/V stream from memory (measured: 15% off a batch-8 AR step's attention) */
 
+/* Query i's score with entry j (e: its features, as the chunk's ``PRODUCTS`` reads them): their
+   products, a chain per lane, folded; kept as the query's largest so far where it is. */
+#define SCORE(i, j, e)                        \
+    do {                                      \
+        vf s;                                 \
+        PRODUCTS(s, i, e);                    \
+        float x = fold(s);                    \
+        scores[(i) * padded + (j)] = x;       \
+        top[i] = x > top[i] ? x : top[i];     \
+    } while (0)
+
+/* Query p of row b's K/V head kvh (token p / g's head p % g of the group): its output row, its
+   entries in place and the length of its sequence (those, then its path up to the first -1). */
+typedef struct {
+    int64_t row, inplace, length;
+    const int64_t *path;
+} Query;
+
+static inline Query query(const Job *a, int64_t b, int64_t kvh, int64_t p) {
+    int64_t g = a->H / a->KV, bt = a->starts[b] + p / g;
+    Query q = {bt * a->H + kvh * g + p % g, a->n_in[bt], a->n_in[bt], a->path + bt * a->D};
+    while (q.length - q.inplace < a->D && q.path[q.length - q.inplace] >= 0) ++q.length;
+    return q;
+}
+
 /* Queries [p0, p0 + nq) of row b's K/V head kvh, query p being token p / g's head p % g of that
    group: each key and value they all see is read once for all of them; every query's sums run in
    the same order as if it were alone (keys in position order). ``lanes`` and ``nq`` are constants
@@ -40,17 +65,15 @@ typedef struct {
    entries' type). */
 __attribute__((always_inline)) static inline void chunk(const Job *a, int bf16, int64_t lanes, int64_t nq, int64_t b, int64_t kvh, int64_t p0,
                                                         float *scores) {
-    int64_t g = a->H / a->KV, hd = a->hd, padded = (a->max_keys + W - 1) / W * W, shared = INT64_MAX, size = bf16 ? 2 : 4;
+    int64_t hd = a->hd, padded = (a->max_keys + W - 1) / W * W, shared = INT64_MAX, size = bf16 ? 2 : 4;
     const char *kh = (const char *)a->k + (b * a->sb + kvh * a->sh) * size, *vh = (const char *)a->v + (b * a->sb + kvh * a->sh) * size;
     vf qs[CHUNK][8], acc[CHUNK][8];
     float top[CHUNK], total[CHUNK];
     int64_t inplace[CHUNK], L[CHUNK], row[CHUNK];
     const int64_t *path[CHUNK];
     for (int64_t i = 0; i < nq; ++i) {
-        int64_t bt = a->starts[b] + (p0 + i) / g;
-        row[i] = bt * a->H + kvh * g + (p0 + i) % g;
-        inplace[i] = L[i] = a->n_in[bt], path[i] = a->path + bt * a->D;
-        while (L[i] - inplace[i] < a->D && path[i][L[i] - inplace[i]] >= 0) ++L[i];
+        Query at = query(a, b, kvh, p0 + i);
+        row[i] = at.row, inplace[i] = at.inplace, L[i] = at.length, path[i] = at.path;
         shared = inplace[i] < shared ? inplace[i] : shared;
         const float *qh = a->q + row[i] * hd;
         for (int64_t c = 0; c < lanes; ++c) qs[i][c] = load(qh + c * W) * splat(a->scale), acc[i][c] = splat(0.0f);
@@ -64,14 +87,6 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int bf16, 
     do {                                                                           \
         (x) = qs[i][0] * (f)[0];                                                   \
         for (int64_t c = 1; c < lanes; ++c) (x) = fmadd(qs[i][c], (f)[c], (x));    \
-    } while (0)
-#define SCORE(i, j, f)                                                        \
-    do {                                                                      \
-        vf s;                                                                 \
-        PRODUCTS(s, i, f);                                                    \
-        float x = fold(s);                                                    \
-        scores[(i) * padded + (j)] = x;                                       \
-        top[i] = x > top[i] ? x : top[i];                                     \
     } while (0)
 #define ADD_VALUE(i, j, f)                                                                                 \
     do {                                                                                                   \
@@ -134,7 +149,6 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int bf16, 
 #undef FETCH_AHEAD
 #undef EACH_ENTRY
 #undef PRODUCTS
-#undef SCORE
 #undef ADD_VALUE
 }
 
@@ -153,7 +167,7 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int bf16, 
    ms, over 2,000 10.5 -> 7.3; batch-8 AR over 300 2.15 -> 1.65. ``pairs``: the head's features / 32. */
 __attribute__((always_inline)) static inline void chunk_dp(const Job *a, int64_t pairs, int64_t nq, int64_t b, int64_t kvh, int64_t p0, float *scores) {
     static const uint16_t zero[128] = {0};
-    int64_t g = a->H / a->KV, hd = a->hd, padded = (a->max_keys + W - 1) / W * W, shared = INT64_MAX;
+    int64_t hd = a->hd, padded = (a->max_keys + W - 1) / W * W, shared = INT64_MAX;
     const uint16_t *kh = (const uint16_t *)a->k + b * a->sb + kvh * a->sh, *vh = (const uint16_t *)a->v + b * a->sb + kvh * a->sh;
     __m512bh qs[CHUNK][4];
     __m512 acc[CHUNK][8];
@@ -161,10 +175,8 @@ __attribute__((always_inline)) static inline void chunk_dp(const Job *a, int64_t
     int64_t inplace[CHUNK], L[CHUNK], row[CHUNK];
     const int64_t *path[CHUNK];
     for (int64_t i = 0; i < nq; ++i) {
-        int64_t bt = a->starts[b] + (p0 + i) / g;
-        row[i] = bt * a->H + kvh * g + (p0 + i) % g;
-        inplace[i] = L[i] = a->n_in[bt], path[i] = a->path + bt * a->D;
-        while (L[i] - inplace[i] < a->D && path[i][L[i] - inplace[i]] >= 0) ++L[i];
+        Query at = query(a, b, kvh, p0 + i);
+        row[i] = at.row, inplace[i] = at.inplace, L[i] = at.length, path[i] = at.path;
         shared = inplace[i] < shared ? inplace[i] : shared;
         uint16_t q[128];
         for (int64_t c = 0; c < 2 * pairs; ++c) store_bf16(q + c * W, load(a->q + row[i] * hd + c * W) * splat(a->scale));
@@ -181,14 +193,6 @@ __attribute__((always_inline)) static inline void chunk_dp(const Job *a, int64_t
         __m512 s_ = _mm512_setzero_ps();                                                                     \
         for (int64_t c = 0; c < pairs; ++c) s_ = _mm512_dpbf16_ps(s_, qs[i][c], (__m512bh)_mm512_loadu_si512((e) + 32 * c)); \
         (x) = (vf)s_;                                                                                        \
-    } while (0)
-#define SCORE(i, j, e)                                \
-    do {                                              \
-        vf s;                                         \
-        PRODUCTS(s, i, e);                            \
-        float x = fold(s);                            \
-        scores[(i) * padded + (j)] = x;               \
-        top[i] = x > top[i] ? x : top[i];             \
     } while (0)
     int64_t blocked = shared / W * W;
     vf tops[CHUNK]; /* the largest score so far per lane (a maximum is the same in any order) */
@@ -267,7 +271,6 @@ __attribute__((always_inline)) static inline void chunk_dp(const Job *a, int64_t
 #undef ENTRY
 #undef FETCH_AHEAD
 #undef PRODUCTS
-#undef SCORE
 #undef ADD_PAIR
 #undef INTERLEAVE
 }
