@@ -250,12 +250,12 @@ class DecodeLoop:
         so a row ``lead`` tokens ahead of the one with the most left to emit counts exp(-lead /
         ``LEAD_SCALE``) (on 8 MT-Bench questions at batch 8, a static 2-token tree accepted 1.49
         tokens a row per step, yet the batch took 73 steps for 96 tokens, its rows 52-73). None
-        (each the same) where rows may join: there every token counts."""
+        (each the same) where rows may join, since there every token counts, or where no row is ahead."""
         if not self.fixed:
             return None
         left = [r.max_new_tokens - len(r.stats.token_ids) for r in self.rows]
         most = max(left)
-        return [math.exp((n - most) / LEAD_SCALE) for n in left]
+        return None if min(left) == most else [math.exp((n - most) / LEAD_SCALE) for n in left]
 
     def _emit(self, rows: list[Row], accepted: list[list[int]]) -> tuple[list[tuple[Row, list[int]]], list[int]]:
         """Append accepted tokens (cut at EOS / the limit); the rows' new tokens and how many each emitted."""

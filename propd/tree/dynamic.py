@@ -494,18 +494,20 @@ class TreeChooser:
         row's ``chosen`` - 1 most probable. A node never beats its parent (ties: the lower index, an
         ancestor, first), so rows keep whole paths. At least one node: the drafting is paid by
         then (the root alone after it cost more than an AR step, and timed as one it made AR look slow).
-        With an ``offer``, its lookup guesses compete with the drafted nodes (``_worth``)."""
+        With an ``offer``, its lookup guesses compete with the drafted nodes (``_worth``). With the
+        rows' ``weights`` (a fixed batch, ``DecodeLoop.weights``) a node's worth counts times its row's
+        weight in the order and the rate; each row still expects what its own nodes are worth."""
         key = (batch_size, context // CONTEXT_BUCKET)
         B, N = scores.shape
         mass = scores[:, 1:].tolist()  # plain lists: as a dozen tensor ops on a few dozen nodes it took 0.2 ms of a batch-1 step (AMD EPYC)
         tree = offer.tree if offer else drafted
         worth = self._worth(mass, offer, tree)
-        weighed = worth if weights is None else [[w * x for x in row] for w, row in zip(weights, worth)]
         fit = None if self._exploring else self.latency.line(key)
         if fit is None:
             picked = [(b, n) for b, row in enumerate(worth) for n in sorted(range(N - 1), key=lambda n: -row[n])[: min(chosen, N) - 1] if row[n] > 0]
         else:
             top = int(B * (2 * max(self.latency.measured(key) or [chosen]) - 1))
+            weighed = worth if weights is None else [[w * x for x in row] for w, row in zip(weights, worth)]
             order = sorted(((b, n) for b in range(B) for n in range(N - 1)), key=lambda bn: -weighed[bn[0]][bn[1]])[:top]  # stable: ancestors first
             roots = None if weights is None else sum(weights)
             picked = order[: max(1, _paying(order, weighed, B, fit[0] + self.latency.drafting(key, drafted.depth), fit[1], 0.0, roots))]

@@ -69,17 +69,15 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int bf16, 
     const char *kh = (const char *)a->k + (b * a->sb + kvh * a->sh) * size, *vh = (const char *)a->v + (b * a->sb + kvh * a->sh) * size;
     vf qs[CHUNK][8], acc[CHUNK][8];
     float top[CHUNK], total[CHUNK];
-    int64_t inplace[CHUNK], L[CHUNK], row[CHUNK];
-    const int64_t *path[CHUNK];
+    Query seq[CHUNK]; /* each query's output row and sequence of entries */
     for (int64_t i = 0; i < nq; ++i) {
-        Query at = query(a, b, kvh, p0 + i);
-        row[i] = at.row, inplace[i] = at.inplace, L[i] = at.length, path[i] = at.path;
-        shared = inplace[i] < shared ? inplace[i] : shared;
-        const float *qh = a->q + row[i] * hd;
+        seq[i] = query(a, b, kvh, p0 + i);
+        shared = seq[i].inplace < shared ? seq[i].inplace : shared;
+        const float *qh = a->q + seq[i].row * hd;
         for (int64_t c = 0; c < lanes; ++c) qs[i][c] = load(qh + c * W) * splat(a->scale), acc[i][c] = splat(0.0f);
         top[i] = -INFINITY, total[i] = 0.0f;
     }
-#define SLOT(i, j) ((j) < inplace[i] ? (j) : path[i][(j) - inplace[i]])
+#define SLOT(i, j) ((j) < seq[i].inplace ? (j) : seq[i].path[(j) - seq[i].inplace])
 #define ENTRY(base, slot) ((base) + (slot) * a->ss * size)
 #define FEATURES(e, c) (bf16 ? load_bf16((const uint16_t *)(e) + (c) * W) : load((const float *)(e) + (c) * W))
 /* x = query i's products with features f, a chain per lane; its score is their fold. */
@@ -109,7 +107,7 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int bf16, 
             for (int64_t i = 0; i < nq; ++i) OP(i, j, f);                                           \
         }                                                                                           \
         for (int64_t i = 0; i < nq; ++i)                                                            \
-            for (int64_t j = shared; j < L[i]; ++j) {                                               \
+            for (int64_t j = shared; j < seq[i].length; ++j) {                                               \
                 WIDEN(f, ENTRY(base, SLOT(i, j)));                                                  \
                 OP(i, j, f);                                                                        \
             }                                                                                       \
@@ -136,12 +134,12 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int bf16, 
     EACH_ENTRY(kh, SCORE, blocked);
     for (int64_t i = 0; i < nq; ++i) {
         float *r = scores + i * padded;
-        for (int64_t j = L[i]; j < (L[i] + W - 1) / W * W; ++j) r[j] = top[i];
-        for (int64_t j = 0; j < L[i]; j += W) store(r + j, vexp(load(r + j) - splat(top[i])));
+        for (int64_t j = seq[i].length; j < (seq[i].length + W - 1) / W * W; ++j) r[j] = top[i];
+        for (int64_t j = 0; j < seq[i].length; j += W) store(r + j, vexp(load(r + j) - splat(top[i])));
     }
     EACH_ENTRY(vh, ADD_VALUE, 0);
     for (int64_t i = 0; i < nq; ++i)
-        for (int64_t c = 0; c < lanes; ++c) store(a->out + row[i] * hd + c * W, acc[i][c] / splat(total[i]));
+        for (int64_t c = 0; c < lanes; ++c) store(a->out + seq[i].row * hd + c * W, acc[i][c] / splat(total[i]));
 #undef SLOT
 #undef ENTRY
 #undef FEATURES
@@ -163,8 +161,9 @@ __attribute__((always_inline)) static inline void chunk(const Job *a, int bf16, 
    summed 16 lanes apart and folded. What a query computes still depends on its own query and entries
    alone. Over fp32 arithmetic on widened entries, with the scores' maximum and the weights' sum
    kept in vectors (as one scalar chain each, they were most of what the arithmetic saved), 30
-   layers' attention on the AMD EPYC, the entries in cache: 8 tokens over 300 entries 2.06 -> 1.51
-   ms, over 2,000 10.5 -> 7.3; batch-8 AR over 300 2.15 -> 1.65. ``pairs``: the head's features / 32. */
+   layers' attention on the AMD EPYC, each layer's entries its own: 8 tokens over 300 entries 2.4-3.1
+   -> 1.8-2.5 ms, over 2,000 12.3-14.8 -> 9.8-11.5; batch-8 AR the same (bound by memory there).
+   ``pairs``: the head's features / 32. */
 __attribute__((always_inline)) static inline void chunk_dp(const Job *a, int64_t pairs, int64_t nq, int64_t b, int64_t kvh, int64_t p0, float *scores) {
     static const uint16_t zero[128] = {0};
     int64_t hd = a->hd, padded = (a->max_keys + W - 1) / W * W, shared = INT64_MAX;
@@ -172,19 +171,17 @@ __attribute__((always_inline)) static inline void chunk_dp(const Job *a, int64_t
     __m512bh qs[CHUNK][4];
     __m512 acc[CHUNK][8];
     float top[CHUNK], total[CHUNK];
-    int64_t inplace[CHUNK], L[CHUNK], row[CHUNK];
-    const int64_t *path[CHUNK];
+    Query seq[CHUNK]; /* each query's output row and sequence of entries */
     for (int64_t i = 0; i < nq; ++i) {
-        Query at = query(a, b, kvh, p0 + i);
-        row[i] = at.row, inplace[i] = at.inplace, L[i] = at.length, path[i] = at.path;
-        shared = inplace[i] < shared ? inplace[i] : shared;
+        seq[i] = query(a, b, kvh, p0 + i);
+        shared = seq[i].inplace < shared ? seq[i].inplace : shared;
         uint16_t q[128];
-        for (int64_t c = 0; c < 2 * pairs; ++c) store_bf16(q + c * W, load(a->q + row[i] * hd + c * W) * splat(a->scale));
+        for (int64_t c = 0; c < 2 * pairs; ++c) store_bf16(q + c * W, load(a->q + seq[i].row * hd + c * W) * splat(a->scale));
         for (int64_t c = 0; c < pairs; ++c) qs[i][c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
         for (int64_t c = 0; c < 2 * pairs; ++c) acc[i][c] = _mm512_setzero_ps();
-        top[i] = -INFINITY, total[i] = 0.0f;
+        top[i] = -INFINITY;
     }
-#define SLOT(i, j) ((j) < inplace[i] ? (j) : path[i][(j) - inplace[i]])
+#define SLOT(i, j) ((j) < seq[i].inplace ? (j) : seq[i].path[(j) - seq[i].inplace])
 #define ENTRY(base, slot) ((base) + (slot) * a->ss)
 /* the cache lines of ``count`` entries AHEAD entries after e (an entry: hd + 1 features, not line-aligned) */
 #define FETCH_AHEAD(e, count) for (int64_t at = 0; at <= (count) * (hd + 1) * 2; at += 64) __builtin_prefetch((const char *)ENTRY(e, AHEAD) + at)
@@ -215,19 +212,19 @@ __attribute__((always_inline)) static inline void chunk_dp(const Job *a, int64_t
     for (int64_t j = blocked; j < shared; ++j)
         for (int64_t i = 0; i < nq; ++i) SCORE(i, j, ENTRY(kh, j));
     for (int64_t i = 0; i < nq; ++i)
-        for (int64_t j = shared; j < L[i]; ++j) SCORE(i, j, ENTRY(kh, SLOT(i, j)));
+        for (int64_t j = shared; j < seq[i].length; ++j) SCORE(i, j, ENTRY(kh, SLOT(i, j)));
     uint16_t *weights = (uint16_t *)(scores + nq * padded); /* per query, its weights in bf16, a zero after an odd count */
     for (int64_t i = 0; i < nq; ++i) {
         float *r = scores + i * padded;
         uint16_t *w = weights + i * (padded + W);
         const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
         vf sums = splat(0.0f); /* lane l: the weights at positions l, l + 16, ... in order, then folded */
-        for (int64_t j = L[i]; j < (L[i] + W - 1) / W * W; ++j) r[j] = top[i];
-        for (int64_t j = 0; j < L[i]; j += W) {
-            store_bf16(w + j, pick(lane < (vi){0} + (int32_t)(L[i] - j), vexp(load(r + j) - splat(top[i])), splat(0.0f)));
+        for (int64_t j = seq[i].length; j < (seq[i].length + W - 1) / W * W; ++j) r[j] = top[i];
+        for (int64_t j = 0; j < seq[i].length; j += W) {
+            store_bf16(w + j, pick(lane < (vi){0} + (int32_t)(seq[i].length - j), vexp(load(r + j) - splat(top[i])), splat(0.0f)));
             sums += load_bf16(w + j);
         }
-        w[L[i]] = 0;
+        w[seq[i].length] = 0;
         total[i] = fold(sums);
     }
 /* The values of entries e0 and e1 (e1 after e0 in position), weighted by query i's pair of weights at j. */
@@ -255,15 +252,15 @@ __attribute__((always_inline)) static inline void chunk_dp(const Job *a, int64_t
         for (int64_t i = 0; i < nq; ++i) ADD_PAIR(i, j, lo, hi);
     }
     for (int64_t i = 0; i < nq; ++i)
-        for (int64_t j = even; j < L[i]; j += 2) {
-            INTERLEAVE(lo, hi, ENTRY(vh, SLOT(i, j)), j + 1 < L[i] ? ENTRY(vh, SLOT(i, j + 1)) : zero);
+        for (int64_t j = even; j < seq[i].length; j += 2) {
+            INTERLEAVE(lo, hi, ENTRY(vh, SLOT(i, j)), j + 1 < seq[i].length ? ENTRY(vh, SLOT(i, j + 1)) : zero);
             ADD_PAIR(i, j, lo, hi);
         }
     /* lane 4m + l of the unpacked low half holds feature 8m + l of its 32, of the high half 8m + 4 + l */
     for (int64_t i = 0; i < nq; ++i)
         for (int64_t c = 0; c < pairs; ++c) {
             vf x = (vf)acc[i][2 * c] / splat(total[i]), y = (vf)acc[i][2 * c + 1] / splat(total[i]);
-            float *o = a->out + row[i] * hd + 32 * c;
+            float *o = a->out + seq[i].row * hd + 32 * c;
             for (int m = 0; m < 4; ++m)
                 for (int l = 0; l < 4; ++l) o[8 * m + l] = x[4 * m + l], o[8 * m + 4 + l] = y[4 * m + l];
         }
