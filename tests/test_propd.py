@@ -98,6 +98,28 @@ def test_trees_for_the_rows_that_count_are_priced_at_their_share_of_the_nodes():
     assert chooser.choose(8, 100, [1.0] * 3 + [0.0] * 5).size > 1
 
 
+def test_trees_are_priced_at_what_trees_delivered_of_their_promise_at_about_this_batch_size():
+    """``select`` gives a tree's nodes to some rows only, so at batch 8 trees delivered half of what
+    the rank statistics' tree promised for every row: the chooser prices the next ones at that part."""
+    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), margin=1.0)
+    for size in (1, 2, 2, 4, 4, 1):  # a tree token costs a tenth of an AR step: trees win on their promise
+        chooser.choose(8, 100)
+        chooser.latency.observe((8, 0), size, 0.013 + 0.0013 * (size - 1))
+    weights = [1.0] * 4 + [0.5] * 4
+    tree = chooser.choose(8, 100, weights)
+    assert tree.size > 1 and chooser.delivery(8) == 1.0
+    assert chooser._promise[1] == pytest.approx(6 * (chooser.expected - 1))  # the rows' weights: 4 x 1 + 4 x 0.5
+    chooser.observe(tree, 8, 100, [1, 0, 0, 0, 1, 0, 0, 0], None)  # two rows accepted a node, one of them half-weighed
+    assert tree.lineage[1] == (0, 1)
+    assert chooser.delivery(8) == pytest.approx((1.5 + 4) / (chooser._promise[1] + 4))
+    assert chooser.delivery(7) == chooser.delivery(8) and chooser.delivery(1) == chooser.delivery(8)  # from the nearest batch size seen
+    chooser._chosen = None
+    assert chooser.choose(8, 100).size > 1 and chooser.expected == pytest.approx(1 + chooser._promise[1] / 8 * chooser.delivery(8))
+    chooser._delivered[8] = [0.0, 100.0]  # trees delivered almost nothing of their promise: AR
+    chooser._chosen = None
+    assert chooser.choose(8, 100).size == 1
+
+
 def test_ar_is_measured_again_sooner_while_a_wide_batchs_trees_win_narrowly():
     for rows, tree_cost, sooner in ((4, 0.01, True), (4, 0.005, False), (1, 0.01, False)):  # trees win by ~1.1x, ~1.4x, ~1.1x
         chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
@@ -185,7 +207,7 @@ def test_an_ar_step_measured_again_between_trees_is_not_charged_the_drafters_rea
         chosen.append(size)
         if size > 1 and chosen[-2:-1] == [1]:
             chooser.charge_ar(1, 100, 0.005)
-        chooser.observe(chooser.tree(size)[0], 1, 100, [0], 0.02 + 0.002 * size * (size > 1))
+        chooser.observe(chooser.tree(size)[0], 1, 100, [size - 1], 0.02 + 0.002 * size * (size > 1))  # (trees deliver: they keep winning)
     assert chosen[6:].count(1) == 1 and chosen[-1] == 1
     chooser.choose(1, 100)  # a tree again
     chooser.charge_ar(1, 100, 0.005)
