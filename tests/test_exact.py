@@ -323,7 +323,7 @@ def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family, tiled):
 @pytest.mark.parametrize("in_features", [96, 416])  # 3 and 13 input blocks: short and long chains of products
 def test_our_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_features, in_features):
     """Alone, in calls of 2-32 rows (AMX: the paths for up to 16 and up to 32 rows; AVX512: groups
-    of 1-4 rows) and in one call of 73."""
+    of 1-6 rows) and in one call of 73."""
     torch.manual_seed(out_features)
     weight = torch.randn(out_features, in_features)
     lin = Linear(weight, Route.parse(OURS))
