@@ -98,9 +98,10 @@ def test_trees_for_the_rows_that_count_are_priced_at_their_share_of_the_nodes():
     assert chooser.choose(8, 100, [1.0] * 3 + [0.0] * 5).size > 1
 
 
-def test_trees_are_priced_at_what_trees_delivered_of_their_promise_at_about_this_batch_size():
-    """``select`` gives a tree's nodes to some rows only, so at batch 8 trees delivered half of what
-    the rank statistics' tree promised for every row: the chooser prices the next ones at that part."""
+def test_trees_are_priced_at_the_part_of_their_promised_rate_that_trees_delivered_at_about_this_batch_size():
+    """``select`` gives a tree's nodes to some rows only, so at batch 8 trees delivered half of the
+    tokens the rank statistics' tree promised for every row: the chooser prices the next ones at the
+    part of the promised rate (tokens per second, the rows weighed) that came."""
     chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), margin=1.0)
     for size in (1, 2, 2, 4, 4, 1):  # a tree token costs a tenth of an AR step: trees win on their promise
         chooser.choose(8, 100)
@@ -108,16 +109,21 @@ def test_trees_are_priced_at_what_trees_delivered_of_their_promise_at_about_this
     weights = [1.0] * 4 + [0.5] * 4
     tree = chooser.choose(8, 100, weights)
     assert tree.size > 1 and chooser.delivery(8) == 1.0
-    assert chooser._promise[1] == pytest.approx(6 * (chooser.expected - 1))  # the rows' weights: 4 x 1 + 4 x 0.5
-    chooser.observe(tree, 8, 100, [1, 0, 0, 0, 1, 0, 0, 0], None)  # two rows accepted a node, one of them half-weighed
+    _, promised, priced, _ = chooser._promise
+    assert promised == pytest.approx(6 * chooser.expected)  # the rows' weights: 4 x 1 + 4 x 0.5
+    assert priced == pytest.approx(chooser.latency.predict((8, 0), [1 + (tree.size - 1) * 0.75], [tree.depth])[0])  # at the weights' share
+    chooser.observe(tree, 8, 100, [1, 0, 0, 0, 1, 0, 0, 0], 2 * priced)  # two rows accepted a node, one of them half-weighed; twice the price
     assert tree.lineage[1] == (0, 1)
-    assert chooser.delivery(8) == pytest.approx((1.5 + 4) / (chooser._promise[1] + 4))
+    per_token = priced / promised
+    tokens, time = (6 + 1.5 + 4) / (promised + 4), (priced + 4 * per_token) / (2 * priced + 4 * per_token)
+    assert chooser.delivery(8) == pytest.approx(tokens * time)
     assert chooser.delivery(7) == chooser.delivery(8) and chooser.delivery(1) == chooser.delivery(8)  # from the nearest batch size seen
-    chooser._chosen = None
-    assert chooser.choose(8, 100).size > 1 and chooser.expected == pytest.approx(1 + chooser._promise[1] / 8 * chooser.delivery(8))
-    chooser._delivered[8] = [0.0, 100.0]  # trees delivered almost nothing of their promise: AR
-    chooser._chosen = None
-    assert chooser.choose(8, 100).size == 1
+    for sums, size in (([100.0, 100.0, 1.0, 1.0], 2), ([10.0, 100.0, 1.0, 1.0], 1), ([50.0, 100.0, 0.5, 1.0], 2)):  # all, a tenth, half in half the time
+        chooser._delivered[8], chooser._chosen = sums, None
+        assert min(chooser.choose(8, 100).size, 2) == size, sums
+    chooser._delivered[8] = [100.0, 100.0, 1.0, 1.0]
+    chooser.observe(tree, 8, 100, [0] * 8, None)  # a step that measured nothing (a CUDA graph's capture) is no evidence
+    assert chooser._delivered[8] == [100.0, 100.0, 1.0, 1.0]
 
 
 def test_ar_is_measured_again_sooner_while_a_wide_batchs_trees_win_narrowly():

@@ -16,8 +16,8 @@ Two online models (ProPD, arXiv 2402.13485, section 4.2):
 
 ``TreeChooser`` puts them together: argmax over candidate trees (each size as deep as the
 acceptance model likes, and 1 or 2 deep) of E[accepted(n, depth)] / T(n, depth), size 1 (plain AR)
-included, priced every ``CHOOSE_EVERY`` steps, E beyond the root scaled by what trees delivered of it
-(``TreeChooser.delivery``). The first steps explore two small trees and AR, each
+included, priced every ``CHOOSE_EVERY`` steps, a tree's rate scaled by the part of their promised rate
+that trees delivered (``TreeChooser.delivery``). The first steps explore two small trees and AR, each
 twice (a size's first step in a batch runs cold: at batch 8 a 2-token tree's first step took 26.8
 ms, the next ones 21; kept, it ruled trees out for 32 steps), so that the line has a span;
 AR, or the trees, when unpicked for half a half-life, are measured once more (an AR step teaches
@@ -366,9 +366,10 @@ class TreeChooser:
         self._guessed_mass: float | None = None  # the chances the last selection kept
         self._exploring = False  # this step measures an explored size: ``select`` keeps it
         self.ar_by_price = False  # this step's AR was priced, not explored or measured again: lookup guesses may replace it (``select_guesses``)
-        self._chosen: tuple[tuple, int, tuple[TokenTree, float]] | None = None  # the last priced choice: (bucket, depth), step, (tree, expected)
-        self._promise: tuple[int, float, list[float] | None] | None = None  # the chosen tree's: batch size, tokens beyond the roots, rows' weights
-        self._delivered: dict[int, list[float]] = {}  # per batch size: decayed sums of tokens beyond the roots that came and that were promised
+        self._chosen: tuple[tuple, int, tuple[TokenTree, float], float] | None = None  # the last priced choice: (bucket, depth), step, (tree, expected), price
+        self._priced: float | None = None  # the chosen tree's predicted seconds, where a price chose it or was at hand
+        self._promise: tuple[int, float, float, list[float] | None] | None = None  # the chosen tree's: batch size, tokens, seconds, rows' weights
+        self._delivered: dict[int, list[float]] = {}  # per batch size: decayed sums of tokens that came and were promised, seconds taken and priced
         self.lookup = LookupAcceptance()  # for prompt-lookup guesses offered beside the draft's (``Offer``)
         self._guess_scale: dict[tuple[int, int], float] = {}  # per bucket: what steps of lookup guesses alone took over their price
         self._guess_cost: tuple[tuple[int, int], float] | None = None  # the last such step's bucket and price
@@ -389,29 +390,33 @@ class TreeChooser:
         return self._trees[(size, depth)]
 
     def choose(self, batch_size: int, context: int, weights: list[float] | None = None) -> TokenTree:
-        """The step's tree (``_choose``). Trees are priced, and their expected accepted tokens per row
-        (``expected``) scaled, by the part of their promise that trees delivered at about this batch
-        size (``delivery``)."""
+        """The step's tree (``_choose``), its trees priced at the rate trees delivered of the rate they
+        promised at about this batch size (``delivery``)."""
+        self._priced = None
         tree = self._choose(batch_size, context, weights)
-        promised = (self.expected - 1.0) * (batch_size if weights is None else sum(weights))
-        self._promise = (batch_size, promised, weights) if tree.size > 1 else None
-        self.expected = 1.0 + (self.expected - 1.0) * self.delivery(batch_size)
+        share = 1.0 if weights is None else sum(weights) / len(weights)
+        self._promise = (batch_size, self.expected * share * batch_size, self._priced, weights) if tree.size > 1 and self._priced else None
         return tree
 
     def delivery(self, batch_size: int) -> float:
-        """Of the tokens beyond the root that the chosen trees promised (rows weighed as ``choose``
-        weighs them), the part that came, over recent tree steps at this batch size (a batch size
+        """Of the accepted tokens per second that the chosen trees promised (tokens as the acceptance
+        model expects them, rows weighed as ``choose`` weighs them; seconds as the latency model
+        prices the tree), the part that came, over recent tree steps at this batch size (a batch size
         not seen yet starts from the nearest one's). ``select`` gives a tree's nodes to the rows the
         draft is surest of and, in a fixed batch, to the rows behind, so a tree of the rank
-        statistics' size promises what the batch's rows do not all get: on 16 MT-Bench questions
-        (AMD EPYC) trees delivered 1.03 of their promise at batch 1, 0.80 at batch 4 and 0.49-0.57
-        at batch 8, where, priced at their promise, they ran 100 of 159 steps and ProPD at 0.87x AR.
-        ``DRAFT_PRIOR`` tokens' worth of a prior at 1 stays in it."""
+        statistics' size promises what the batch's rows do not all get, at a price that is not what
+        the nodes verified cost: on 16 MT-Bench questions (AMD EPYC) trees delivered 1.03 of their
+        promised tokens at batch 1, 0.80 at batch 4 and 0.49-0.57 at batch 8, where, priced at their
+        promise, they ran 100 of 159 steps and ProPD at 0.87x AR. ``DRAFT_PRIOR`` tokens' worth of a
+        prior at 1 stays in it."""
         if batch_size not in self._delivered and self._delivered:
             near = min(self._delivered, key=lambda b: (abs(b - batch_size), b))
             self._delivered[batch_size] = list(self._delivered[near])
-        came, promised = self._delivered.get(batch_size, (0.0, 0.0))
-        return (came + DRAFT_PRIOR) / (promised + DRAFT_PRIOR)
+        came, promised, took, priced = self._delivered.get(batch_size, (0.0, 0.0, 0.0, 0.0))
+        if not promised:
+            return 1.0
+        per_token = priced / promised
+        return (came + DRAFT_PRIOR) / (promised + DRAFT_PRIOR) * (priced + DRAFT_PRIOR * per_token) / (took + DRAFT_PRIOR * per_token)
 
     def _choose(self, batch_size: int, context: int, weights: list[float] | None) -> TokenTree:
         """A new bucket starts from the nearest measured one of about its batch size (rows leaving a
@@ -437,28 +442,29 @@ class TreeChooser:
         if unexplored:
             tree, self.expected = self.tree(unexplored[0], depth)
             return tree
+        share = 1.0 if weights is None else sum(weights) / len(weights)  # of the rows' nodes, what the rows that count take (``select``)
         stale = self._stale(key)
         if stale is not None:
             self._tree_retries += stale > 1
             tree, self.expected = self.tree(stale, depth)
+            self._priced = (self.latency.predict(key, [1 + (tree.size - 1) * share], [tree.depth]) or [None])[0]
             return tree
         held = self._chosen
         if held is not None and held[0] == (key, depth) and self.latency.steps - held[1] < CHOOSE_EVERY and held[2][0].size < max(self.latency.measured(key)):
-            tree, self.expected = held[2]  # (not the largest size measured: the next step measures it, and the trees may grow)
+            (tree, self.expected), self._priced = held[2], held[3]  # (not the largest size measured: the next step measures it, and the trees may grow)
             self.ar_by_price = tree.size == 1
             return tree
         trees = self._shapes(2 * max(self.latency.measured(key)), depth)  # (tree, expected accepted tokens)
-        share = 1.0 if weights is None else sum(weights) / len(weights)  # of the rows' nodes, what the rows that count take (``select``)
         seconds = self.latency.predict(key, [1 + (tree.size - 1) * share for tree, _ in trees], [tree.depth for tree, _ in trees])
         seconds = [s + self._ar_extra.get(key, 0.0) if tree.size == 1 else s for (tree, _), s in zip(trees, seconds)]
         delivery = self.delivery(batch_size)
-        rates = [(1.0 + (expected - 1.0) * delivery) / s * (self.margin if tree.size == 1 else 1.0) for (tree, expected), s in zip(trees, seconds)]
-        tree, self.expected = trees[rates.index(max(rates))]
+        rates = [expected / s * (self.margin if tree.size == 1 else delivery) for (tree, expected), s in zip(trees, seconds)]
+        (tree, self.expected), self._priced = trees[rates.index(max(rates))], seconds[rates.index(max(rates))]
         ar_rate = next((r for (t, _), r in zip(trees, rates) if t.size == 1), None)
         self._won_by = max(r for (t, _), r in zip(trees, rates) if t.size > 1) / ar_rate if ar_rate and len(trees) > 1 else float("inf")
-        self._chosen = ((key, depth), self.latency.steps, (tree, self.expected))
+        self._chosen = ((key, depth), self.latency.steps, (tree, self.expected), self._priced)
         if tree.size > 1 and self.latency.seeded_only(key):  # the smallest tree, measured once here: the seeded trees' costs follow it
-            self._exploring, self._chosen = True, None
+            self._exploring, self._chosen, self._priced = True, None, None
             tree, self.expected = self.tree(self.explore[0], depth)
         if tree.size > 1:
             self._tree_retries = 0
@@ -629,6 +635,11 @@ class TreeChooser:
         guessed = offer is not None and drafted is None  # lookup guesses alone: no point of the drafted trees' line
         if guessed and seconds is not None and self._guess_cost is not None and self._guess_cost[0] == key:
             self._guess_scale[key] = _moved(self._guess_scale.get(key, 1.0), seconds / self._guess_cost[1], self.latency.rate)
+        if self._promise is not None and self._promise[0] == batch_size and tree.size > 1 and seconds is not None:  # (the whole step's: its price drafts too)
+            _, promised, priced, weights = self._promise
+            came = sum((1.0 if weights is None else weights[row]) * len(tree.lineage[last]) for row, last in enumerate(last_nodes))
+            sums = self._delivered.setdefault(batch_size, [0.0] * 4)
+            sums[:] = [DRAFT_DECAY * total + x for total, x in zip(sums, (came, promised, seconds, priced))]
         if seconds is None or guessed:
             self.latency.tick()
         else:
@@ -636,10 +647,6 @@ class TreeChooser:
                 self.latency.observe_levels(key, *drafted)
                 seconds -= drafted[1]
             self.latency.observe(key, size, seconds)
-        if self._promise is not None and self._promise[0] == batch_size and tree.size > 1:
-            sums, weights = self._delivered.setdefault(batch_size, [0.0, 0.0]), self._promise[2]
-            came = sum((1.0 if weights is None else weights[row]) * (len(tree.lineage[last]) - 1) for row, last in enumerate(last_nodes))
-            sums[0], sums[1] = DRAFT_DECAY * sums[0] + came, DRAFT_DECAY * sums[1] + self._promise[1]
         held = None if verified is None else verified.tolist()
         for row, last in enumerate(last_nodes if tree.size > 1 else ()):  # the root alone shows no guess (and would only re-rank the trees)
             self.acceptance.observe(tree, last, None if held is None else held[row])
