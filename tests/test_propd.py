@@ -117,7 +117,8 @@ def test_trees_are_priced_at_the_part_of_their_promised_rate_that_trees_delivere
     per_token = priced / promised
     tokens, time = (6 + 1.5 + 4) / (promised + 4), (priced + 4 * per_token) / (2 * priced + 4 * per_token)
     assert chooser.delivery(8) == pytest.approx(tokens * time)
-    assert chooser.delivery(7) == chooser.delivery(8) and chooser.delivery(1) == chooser.delivery(8)  # from the nearest batch size seen
+    assert chooser.delivery(7) == chooser.delivery(8) and chooser.delivery(4) == chooser.delivery(8)  # from the nearest batch size seen
+    assert chooser.delivery(1) == 1.0  # below WIDE_BATCH rows, one row takes every node: trees priced at their promise
     for sums, size in (([100.0, 100.0, 1.0, 1.0], 2), ([10.0, 100.0, 1.0, 1.0], 1), ([50.0, 100.0, 0.5, 1.0], 2)):  # all, a tenth, half in half the time
         chooser._delivered[8], chooser._chosen = sums, None
         assert min(chooser.choose(8, 100).size, 2) == size, sums
