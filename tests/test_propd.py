@@ -123,11 +123,9 @@ def test_trees_are_priced_at_the_part_of_their_promised_rate_that_trees_delivere
         chooser._delivered[8], chooser._chosen = sums, None
         assert min(chooser.choose(8, 100).size, 2) == size, sums
     chooser._delivered[8] = [10.0, 100.0, 1.0, 1.0]
-    chooser.observe(tree, 8, 100, [0] * 8, None)  # a step that measured nothing (a CUDA graph's capture) is no evidence, but ages it
-    assert chooser._delivered[8] == pytest.approx([9.8, 98.0, 0.98, 0.98])
-    for _ in range(400):  # AR steps: the evidence ages into the prior, and trees are priced at their promise again
-        chooser.observe(chooser.tree(1)[0], 8, 100, [0] * 8, 0.013)
-    assert chooser.delivery(8) == pytest.approx(1.0, abs=0.02)
+    chooser.observe(tree, 8, 100, [0] * 8, None)  # a step that measured nothing (a CUDA graph's capture) is no evidence
+    chooser.observe(chooser.tree(1)[0], 8, 100, [0] * 8, 0.013)  # nor is an AR step
+    assert chooser._delivered[8] == [10.0, 100.0, 1.0, 1.0]
 
 
 def test_ar_is_measured_again_sooner_while_a_wide_batchs_trees_win_narrowly():

@@ -666,20 +666,17 @@ class TreeChooser:
             self._guessed_mass = None
 
     def _deliver(self, batch_size: int, tree: TokenTree, last_nodes: list[int], seconds: float | None) -> None:
-        """``delivery``'s evidence: every step at this batch size ages it, as the acceptance model's
-        does (kept, it held AR for the rest of a batch: at batch 1 without lookup guesses, a few trees
-        that delivered 0.7 of their rate in a hard category left ProPD at 1.09x AR against 1.20x),
-        and a priced tree's step adds its tokens and seconds (the whole step's: its price drafts
-        too), the seconds capped at ``OUTLIER`` times the price (a cold step)."""
-        sums = self._delivered.get(batch_size)
-        if sums is not None:
-            sums[:] = [DRAFT_DECAY * total for total in sums]
+        """``delivery``'s evidence: a priced tree's step adds its tokens and seconds (the whole step's:
+        its price drafts too), the seconds capped at ``OUTLIER`` times the price (a cold step), the
+        sums decaying by ``DRAFT_DECAY`` per such step. Not aged by AR steps: where trees lose, at
+        batch 8, evidence that aged away brought them back every few dozen steps (side by side, 0.96x
+        AR against 1.04x)."""
         if self._promise is None or self._promise[0] != batch_size or tree.size == 1 or seconds is None:
             return
         _, promised, priced, weights = self._promise
         came = sum((1.0 if weights is None else weights[row]) * len(tree.lineage[last]) for row, last in enumerate(last_nodes))
         sums = self._delivered.setdefault(batch_size, [0.0] * 4)
-        sums[:] = [total + x for total, x in zip(sums, (came, promised, min(seconds, OUTLIER * priced), priced))]
+        sums[:] = [DRAFT_DECAY * total + x for total, x in zip(sums, (came, promised, min(seconds, OUTLIER * priced), priced))]
 
     @property
     def lookup_scale(self) -> float:
