@@ -191,7 +191,7 @@ def test_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(default_mode
     with Server(default_model, "ar", max_batch_size=1, max_queue=1, default_max_tokens=400) as s:
         chat = s.url + "/v1/chat/completions"
         # a prompt whose greedy answer runs to the limit, so the row is still decoding when the 429 is asked
-        # for ("Tell me a long story." ended at 49 tokens, and in one full run before the 429 came)
+        # for ("Tell me a long story." ended at 49 tokens, about half a second)
         essay = "Write a 2000-word essay about the history of Rome."
         first = s.client().chat.completions.create(model="default", messages=[{"role": "user", "content": essay}],
                                                    max_tokens=400, stream=True)
