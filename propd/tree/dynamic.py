@@ -367,7 +367,6 @@ class TreeChooser:
         self._exploring = False  # this step measures an explored size: ``select`` keeps it
         self.ar_by_price = False  # this step's AR was priced, not explored or measured again: lookup guesses may replace it (``select_guesses``)
         self._chosen: tuple[tuple, int, tuple[TokenTree, float], float] | None = None  # the last priced choice: (bucket, depth), step, (tree, expected), price
-        self._priced: float | None = None  # the chosen tree's predicted seconds, where a price chose it or was at hand
         self._promise: tuple[int, float, float, list[float] | None] | None = None  # the chosen tree's: batch size, tokens, seconds, rows' weights
         self._delivered: dict[int, list[float]] = {}  # per batch size: decayed sums of tokens that came and were promised, seconds taken and priced
         self.lookup = LookupAcceptance()  # for prompt-lookup guesses offered beside the draft's (``Offer``)
@@ -392,11 +391,10 @@ class TreeChooser:
     def choose(self, batch_size: int, context: int, weights: list[float] | None = None) -> TokenTree:
         """The step's tree (``_choose``), its trees priced at the rate trees delivered of the rate they
         promised at about this batch size (``delivery``)."""
-        self._priced = None
-        tree = self._choose(batch_size, context, weights)
-        share = 1.0 if weights is None else sum(weights) / len(weights)
-        wide = batch_size >= WIDE_BATCH
-        self._promise = (batch_size, self.expected * share * batch_size, self._priced, weights) if wide and tree.size > 1 and self._priced else None
+        tree, priced = self._choose(batch_size, context, weights)
+        rows = batch_size if weights is None else sum(weights)
+        wide = batch_size >= WIDE_BATCH  # (``delivery`` is 1 below: no evidence kept for a narrow batch to seed a wide one)
+        self._promise = (batch_size, self.expected * rows, priced, weights) if wide and tree.size > 1 and priced else None
         return tree
 
     def delivery(self, batch_size: int) -> float:
@@ -423,18 +421,18 @@ class TreeChooser:
         per_token = priced / promised
         return (came + DRAFT_PRIOR) / (promised + DRAFT_PRIOR) * (priced + DRAFT_PRIOR * per_token) / (took + DRAFT_PRIOR * per_token)
 
-    def _choose(self, batch_size: int, context: int, weights: list[float] | None) -> TokenTree:
-        """A new bucket starts from the nearest measured one of about its batch size (rows leaving a
-        batch, a context growing past a bucket) or of a smaller one, its seeded costs scaled to its
-        own as it measures them (``LatencyModel.observe``): where those costs favour a tree, its
-        smallest tree is measured first (seeded from batch 4, batch 8's trees were predicted 24 ms
-        where they took 21.5, and ProPD kept to AR for 32 steps); where they favour AR, AR (on the
-        AMD EPYC, rows finishing one by one made seven new buckets in a batch of 8, and a forced
-        tree step in each cost batch 8 a tenth of its speed). After only larger batches it explores afresh.
-        With the rows' ``weights`` (a fixed batch, ``DecodeLoop.weights``), a tree's nodes go to the rows
-        that count (``select``), and it is priced at their share of the nodes: side by side on MT-Bench
-        (AMD EPYC), batch 4 1.004x and 1.005x AR against 0.980x and 0.992x without the weights, batch 8
-        0.997x and 0.959x against 0.940x and 0.953x."""
+    def _choose(self, batch_size: int, context: int, weights: list[float] | None) -> tuple[TokenTree, float | None]:
+        """The step's tree and its predicted seconds (None: explored, or no line yet). A new bucket starts
+        from the nearest measured one of about its batch size (rows leaving a batch, a context growing past
+        a bucket) or of a smaller one, its seeded costs scaled to its own as it measures them
+        (``LatencyModel.observe``): where those costs favour a tree, its smallest tree is measured first
+        (seeded from batch 4, batch 8's trees were predicted 24 ms where they took 21.5, and ProPD kept to
+        AR for 32 steps); where they favour AR, AR (on the AMD EPYC, rows finishing one by one made seven
+        new buckets in a batch of 8, and a forced tree step in each cost batch 8 a tenth of its speed).
+        After only larger batches it explores afresh. With the rows' ``weights`` (a fixed batch,
+        ``DecodeLoop.weights``), a tree's nodes go to the rows that count (``select``), and it is priced at
+        their share of the nodes: side by side on MT-Bench (AMD EPYC), batch 4 1.004x and 1.005x AR against
+        0.980x and 0.992x without the weights, batch 8 0.997x and 0.959x against 0.940x and 0.953x."""
         key = (batch_size, context // CONTEXT_BUCKET)
         depth = self.wide_depth if batch_size >= WIDE_BATCH else None
         if not self.latency.measured(key):
@@ -446,36 +444,36 @@ class TreeChooser:
         self._exploring, self.ar_by_price = bool(unexplored), False
         if unexplored:
             tree, self.expected = self.tree(unexplored[0], depth)
-            return tree
+            return tree, None
         share = 1.0 if weights is None else sum(weights) / len(weights)  # of the rows' nodes, what the rows that count take (``select``)
         stale = self._stale(key)
         if stale is not None:
             self._tree_retries += stale > 1
             tree, self.expected = self.tree(stale, depth)
-            self._priced = (self.latency.predict(key, [1 + (tree.size - 1) * share], [tree.depth]) or [None])[0]
-            return tree
+            return tree, (self.latency.predict(key, [1 + (tree.size - 1) * share], [tree.depth]) or [None])[0]
         held = self._chosen
         if held is not None and held[0] == (key, depth) and self.latency.steps - held[1] < CHOOSE_EVERY and held[2][0].size < max(self.latency.measured(key)):
-            (tree, self.expected), self._priced = held[2], held[3]  # (not the largest size measured: the next step measures it, and the trees may grow)
+            tree, self.expected = held[2]  # (not the largest size measured: the next step measures it, and the trees may grow)
             self.ar_by_price = tree.size == 1
-            return tree
+            return tree, held[3]
         trees = self._shapes(2 * max(self.latency.measured(key)), depth)  # (tree, expected accepted tokens)
         seconds = self.latency.predict(key, [1 + (tree.size - 1) * share for tree, _ in trees], [tree.depth for tree, _ in trees])
         seconds = [s + self._ar_extra.get(key, 0.0) if tree.size == 1 else s for (tree, _), s in zip(trees, seconds)]
         delivery = self.delivery(batch_size)
         rates = [expected / s * (self.margin if tree.size == 1 else delivery) for (tree, expected), s in zip(trees, seconds)]
-        (tree, self.expected), self._priced = trees[rates.index(max(rates))], seconds[rates.index(max(rates))]
+        best = rates.index(max(rates))
+        (tree, self.expected), priced = trees[best], seconds[best]
         ar_rate = next((r for (t, _), r in zip(trees, rates) if t.size == 1), None)
         self._won_by = max(r for (t, _), r in zip(trees, rates) if t.size > 1) / ar_rate if ar_rate and len(trees) > 1 else float("inf")
-        self._chosen = ((key, depth), self.latency.steps, (tree, self.expected), self._priced)
+        self._chosen = ((key, depth), self.latency.steps, (tree, self.expected), priced)
         if tree.size > 1 and self.latency.seeded_only(key):  # the smallest tree, measured once here: the seeded trees' costs follow it
-            self._exploring, self._chosen, self._priced = True, None, None
+            self._exploring, self._chosen, priced = True, None, None
             tree, self.expected = self.tree(self.explore[0], depth)
         if tree.size > 1:
             self._tree_retries = 0
         self._ar_won |= tree.size == 1
         self.ar_by_price = tree.size == 1
-        return tree
+        return tree, priced
 
     def _shapes(self, reach: float, depth: int | None) -> list[tuple[TokenTree, float]]:
         """The candidate trees up to ``reach`` tokens: each size as deep as the acceptance model
@@ -669,8 +667,8 @@ class TreeChooser:
         """``delivery``'s evidence: a priced tree's step adds its tokens and seconds (the whole step's:
         its price drafts too), the seconds capped at ``OUTLIER`` times the price (a cold step), the
         sums decaying by ``DRAFT_DECAY`` per such step. Not aged by AR steps: where trees lose, at
-        batch 8, evidence that aged away brought them back every few dozen steps (side by side, 0.96x
-        AR against 1.04x)."""
+        batch 8, evidence that aged away brought them back every few dozen steps (in two bench runs,
+        0.96x AR against 1.04x)."""
         if self._promise is None or self._promise[0] != batch_size or tree.size == 1 or seconds is None:
             return
         _, promised, priced, weights = self._promise

@@ -31,6 +31,7 @@
 #define PACKED 2
 #define CHUNK 8
 #define ROWS 1
+#define GROUP 6 /* rows that share a weight load (``dot_x4``) */
 #else
 #define PACKED 0
 #endif
@@ -299,7 +300,7 @@ static void dot_x8(const Job *j, int64_t nb, int64_t first, int64_t r0, int rows
 static void take_blocks(void *arg) {
     const Job *j = arg;
     Best best;
-    const int64_t groups = (j->M + 5) / 6, block_bytes = j->K / 32 * 1024;
+    const int64_t groups = (j->M + GROUP - 1) / GROUP, block_bytes = j->K / 32 * 1024;
     for (int64_t first = pool_take(CHUNK), after; first < j->blocks; first = after) {
         int64_t last = first + CHUNK < j->blocks ? first + CHUNK : j->blocks;
         after = groups > 1 ? pool_take(CHUNK) : j->blocks;
@@ -311,8 +312,8 @@ static void take_blocks(void *arg) {
             fetch.end = fetch.at + ahead * block_bytes;
             fetch.lines = (ahead * block_bytes / 64 + steps - 1) / steps;
         }
-        for (int64_t r0 = 0; r0 < j->M; r0 += 6) {
-            int rows = j->M - r0 < 6 ? (int)(j->M - r0) : 6;
+        for (int64_t r0 = 0; r0 < j->M; r0 += GROUP) {
+            int rows = j->M - r0 < GROUP ? (int)(j->M - r0) : GROUP;
             Fetch *next = fetch.lines ? &fetch : NULL;
             for (int64_t nb = first; nb < last;) {
                 if (rows <= 2 && last - nb >= 8) {
