@@ -412,10 +412,7 @@ class TreeChooser:
         without (AMD EPYC)."""
         if batch_size < WIDE_BATCH:
             return 1.0
-        if batch_size not in self._delivered and self._delivered:
-            near = min(self._delivered, key=lambda b: (abs(b - batch_size), b))
-            self._delivered[batch_size] = list(self._delivered[near])
-        came, promised, took, priced = self._delivered.get(batch_size, (0.0, 0.0, 0.0, 0.0))
+        came, promised, took, priced = self._delivery_sums(batch_size)
         if not promised:
             return 1.0
         per_token = priced / promised
@@ -673,8 +670,15 @@ class TreeChooser:
             return
         _, promised, priced, weights = self._promise
         came = sum((1.0 if weights is None else weights[row]) * len(tree.lineage[last]) for row, last in enumerate(last_nodes))
-        sums = self._delivered.setdefault(batch_size, [0.0] * 4)
-        sums[:] = [DRAFT_DECAY * total + x for total, x in zip(sums, (came, promised, min(seconds, OUTLIER * priced), priced))]
+        sums = self._delivery_sums(batch_size)
+        self._delivered[batch_size] = [DRAFT_DECAY * total + x for total, x in zip(sums, (came, promised, min(seconds, OUTLIER * priced), priced))]
+
+    def _delivery_sums(self, batch_size: int) -> list[float]:
+        """``delivery``'s sums at this batch size: its own, else the nearest batch size's (a batch
+        size's first tree step starts its own from those), else none."""
+        if batch_size not in self._delivered and self._delivered:
+            return self._delivered[min(self._delivered, key=lambda b: (abs(b - batch_size), b))]
+        return self._delivered.get(batch_size, [0.0] * 4)
 
     @property
     def lookup_scale(self) -> float:
