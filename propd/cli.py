@@ -56,7 +56,8 @@ def check_method_args(args: argparse.Namespace) -> None:
         ignored.append("--tree")
     if args.method != "propd":
         switches = (("--prune", args.prune is not None), ("--no-dynamic", not args.dynamic), ("--no-draft-scores", not args.draft_scores),
-                    ("--max-depth", args.max_depth is not None), ("--prune-layer", args.prune_layer is not None), ("--no-lookup", not args.lookup))
+                    ("--max-depth", args.max_depth is not None), ("--prune-layer", args.prune_layer is not None), ("--no-lookup", not args.lookup),
+                    ("--no-memory", not args.memory))
         ignored += [o for o, set_ in switches if set_]
     if args.method != "propd" and args.drafter != "draft":
         ignored.append("--drafter")
@@ -113,6 +114,9 @@ def add_propd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True,
                    help="propd with the draft layer's scores: offer each row's prompt-lookup guesses (what followed its newest n-gram where it "
                         "last occurred in its prompt or answer) beside the draft's (default); --no-lookup for the ablation")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="propd: start from what the last run with these settings learned on this machine (kept under $PROPD_CACHE/propd; "
+                        "default); --no-memory: from the shipped statistics, exploring the step costs again")
 
 
 def load_model_and_method(args: argparse.Namespace):
@@ -124,7 +128,7 @@ def load_model_and_method(args: argparse.Namespace):
     prune = PRUNE_BY_DEFAULT if args.prune is None else args.prune
     return model, model.method(
         args.method, args.tree, args.heads, args.drafter, prune, args.dynamic, args.prune_top_k, args.prune_keep_ranks, args.draft_scores,
-        args.draft_model, args.max_depth, args.prune_layer, args.lookup,
+        args.draft_model, args.max_depth, args.prune_layer, args.lookup, args.memory,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import sys
@@ -28,8 +30,8 @@ from propd.heads.early import EarlyHead
 from propd.heads.medusa import MedusaHeads
 from propd.models.attention import blocked_is_exact, runs_native
 from propd.models.decoder import Decoder, ModelArgs
-from propd.models.kernels import DTYPES, PACKED, Route, autograd_route, choose_route
-from propd.models.loading import DEFAULT_MODEL, load_hf
+from propd.models.kernels import DTYPES, PACKED, Route, autograd_route, choose_route, cpu_name
+from propd.models.loading import DEFAULT_MODEL, cache_dir, load_hf
 from propd.tree.dynamic import AcceptanceModel, TreeChooser
 from propd.tree.tree import TokenTree, load_tree
 
@@ -209,6 +211,7 @@ class Propd:
         self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads | DraftHead = "default", drafter: str = "draft",
         prune: bool = PRUNE_BY_DEFAULT, dynamic: bool = True, prune_top_k: int = 10, prune_keep_ranks: int = 0, draft_scores: bool = True,
         draft_model: "str | os.PathLike | Propd | None" = None, max_depth: int | None = None, prune_layer: int | None = None, lookup: bool = True,
+        memory: bool = True,
     ) -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
         ``bpd`` (chain of each head's top-1), ``draft`` (the draft layer fills a static tree,
@@ -218,7 +221,9 @@ class Propd:
         heads' chosen early head); ``dynamic``
         False: the static ``tree`` every step, default best16; ``draft_scores`` False: the draft
         layer fills the rank statistics' best tree instead of its own most probable nodes;
-        ``lookup`` False: no prompt-lookup guesses offered beside the draft layer's; ``max_depth``: its trees' depth limit, default
+        ``lookup`` False: no prompt-lookup guesses offered beside the draft layer's; ``memory`` False: start from the
+        shipped statistics and explore the step costs, rather than from what the last run with the same
+        settings learned on this machine (``chooser_memory``); ``max_depth``: its trees' depth limit, default
         ``DRAFT_DEPTH`` with the draft layer (1 from
         ``WIDE_BATCH`` rows on) and every depth of the statistics otherwise); ``spec``:
         ``draft_model`` (a name, directory, .gguf or loaded ``Propd`` sharing the tokenizer) fills
@@ -245,7 +250,10 @@ class Propd:
                 pruner = Pruner(self.load_early_head(heads, prune_layer), prune_top_k, prune_keep_ranks, vocab) if prune else None
                 depth = max_depth or (DRAFT_DEPTH if drafter == "draft" else len(stats))
                 wide_depth = 1 if drafter == "draft" and max_depth is None else None  # each level a drafting pass: see TreeChooser
-                return PropdMethod(inner, TreeChooser(AcceptanceModel(stats[:depth]), wide_depth=wide_depth) if dynamic else None, pruner, draft_scores, lookup)
+                chooser = TreeChooser(AcceptanceModel(stats[:depth]), wide_depth=wide_depth) if dynamic else None
+                settings = {"drafter": drafter, "draft_model": str(getattr(draft_model, "name", draft_model)), "statistics": stats, "depth": depth,
+                            "draft_scores": draft_scores, "lookup": lookup, "pruner": pruner and [pruner.layer, pruner.top_k, pruner.keep_ranks]}
+                return PropdMethod(inner, chooser, pruner, draft_scores, lookup, self.chooser_memory(settings) if memory else None)
             if name == "spec":
                 return self._spec(draft_model, load_tree(tree or "chain4"))
             if name == "lookup":
@@ -263,6 +271,13 @@ class Propd:
                 spec = tree or ("mc_sim_7b_63" if name == "medusa" else f"chain{h.num_heads}")
                 return TreeMethod(h, load_tree(spec, h.meta.get("rank_probabilities")))
         raise PropdError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+
+    def chooser_memory(self, settings: dict) -> Path:
+        """Where ProPD keeps what its chooser learned (``PropdMethod.remember``) for these settings of
+        it on this machine, route and model: ``$PROPD_CACHE/propd``."""
+        key = {"format": 1, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device_name(self.device),
+               "route": self.route.name, "model": self.name, "args": vars(self.decoder.args), **settings}
+        return cache_dir() / "propd" / f"{hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]}.json"
 
     def _spec(self, draft_model: "str | os.PathLike | Propd | None", tree: TokenTree) -> SpecMethod:
         """``tree`` filled by ``draft_model``'s guesses."""
@@ -315,6 +330,7 @@ class Propd:
             for i, s in enumerate(stats):
                 text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
                 results.append(Generation(prompts[start + i], text, s.token_ids, s))
+        remember(m)
         return results
 
     def stream(
@@ -336,6 +352,7 @@ class Propd:
                     yield piece
         if rest := text.finish():
             yield rest
+        remember(m)
 
 
 def pick_route(args: ModelArgs, dtype: torch.dtype | None, route: str | Route | None, device: torch.device) -> tuple[Route, list[dict]]:
@@ -390,6 +407,12 @@ def _available(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PropdError(f"device {device} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
     return device
+
+
+def remember(method: Method) -> None:
+    """After a generation: ProPD keeps what its chooser learned for the next run."""
+    if isinstance(method, PropdMethod):
+        method.remember()
 
 
 def _as_list(x) -> list:

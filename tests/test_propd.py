@@ -1,6 +1,7 @@
 """ProPD's dynamic trees: the acceptance and latency models learn what they should, the chooser
 trades them as ProPD says, and decoding with a tree chosen every step stays identical to AR."""
 
+import json
 import random
 
 import pytest
@@ -349,6 +350,49 @@ def test_a_measurement_moves_the_other_sizes_estimates_part_of_the_way_its_own_m
     assert after[1] == pytest.approx(before[1] * follow) and after[4] == pytest.approx(before[4] * follow)
     assert lat.drafts[key][1] == pytest.approx(0.001 * follow)
     assert after[2] == pytest.approx(before[2] + lat.rate * (0.0165 - before[2]))  # its own size: its moving average
+
+
+def test_a_chooser_recalls_what_an_earlier_one_learned_and_explores_no_more():
+    """``memory`` / ``recall``: a later run starts where this one left off (JSON round trip); a
+    remembered size's first step there runs cold, so the faster of it and the memory is kept."""
+    first = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
+    for step in range(60):
+        size = first.choose(1, 100).size
+        first.latency.observe((1, 0), size, 0.03 + 0.0001 * size + 0.01 * (size > 1))
+        first.observe(chain(size - 1) if size > 1 else chain(0), 1, 100, [min(size - 1, step % 3)], None)
+    memory = json.loads(json.dumps(first.memory()))
+    second = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
+    second.recall(memory)
+    assert second.acceptance.p == first.acceptance.p != STATS
+    assert second.latency.line((1, 0)) == pytest.approx(first.latency.line((1, 0)))
+    assert second.choose(1, 100).size == max(second.latency.measured((1, 0)))  # no exploring: the largest size it measured
+    ar = second.latency.buckets[(1, 0)][1].seconds
+    second.latency.observe((1, 0), 1, 2 * ar)  # the first AR step here, cold
+    assert second.latency.buckets[(1, 0)][1].seconds == ar
+    second.latency.observe((1, 0), 1, 2 * ar)
+    assert second.latency.buckets[(1, 0)][1].seconds > ar
+    other = TreeChooser(AcceptanceModel([row[:] for row in STATS[:2]]))  # another drafter's statistics: not this memory
+    with pytest.raises(ValueError, match="another shape"):
+        other.recall(memory)
+    assert other.latency.buckets == {} and other.acceptance.p == STATS[:2]
+
+
+def test_propd_keeps_its_choosers_memory_per_settings_and_starts_afresh_from_a_damaged_one(default_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROPD_CACHE", str(tmp_path))
+    first = default_model.method("propd")
+    assert first.memory.parent == tmp_path / "propd" and not first.memory.exists()
+    want = [g.token_ids for g in default_model.generate(REAL_PROMPTS[:2], "ar", max_new_tokens=24)]
+    assert [g.token_ids for g in default_model.generate(REAL_PROMPTS[:2], first, max_new_tokens=24)] == want
+    second = default_model.method("propd")
+    assert second.memory == first.memory and second.chooser.latency.measured((1, 0)) == first.chooser.latency.measured((1, 0)) != []
+    assert default_model.method("propd", lookup=False).memory != first.memory  # other settings learn apart
+    assert default_model.method("propd", memory=False).memory is None
+    first.memory.write_text('{"acceptance": [[0.5')
+    with pytest.warns(UserWarning, match="unreadable"):
+        third = default_model.method("propd")
+    assert third.chooser.latency.buckets == {}
+    assert [g.token_ids for g in default_model.generate(REAL_PROMPTS[:2], third, max_new_tokens=24)] == want
+    assert json.loads(first.memory.read_text())["latency"]["sizes"]  # written whole again
 
 
 def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_and_learn_their_calibration():

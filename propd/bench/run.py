@@ -144,8 +144,8 @@ def _build(model: Propd, spec: str, default_tree: str | None, heads, draft_model
     """``medusa@top16`` names a method with its own tree (a bare name takes ``--tree``);
     ``propd@medusa`` / ``propd@model`` (the ``--draft-model``) names propd's drafter (default the draft layer); ``+prune[K][rR][lL]``
     (top-K, sparing the drafter's R best guesses, after layer L),
-    ``+noprune``, ``+static[TREE]``, ``+ranks`` (no draft scores), ``+nolookup`` (no prompt-lookup guesses) and ``+depthN`` (trees at most N
-    deep) set propd's mechanisms
+    ``+noprune``, ``+static[TREE]``, ``+ranks`` (no draft scores), ``+nolookup`` (no prompt-lookup guesses), ``+nomemory`` (not started from
+    what the last run learned) and ``+depthN`` (trees at most N deep) set propd's mechanisms
     (``propd+static+prune``: prune-only)."""
     head, *switches = spec.split("+")
     name, _, suffix = head.partition("@")
@@ -165,10 +165,12 @@ def _build(model: Propd, spec: str, default_tree: str | None, heads, draft_model
             options["draft_scores"] = False
         elif switch == "nolookup":
             options["lookup"] = False
+        elif switch == "nomemory":
+            options["memory"] = False
         elif match := re.fullmatch(r"depth(\d+)", switch):
             options["max_depth"] = int(match[1])
         else:
-            raise PropdError(f"{spec!r}: unknown switch +{switch}; use +prune[K][rR][lL], +noprune, +static[TREE], +ranks, +nolookup, +depthN")
+            raise PropdError(f"{spec!r}: unknown switch +{switch}; use +prune[K][rR][lL], +noprune, +static[TREE], +ranks, +nolookup, +nomemory, +depthN")
     return model.method(name, heads=heads, draft_model=draft_model, **options)
 
 

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from propd.decoding.loop import Method
 from propd.decoding.sampling import Sampling
-from propd.engine import Propd, TextStream
+from propd.engine import Propd, TextStream, remember
 from propd.errors import PropdError
 from propd.server.metrics import Metrics
 from propd.server.scheduler import QueueFull, Scheduler, Ticket
@@ -112,6 +112,7 @@ def create_app(model: Propd, method: Method, method_name: str, model_name: str, 
         scheduler.start()
         yield
         scheduler.stop()
+        remember(method)
 
     app = FastAPI(title="propd", lifespan=lifespan)
     app.state.scheduler = scheduler

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -166,6 +166,7 @@ class _SizeStats:
     step: int  # when it was last measured
     seeded: bool = False  # taken from another bucket, not yet measured in this one
     count: int = 1  # measurements taken here; of the first two, the faster is kept (the first ran cold)
+    recalled: bool = False  # remembered from an earlier run (``TreeChooser.recall``), not yet measured in this one
 
 
 @dataclass
@@ -187,7 +188,7 @@ class LatencyModel:
         s = sizes.get(size)
         seconds = min(seconds, OUTLIER * s.seconds) if s is not None and s.seconds > 0 else seconds
         self._follow(key, size, seconds)
-        if s is not None and not s.seeded and s.count >= 2 and s.seconds > 0:  # the host's speed: every estimate here follows part of the way
+        if s is not None and not (s.seeded or s.recalled) and s.count >= 2 and s.seconds > 0:  # the host's speed: every estimate follows part of the way
             follow = 1 + SPEED_RATE * (seconds / s.seconds - 1)
             for other in sizes.values():
                 if other is not s:
@@ -199,9 +200,9 @@ class LatencyModel:
             sizes[size] = _SizeStats(seconds, 1.0, self.steps)
         elif s.seeded:  # gives way to the first measurement here (counted as the second: no more exploring)
             sizes[size] = _SizeStats(seconds, 1.0, self.steps, count=3)
-        else:
-            s.seconds = min(s.seconds, seconds) if s.count == 1 else _moved(s.seconds, seconds, self.rate)  # the first ran cold: the faster of two
-            s.count += 1
+        else:  # the first ran cold: the faster of two (a remembered size's first step here runs cold too)
+            s.seconds = min(s.seconds, seconds) if s.count == 1 or s.recalled else _moved(s.seconds, seconds, self.rate)
+            s.count, s.recalled = s.count + 1, False
             s.weight = self._decayed(s) + 1.0
             s.step = self.steps
         self.fits.clear()
@@ -254,6 +255,28 @@ class LatencyModel:
         if depth in depths or not depths or depth == 0:
             return depths.get(depth, 0.0)
         return depth * sum(s / n for n, s in depths.items()) / len(depths)
+
+    def memory(self) -> dict:
+        """What it measured, as JSON-able data (``recall``)."""
+        return {
+            "steps": self.steps,
+            "sizes": [{"batch": b, "bucket": c, "size": n, **asdict(s)} for (b, c), sizes in self.buckets.items() for n, s in sizes.items()],
+            "drafts": [{"batch": b, "bucket": c, "depth": d, "seconds": t} for (b, c), depths in self.drafts.items() for d, t in depths.items()],
+        }
+
+    def recall(self, memory: dict) -> None:
+        """Take back what an earlier run measured (``memory``): each size counts as measured, so it is
+        not explored again, but its first step here runs cold, so of it and the remembered cost the
+        smaller is kept, as of a size's first two steps."""
+        self.steps = int(memory["steps"])
+        for entry in memory["sizes"]:
+            stats = {k: entry[k] for k in ("seconds", "weight", "step", "seeded", "count")}
+            self.buckets.setdefault((int(entry["batch"]), int(entry["bucket"])), {})[float(entry["size"])] = _SizeStats(**stats, recalled=True)
+        for entry in memory["drafts"]:
+            key = (int(entry["batch"]), int(entry["bucket"]))
+            self.drafts.setdefault(key, {})[int(entry["depth"])] = float(entry["seconds"])
+            self.drafted.setdefault(key, Counter())[int(entry["depth"])] = 1  # (the next drafting is its first here: the faster is kept)
+        self.fits.clear()
 
     def _decayed(self, s: _SizeStats) -> float:
         return s.weight * 0.5 ** ((self.steps - s.step) / self.half_life)
@@ -660,6 +683,45 @@ class TreeChooser:
             self._lookup_accepted = DRAFT_DECAY * self._lookup_accepted + accepted[0]
             self._guessed_mass = None
 
+    def memory(self) -> dict:
+        """What it learned, as JSON-able data: ``recall`` takes it back in a later run, which then
+        starts where this one left off instead of from the shipped statistics and an exploration
+        of the step costs (``Propd.method``: remembered per machine, route, model and drafter)."""
+        return {
+            "acceptance": self.acceptance.p,
+            "lookup": self.lookup.q,
+            "latency": self.latency.memory(),
+            "ar_extra": [[b, c, t] for (b, c), t in self._ar_extra.items()],
+            "guess_scale": [[b, c, x] for (b, c), x in self._guess_scale.items()],
+            "delivered": [[b, *sums] for b, sums in self._delivered.items()],
+            "draft": [[d, self._draft_mass[d], self._draft_accepted.get(d, 0.0)] for d in self._draft_mass],
+            "lookup_sums": [self._lookup_mass, self._lookup_accepted],
+            "tree_retries": self._tree_retries,
+        }
+
+    def recall(self, memory: dict) -> None:
+        """Start from what an earlier run learned (``memory``). ValueError (or KeyError, TypeError)
+        where it does not fit this chooser (another drafter's statistics, a damaged file), which is
+        then left as it was."""
+        p, q = memory["acceptance"], memory["lookup"]
+        if _widths(p) != _widths(self.acceptance.p) or _widths(q) != _widths(self.lookup.q):
+            raise ValueError("its acceptance statistics have another shape")
+        latency = LatencyModel(self.latency.half_life, self.latency.rate)
+        latency.recall(memory["latency"])
+        ar_extra = {(int(b), int(c)): float(t) for b, c, t in memory["ar_extra"]}
+        guess_scale = {(int(b), int(c)): float(x) for b, c, x in memory["guess_scale"]}
+        delivered = {int(b): [float(x) for x in sums] for b, *sums in memory["delivered"]}
+        draft = {int(d): (float(mass), float(accepted)) for d, mass, accepted in memory["draft"]}
+        lookup_mass, lookup_accepted = map(float, memory["lookup_sums"])
+        retries = int(memory["tree_retries"])
+        self.latency, self._ar_extra, self._guess_scale, self._delivered = latency, ar_extra, guess_scale, delivered
+        self.acceptance.p = [[float(x) for x in row] for row in p]
+        self.acceptance.version += 1
+        self.lookup.q = [[[float(x) for x in row] for row in state] for state in q]
+        self._draft_mass = {d: mass for d, (mass, _) in draft.items()}
+        self._draft_accepted = {d: accepted for d, (_, accepted) in draft.items()}
+        self._lookup_mass, self._lookup_accepted, self._tree_retries = lookup_mass, lookup_accepted, retries
+
     def _deliver(self, batch_size: int, tree: TokenTree, last_nodes: list[int], seconds: float | None) -> None:
         """``delivery``'s evidence: a priced tree's step adds its tokens and seconds (the whole step's:
         its price drafts too), the seconds capped at ``OUTLIER`` times the price (a cold step), the
@@ -702,3 +764,7 @@ class TreeChooser:
         pooled = (sum(self._draft_accepted.values()) + 0.8 * DRAFT_PRIOR) / (sum(self._draft_mass.values()) + DRAFT_PRIOR)
         return (self._draft_accepted.get(depth, 0.0) + DRAFT_PRIOR * pooled) / (self._draft_mass.get(depth, 0.0) + DRAFT_PRIOR)
 
+
+def _widths(table: list) -> list:
+    """A nested table's shape, row by row."""
+    return [_widths(row) if isinstance(row, list) else 0 for row in table]
