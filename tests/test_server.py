@@ -210,6 +210,15 @@ def test_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(default_mode
 
 
 @pytest.mark.slow
+def test_a_propd_server_keeps_what_its_chooser_learned_when_it_stops(default_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROPD_CACHE", str(tmp_path))
+    with Server(default_model, "propd", default_max_tokens=16) as s:
+        code, reply = post(s.url + "/v1/chat/completions", {"model": "default", "messages": [{"role": "user", "content": "Hi"}]})
+        assert code == 200 and not list(tmp_path.glob("propd/*.json"))
+    (memory,) = tmp_path.glob("propd/*.json")
+    assert json.loads(memory.read_text())["latency"]["sizes"]
+
+
 def test_serve_cli_answers_and_stops_cleanly_on_sigterm():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "propd.cli", "serve", "--method", "ar", "--port", str(port), "--log-level", "warning"],
