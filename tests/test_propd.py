@@ -375,6 +375,11 @@ def test_a_chooser_recalls_what_an_earlier_one_learned_and_explores_no_more():
     with pytest.raises(ValueError, match="another shape"):
         other.recall(memory)
     assert other.latency.buckets == {} and other.acceptance.p == STATS[:2]
+    memory["latency"]["sizes"][0]["seconds"] = "fast"  # damaged: refused whole, not met mid-decode
+    fresh = TreeChooser(AcceptanceModel([row[:] for row in STATS]))
+    with pytest.raises(ValueError):
+        fresh.recall(memory)
+    assert fresh.latency.buckets == {} and fresh.acceptance.p == STATS
 
 
 def test_propd_keeps_its_choosers_memory_per_settings_and_starts_afresh_from_a_damaged_one(default_model, tmp_path, monkeypatch):

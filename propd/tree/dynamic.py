@@ -270,8 +270,8 @@ class LatencyModel:
         smaller is kept, as of a size's first two steps."""
         self.steps = int(memory["steps"])
         for entry in memory["sizes"]:
-            stats = {k: entry[k] for k in ("seconds", "weight", "step", "seeded", "count")}
-            self.buckets.setdefault((int(entry["batch"]), int(entry["bucket"])), {})[float(entry["size"])] = _SizeStats(**stats, recalled=True)
+            stats = _SizeStats(float(entry["seconds"]), float(entry["weight"]), int(entry["step"]), bool(entry["seeded"]), int(entry["count"]), recalled=True)
+            self.buckets.setdefault((int(entry["batch"]), int(entry["bucket"])), {})[float(entry["size"])] = stats
         for entry in memory["drafts"]:
             key = (int(entry["batch"]), int(entry["bucket"]))
             self.drafts.setdefault(key, {})[int(entry["depth"])] = float(entry["seconds"])
