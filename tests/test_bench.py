@@ -14,7 +14,7 @@ from tests.test_tree import random_heads
 
 RUN_KEYS = {
     "method", "batch_size", "tokens_per_s", "mean_accepted", "speedup_vs_ar", "speedup_vs_hf", "lossless", "prompts", "new_tokens",
-    "tree_tokens_per_step", "late_tokens_per_step", "rounds", "batch_runs", "speedup_vs_ar_median", "speedup_vs_ar_range",
+    "tree_tokens_per_step", "late_tokens_per_step", "rounds", "batch_runs", "speedup_vs_ar_median", "speedup_vs_ar_range", "from_memory",
 }
 
 
@@ -66,6 +66,17 @@ def test_rounds_run_every_batch_again_and_give_a_median_speed_up_of_same_batch_r
     assert not rec["lossless"] and [m["prompt_id"] for m in rec["mismatches"]] == [prompts[0].id]
     with pytest.raises(PropdError, match="rounds"):
         run_bench(tiny_propd, prompts, ["ar"], [1], 5, rounds=0)
+
+
+def test_the_report_says_which_propd_runs_started_from_an_earlier_runs_memory(default_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROPD_CACHE", str(tmp_path / "cache"))
+    prompts = load_prompts(limit=1)
+    for remembered in (False, True):  # the first run leaves the memory the second starts from
+        runs = run_bench(default_model, prompts, ["ar", "propd", "propd+nomemory"], [1], 8)
+        results = build_results(default_model, runs, machine_facts(default_model), {"prompts_file": "builtin", "prompts": 1, "max_new_tokens": 8})
+        assert {r["method"]: r["from_memory"] for r in results["runs"]} == {"ar": False, "propd": remembered, "propd+nomemory": False}
+        write_report(results, runs, tmp_path)
+        assert ("*memory*: `propd` started from" in (tmp_path / "report.md").read_text()) == remembered
 
 
 def test_lossless_flag_reports_first_difference(tiny_propd):

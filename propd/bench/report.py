@@ -11,7 +11,8 @@ results.json schema
     ms_per_step, speedup_vs_ar (tokens/s over ar's), speedup_vs_hf (null when hf did not run),
     speedup_vs_ar_median, speedup_vs_ar_range ([min, max]): over batch runs, each against ar's run of
     the same batch in the same round (null where no run produced tokens),
-    lossless (every output, in every round, token-identical to ar's), mismatches (first differing position per prompt)
+    lossless (every output, in every round, token-identical to ar's), mismatches (first differing position per prompt),
+    from_memory (propd: its chooser started from what an earlier run with the same settings learned on this machine)
   per_category: new_tokens / seconds / tokens_per_s / mean_accepted / speedup_vs_ar, per method x batch size x category
 """
 
@@ -55,7 +56,8 @@ def build_results(model, runs: list[MethodRun], machine: dict, config: dict) -> 
     records, per_category = [], []
     for r in runs:
         ref = ar[r.batch_size]
-        rec = {"method": r.method, "batch_size": r.batch_size, "prompts": len(r.generations) // r.rounds, "rounds": r.rounds, "batch_runs": len(r.batches)}
+        rec = {"method": r.method, "batch_size": r.batch_size, "prompts": len(r.generations) // r.rounds, "rounds": r.rounds, "batch_runs": len(r.batches),
+               "from_memory": r.from_memory}
         rec |= _summary(r.generations, r.seconds)
         rec["speedup_vs_ar"] = round(rec["tokens_per_s"] / tps[("ar", r.batch_size)], 3)
         ratios = sorted(tokens * ar_seconds / (seconds * ar_tokens) for (tokens, seconds), (ar_tokens, ar_seconds) in zip(r.batches, ref.batches) if ar_tokens)
@@ -121,6 +123,7 @@ def markdown(results: dict) -> str:
         f"*per batch*: the median and range of the speed-ups over ar of each batch run ({_batch_runs(results)}), each against ar's run of "
         "the same batch in the same round: a moment's slowness of the machine moves one of them, not the median.",
         "",
+        *_memory_note(results),
         "| method | batch | tokens/s | speed-up vs ar | per batch: median [range] | speed-up vs hf | mean accepted | tree tokens/step "
         "| late tokens/step | ms/step | lossless |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -145,6 +148,15 @@ def markdown(results: dict) -> str:
             f"{_judged(r)} | {_fmt(r['tree_tokens_per_step'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _memory_note(results: dict) -> list[str]:
+    """A line naming the methods whose chooser started from an earlier run's memory, if any."""
+    remembered = sorted({r["method"] for r in results["runs"] if r.get("from_memory")})
+    if not remembered:
+        return []
+    names = ", ".join(f"`{name}`" for name in remembered)
+    return [f"*memory*: {names} started from what an earlier run with the same settings learned on this machine (`+nomemory`: afresh).", ""]
 
 
 def _judged(r: dict) -> str:

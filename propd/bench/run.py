@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from propd.decoding.loop import RowStats
+from propd.decoding.propd import PropdMethod
 from propd.decoding.sampling import Sampling
 from propd.engine import Generation, Propd, device_name
 from propd.errors import PropdError
@@ -41,6 +42,7 @@ class MethodRun:
     prompts: list[Prompt] = field(default_factory=list)
     prompt_seconds: list[float] = field(default_factory=list)  # each prompt's share of its batch's wall time
     batches: list[tuple[int, float]] = field(default_factory=list)  # each batch run's new tokens and wall time, in run order
+    from_memory: bool = False  # propd: its chooser started from what an earlier run learned (``PropdMethod.remember``)
 
     @property
     def seconds(self) -> float:
@@ -122,7 +124,7 @@ def run_bench(
         for b in batch_sizes:
             for m in methods:  # warm-up at this batch size: first-call allocations, caches, a GPU's graphs of these rows and lengths
                 run_one(m, prompts[:b], max_new_tokens)
-            by_method = {m: MethodRun(m, b, rounds) for m in methods}
+            by_method = {m: MethodRun(m, b, rounds, from_memory=isinstance(builders[m], PropdMethod) and builders[m].recalled) for m in methods}
             batch_starts = [start for _ in range(rounds) for start in range(0, len(prompts), b)]  # round by round
             for k, start in enumerate(batch_starts):
                 batch = prompts[start : start + b]

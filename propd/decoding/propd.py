@@ -60,6 +60,7 @@ class PropdMethod:
     ):
         self.drafter, self.chooser, self.pruner = drafter, chooser, pruner
         self.memory = memory if chooser is not None else None  # where the chooser's learning is kept between runs (``remember``)
+        self.recalled = False  # whether the chooser started from that memory
         self.draft_scores = draft_scores and chooser is not None and isinstance(drafter, DraftMethod)
         if self.draft_scores and lookup:  # each row's prompt-lookup guesses offered beside the draft's
             drafter.lookup = True
@@ -70,6 +71,7 @@ class PropdMethod:
         if self.memory is not None and self.memory.exists():
             try:
                 self.chooser.recall(json.loads(self.memory.read_text()))
+                self.recalled = True
             except (OSError, ValueError, KeyError, TypeError) as e:
                 warnings.warn(f"ProPD's memory {self.memory} is unreadable ({e!r}): starting from the shipped statistics", stacklevel=2)
 
