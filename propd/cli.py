@@ -115,7 +115,7 @@ def add_propd_args(p: argparse.ArgumentParser) -> None:
                    help="propd with the draft layer's scores: offer each row's prompt-lookup guesses (what followed its newest n-gram where it "
                         "last occurred in its prompt or answer) beside the draft's (default); --no-lookup for the ablation")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="propd: start from what the last run with these settings learned on this machine (kept under $PROPD_CACHE/propd; "
+                   help="propd: start from what the last run with these settings learned on this machine (kept in $PROPD_MEMORY, default $PROPD_CACHE/propd; "
                         "default); --no-memory: from the shipped statistics, exploring the step costs again")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from propd.heads.medusa import MedusaHeads
 from propd.models.attention import blocked_is_exact, runs_native
 from propd.models.decoder import Decoder, ModelArgs
 from propd.models.kernels import DTYPES, PACKED, Route, autograd_route, choose_route, cpu_name
-from propd.models.loading import DEFAULT_MODEL, cache_dir, load_hf
+from propd.models.loading import DEFAULT_MODEL, cache_file, load_hf
 from propd.tree.dynamic import AcceptanceModel, TreeChooser
 from propd.tree.tree import TokenTree, load_tree
 
@@ -39,6 +38,7 @@ METHODS = ("ar", "bpd", "medusa", "draft", "lookup", "propd", "spec")
 DRAFTERS = ("draft", "medusa", "model")
 DEFAULT_HEADS = Path(__file__).parent / "heads" / "default"
 PRUNE_BY_DEFAULT = False  # the shipped early head rules out too many accepted tokens to pay (README: ProPD, early pruning)
+MEMORY_ENV = "PROPD_MEMORY"  # where ProPD keeps its choosers' memory (``Propd.chooser_memory``)
 DRAFT_DEPTH = 2  # propd's trees with the draft layer: each level it drafts costs a pass (README: ProPD, depth)
 
 
@@ -272,12 +272,17 @@ class Propd:
                 return TreeMethod(h, load_tree(spec, h.meta.get("rank_probabilities")))
         raise PropdError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
 
-    def chooser_memory(self, settings: dict) -> Path:
+    def chooser_memory(self, settings: dict) -> Path | None:
         """Where ProPD keeps what its chooser learned (``PropdMethod.remember``) for these settings of
-        it on this machine, route and model: ``$PROPD_CACHE/propd``."""
+        it on this machine, route and model: in ``$PROPD_MEMORY`` (a directory; ``off``: nowhere),
+        by default ``$PROPD_CACHE/propd``."""
+        place = os.environ.get(MEMORY_ENV, "")
+        if place == "off":
+            return None
         key = {"format": 1, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device_name(self.device),
                "route": self.route.name, "model": self.name, "args": vars(self.decoder.args), **settings}
-        return cache_dir() / "propd" / f"{hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]}.json"
+        path = cache_file("propd", json.dumps(key, sort_keys=True, default=str), ".json")
+        return Path(place) / path.name if place else path
 
     def _spec(self, draft_model: "str | os.PathLike | Propd | None", tree: TokenTree) -> SpecMethod:
         """``tree`` filled by ``draft_model``'s guesses."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
@@ -12,6 +16,16 @@ REAL_PROMPTS = [
     "Give me three tips for getting better sleep.",
     "Write a Python function that returns the factorial of n.",
 ]
+
+
+def pytest_configure(config):
+    """ProPD's chooser memory of this session only (``$PROPD_MEMORY``, inherited by the CLI's
+    subprocesses): a test starts from no earlier run's learning, and leaves none in the user's cache."""
+    os.environ["PROPD_MEMORY"] = tempfile.mkdtemp(prefix="propd-memory-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.pop("PROPD_MEMORY"), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -69,7 +69,7 @@ def test_rounds_run_every_batch_again_and_give_a_median_speed_up_of_same_batch_r
 
 
 def test_the_report_says_which_propd_runs_started_from_an_earlier_runs_memory(default_model, tmp_path, monkeypatch):
-    monkeypatch.setenv("PROPD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PROPD_MEMORY", str(tmp_path / "memory"))
     prompts = load_prompts(limit=1)
     for remembered in (False, True):  # the first run leaves the memory the second starts from
         runs = run_bench(default_model, prompts, ["ar", "propd", "propd+nomemory"], [1], 8)

@@ -185,7 +185,8 @@ def test_default_model_propd_copies_with_lookup_guesses_and_equals_ar(default_mo
     text = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm windowsill."
     prompt = f"Repeat this sentence exactly, three times: {text}"
     want = default_model.generate([prompt], "ar", max_new_tokens=64)[0]
-    with_lookup, without = (default_model.generate([prompt], default_model.method("propd", lookup=on), max_new_tokens=64)[0] for on in (True, False))
+    methods = [default_model.method("propd", lookup=on, memory=False) for on in (True, False)]  # from the shipped start, each
+    with_lookup, without = (default_model.generate([prompt], method, max_new_tokens=64)[0] for method in methods)
     lookup_alone = default_model.generate([prompt], default_model.method("lookup"), max_new_tokens=64)[0]
     assert with_lookup.token_ids == without.token_ids == lookup_alone.token_ids == want.token_ids
     assert with_lookup.stats.mean_accepted > without.stats.mean_accepted  # the copy is guessed from the prompt

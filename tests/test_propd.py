@@ -383,15 +383,21 @@ def test_a_chooser_recalls_what_an_earlier_one_learned_and_explores_no_more():
 
 
 def test_propd_keeps_its_choosers_memory_per_settings_and_starts_afresh_from_a_damaged_one(default_model, tmp_path, monkeypatch):
-    monkeypatch.setenv("PROPD_CACHE", str(tmp_path))
+    monkeypatch.setenv("PROPD_MEMORY", str(tmp_path))
     first = default_model.method("propd")
-    assert first.memory.parent == tmp_path / "propd" and not first.memory.exists()
+    assert first.memory.parent == tmp_path and not first.memory.exists()
     want = [g.token_ids for g in default_model.generate(REAL_PROMPTS[:2], "ar", max_new_tokens=24)]
     assert [g.token_ids for g in default_model.generate(REAL_PROMPTS[:2], first, max_new_tokens=24)] == want
     second = default_model.method("propd")
     assert second.memory == first.memory and second.chooser.latency.measured((1, 0)) == first.chooser.latency.measured((1, 0)) != []
     assert default_model.method("propd", lookup=False).memory != first.memory  # other settings learn apart
     assert default_model.method("propd", memory=False).memory is None
+    monkeypatch.setenv("PROPD_MEMORY", "off")
+    assert default_model.method("propd").memory is None
+    monkeypatch.delenv("PROPD_MEMORY")
+    monkeypatch.setenv("PROPD_CACHE", str(tmp_path / "cache"))
+    assert default_model.method("propd").memory.parent == tmp_path / "cache" / "propd"  # by default, in the cache
+    monkeypatch.setenv("PROPD_MEMORY", str(tmp_path))
     first.memory.write_text('{"acceptance": [[0.5')
     with pytest.warns(UserWarning, match="unreadable"):
         third = default_model.method("propd")

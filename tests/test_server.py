@@ -211,11 +211,11 @@ def test_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(default_mode
 
 @pytest.mark.slow
 def test_a_propd_server_keeps_what_its_chooser_learned_when_it_stops(default_model, tmp_path, monkeypatch):
-    monkeypatch.setenv("PROPD_CACHE", str(tmp_path))
+    monkeypatch.setenv("PROPD_MEMORY", str(tmp_path))
     with Server(default_model, "propd", default_max_tokens=16) as s:
         code, reply = post(s.url + "/v1/chat/completions", {"model": "default", "messages": [{"role": "user", "content": "Hi"}]})
-        assert code == 200 and not list(tmp_path.glob("propd/*.json"))
-    (memory,) = tmp_path.glob("propd/*.json")
+        assert code == 200 and not list(tmp_path.glob("*.json"))
+    (memory,) = tmp_path.glob("*.json")
     assert json.loads(memory.read_text())["latency"]["sizes"]
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +44,7 @@ from propd.decoding.tree import TreeMethod
 from propd.models import graphs
 from propd.models.decoder import Decoder, synchronize
 from propd.models.kv_cache import KVCache
+from propd.models.loading import write_cache
 from propd.tree.dynamic import WIDE_BATCH, TreeChooser
 
 LOOKUP_CHAINS = 4  # room a step's tree keeps beside the draft's nodes for this many lookup chains (rows sharing an anchor share one)
@@ -81,15 +81,8 @@ class PropdMethod:
         generations (a new method each, 96 tokens, MT-Bench, interleaved; AMD EPYC): batch 8 0.965x AR
         against 0.928x from the shipped statistics, batch 4 0.994x against 0.973x, batch 1 1.41x and
         1.38x against 1.43x and 1.34x. An unwritable cache costs only that."""
-        if self.memory is None:
-            return
-        try:
-            self.memory.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.memory.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.chooser.memory()))
-            tmp.replace(self.memory)
-        except OSError:
-            pass
+        if self.memory is not None:
+            write_cache(self.memory, json.dumps(self.chooser.memory()))
 
     def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]) -> tuple[torch.Tensor, State]:
         return self.drafter.start(decoder, cache, hidden, picker, prompts)

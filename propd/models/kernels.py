@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -348,7 +347,7 @@ def choose_route(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None =
     """The fastest exact route for these product shapes on this machine (``dtype`` None: any dtype),
     and the measurements behind the choice. ``override`` (or ``$PROPD_ROUTE``) names a route instead;
     it is still checked for exactness. Measurements are cached under ``$PROPD_CACHE/routes``."""
-    from propd.models.loading import cache_dir
+    from propd.models.loading import cache_file, write_cache
 
     override = override or os.environ.get(ROUTE_ENV)
     if override:
@@ -360,18 +359,12 @@ def choose_route(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None =
             raise PropdError(f"route {override!r} does not run here: {result['error']}")
         return Route(route.kernel, route.dtype_name, route.tile, route.pad, result["exact"]), [result]
     key = json.dumps({"check": 4, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype)})
-    path = cache_dir() / "routes" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    path = cache_file("routes", key, ".json")
     try:
         results = json.loads(path.read_text())["results"]
     except (OSError, ValueError, KeyError):
         results = calibrate(shapes, dtype)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": json.loads(key), "results": results}, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass  # an unwritable cache costs a calibration per load, nothing more
+        write_cache(path, json.dumps({"key": json.loads(key), "results": results}, indent=1))  # (unwritable: a calibration per load)
     ok = [r for r in results if "error" not in r]
     if not ok:
         raise PropdError("no matrix-product route runs on this machine: " + "; ".join(f"{r['route']}: {r['error']}" for r in results))

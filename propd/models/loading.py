@@ -8,6 +8,7 @@ because de-quantising takes ~30 s on this machine while loading the copy takes u
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -30,6 +31,23 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 def cache_dir() -> Path:
     """Where converted models live: ``$PROPD_CACHE`` or ``~/.cache/propd``."""
     return Path(os.environ.get("PROPD_CACHE", Path.home() / ".cache" / "propd"))
+
+
+def cache_file(kind: str, key: str, suffix: str) -> Path:
+    """The cache's file for what ``key`` names (``$PROPD_CACHE/kind``, named by a hash of it)."""
+    return cache_dir() / kind / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}{suffix}"
+
+
+def write_cache(path: Path, text: str) -> None:
+    """Write a cache file whole (a temporary file renamed into place: a reader never sees half of
+    one); an unwritable cache is no error, it only costs the work the file would have saved."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 def packaged_gguf() -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import platform
 import subprocess
@@ -31,7 +30,7 @@ def native_kernel() -> ctypes.CDLL | None:
     """The C kernels, or None where they do not run."""
     if os.environ.get(ENV, "c") == "torch":
         return None
-    from propd.models.loading import cache_dir
+    from propd.models.loading import cache_file
 
     csrc = Path(__file__).parent / "csrc"
     compiler = os.environ.get("CC", "cc")
@@ -39,7 +38,7 @@ def native_kernel() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
         key = "\n".join([*(csrc.joinpath(name).read_text() for name in SOURCES), version, " ".join(flags), platform.machine(), _cpu_flags()])
-        lib = cache_dir() / "kernels" / f"propd-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+        lib = cache_file("kernels", key, ".so")
         if not lib.exists():
             lib.parent.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
