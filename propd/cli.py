@@ -99,7 +99,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_propd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune", action=argparse.BooleanOptionalAction, default=None,
-                   help="propd: early pruning by the early head (default: off, see README: ProPD); --no-prune for the ablation")
+                   help="propd: early pruning by the early head (default: off, see docs/propd.md); --no-prune for the ablation")
     p.add_argument("--prune-top-k", type=positive_int, default=10, help="propd: a node survives if its token is in its parent's early top-k")
     p.add_argument("--prune-keep-ranks", type=non_negative_int, default=0, help="propd: never prune the drafter's best N guesses at a node")
     p.add_argument("--prune-layer", type=positive_int,

@@ -37,9 +37,9 @@ from propd.tree.tree import TokenTree, load_tree
 METHODS = ("ar", "bpd", "medusa", "draft", "lookup", "propd", "spec")
 DRAFTERS = ("draft", "medusa", "model")
 DEFAULT_HEADS = Path(__file__).parent / "heads" / "default"
-PRUNE_BY_DEFAULT = False  # the shipped early head rules out too many accepted tokens to pay (README: ProPD, early pruning)
+PRUNE_BY_DEFAULT = False  # the shipped early head rules out too many accepted tokens to pay (docs/propd.md: the frontier)
 MEMORY_ENV = "PROPD_MEMORY"  # where ProPD keeps its choosers' memory (``Propd.chooser_memory``)
-DRAFT_DEPTH = 2  # propd's trees with the draft layer: each level it drafts costs a pass (README: ProPD, depth)
+DRAFT_DEPTH = 2  # propd's trees with the draft layer: each level it drafts costs a pass (docs/propd.md: Depth)
 
 
 @dataclass
@@ -363,7 +363,7 @@ class Propd:
 def pick_route(args: ModelArgs, dtype: torch.dtype | None, route: str | Route | None, device: torch.device) -> tuple[Route, list[dict]]:
     """The products' route for this model on this device, and what was measured to choose it. On a
     GPU, plain products in ``dtype`` (default fp32) or the ``route`` named, not checked for
-    row-invariance there (see README: on an H100, padding every product to one shape cost a quarter
+    row-invariance there (see docs/engine.md, 5: on an H100, padding every product to one shape cost a quarter
     of a step and left batch-8 trees' logits as far from AR's)."""
     if isinstance(route, Route):
         return route, []

@@ -549,7 +549,7 @@ def test_default_model_propd_equals_ar_batch_1_and_4(default_model):
 
 
 def test_propd_trees_are_two_deep_with_the_draft_layer_unless_asked(default_model):
-    """Each level the draft layer drafts costs a pass (README: ProPD, depth): its trees stay 2
+    """Each level the draft layer drafts costs a pass (docs/propd.md: Depth): its trees stay 2
     deep; ``max_depth`` (``--max-depth``, bench ``+depthN``) and the Medusa heads, which guess every
     depth at once, take more."""
     assert len(default_model.method("propd").chooser.acceptance.p) == 2

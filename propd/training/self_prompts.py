@@ -20,7 +20,7 @@ from propd.errors import PropdError
 _MARK = "\x00propd-user-message\x00"
 # Left free, SmolLM2 asks mostly for advice and plans. These openings, taken in turn, also draw the
 # code, text-to-work-on, role-play and maths requests that MT-Bench's categories hold: with them the
-# draft's MT-Bench acceptance for coding went from 1.9 to 3.5 tokens per step (README, Training).
+# draft's MT-Bench acceptance for coding went from 1.9 to 3.5 tokens per step (docs/training.md).
 DEFAULT_OPENINGS = ("", "", "", "", "Write a Python function", "Write a program", "Implement", "Write a SQL query", "Extract",
                     "Given the following", "Read the following text", "Imagine you are", "Act as", "Pretend to be", "Solve", "What is",
                     "Explain", "Compose", "Write a", "Describe", "Suppose", "Identify", "Rewrite", "Summarize", "Edit the following", "Draft",
