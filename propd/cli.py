@@ -1,4 +1,4 @@
-"""``propd`` command line: generate, chat (and the subcommands the other modules add)."""
+"""``propd`` command line: generate, chat, demo, bench, calibrate, latency, train, serve, load."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from propd.engine import METHODS
+from propd.decoding.sampling import ACCEPTANCES
+from propd.engine import DRAFTERS, METHODS
 from propd.errors import PropdError
+from propd.models.kernels import DTYPES
 
 
 def positive_int(text: str) -> int:
@@ -85,7 +87,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_dtype_args(p)
     add_device_arg(p)
     p.add_argument("--method", default="ar", choices=METHODS, help="decoding method; propd: a tree chosen every step")
-    p.add_argument("--drafter", default="draft", choices=["draft", "medusa", "model"],
+    p.add_argument("--drafter", default="draft", choices=DRAFTERS,
                    help="what fills propd's trees: the draft layer, the Medusa heads or the --draft-model")
     p.add_argument("--heads", default="default", help="heads / draft layer: 'default' (shipped for the default model) or a directory")
     p.add_argument("--tree", help="token tree: mc_sim_7b_63, topN, bestN, bestNdD (at most D deep), chainN or a JSON file of rank paths")
@@ -105,7 +107,7 @@ def add_propd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-layer", type=positive_int,
                    help="propd: prune after this layer, with the heads' early head trained there (default: the heads' chosen one)")
     p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
-                   help="propd: choose the tree every step (default); --no-dynamic keeps --tree (default best16) every step")
+                   help="propd: choose the tree every step (default); --no-dynamic keeps --tree (default best16; chain4 with --drafter model) every step")
     p.add_argument("--max-depth", type=positive_int, help="propd: the deepest tree it builds (default 2 with the draft layer, whose every "
                    "level costs a drafting pass; every depth of the heads' statistics otherwise)")
     p.add_argument("--draft-scores", action=argparse.BooleanOptionalAction, default=True,
@@ -137,7 +139,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens holding this probability")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="sample from the k most probable tokens (0: all)")
     p.add_argument("--seed", type=int, help="sampling seed (prompt k takes seed + k); default: a random one")
-    p.add_argument("--acceptance", default="exact", choices=["exact", "typical"],
+    p.add_argument("--acceptance", default="exact", choices=ACCEPTANCES,
                    help="tree methods when sampling: exact (AR sampling's very tokens for a seed) or typical (Medusa's; faster, lossy)")
 
 
@@ -154,7 +156,7 @@ def sampling_from(args: argparse.Namespace):
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: the fastest dtype whose products are exact on this machine (measured once, cached)")
     p.add_argument("--route", help="matrix-product route instead of the measured choice, e.g. bfloat16-onednn, float32-torch-pad8 "
                    "(also $PROPD_ROUTE)")
@@ -317,8 +319,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    import json
-
     from tqdm import tqdm
 
     from propd.bench.calibration import CalibratingDraft, markdown, plot, summary
@@ -330,7 +330,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     prompts = [p.text for p in load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)]
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     draft = model.method("draft", args.tree, args.heads)
-    method = CalibratingDraft(draft, AcceptanceModel(draft.draft.meta["rank_probabilities"]))
+    stats = draft.draft.meta.get("rank_probabilities")
+    if not stats:
+        raise PropdError("propd calibrate needs the draft's acceptance statistics (rank_probabilities), and these heads have none")
+    method = CalibratingDraft(draft, AcceptanceModel(stats))
     for text in tqdm(prompts, desc="calibrate", unit="prompt"):
         model.generate([text], method, args.max_new_tokens)
     result = {"machine": machine_facts(model), "tree": args.tree, "prompts": len(prompts), **summary(method.record)}
@@ -345,8 +348,6 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_latency(args: argparse.Namespace) -> None:
-    import json
-
     from propd.bench.latency import memory_bandwidth, plot_latency, step_latency, tree_build_time, weight_bytes
     from propd.engine import Propd, device_name
     from propd.models.kernels import SCREEN_ROWS, cpu_name
@@ -365,7 +366,8 @@ def cmd_latency(args: argparse.Namespace) -> None:
     floor_ms = 1e3 * weight_bytes(model.decoder) / (bandwidth * 1e9)
     record = {
         "cpu": cpu_name(), "device": device_name(model.device),
-        "route": model.route.name, "exact": model.route.exact, "dtype": model.route.dtype_name, "cuda_graphs": graphs, "context": args.context,
+        "route": model.route.name, "exact": model.route.exact, "dtype": model.route.dtype_name, "route_candidates": model.route_measurements,
+        "cuda_graphs": graphs, "context": args.context,
         "bandwidth_gb_s": round(bandwidth, 2), "weight_read_floor_ms": round(floor_ms, 2), "tree_build_ms_mc_sim_7b_63": build_ms, "steps": rows,
     }
     (out / "latency.json").write_text(json.dumps(record, indent=1))
@@ -472,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--out", default="bench-out")
     lat.set_defaults(func=cmd_latency)
 
-    t = sub.add_parser("train", help="self-distil and train Medusa + early-pruning heads (resumable)")
+    t = sub.add_parser("train", help="self-distil and train Medusa heads, early-pruning heads and the draft layer (resumable)")
     t.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field or Spec-Bench 'turns'")
     t.add_argument("--out", required=True, help="work directory; trained heads go to OUT/heads")
     t.add_argument("--model", default="default")

@@ -9,14 +9,17 @@ import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.lookup import LookupMethod
-from propd.decoding.loop import DecodeLoop, Method, RowStats, generate_batch
+from propd.decoding.loop import DecodeLoop, Method, RowStats, StreamCallback, generate_batch, summarize
 from propd.decoding.propd import PropdMethod
 from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Sampling
@@ -61,17 +64,10 @@ class Generation:
             "prompt": self.prompt,
             "text": self.text,
             "token_ids": self.token_ids,
-            "new_tokens": self.new_tokens,
-            "steps": s.steps,
-            "seconds": round(s.seconds, 4),
+            **summarize([s], s.seconds),
             "prefill_seconds": round(s.prefill_seconds, 4),
-            "tokens_per_s": round(self.new_tokens / s.seconds, 3) if s.seconds else None,
-            "mean_accepted": round(s.mean_accepted, 4),
-            "tree_tokens_per_step": round(sum(s.step_tree_tokens) / max(1, s.steps), 3),
-            "late_tokens_per_step": round(sum(s.step_late_tokens) / max(1, s.steps), 3),
             "pruning_ratio": round(1 - sum(s.step_late_tokens) / sum(s.step_tree_tokens), 4) if s.steps else 0.0,
             "tree_sizes": s.step_tree_tokens,
-            "ms_per_step": round(1e3 * sum(s.step_seconds) / max(1, s.steps), 3),
         }
 
 
@@ -79,9 +75,9 @@ class Propd:
     """A model, its tokenizer and our decoder. ``Propd.from_pretrained("default")`` loads SmolLM2."""
 
     def __init__(
-        self, hf_model, tokenizer, dtype: torch.dtype | None = torch.float32, name: str = DEFAULT_MODEL,
+        self, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype | None = torch.float32, name: str = DEFAULT_MODEL,
         device: str | torch.device = "cpu", route: str | Route | None = None, keep_reference: bool = True,
-    ):
+    ) -> None:
         """``dtype`` None: the fastest exact route of any dtype on this machine; ``route`` names one
         (``kernels.Route``) instead. ``keep_reference`` False: let the ``transformers`` model go once
         our decoder has its weights (``hf_model`` reloads it on demand)."""
@@ -104,7 +100,8 @@ class Propd:
         cls, model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
         route: str | Route | None = None,
     ) -> "Propd":
-        """Load a model: ``default``, a local HF directory or a .gguf file. ``dtype`` None (or
+        """Load a model: ``default``, a named model (``qwen2.5-coder-0.5b``, ``qwen2.5-coder-1.5b``), a local HF
+        directory or a .gguf file. ``dtype`` None (or
         "auto"): the fastest dtype whose products are exact on this machine."""
         if isinstance(dtype, str):
             if dtype not in (*DTYPES, "auto"):
@@ -115,7 +112,7 @@ class Propd:
         return cls(hf_model, tokenizer, dtype, str(model), device, route, keep_reference=False)
 
     @property
-    def hf_model(self):
+    def hf_model(self) -> PreTrainedModel:
         """The ``transformers`` model in our dtype (the reference for ``hf`` benchmarks and
         mismatch reports), loaded on first use."""
         if self._hf_model is None:
@@ -180,10 +177,10 @@ class Propd:
         heads.check_fits(self.decoder.args)
         return heads.to(self.device)
 
-    def load_early_head(self, heads: str | os.PathLike = "default", layer: int | None = None) -> EarlyHead:
-        """The early-pruning head of a heads directory (``default``: shipped for the default model):
-        its chosen one (early_head.json), or the one trained after ``layer`` (early_heads/layer-K,
-        where the chosen one is at another layer)."""
+    def load_early_head(self, heads: str | os.PathLike | MedusaHeads | DraftHead = "default", layer: int | None = None) -> EarlyHead:
+        """The early-pruning head of a heads directory (``default``: shipped for the default model;
+        drafter heads already loaded: the shipped ones too): its chosen one (early_head.json), or the
+        one trained after ``layer`` (early_heads/layer-K, where the chosen one is at another layer)."""
         directory = self._heads_dir(heads if isinstance(heads, (str, os.PathLike)) else "default")
         if not (directory / "early_head.json").exists():
             raise PropdError(f"{directory} holds no early head (early_head.json) for pruning; pass --no-prune, or train one (`propd train`)")
@@ -219,7 +216,7 @@ class Propd:
         draft layer, the Medusa heads or ``model``, the ``draft_model``; ``prune``: early pruning by the early head's top
         ``prune_top_k``, sparing the drafter's ``prune_keep_ranks`` best guesses, after layer ``prune_layer`` (default: the
         heads' chosen early head); ``dynamic``
-        False: the static ``tree`` every step, default best16; ``draft_scores`` False: the draft
+        False: the static ``tree`` every step, default best16 (chain4 drafted by a model); ``draft_scores`` False: the draft
         layer fills the rank statistics' best tree instead of its own most probable nodes;
         ``lookup`` False: no prompt-lookup guesses offered beside the draft layer's; ``memory`` False: start from the
         shipped statistics and explore the step costs, rather than from what the last run with the same
@@ -308,7 +305,7 @@ class Propd:
         max_new_tokens: int = 128,
         batch_size: int = 1,
         chat: bool = True,
-        on_tokens=None,
+        on_tokens: StreamCallback | None = None,
         sampling: Sampling | None = None,
     ) -> list[Generation]:
         """Generation for every prompt, ``batch_size`` prompts decoding together: greedy, or by
@@ -380,7 +377,7 @@ class TextStream:
     """Turns token ids into text increments. A multi-byte character split across tokens is held
     back until it is complete (the text before it is not); ``finish`` gives whatever is left."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.emitted = 0

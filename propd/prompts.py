@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 from propd.errors import PropdError
+from propd.heads.checkpoint import read_jsonl
 
 
 @dataclass
@@ -36,36 +36,29 @@ def load_prompts(path: str | Path | None = None, turn: int = 0, limit: int | Non
     if not path.is_file():
         raise PropdError(f"prompts file not found: {path}")
     prompts = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PropdError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise PropdError(f"{path}:{n}: expected a JSON object")
-            if "turns" in row:
-                turns = row["turns"]
-                if not isinstance(turns, list) or len(turns) <= turn:
-                    raise PropdError(f"{path}:{n}: 'turns' has no turn {turn}")
-                text = turns[turn]
-            elif "prompt" in row:
-                text = row["prompt"]
-            else:
-                raise PropdError(f"{path}:{n}: needs a 'turns' list or a 'prompt' field")
-            if not isinstance(text, str):
-                raise PropdError(f"{path}:{n}: the prompt must be a string, got {type(text).__name__}")
-            if not text.strip():
-                raise PropdError(f"{path}:{n}: empty prompt")
-            pid = str(row.get("question_id", row.get("id", n)))
-            category = str(row.get("category", "general"))
-            if per_category is not None and sum(p.category == category for p in prompts) >= per_category:
-                continue
-            prompts.append(Prompt(pid, category, text))
-            if limit is not None and len(prompts) >= limit:
-                break
+    for n, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise PropdError(f"{path}:{n}: expected a JSON object")
+        if "turns" in row:
+            turns = row["turns"]
+            if not isinstance(turns, list) or len(turns) <= turn:
+                raise PropdError(f"{path}:{n}: 'turns' has no turn {turn}")
+            text = turns[turn]
+        elif "prompt" in row:
+            text = row["prompt"]
+        else:
+            raise PropdError(f"{path}:{n}: needs a 'turns' list or a 'prompt' field")
+        if not isinstance(text, str):
+            raise PropdError(f"{path}:{n}: the prompt must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise PropdError(f"{path}:{n}: empty prompt")
+        pid = str(row.get("question_id", row.get("id", n)))
+        category = str(row.get("category", "general"))
+        if per_category is not None and sum(p.category == category for p in prompts) >= per_category:
+            continue
+        prompts.append(Prompt(pid, category, text))
+        if limit is not None and len(prompts) >= limit:
+            break
     if not prompts:
         raise PropdError(f"{path}: no prompts")
     return prompts
@@ -91,7 +84,7 @@ def long_context_prompts(
     path = Path(source)
     if not path.is_file():
         raise PropdError(f"long-context source not found: {path}")
-    rows = [json.loads(line) for line in path.open() if line.strip()]
+    rows = [row for _, row in read_jsonl(path)]
     prompts = []
     for category, (prefixes, label, task) in LONG_TASKS.items():
         docs = [r["prompt"] for r in rows if isinstance(r, dict) and str(r.get("source", "")).startswith(prefixes) and r.get("prompt")]

@@ -106,12 +106,11 @@ def test_long_context_prompts_join_documents_to_the_asked_length(tmp_path):
 
 
 def test_expected_accepted_is_judged_on_the_steps_no_cut_ended():
-    from types import SimpleNamespace
+    from propd.bench.report import _judged
+    from propd.decoding.loop import RowStats, summarize
 
-    from propd.bench.report import _judged, _summary
-    from propd.decoding.loop import RowStats
-
-    stats = RowStats(step_accepted=[2, 3, 1], step_tree_tokens=[4, 4, 4], step_late_tokens=[4, 4, 4], step_seconds=[0.1] * 3, step_expected=[2.5, 2.5, None])
-    s = _summary([SimpleNamespace(new_tokens=6, stats=stats)], 0.3)
+    stats = RowStats(token_ids=list(range(6)),
+                     step_accepted=[2, 3, 1], step_tree_tokens=[4, 4, 4], step_late_tokens=[4, 4, 4], step_seconds=[0.1] * 3, step_expected=[2.5, 2.5, None])
+    s = summarize([stats], 0.3)
     assert (s["mean_accepted"], s["expected_accepted"], s["observed_accepted"]) == (2.0, 2.5, 2.5)  # the cut last step counts for speed only
     assert _judged(s) == "2.50 / 2.50 (+0%)" and _judged({"expected_accepted": None, "observed_accepted": None}) == "-"

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from propd.errors import PropdError
 from propd.models.decoder import Decoder
 from tests.conftest import tiny_hf_model
 
@@ -58,7 +59,7 @@ def test_a_bfloat16_decoder_holds_nothing_of_the_transformers_model():
 
 
 def test_sliding_window_layers_are_refused():
-    with pytest.raises(ValueError, match="sliding-window"):
+    with pytest.raises(PropdError, match="sliding-window"):
         Decoder.from_hf(tiny_hf_model("qwen2", layers=2, use_sliding_window=True, sliding_window=8, max_window_layers=1))
 
 
@@ -109,14 +110,13 @@ def test_cache_keep_packs_chosen_entries_per_row_and_commits_them():
     assert cache.kv[0, 0, 1, 0, :5, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
-def test_cache_truncate_reset_and_select_rows():
+def test_cache_cut_and_select_rows():
     from propd.models.kv_cache import KVCache
 
     cache = KVCache(1, 3, 1, 8, 1)
     cache.lengths = torch.tensor([4, 5, 6])
     cache.kv[:, :, 2, ..., 0] = 7.0
-    cache.truncate(0, 2)
-    cache.reset(1)
+    cache.cut(torch.tensor([2, 0, 8]))
     assert cache.lengths.tolist() == [2, 0, 6]
     cache.select_rows(torch.tensor([2]))
     assert cache.lengths.tolist() == [6] and cache.kv.shape[2] == 1 and bool((cache.kv[..., :6, 0] == 7.0).all())  # its committed entries

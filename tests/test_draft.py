@@ -73,7 +73,7 @@ def test_tree_drafting_computes_what_training_unrolls():
     method = DraftMethod(draft, chain(3))
     roots, state = method.start(dec, dec.new_cache(1, 64), torch.randn(1, dec.args.dim), Picker([RowChoice(None, 0, 0)]), [[1]])
     first_features = state.pending[0]
-    tokens = method.propose(dec, roots, state)
+    tokens = method.propose(dec, roots, state, method.tree)
     with torch.no_grad():
         unrolled = draft_unroll(draft, dec, first_features, roots.view(1, 1), tokens[:, 1:].view(1, 1, 3))
         guesses = [int((u[0, 0] @ draft.projection(dec)).argmax()) for u in unrolled]

@@ -183,7 +183,7 @@ def test_amx_attention_follows_float_attention_and_its_copy_follows_the_cache():
     dec.extend(torch.tensor([[5]]), cache.chain(1), cache)
     cache.advance(one)
     assert cache.ready[:, 0].tolist() == [2, 2]
-    cache.truncate(0, 40)
+    cache.cut(torch.tensor([40]))
     assert cache.ready[:, 0].tolist() == [1, 1]
     fresh = dec.new_cache(1, 128)
     prefill(dec, fresh, [prompt[:40]])

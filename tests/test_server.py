@@ -134,6 +134,14 @@ def test_sampled_requests_are_seeded_and_equal_generate(server, default_model):
     assert client.chat.completions.create(**ask, seed=8).choices[0].message.content != want
 
 
+def test_the_servers_own_sampling_and_seed_serve_requests_that_send_none(default_model):
+    settings = Sampling(0.9, top_p=0.95, seed=7)
+    want = default_model.generate([REAL_PROMPTS[3]], "ar", max_new_tokens=24, sampling=settings)[0].text
+    with Server(default_model, "ar", default_sampling=settings) as served:
+        got = served.client().chat.completions.create(model="default", messages=[{"role": "user", "content": REAL_PROMPTS[3]}], max_tokens=24)
+    assert got.choices[0].message.content == want
+
+
 def test_stop_strings_cut_the_text(server, default_model):
     full = default_model.generate([REAL_PROMPTS[4]], "ar", max_new_tokens=48)[0].text
     stop = full[20:24]

@@ -14,20 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from propd.decoding.draft import DraftMethod, DraftState  # noqa: E402
-from propd.decoding.loop import StepResult  # noqa: E402
-from propd.decoding.sampling import Picker  # noqa: E402
-from propd.decoding.tree import verify  # noqa: E402
-from propd.models.decoder import Decoder  # noqa: E402
-from propd.models.kv_cache import KVCache  # noqa: E402
-from propd.tree.dynamic import AcceptanceModel  # noqa: E402
-from propd.tree.tree import path_products  # noqa: E402
+from propd.bench.plotting import plt, save_figure
+from propd.decoding.draft import DraftMethod, DraftState
+from propd.decoding.loop import StepResult
+from propd.decoding.sampling import Picker
+from propd.decoding.tree import verify
+from propd.models.decoder import Decoder
+from propd.models.kv_cache import KVCache
+from propd.tree.dynamic import AcceptanceModel
+from propd.tree.tree import path_probability, path_products
 
 PREDICTORS = ("rank statistics", "draft path probability")
 BINS = 10
@@ -68,11 +65,8 @@ class CalibratingDraft:
         return result
 
     def _rank_predictions(self) -> list[float]:
-        tree, p = self.inner.tree, self.acceptance.p
-        out = [1.0] * tree.size
-        for i in range(1, tree.size):
-            out[i] = out[int(tree.parents[i])] * p[int(tree.depths[i]) - 1][int(tree.ranks[i])]
-        return out
+        """Each node's chance of acceptance under the rank statistics (the root's: 1)."""
+        return [1.0] + [path_probability(self.acceptance.p, path) for path in self.inner.tree.paths]
 
 
 def summary(record: Calibration) -> dict:
@@ -106,9 +100,7 @@ def plot(result: dict, path: Path) -> Path:
     ax.set(xlabel="predicted P(node accepted)", ylabel="observed fraction accepted", title="Acceptance predictors: calibration")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

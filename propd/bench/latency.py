@@ -6,20 +6,16 @@ with a real cache, median of several repeats, for each batch size asked.
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
-import matplotlib
+import torch
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from propd.decoding.tree import PROJECT_ALL  # noqa: E402
-from propd.models.decoder import Decoder, synchronize  # noqa: E402
-from propd.tree.tree import TokenTree, load_tree, medusa_paths  # noqa: E402
+from propd.bench.plotting import plt, save_figure
+from propd.decoding.tree import PROJECT_ALL
+from propd.models.decoder import Decoder, synchronize
+from propd.models.kernels import median_ms
+from propd.tree.tree import TokenTree, load_tree, medusa_paths
 
 
 @torch.inference_mode()
@@ -37,16 +33,14 @@ def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], con
                 cache = decoder.new_cache(b, context + n + 1)
                 cache.advance(torch.full((b,), context, device=decoder.device))
                 tokens = torch.randint(0, decoder.args.vocab_size, (b, n), device=decoder.device)
-                times = []
-                for _ in range(repeats + 1):
-                    t = time.perf_counter()
+
+                def step(tokens=tokens, cache=cache, anc=anc, b=b, n=n) -> None:
                     with decoder.cores():
-                        hidden = decoder.extend(tokens, cache.tree(anc), cache)
-                        normed = decoder.final_norm(hidden)
+                        normed = decoder.final_norm(decoder.extend(tokens, cache.tree(anc), cache))
                         decoder.greedy_tokens(normed if b * n <= PROJECT_ALL else normed[:, 0])
                     synchronize(decoder.device)
-                    times.append(time.perf_counter() - t)
-                rows.append({"batch_size": b, "tree_tokens": n, "ms": round(1e3 * statistics.median(times[1:]), 2)})
+
+                rows.append({"batch_size": b, "tree_tokens": n, "ms": round(median_ms(step, repeats), 2)})
                 bar.update(1)
     return rows
 
@@ -54,13 +48,7 @@ def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], con
 def memory_bandwidth(device: torch.device = torch.device("cpu"), megabytes: int = 512, repeats: int = 5) -> float:
     """Read bandwidth of ``device``'s memory in GB/s: the median time of summing a buffer far larger than the caches."""
     buffer = torch.ones(megabytes * 2**20 // 4, device=device)
-    times = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        buffer.sum()
-        synchronize(device)
-        times.append(time.perf_counter() - t)
-    return buffer.numel() * 4 / statistics.median(times[1:]) / 1e9
+    return buffer.numel() * 4 / (median_ms(lambda: (buffer.sum(), synchronize(device)), repeats) / 1e3) / 1e9
 
 
 def weight_bytes(decoder: Decoder) -> int:
@@ -72,12 +60,7 @@ def weight_bytes(decoder: Decoder) -> int:
 def tree_build_time(name: str = "mc_sim_7b_63", repeats: int = 50) -> float:
     """Median milliseconds to build a tree's tensors (parents, depths, ancestor mask) from its paths."""
     paths = medusa_paths(name)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        TokenTree.from_paths(paths)
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return median_ms(lambda: TokenTree.from_paths(paths), repeats)
 
 
 def plot_latency(rows: list[dict], path: Path) -> Path:
@@ -91,7 +74,5 @@ def plot_latency(rows: list[dict], path: Path) -> Path:
     ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

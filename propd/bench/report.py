@@ -3,17 +3,20 @@
 results.json schema
   machine: {cpu, threads, torch, python, dtype, route, exact (the route's row-invariance check passed), device, cuda_graphs,
             argmax_screen (the greedy argmax read in int8 behind an exact bound)}
-  config: {prompts, methods, batch_sizes, rounds, max_new_tokens, heads, tree}
+  config: {prompts_file, prompts, methods, batch_sizes, rounds, max_new_tokens, model, heads, tree,
+           sampling (null: greedy; else temperature, top_p, top_k, seed, acceptance, ...)}
   runs: one record per method x batch size (new_tokens, seconds, steps: summed over every round):
     method, batch_size, prompts (count, one round's), rounds (runs of each batch), batch_runs, new_tokens, seconds, tokens_per_s,
     mean_accepted (tokens per decode step; null for hf), steps,
+    expected_accepted / observed_accepted (ProPD: what its acceptance model expected of its uncut steps, and what they accepted),
     tree_tokens_per_step, late_tokens_per_step (tokens through the late layers; < tree tokens when pruned),
     ms_per_step, speedup_vs_ar (tokens/s over ar's), speedup_vs_hf (null when hf did not run),
     speedup_vs_ar_median, speedup_vs_ar_range ([min, max]): over batch runs, each against ar's run of
     the same batch in the same round (null where no run produced tokens),
     lossless (every output, in every round, token-identical to ar's), mismatches (first differing position per prompt),
     from_memory (propd: its chooser started from what an earlier run with the same settings learned on this machine)
-  per_category: new_tokens / seconds / tokens_per_s / mean_accepted / speedup_vs_ar, per method x batch size x category
+  per_category: new_tokens / seconds / tokens_per_s / mean_accepted / expected_accepted / observed_accepted / speedup_vs_ar,
+    per method x batch size x category
 """
 
 from __future__ import annotations
@@ -23,42 +26,20 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from propd.bench.run import HF, MethodRun, first_mismatch  # noqa: E402
-
-
-def _summary(gens, seconds: float) -> dict:
-    new = sum(g.new_tokens for g in gens)
-    steps = sum(g.stats.steps for g in gens)
-    step_tokens = sum(sum(g.stats.step_accepted) for g in gens)
-    judged = [(e, a) for g in gens for e, a in zip(g.stats.step_expected, g.stats.step_accepted) if e is not None]  # ProPD's uncut steps
-    return {
-        "new_tokens": new,
-        "seconds": round(seconds, 4),
-        "tokens_per_s": round(new / seconds, 3) if seconds else None,
-        "steps": steps,
-        "mean_accepted": round(step_tokens / steps, 4) if steps else None,
-        "expected_accepted": round(sum(e for e, _ in judged) / len(judged), 4) if judged else None,  # ProPD's acceptance model, per uncut step
-        "observed_accepted": round(sum(a for _, a in judged) / len(judged), 4) if judged else None,  # what those steps accepted
-        "tree_tokens_per_step": round(sum(sum(g.stats.step_tree_tokens) for g in gens) / steps, 3) if steps else None,
-        "late_tokens_per_step": round(sum(sum(g.stats.step_late_tokens) for g in gens) / steps, 3) if steps else None,
-        "ms_per_step": round(1e3 * sum(g.stats.step_seconds[i] for g in gens for i in range(g.stats.steps)) / steps, 3) if steps else None,
-    }
+from propd.bench.plotting import plt, save_figure
+from propd.bench.run import HF, MethodRun, first_mismatch
+from propd.decoding.loop import summarize
 
 
 def build_results(model, runs: list[MethodRun], machine: dict, config: dict) -> dict:
     ar = {r.batch_size: r for r in runs if r.method == "ar"}
-    tps = {(r.method, r.batch_size): _summary(r.generations, r.seconds)["tokens_per_s"] for r in runs}
+    tps = {(r.method, r.batch_size): summarize([g.stats for g in r.generations], r.seconds)["tokens_per_s"] for r in runs}
     records, per_category = [], []
     for r in runs:
         ref = ar[r.batch_size]
         rec = {"method": r.method, "batch_size": r.batch_size, "prompts": len(r.generations) // r.rounds, "rounds": r.rounds, "batch_runs": len(r.batches),
                "from_memory": r.from_memory}
-        rec |= _summary(r.generations, r.seconds)
+        rec |= summarize([g.stats for g in r.generations], r.seconds)
         rec["speedup_vs_ar"] = round(rec["tokens_per_s"] / tps[("ar", r.batch_size)], 3)
         ratios = sorted(tokens * ar_seconds / (seconds * ar_tokens) for (tokens, seconds), (ar_tokens, ar_seconds) in zip(r.batches, ref.batches) if ar_tokens)
         rec["speedup_vs_ar_median"] = round(statistics.median(ratios), 3) if ratios else None
@@ -86,7 +67,7 @@ def _per_category(run: MethodRun, ref: MethodRun) -> list[dict]:
         for p, g, t in zip(r.prompts, r.generations, r.prompt_seconds):
             by_cat[p.category].append(g)
             seconds[p.category] += t
-        return {cat: _summary(gens, seconds[cat]) for cat, gens in by_cat.items()}
+        return {cat: summarize([g.stats for g in gens], seconds[cat]) for cat, gens in by_cat.items()}
 
     mine, ref_cats = grouped(run), grouped(ref)
     return [
@@ -107,6 +88,13 @@ def write_report(results: dict, runs: list[MethodRun], out: Path) -> list[Path]:
     return [out / "results.json", out / "report.md", *plots(results, runs, out)]
 
 
+def _decoding(sampling: dict | None) -> str:
+    if not sampling:
+        return "greedy"
+    return (f"sampled (temperature {sampling['temperature']}, top-p {sampling['top_p']}, top-k {sampling['top_k']}, "
+            f"seed {sampling['seed']}, {sampling['acceptance']} acceptance)")
+
+
 def markdown(results: dict) -> str:
     m, c = results["machine"], results["config"]
     lines = [
@@ -114,7 +102,7 @@ def markdown(results: dict) -> str:
         "",
         f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['dtype']} (products: {m['route']}"
         f"{'; greedy argmax screened in int8' if m.get('argmax_screen') else ''}). "
-        f"{c['prompts']} prompts from `{c['prompts_file']}`, up to {c['max_new_tokens']} new tokens, greedy.",
+        f"{c['prompts']} prompts from `{c['prompts_file']}`, up to {c['max_new_tokens']} new tokens, {_decoding(c.get('sampling'))}.",
         "",
         "lossless: *exact* = token-identical to ar, and this route computes every token's logits bitwise as AR does "
         "(row-invariant products, position-ordered attention); *token-identical* = the same tokens on a route that is "
@@ -192,7 +180,7 @@ def plots(results: dict, runs: list[MethodRun], out: Path) -> list[Path]:
     ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
     ax.legend()
     ax.grid(alpha=0.3)
-    paths.append(_save(fig, out / "tokens_per_s.png"))
+    paths.append(save_figure(fig, out / "tokens_per_s.png"))
 
     tree_runs = [r for r in runs if r.method not in (HF, "ar") and r.generations]
     if tree_runs:
@@ -207,7 +195,7 @@ def plots(results: dict, runs: list[MethodRun], out: Path) -> list[Path]:
         a2.set(xlabel="step", ylabel="tree tokens")
         a1.legend(fontsize=7)
         a2.legend(fontsize=7)
-        paths.append(_save(fig, out / "steps.png"))
+        paths.append(save_figure(fig, out / "steps.png"))
 
     chosen = [r for r in results["per_category"] if r["expected_accepted"] is not None]  # methods that choose their trees
     if chosen:
@@ -221,7 +209,7 @@ def plots(results: dict, runs: list[MethodRun], out: Path) -> list[Path]:
         ax.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories, rotation=30, ha="right")
         ax.set(ylabel="tree tokens per step (mean)", title="Tree sizes chosen, by category")
         ax.legend(fontsize=7)
-        paths.append(_save(fig, out / "tree_sizes.png"))
+        paths.append(save_figure(fig, out / "tree_sizes.png"))
 
     pruned = [r for r in results["runs"] if r["late_tokens_per_step"] and r["tree_tokens_per_step"] and r["late_tokens_per_step"] < r["tree_tokens_per_step"]]
     if pruned:
@@ -229,12 +217,5 @@ def plots(results: dict, runs: list[MethodRun], out: Path) -> list[Path]:
         labels = [f"{r['method']}\nb={r['batch_size']}" for r in pruned]
         ax.bar(labels, [1 - r["late_tokens_per_step"] / r["tree_tokens_per_step"] for r in pruned])
         ax.set(ylabel="pruned fraction of tree tokens", title="Early pruning ratio")
-        paths.append(_save(fig, out / "pruning.png"))
+        paths.append(save_figure(fig, out / "pruning.png"))
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -153,11 +153,11 @@ class DraftMethod:
 
     @torch.no_grad()
     def propose(
-        self, decoder: Decoder, roots: torch.Tensor, state: DraftState, tree: TokenTree | None = None, probs: torch.Tensor | None = None,
+        self, decoder: Decoder, roots: torch.Tensor, state: DraftState, tree: TokenTree, probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Steps 1-2: the tree's tokens [B, N], root first; ``probs`` [B, N], where given, receives the
         draft's probability of each node's token after its parent (``propd calibrate``)."""
-        draft, tree = self.draft, tree or self.tree
+        draft = self.draft
         dec = draft.decoder(decoder)
         counts, cache = state.pending[2], state.cache
         B = len(counts)

@@ -29,15 +29,14 @@ LOOKUP_RANK = 1 << 10  # the rank of a lookup guess in a tree's paths: after any
 
 
 class NgramIndex:
-    """One row's tokens (prompt and answer) and, for n = 1..``max_n``, where the token after each
+    """One row's tokens (prompt and answer) and, for n = 1..``MAX_NGRAM``, where the token after each
     n-gram's latest occurrence sits, over the n-grams that end before the row's newest token; and
     whether the row is ``copying``: its last guess's first token was right (on the default model's
     MT-Bench answers a 1-gram's first guess was right 0.30 of the time then, 0.17 otherwise)."""
 
-    def __init__(self, tokens: list[int], max_n: int = MAX_NGRAM):
+    def __init__(self, tokens: list[int]):
         self.tokens: list[int] = []
         self.after: dict[tuple[int, ...], int] = {}
-        self.max_n = max_n
         self.copying = False
         self._guessed: int | None = None  # the first token of the guess made since the last ``extend``
         self.extend(tokens)
@@ -48,14 +47,14 @@ class NgramIndex:
             self.copying, self._guessed = tokens[0] == self._guessed, None
         for token in tokens:
             end = len(self.tokens)  # the n-grams ending at the newest token, now followed by ``token``
-            for n in range(1, min(self.max_n, end) + 1):
+            for n in range(1, min(MAX_NGRAM, end) + 1):
                 self.after[tuple(self.tokens[end - n : end])] = end
             self.tokens.append(token)
 
     def guess(self, depth: int) -> tuple[list[int], int]:
         """Up to ``depth`` tokens that followed the longest n-gram ending the tokens where it last
         occurred before, and that n (0, and no tokens: no n-gram occurred before)."""
-        for n in range(min(self.max_n, len(self.tokens)), 0, -1):
+        for n in range(min(MAX_NGRAM, len(self.tokens)), 0, -1):
             at = self.after.get(tuple(self.tokens[-n:]))
             if at is not None:
                 self._guessed = self.tokens[at]
@@ -164,7 +163,6 @@ class LookupMethod:
     """Each row's lookup guesses verified as a chain of up to ``tree.depth`` tokens after its root."""
 
     def __init__(self, tree: TokenTree):
-        self.tree = tree
         self.tree_size, self.tree_depth = tree.size, tree.depth
 
     def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]) -> tuple[torch.Tensor, LookupState]:

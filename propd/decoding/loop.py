@@ -51,6 +51,29 @@ class RowStats:
         return sum(self.step_accepted) / max(1, self.steps)
 
 
+def summarize(rows: list[RowStats], seconds: float) -> dict:
+    """What ``--json`` and ``bench`` report of these rows' generations, taken together over ``seconds``."""
+    new = sum(len(r.token_ids) for r in rows)
+    steps = sum(r.steps for r in rows)
+    judged = [(e, a) for r in rows for e, a in zip(r.step_expected, r.step_accepted) if e is not None]  # ProPD's uncut steps
+
+    def per_step(total: float, digits: int) -> float | None:
+        return round(total / steps, digits) if steps else None
+
+    return {
+        "new_tokens": new,
+        "seconds": round(seconds, 4),
+        "tokens_per_s": round(new / seconds, 3) if seconds else None,
+        "steps": steps,
+        "mean_accepted": per_step(sum(sum(r.step_accepted) for r in rows), 4),
+        "expected_accepted": round(sum(e for e, _ in judged) / len(judged), 4) if judged else None,  # ProPD's acceptance model, per uncut step
+        "observed_accepted": round(sum(a for _, a in judged) / len(judged), 4) if judged else None,  # what those steps accepted
+        "tree_tokens_per_step": per_step(sum(sum(r.step_tree_tokens) for r in rows), 3),
+        "late_tokens_per_step": per_step(sum(sum(r.step_late_tokens) for r in rows), 3),
+        "ms_per_step": per_step(1e3 * sum(sum(r.step_seconds) for r in rows), 3),
+    }
+
+
 @dataclass
 class StepResult:
     accepted: list[list[int]]  # per active row: accepted tokens, bonus token last (always >= 1; EOS / the limit may cut them)

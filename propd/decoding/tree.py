@@ -1,6 +1,6 @@
 """Tree verification (Medusa / BPD): verify the heads' guesses arranged in a token tree in one pass.
 
-One step, for every row of the batch (DESIGN.md section 2):
+One step, for every row of the batch:
   1. candidates: the heads' top-k at the previous step's last accepted node (kept in the rows' ``TreeState``);
   2. tree: root + candidate tokens at the tree's nodes;
   3. verify: all tokens through the model with the tree mask, K/V appended after the cache;

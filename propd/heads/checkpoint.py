@@ -1,8 +1,9 @@
-"""Reading checkpoint files with errors that say which file is wrong and why."""
+"""Reading checkpoints, JSON and JSON-lines files with errors that say which file is wrong and why."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,6 +17,20 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
+        raise PropdError(f"cannot read {path}: {e}") from e
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """Each non-blank line's number (from 1) and value."""
+    try:
+        with path.open() as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield n, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise PropdError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    except OSError as e:
         raise PropdError(f"cannot read {path}: {e}") from e
 
 

@@ -18,9 +18,14 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+from propd.errors import PropdError
 from propd.models import graphs, native, pointwise
 from propd.models.attention import attention, runs_native, tiles_take
 from propd.models.fused import FusedLayers
@@ -43,13 +48,13 @@ class ModelArgs:
     max_position: int
 
     @classmethod
-    def from_hf_config(cls, config) -> "ModelArgs":
+    def from_hf_config(cls, config: PretrainedConfig) -> "ModelArgs":
         rope = getattr(config, "rope_parameters", None) or {}
         rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"rope type {rope['rope_type']!r} is not supported")
+            raise PropdError(f"rope type {rope['rope_type']!r} is not supported (propd's decoder implements the default RoPE)")
         if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
-            raise ValueError("sliding-window attention layers are not supported (every layer here attends to the whole context)")
+            raise PropdError("sliding-window attention layers are not supported (every layer here attends to the whole context)")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(
             vocab_size=config.vocab_size,
@@ -167,7 +172,7 @@ class Decoder:
         return Decoder(self.args, self.embed_tokens.to(device), layers, self.norm.to(device), self.lm_head_weight.to(device), self.route)
 
     @classmethod
-    def from_hf(cls, hf_model, route: Route | torch.dtype = torch.float32) -> "Decoder":
+    def from_hf(cls, hf_model: PreTrainedModel, route: Route | torch.dtype = torch.float32) -> "Decoder":
         """Take the weights of a loaded ``transformers`` LLaMA-family model; products by ``route``
         (a dtype: plain ``F.linear`` in that dtype, no exactness check)."""
         route = autograd_route(route) if isinstance(route, torch.dtype) else route

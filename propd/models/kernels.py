@@ -23,6 +23,7 @@ import statistics
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +58,12 @@ class Route:
     def parse(cls, name: str) -> "Route":
         """``bfloat16-onednn``, ``float32-torch-pad8`` ... (what ``name`` gives)."""
         parts = name.split("-")
-        if len(parts) not in (2, 3) or parts[0] not in DTYPES or parts[1] not in KERNELS or (len(parts) == 3 and not parts[2].startswith("pad")):
+        padded = len(parts) == 3 and parts[2].startswith("pad") and parts[2][3:].isdigit() and int(parts[2][3:]) > 0
+        if len(parts) not in (2, 3) or parts[0] not in DTYPES or parts[1] not in KERNELS or (len(parts) == 3 and not padded):
             raise PropdError(f"unknown route {name!r}: use DTYPE-KERNEL[-padN], DTYPE one of {', '.join(DTYPES)}, KERNEL one of {', '.join(KERNELS)}")
         if parts[1] in PACKED and parts[0] != "bfloat16":
             raise PropdError(f"unknown route {name!r}: the {parts[1]} kernel multiplies bfloat16 only")
-        tile = int(parts[2][3:]) if len(parts) == 3 and parts[2][3:].isdigit() else TILE
+        tile = int(parts[2][3:]) if len(parts) == 3 else TILE
         return cls(parts[1], parts[0], tile, len(parts) == 3)
 
 
@@ -301,7 +303,8 @@ def is_row_invariant(route: Route, weight: torch.Tensor, max_rows: int, elements
     return True
 
 
-def _median_ms(fn, repeats: int = 7) -> float:
+def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn`` after one untimed call (first-call allocations, cold caches)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -322,7 +325,7 @@ def measure_route(route: Route, shapes: list[tuple[int, int, int]], rows: tuple[
         ms = {}
         for m in rows:
             xs = [torch.randn(m, lin.in_features) for lin, _ in lins]
-            ms[str(m)] = round(sum(n * _median_ms(lambda lin=lin, x=x: lin(x)) for (lin, n), x in zip(lins, xs)), 3)
+            ms[str(m)] = round(sum(n * median_ms(lambda lin=lin, x=x: lin(x)) for (lin, n), x in zip(lins, xs)), 3)
     except RuntimeError as e:  # a kernel this torch build or CPU lacks
         return {"route": route.name, "error": str(e).splitlines()[0]}
     return {"route": route.name, "exact": exact, "ms": ms}

@@ -151,7 +151,7 @@ class KVCache:
         """What the AMX attention reads of this layer besides the entries, where the cache keeps it."""
         return None if self.packed is None else TileCopy(self.packed[layer], self.ready[layer], self.lengths)
 
-    def keep(self, offsets: torch.Tensor, counts: torch.Tensor, layers: slice = slice(None)) -> None:
+    def keep(self, offsets: torch.Tensor, counts: torch.Tensor) -> None:
         """Keep, for every row b, the new entries at slots lengths[b] + offsets[b, :counts[b]], packed in
         order right after the row's committed entries, and commit them. offsets: [B, n], increasing."""
         if offsets.shape[1] == 0:
@@ -162,26 +162,18 @@ class KVCache:
             return
         base = self.lengths.unsqueeze(1)
         dst = base + torch.arange(offsets.shape[1], device=self.device)
-        moved = self.kv[layers, :, self._rows, :, base + offsets]  # [B, n, layers, 2, kv_heads, hd + 1]
-        self.kv[layers, :, self._rows, :, dst] = moved
+        moved = self.kv[:, :, self._rows, :, base + offsets]  # [B, n, layers, 2, kv_heads, hd + 1]
+        self.kv[:, :, self._rows, :, dst] = moved
         self.lengths += counts
 
     def advance(self, counts: torch.Tensor) -> None:
         """Commit the first counts[b] new entries of each row as they are."""
         self.lengths += counts
 
-    def truncate(self, row: int, length: int) -> None:
-        self.lengths[row] = min(int(self.lengths[row]), length)
-        self.ready[:, row].clamp_(max=int(self.lengths[row]) // BLOCK)
-
     def cut(self, lengths: torch.Tensor) -> None:
         """Lower every row's length to lengths [B] (a right-padded prefill's padding leaves the rows)."""
         self.lengths = torch.minimum(self.lengths, lengths)
         self.ready = torch.minimum(self.ready, (self.lengths // BLOCK).cpu())
-
-    def reset(self, row: int) -> None:
-        self.lengths[row] = 0
-        self.ready[:, row] = 0
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows, increasing indices (finished rows leave the batch). The kept

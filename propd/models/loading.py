@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import shutil
-import struct
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from propd.errors import PropdError
+from propd.heads.checkpoint import read_json
 from propd.models.named import NAMED_MODELS, assembled_gguf
 
 DEFAULT_MODEL = "default"
@@ -41,13 +41,13 @@ def cache_file(kind: str, key: str, suffix: str) -> Path:
 def write_cache(path: Path, text: str) -> None:
     """Write a cache file whole (a temporary file renamed into place: a reader never sees half of
     one); an unwritable cache is no error, it only costs the work the file would have saved."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
         tmp.replace(path)
     except OSError:
-        pass
+        tmp.unlink(missing_ok=True)
 
 
 def packaged_gguf() -> Path:
@@ -92,23 +92,19 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def damage(model_dir: Path) -> str | None:
-    """What is wrong with a converted model directory, or None: every safetensors file must hold
-    all the bytes its header promises, and the JSON files must parse."""
+    """What is wrong with a converted model directory, or None: every safetensors file must open
+    (safetensors checks that it holds all the bytes its header promises) and the JSON files must parse."""
     for path in sorted(model_dir.glob("*.safetensors")):
         try:
-            with path.open("rb") as f:
-                size = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(size))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
-            return f"{path.name} is unreadable ({e})"
-        if path.stat().st_size < 8 + size + end:
-            return f"{path.name} is truncated ({path.stat().st_size} of {8 + size + end} bytes)"
+            with safe_open(path, "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            return f"{path.name} is truncated or damaged ({e})"
     for path in sorted(model_dir.glob("*.json")):
         try:
-            json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            return f"{path.name} is unreadable ({e})"
+            read_json(path)
+        except PropdError as e:
+            return str(e)
     return None
 
 
@@ -139,10 +135,7 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
 
 def check_architecture(model_dir: Path) -> str:
     """Return the config's ``model_type`` or fail clearly when our decoder does not implement it."""
-    try:
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as e:
-        raise PropdError(f"cannot read {model_dir / 'config.json'}: {e}") from e
+    model_type = read_json(model_dir / "config.json").get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise PropdError(
             f"unsupported architecture '{model_type}' in {model_dir}; propd supports {', '.join(SUPPORTED_ARCHITECTURES)}"

@@ -160,8 +160,9 @@ def create_app(model: Propd, method: Method, method_name: str, model_name: str, 
             return None
         top_p = body.top_p if body.top_p is not None else base.top_p
         top_k = body.top_k if body.top_k is not None else base.top_k
+        seed = body.seed if body.seed is not None else base.seed
         try:
-            return Sampling(temperature, top_p, top_k, body.seed, acceptance)
+            return Sampling(temperature, top_p, top_k, seed, acceptance)
         except PropdError as e:
             raise ApiError(400, str(e)) from None
 
@@ -180,7 +181,7 @@ def create_app(model: Propd, method: Method, method_name: str, model_name: str, 
                            "max_tokens", "context_length_exceeded")
         return max_tokens or min(default_max_tokens, room)
 
-    def encode(prompt, chat: bool, param: str) -> list[int]:
+    def encode(prompt: str | list[dict], chat: bool, param: str) -> list[int]:
         try:
             return model.encode(prompt, chat)
         except PropdError as e:

@@ -108,11 +108,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(method: str, model: str, max_batch_size: int, max_tokens: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(method: str, model: str, max_batch_size: int, max_tokens: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "propd.cli", "serve", "--model", model, "--method", method, "--port", str(port),
            "--max-batch-size", str(max_batch_size), "--max-queue", str(MAX_CLIENTS), "--max-new-tokens", str(max_tokens), "--log-level", "warning",
-           "--served-model-name", "default", *extra]
+           "--served-model-name", "default"]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
@@ -137,12 +137,12 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def load_test(methods: list[str], prompts: list[str], clients: int, seconds: float, max_tokens: int, out: Path, model: str = "default",
-              max_batch_size: int = 8, extra: list[str] | None = None) -> list[dict]:
+              max_batch_size: int = 8) -> list[dict]:
     if not 1 <= clients <= MAX_CLIENTS or not 0 < seconds <= MAX_SECONDS:
-        raise PropdError(f"clients must be 1-{MAX_CLIENTS} and seconds 1-{MAX_SECONDS}")
+        raise PropdError(f"clients must be 1-{MAX_CLIENTS} and seconds in (0, {MAX_SECONDS}]")
     summaries = []
     for method in methods:
-        proc, url = start_server(method, model, max_batch_size, max_tokens, extra or [])
+        proc, url = start_server(method, model, max_batch_size, max_tokens)
         try:
             result = asyncio.run(run_load(url, method, prompts, clients, seconds, max_tokens))
         finally:
@@ -158,10 +158,7 @@ def load_test(methods: list[str], prompts: list[str], clients: int, seconds: flo
 
 
 def plot_load(summaries: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from propd.bench.plotting import plt, save_figure
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
     names = [s["method"] for s in summaries]
@@ -171,6 +168,4 @@ def plot_load(summaries: list[dict], path: Path) -> None:
     a2.scatter(names, [s["ttft_p90_s"] or 0 for s in summaries], color="black", marker="_", s=400, label="p90", zorder=3)
     a2.set(title="time to first token", ylabel="seconds")
     a2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

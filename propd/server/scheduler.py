@@ -38,7 +38,7 @@ class Ticket:
     delivered: int = 0  # tokens sent to the queue so far
     submitted: float = field(default_factory=time.perf_counter)
 
-    def deliver(self, item) -> None:
+    def deliver(self, item: tuple[list[int], bool] | BaseException) -> None:
         self.event_loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 

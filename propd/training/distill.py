@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from propd.engine import Propd
+from propd.heads.checkpoint import read_jsonl
 from propd.prompts import load_prompts
 
 
@@ -24,7 +25,7 @@ def generate_answers(
     path = out_dir / "distill.jsonl"
     done = set()
     if path.exists():
-        done = {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
+        done = {row["id"] for _, row in read_jsonl(path)}
     pool = [p for p in load_prompts(prompts_path) if len(p.text) <= max_prompt_chars]
     random.Random(seed).shuffle(pool)
     answered = sum(p.id in done for p in pool)  # the file may also hold answers to other prompt files

@@ -8,7 +8,6 @@ early-pruning head reads), and the sequence's tokens for the targets.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from propd.heads.checkpoint import read_jsonl
 from propd.models.decoder import Decoder
 
 
@@ -43,7 +43,7 @@ def cache_features(decoder: Decoder, distill_path: Path, out: Path, early_layers
     in ``tokens`` of the token each row predicts and ``end_index`` [N] the end of its sequence there.
     Reused when it exists for the same inputs; when answers were appended since, only those run,
     ``batch_size`` sequences per pass (new tensors are made on the decoder's device)."""
-    rows = [json.loads(line) for line in distill_path.read_text().splitlines() if line.strip()]
+    rows = [row for _, row in read_jsonl(distill_path)]
     meta = {"sequences": str(len(rows)), "early_layers": ",".join(map(str, early_layers))}
     done, cached = _reusable(out, rows, meta["early_layers"])
     if done == len(rows):

@@ -1,4 +1,4 @@
-"""``propd train``: self-distil, cache features, train and measure Medusa + early-pruning heads, report.
+"""``propd train``: self-distil, cache features, train and measure the Medusa heads, early-pruning heads and draft layer, report.
 
 Every stage is resumable: answers already generated and features already cached are reused.
 """

@@ -16,6 +16,7 @@ from propd.decoding.loop import generate_batch
 from propd.decoding.sampling import Sampling
 from propd.engine import Propd
 from propd.errors import PropdError
+from propd.heads.checkpoint import read_jsonl
 
 _MARK = "\x00propd-user-message\x00"
 # Left free, SmolLM2 asks mostly for advice and plans. These openings, taken in turn, also draw the
@@ -45,7 +46,7 @@ def write_self_prompts(
     for more coding requests; "" leaves the model free)."""
     seen: set[str] = set()
     if path.exists():
-        seen = {json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()}
+        seen = {row["prompt"] for _, row in read_jsonl(path)}
     prefix = user_turn_prefix(model)
     starts = [(text, prefix + model.tokenizer(text, add_special_tokens=False).input_ids if text else prefix) for text in openings]
     with path.open("a") as f, tqdm(total=num_prompts, initial=min(len(seen), num_prompts), desc="self-prompts", unit="prompt") as bar:

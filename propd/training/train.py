@@ -1,9 +1,10 @@
-"""Train Medusa heads and early-pruning heads on cached backbone features, and measure them.
+"""Train Medusa heads, early-pruning heads and the EAGLE-style draft layer on cached backbone features, and measure them.
 
 Medusa head i at answer position t reads the final normed hidden state h_t (which predicts token t+1)
 and learns token t+2+i; losses are weighted 0.8^i as in Medusa. An early head at layer k reads the
 residual stream after layer k at t and learns token t+1, the full model's own greedy choice there.
-Both project through the base model's frozen lm_head, so only their residual blocks train.
+Both project through the base model's frozen lm_head, so only their own weights train (residual blocks;
+the Medusa heads' projection of the root token too). The draft layer: see ``train_draft``.
 """
 
 from __future__ import annotations
@@ -119,16 +120,18 @@ def train_early(decoder: Decoder, features, train_rows, layer: int, epochs: floa
     return head, _fit(head, loss_fn, train_rows, epochs, batch_size, lr, f"early head @ layer {layer}")
 
 
+def target_ranks(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Rank of each target in its logits (0 = top-1); IGNORE targets get -1."""
+    rank = (logits > logits.gather(-1, targets.clamp(min=0).unsqueeze(-1))).sum(-1)
+    return torch.where(targets == IGNORE, -1, rank)
+
+
 def ranks_of_targets(logits_fn, rows: torch.Tensor, targets: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Rank of each target token in the predicted logits (0 = top-1); IGNORE targets get -1."""
+    """``target_ranks`` of the logits ``logits_fn`` gives for the rows, ``batch_size`` rows at a time."""
     out = []
     for i in range(0, len(rows), batch_size):
         with torch.no_grad():
-            logits = logits_fn(rows[i : i + batch_size])
-        t = targets[i : i + batch_size]
-        target_logit = logits.gather(-1, t.clamp(min=0).unsqueeze(-1))
-        rank = (logits > target_logit).sum(-1)
-        out.append(torch.where(t == IGNORE, -1, rank))
+            out.append(target_ranks(logits_fn(rows[i : i + batch_size]), targets[i : i + batch_size]))
     return torch.cat(out)
 
 
@@ -251,8 +254,8 @@ def evaluate_draft(decoder: Decoder, draft: DraftHead, features, rows, depth: in
         for d, predicted in enumerate(draft_unroll(draft, decoder, b["features"], b["next_tokens"], b["targets"])):
             targets = b["targets"][..., d]
             cand = to_candidate_index(targets, draft)
-            logits = predicted @ projection
-            rank = (logits > logits.gather(-1, cand.clamp(min=0).unsqueeze(-1))).sum(-1)
-            ranks[d].append(torch.where(targets == IGNORE, -1, torch.where(cand == IGNORE, draft.vocab_size, rank)).flatten())
+            rank = target_ranks(predicted @ projection, cand)
+            rank[(targets >= 0) & (cand == IGNORE)] = draft.vocab_size
+            ranks[d].append(rank.flatten())
     ranks_t = [torch.cat(r) for r in ranks]
     return {"per_depth": [top_k_accuracy(r) for r in ranks_t], "rank_probabilities": [rank_probabilities(r) for r in ranks_t]}

@@ -167,7 +167,7 @@ def load_tree(spec: str, rank_probabilities: list[list[float]] | None = None) ->
     path = Path(spec)
     if path.is_file():
         return TokenTree.from_paths(read_paths(path))
-    raise PropdError(f"unknown tree {spec!r}: use one of {', '.join(tree_names())}, topN, bestN, chainN or a JSON file")
+    raise PropdError(f"unknown tree {spec!r}: use one of {', '.join(tree_names())}, topN, bestN, bestNdD (at most D deep), chainN or a JSON file")
 
 
 def read_paths(path: Path) -> list[list[int]]:
