@@ -16,6 +16,25 @@ from propd.errors import PropdError
 from propd.models.kernels import DTYPES
 
 
+def port_number(text: str) -> int:
+    n = _int(text)
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {n}")
+    return n
+
+
+def output_dir(path: str) -> Path:
+    """``--out``, made before the work whose results it will hold (a file there would lose them)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise PropdError(f"--out {out} is a file; pass a directory for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PropdError(f"cannot make --out {out}: {e}") from e
+    return out
+
+
 def positive_int(text: str) -> int:
     n = _int(text)
     if n < 1:
@@ -150,6 +169,10 @@ def sampling_from(args: argparse.Namespace):
     if args.temperature < 0:
         raise PropdError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
     if args.temperature == 0:
+        unused = [name for name, given in (("--top-p", args.top_p != 1.0), ("--top-k", args.top_k != 0), ("--seed", args.seed is not None),
+                                           ("--acceptance", args.acceptance != "exact")) if given]
+        if unused:
+            print(f"propd: warning: {', '.join(unused)} only apply when sampling (--temperature above 0); decoding greedily", file=sys.stderr)
         return None
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed, args.acceptance)
     return dataclasses.replace(sampling, seed=sampling.base_seed())
@@ -171,6 +194,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from propd.prompts import load_prompts
 
     if args.prompts:
+        if args.prompt:
+            print("propd: warning: the prompt given on the command line is ignored with --prompts", file=sys.stderr)
         prompts = [p.text for p in load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)]
     elif args.prompt:
         prompts = args.prompt
@@ -180,6 +205,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise PropdError("empty prompt")
     sampling = sampling_from(args)
     model, method = load_model_and_method(args)
+    for p in prompts:  # every prompt fits before any answer streams
+        model.check_fits(model.encode(p, not args.raw), args.max_new_tokens, method)
     if args.json:
         for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw, sampling=sampling):
             print(json.dumps(g.to_json()), flush=True)
@@ -195,16 +222,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for i in range(0, len(prompts), args.batch_size):
         chunk = list(range(i, min(len(prompts), i + args.batch_size)))
         if single:
-            print(f"### {prompts[i]}")
+            print(f"### {_headline(prompts[i])}")
         results = model.generate([prompts[j] for j in chunk], method, args.max_new_tokens, args.batch_size, not args.raw, lambda r, t: show(chunk[r], t),
                                  None if sampling is None else dataclasses.replace(sampling, seed=sampling.seed + i))
         for j, g in zip(chunk, results):
             if not single:
-                print(f"### {prompts[j]}\n{g.text}")
+                print(f"### {_headline(prompts[j])}\n{g.text}")
             if single:
                 print(streams[j].finish())  # what was held back, and the streamed answer's own line
             s = g.to_json()
             print(f"\n[{s['new_tokens']} tokens, {s['tokens_per_s']} tok/s, {s['steps']} steps, {s['mean_accepted']} tokens/step]\n", file=sys.stderr)
+
+
+def _headline(prompt: str, limit: int = 300) -> str:
+    return prompt if len(prompt) <= limit else f"{prompt[:limit]}... ({len(prompt)} characters)"
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -236,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-
+    sampling_from(args)  # bad sampling options fail before the model loads
     model, method = load_model_and_method(args)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     conversation: list[dict] = []
@@ -244,16 +275,22 @@ def cmd_chat(args: argparse.Namespace) -> None:
         try:
             line = input("> ")
         except EOFError:
+            print()
             break
         if not line.strip():
             break
         t = time.perf_counter()
         conversation.append({"role": "user", "content": line})
         answer = []
-        for piece in model.stream(conversation if not args.raw else line, method, args.max_new_tokens, not args.raw, sampling_from(args)):
-            answer.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in model.stream(conversation if not args.raw else line, method, args.max_new_tokens, not args.raw, sampling_from(args)):
+                answer.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except PropdError as e:  # e.g. the conversation outgrew the context: this message is dropped, the chat goes on
+            conversation.pop()
+            print(f"propd: error: {e}", file=sys.stderr)
+            continue
         conversation.append({"role": "assistant", "content": "".join(answer)})
         print(f"\n[{time.perf_counter() - t:.1f} s]", file=sys.stderr)
 
@@ -269,9 +306,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if unknown:
         raise PropdError(f"unknown method {unknown[0]!r} in --methods; available: hf, {', '.join(METHODS)}")
     batch_sizes = args.batch_sizes
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():  # checked before the runs, whose results would be lost
-        raise PropdError(f"--out {out} is a file; pass a directory for the report")
+    out = output_dir(args.out)
     short = args.prompts or not args.long_context
     prompts = load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category) if short else []
     sampling = sampling_from(args)
@@ -327,6 +362,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from propd.prompts import load_prompts
     from propd.tree.dynamic import AcceptanceModel
 
+    out = output_dir(args.out)
     prompts = [p.text for p in load_prompts(args.prompts, turn=args.turn, limit=args.limit, per_category=args.per_category)]
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     draft = model.method("draft", args.tree, args.heads)
@@ -337,8 +373,6 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     for text in tqdm(prompts, desc="calibrate", unit="prompt"):
         model.generate([text], method, args.max_new_tokens)
     result = {"machine": machine_facts(model), "tree": args.tree, "prompts": len(prompts), **summary(method.record)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(result, indent=1))
     header = f"{len(prompts)} prompts from `{args.prompts}`, draft layer over `{args.tree}`, {args.max_new_tokens} tokens, greedy."
     (out / "calibration.md").write_text(markdown(result, header))
@@ -352,6 +386,7 @@ def cmd_latency(args: argparse.Namespace) -> None:
     from propd.engine import Propd, device_name
     from propd.models.kernels import SCREEN_ROWS, cpu_name
 
+    out = output_dir(args.out)
     model = Propd.from_pretrained(args.model, args.dtype, args.device, args.route)
     graphs = model.decoder.graphed is not None
     screened = model.decoder.lm_head.screen is not None
@@ -360,8 +395,6 @@ def cmd_latency(args: argparse.Namespace) -> None:
           + (", steps replayed as CUDA graphs" if graphs else ""))
     rows = step_latency(model.decoder, args.sizes, args.batch_sizes, args.context)
     build_ms = tree_build_time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     bandwidth = memory_bandwidth(model.device)
     floor_ms = 1e3 * weight_bytes(model.decoder) / (bandwidth * 1e9)
     record = {
@@ -388,8 +421,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     with model.on_device():
         model.generate(["Say hello."], method, 16)  # first-call allocations before the first client waits on them
     name = args.served_model_name or args.model
-    app = create_app(model, method, args.method, name, args.max_batch_size, args.max_queue, args.max_new_tokens, sampling_from(args),
-                     args.acceptance)
+    sampling = sampling_from(args)
+    sampling = sampling and dataclasses.replace(sampling, seed=args.seed)  # no --seed: every request draws its own
+    app = create_app(model, method, args.method, name, args.max_batch_size, args.max_queue, args.max_new_tokens, sampling, args.acceptance)
     print(f"propd serve: {name} by {args.method} on http://{args.host}:{args.port}/v1 (up to {args.max_batch_size} rows a step)", file=sys.stderr)
     signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn shuts down gracefully, then re-raises SIGTERM: exit 0 after it
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -514,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=positive_int, default=8000)
+    s.add_argument("--port", type=port_number, default=8000)
     s.add_argument("--max-batch-size", type=positive_int, default=8, help="rows decoding together (requests beyond wait)")
     s.add_argument("--max-queue", type=positive_int, default=64, help="requests that may wait; more get HTTP 429")
     s.add_argument("--served-model-name", help="the model id clients send (default: --model)")

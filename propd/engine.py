@@ -133,11 +133,19 @@ class Propd:
         ``{"role", "content"}`` messages is a conversation (earlier turns kept)."""
         if isinstance(prompt, list):
             return self._encode_messages(prompt)
-        if not prompt or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise PropdError(f"a prompt is a string or a list of messages, got {type(prompt).__name__}")
+        if not prompt.strip():
             raise PropdError("empty prompt")
         if chat and self.tokenizer.chat_template:
             return self._encode_messages([{"role": "user", "content": prompt}])
-        return self.tokenizer(prompt).input_ids
+        return self._tokenize(prompt, add_special_tokens=True)
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        try:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        except (TypeError, ValueError) as e:  # e.g. a lone surrogate, which no UTF-8 tokenizer takes
+            raise PropdError(f"the tokenizer cannot take this prompt: {str(e).splitlines()[0]}") from e
 
     def _encode_messages(self, messages: list[dict]) -> list[int]:
         if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
@@ -145,17 +153,18 @@ class Propd:
         if not any(m["content"].strip() for m in messages):
             raise PropdError("empty prompt")
         if not self.tokenizer.chat_template:
-            return self.tokenizer("\n".join(m["content"] for m in messages)).input_ids
+            return self._tokenize("\n".join(m["content"] for m in messages), add_special_tokens=True)
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self._tokenize(text, add_special_tokens=False)
 
     def check_fits(self, prompt_ids: list[int], max_new_tokens: int, method: Method) -> None:
         """Refuse a generation that would run past the model's context (a tree reaches ``tree_depth`` further)."""
-        if max_new_tokens < 1:
-            raise PropdError("max_new_tokens must be at least 1")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise PropdError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
         if len(prompt_ids) + max_new_tokens + method.tree_depth > self.max_context:
+            tree = f" (+ a tree {method.tree_depth} deep)" if method.tree_depth else ""
             raise PropdError(
-                f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens (+ a tree {method.tree_depth} deep) exceeds "
+                f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens{tree} exceeds "
                 f"the model's context of {self.max_context} tokens"
             )
 
@@ -208,7 +217,7 @@ class Propd:
         self, name: str = "ar", tree: str | None = None, heads: str | os.PathLike | MedusaHeads | DraftHead = "default", drafter: str = "draft",
         prune: bool = PRUNE_BY_DEFAULT, dynamic: bool = True, prune_top_k: int = 10, prune_keep_ranks: int = 0, draft_scores: bool = True,
         draft_model: "str | os.PathLike | Propd | None" = None, max_depth: int | None = None, prune_layer: int | None = None, lookup: bool = True,
-        memory: bool = True,
+        memory: bool | str | os.PathLike = True,
     ) -> Method:
         """A decoding method by name: ``ar``, ``medusa`` (static tree, default mc_sim_7b_63),
         ``bpd`` (chain of each head's top-1), ``draft`` (the draft layer fills a static tree,
@@ -220,7 +229,8 @@ class Propd:
         layer fills the rank statistics' best tree instead of its own most probable nodes;
         ``lookup`` False: no prompt-lookup guesses offered beside the draft layer's; ``memory`` False: start from the
         shipped statistics and explore the step costs, rather than from what the last run with the same
-        settings learned on this machine (``chooser_memory``); ``max_depth``: its trees' depth limit, default
+        settings learned on this machine (``chooser_memory``), or a file's path: that memory, read at
+        once and written after each generation; ``max_depth``: its trees' depth limit, default
         ``DRAFT_DEPTH`` with the draft layer (1 from
         ``WIDE_BATCH`` rows on) and every depth of the statistics otherwise); ``spec``:
         ``draft_model`` (a name, directory, .gguf or loaded ``Propd`` sharing the tokenizer) fills
@@ -241,6 +251,7 @@ class Propd:
                     stats = d.meta.get("rank_probabilities")
                     if not stats:
                         raise PropdError(f"propd needs the {drafter}'s acceptance statistics (rank_probabilities), and these have none")
+                    stats = AcceptanceModel(stats).p  # checked: probabilities, one list per depth
                     static = load_tree(tree or "best16", stats) if not dynamic else load_tree("chain1")
                     inner = DraftMethod(d, static) if drafter == "draft" else TreeMethod(d, static)
                 vocab = None if drafter == "model" else d.candidate_vocab  # the tokens the drafter can guess
@@ -250,7 +261,13 @@ class Propd:
                 chooser = TreeChooser(AcceptanceModel(stats[:depth]), wide_depth=wide_depth) if dynamic else None
                 settings = {"drafter": drafter, "draft_model": str(getattr(draft_model, "name", draft_model)), "statistics": stats, "depth": depth,
                             "draft_scores": draft_scores, "lookup": lookup, "pruner": pruner and [pruner.layer, pruner.top_k, pruner.keep_ranks]}
-                return PropdMethod(inner, chooser, pruner, draft_scores, lookup, self.chooser_memory(settings) if memory else None)
+                if isinstance(memory, bool):
+                    memory_file = self.chooser_memory(settings) if memory else None
+                elif isinstance(memory, (str, os.PathLike)):
+                    memory_file = Path(memory)
+                else:
+                    raise PropdError(f"memory is True, False or a file's path, got {memory!r}")
+                return PropdMethod(inner, chooser, pruner, draft_scores, lookup, memory_file)
             if name == "spec":
                 return self._spec(draft_model, load_tree(tree or "chain4"))
             if name == "lookup":
@@ -312,15 +329,17 @@ class Propd:
         ``sampling`` (prompt k takes seed ``sampling.seed + k``: the same text at any batch size
         and with any method under exact acceptance). ``on_tokens(prompt_index, new_token_ids)``
         is called as tokens are accepted."""
-        if batch_size < 1:
-            raise PropdError("batch_size must be at least 1")
+        if isinstance(prompts, str):
+            raise PropdError("generate takes a list of prompts: pass [prompt] (or use stream for one)")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise PropdError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
         m = self.method(method) if isinstance(method, str) else method
         encoded = [self.encode(p, chat) for p in prompts]
         for p, ids in zip(prompts, encoded):
             try:
                 self.check_fits(ids, max_new_tokens, m)
             except PropdError as e:
-                raise PropdError(f"{e}: {str(p)[:60]!r}...") from None
+                raise PropdError(f"{e}: {str(p)[:60]!r}{'...' if len(str(p)) > 60 else ''}") from None
         results: list[Generation] = []
         base = sampling.base_seed() if sampling is not None else 0
         for start in range(0, len(prompts), batch_size):

@@ -4,6 +4,7 @@ caches that cannot be left broken."""
 import json
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -54,6 +55,15 @@ def write(tmp_path, name: str, text: str) -> str:
         (["generate", "--method", "draft", "--tree", "chain0", "hi"], "only the root"),
         (["generate", "--method", "medusa", "--tree", "best0", "hi"], "no nodes"),
         (["generate", "--method", "medusa", "--tree", "nope", "hi"], "unknown tree"),
+        (["generate", "--method", "draft", "--tree", "best100000", "hi"], "too large"),
+        (["generate", "--method", "medusa", "--tree", "chain100000", "hi"], "too large"),
+        (["generate", "--method", "medusa", "--tree", "top999", "hi"], "too large"),
+        (["generate", "--method", "medusa", "--tree", "top100", "hi"], "N up to 63"),
+        (["generate", "--method", "medusa", "--tree", "/nonexistent/tree.json", "hi"], "tree file not found"),
+        (["generate", "--temperature", "inf", "hi"], "finite"),
+        (["serve", "--port", "70000"], "a port is 1-65535"),
+        (["calibrate", "--out", "pyproject.toml"], "is a file"),
+        (["latency", "--out", "pyproject.toml"], "is a file"),
         (["bench", "--batch-sizes", "1,0"], "must be at least 1"),
         (["bench", "--methods", "ar,warp"], "unknown method"),
         (["bench", "--out", "pyproject.toml"], "is a file"),
@@ -203,3 +213,59 @@ def test_reading_the_cpu_name_leaves_no_file_open():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)
         assert cpu_name()
+
+
+def test_a_file_that_is_no_gguf_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PROPD_CACHE", str(tmp_path / "cache"))
+    code, out, err = run(["generate", "--model", write(tmp_path, "fake.gguf", "not gguf"), "hi"], capsys)
+    assert code == 2 and "cannot read" in err and "GGUF" in err and "Traceback" not in err
+    assert not any((tmp_path / "cache").glob("fake*"))  # no half-made conversion left behind
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"format": "propd-medusa"}', "lacks 'hidden_size'"),
+        (b'{"hidden_size": "caf\xe9"}', "cannot read"),
+    ],
+)
+def test_damaged_heads_configs_are_clear_errors(tmp_path, config, message):
+    from propd.heads.medusa import MedusaHeads
+
+    path = tmp_path / "heads.json"
+    path.write_bytes(config if isinstance(config, bytes) else config.encode())
+    save_file({"w": torch.ones(1)}, tmp_path / "heads.safetensors")
+    with pytest.raises(PropdError, match=message):
+        MedusaHeads.load(tmp_path)
+
+
+@pytest.mark.parametrize("stats", ["abc", [["x"]], [[]], [[0.5, -1.0]], [[float("nan")]], []])
+def test_acceptance_statistics_that_are_no_probabilities_are_refused(stats):
+    from propd.tree.dynamic import AcceptanceModel
+
+    with pytest.raises(PropdError, match="rank_probabilities"):
+        AcceptanceModel(stats)
+
+
+def test_prompt_files_that_are_not_utf8_are_a_clear_error(tmp_path, no_model, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    code, out, err = run(["generate", "--prompts", str(path)], capsys)
+    assert code == 2 and "cannot read" in err and "Traceback" not in err
+
+
+def test_the_api_refuses_what_is_no_prompt_or_no_token_count(default_model, tmp_path):
+    for call, message in [
+        (lambda: default_model.generate("hi", "ar", 4), "list of prompts"),
+        (lambda: default_model.generate([5], "ar", 4), "a prompt is a string"),
+        (lambda: default_model.generate(["\ud800 hi"], "ar", 4), "tokenizer cannot take"),
+        (lambda: default_model.generate(["hi"], "ar", 2.5), "max_new_tokens must be an integer"),
+        (lambda: default_model.generate(["hi"], "ar", 4, batch_size=1.5), "batch_size must be an integer"),
+        (lambda: default_model.method("propd", memory=3), "memory is True, False or a file"),
+    ]:
+        with pytest.raises(PropdError, match=message):
+            call()
+    memory = tmp_path / "chooser.json"
+    default_model.generate(["hi"], default_model.method("propd", memory=memory), 4)
+    assert json.loads(memory.read_text())["acceptance"]  # a memory of the caller's own

@@ -137,9 +137,12 @@ def test_sampled_requests_are_seeded_and_equal_generate(server, default_model):
 def test_the_servers_own_sampling_and_seed_serve_requests_that_send_none(default_model):
     settings = Sampling(0.9, top_p=0.95, seed=7)
     want = default_model.generate([REAL_PROMPTS[3]], "ar", max_new_tokens=24, sampling=settings)[0].text
+    ask = dict(model="default", messages=[{"role": "user", "content": REAL_PROMPTS[3]}], max_tokens=24)
     with Server(default_model, "ar", default_sampling=settings) as served:
-        got = served.client().chat.completions.create(model="default", messages=[{"role": "user", "content": REAL_PROMPTS[3]}], max_tokens=24)
-    assert got.choices[0].message.content == want
+        assert served.client().chat.completions.create(**ask).choices[0].message.content == want
+    with Server(default_model, "ar", default_sampling=Sampling(0.9, top_p=0.95)) as served:  # no server seed: each request draws one
+        answers = {served.client().chat.completions.create(**ask).choices[0].message.content for _ in range(2)}
+    assert len(answers) == 2
 
 
 def test_stop_strings_cut_the_text(server, default_model):
@@ -190,6 +193,11 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     assert code == 400 and "one prompt" in reply["error"]["message"]
     code, reply = post(server.url + "/v1/nothing", good)
     assert code == 404 and "error" in reply
+    code, reply = post(chat, {**good, "messages": [{"role": "user", "content": "\ud800 hi"}]})  # a lone surrogate: no tokenizer takes it
+    assert code == 400 and "tokenizer" in reply["error"]["message"]
+    metrics = urllib.request.urlopen(server.url + "/metrics").read().decode()
+    assert 'endpoint="other",status="404"' in metrics and "/v1/nothing" not in metrics  # unknown paths grow no series
+    assert 'endpoint="/v1/chat/completions",status="400"' in metrics
     code, reply = post(chat, good)
     assert code == 200 and reply["choices"][0]["message"]["content"]
     assert server.health()["status"] == "ok"
@@ -215,6 +223,20 @@ def test_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(default_mode
         assert not waiting.is_alive()
         while s.health()["running"]:
             time.sleep(0.05)
+
+
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_row(default_model):
+    with Server(default_model, "ar", max_batch_size=1) as s:  # this essay's greedy answer runs to 3000 tokens (~30 s)
+        body = {"model": "default", "messages": [{"role": "user", "content": "Write a 2000-word essay about the history of Rome."}], "max_tokens": 3000}
+        request = urllib.request.Request(s.url + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with pytest.raises(OSError):  # the client gives up waiting for the whole answer
+            urllib.request.urlopen(request, timeout=1)
+        deadline = time.time() + 60
+        while s.health()["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        metrics = urllib.request.urlopen(s.url + "/metrics").read().decode()
+        generated = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("propd_generated_tokens_total"))
+    assert generated < 1500
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ min(epsilon, alpha * exp(-entropy)); faster, and lossy: its output is not AR sam
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -44,8 +45,8 @@ class Sampling:
     alpha: float = 0.3
 
     def __post_init__(self):
-        if not self.temperature > 0:
-            raise PropdError(f"temperature must be above 0 to sample (0 is greedy decoding), got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise PropdError(f"temperature must be a finite number above 0 to sample (0 is greedy decoding), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise PropdError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

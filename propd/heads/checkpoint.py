@@ -14,10 +14,27 @@ from propd.errors import PropdError
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file that holds an object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
         raise PropdError(f"cannot read {path}: {e}") from e
+    if not isinstance(value, dict):
+        raise PropdError(f"{path} must hold a JSON object, not a {type(value).__name__}")
+    return value
+
+
+def field(config: dict, key: str, path: Path) -> object:
+    """``config[key]``, or an error that names the file that lacks it."""
+    if key not in config:
+        raise PropdError(f"{path} lacks {key!r}")
+    return config[key]
+
+
+def load_error(e: Exception) -> str:
+    """The lines of a ``load_state_dict`` error that say what does not match (its first line only names the class)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:3])[:400]
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
@@ -30,7 +47,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
                         yield n, json.loads(line)
                     except json.JSONDecodeError as e:
                         raise PropdError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise PropdError(f"cannot read {path}: {e}") from e
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from propd.errors import PropdError
-from propd.heads.checkpoint import read_json, read_weights
+from propd.heads.checkpoint import load_error, read_json, read_weights
 from propd.models.decoder import Decoder, Layer, ModelArgs
 from propd.models.kernels import Linear, autograd_route
 
@@ -130,5 +130,5 @@ class DraftHead(nn.Module):
             draft = cls(ModelArgs(**config["args"]), meta, state.pop("candidate_vocab", None))
             draft.load_state_dict({k: v.float() for k, v in state.items()})
         except (TypeError, RuntimeError) as e:
-            raise PropdError(f"{directory}: draft weights do not match its configuration: {str(e).splitlines()[0]}") from e
+            raise PropdError(f"{directory}: draft weights do not match its configuration: {load_error(e)}") from e
         return draft.eval()

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from propd.errors import PropdError
-from propd.heads.checkpoint import read_json, read_weights
+from propd.heads.checkpoint import field, load_error, read_json, read_weights
 from propd.heads.medusa import ResBlock
 from propd.models.decoder import Decoder
 
@@ -45,9 +45,9 @@ class EarlyHead(nn.Module):
         directory = Path(directory)
         config = read_json(directory / "early_head.json")
         meta = {k: v for k, v in config.items() if k not in ("hidden_size", "vocab_size", "layer", "num_layers")}
-        head = cls(config["hidden_size"], config["vocab_size"], config["layer"], config["num_layers"], meta)
+        head = cls(*(field(config, k, directory / "early_head.json") for k in ("hidden_size", "vocab_size", "layer", "num_layers")), meta)
         try:
             head.blocks.load_state_dict(read_weights(directory / "early_head.safetensors"))
         except RuntimeError as e:
-            raise PropdError(f"{directory}: early head weights do not match its configuration: {str(e).splitlines()[0]}") from e
+            raise PropdError(f"{directory}: early head weights do not match its configuration: {load_error(e)}") from e
         return head.eval()

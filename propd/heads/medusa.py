@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from propd.errors import PropdError
-from propd.heads.checkpoint import read_json, read_weights
+from propd.heads.checkpoint import field, load_error, read_json, read_weights
 from propd.models.decoder import Decoder
 
 
@@ -121,7 +121,8 @@ class MedusaHeads(nn.Module):
             state = read_weights(directory / "heads.safetensors")
             shape_keys = ("format", "hidden_size", "vocab_size", "medusa_num_heads", "medusa_num_layers", "shared_lm_head", "root_conditioned")
             meta = {k: v for k, v in config.items() if k not in shape_keys}
-            heads = cls(config["hidden_size"], config["vocab_size"], config["medusa_num_heads"], config["medusa_num_layers"], config["shared_lm_head"],
+            path = directory / "heads.json"
+            heads = cls(*(field(config, k, path) for k in ("hidden_size", "vocab_size", "medusa_num_heads", "medusa_num_layers", "shared_lm_head")),
                         meta, state.pop("candidate_vocab", None), config.get("root_conditioned", False))
         elif (directory / "config.json").exists():
             config = read_json(directory / "config.json")
@@ -141,5 +142,5 @@ class MedusaHeads(nn.Module):
         try:
             heads.load_state_dict({k if k.startswith("root_proj.") else f"heads.{k}": v for k, v in state.items()})
         except RuntimeError as e:
-            raise PropdError(f"{directory}: weights do not match the heads' configuration: {str(e).splitlines()[0]}") from e
+            raise PropdError(f"{directory}: weights do not match the heads' configuration: {load_error(e)}") from e
         return heads.eval()

@@ -77,8 +77,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     except OSError as e:
         raise PropdError(f"cannot write the model cache in {out.parent} ({e}); set PROPD_CACHE to a writable directory") from e
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, KeyError) as e:  # not a GGUF file, or one transformers cannot convert
+            raise PropdError(f"cannot read {gguf} as a model: {e}") from e
         del model.config.quantization_config
         model.hf_quantizer = None
         model.save_pretrained(tmp)
@@ -143,6 +146,9 @@ def check_architecture(model_dir: Path) -> str:
     return model_type
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_hf(model: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     """Load the ``transformers`` model and tokenizer (the reference our decoder is tested against)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -151,6 +157,8 @@ def load_hf(model: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch
     check_architecture(model_dir)
     if problem := damage(model_dir):
         raise PropdError(f"cannot load model from {model_dir}: {problem}")
+    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
+        raise PropdError(f"{model_dir} holds no tokenizer (one of {', '.join(TOKENIZER_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

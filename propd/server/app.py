@@ -19,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
 
 from propd.decoding.loop import Method
 from propd.decoding.sampling import Sampling
@@ -100,10 +102,37 @@ class StopText:
         return rest
 
 
+class CountRequests:
+    """Counts every HTTP request by its route and status (a plain ASGI middleware: Starlette's
+    ``BaseHTTPMiddleware`` hid a client's going away from ``Request.is_disconnected``, and errors
+    from the count). Paths that match no route count as "other": scanners grow no new series."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_and_note(message: AsgiMessage) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            self.metrics.requests.labels(getattr(route, "path", "other"), str(status)).inc()
+
+
 def create_app(model: Propd, method: Method, method_name: str, model_name: str, max_batch_size: int = 8, max_queue: int = 64,
                default_max_tokens: int = 256, default_sampling: Sampling | None = None, acceptance: str = "exact") -> FastAPI:
-    """The app; requests that send no temperature sample by ``default_sampling`` (None: greedy);
-    sampled requests accept tree tokens by ``acceptance`` (exact or typical)."""
+    """The app; requests that send no temperature sample by ``default_sampling`` (None: greedy; its
+    seed None: each request that sends none draws its own); sampled requests accept tree tokens by
+    ``acceptance`` (exact or typical)."""
     metrics = Metrics(max_depth=max(1, method.tree_depth))
     scheduler = Scheduler(model, method, metrics, max_batch_size, max_queue)
 
@@ -117,11 +146,7 @@ def create_app(model: Propd, method: Method, method_name: str, model_name: str, 
     app = FastAPI(title="propd", lifespan=lifespan)
     app.state.scheduler = scheduler
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -226,13 +251,18 @@ def create_app(model: Propd, method: Method, method_name: str, model_name: str, 
     async def generate_text(request: Request, ticket: Ticket, stop: StopText) -> AsyncIterator[str]:
         """The request's text as it is decoded; cancels its row when the client goes or a stop string ends it."""
         stream = TextStream(model.tokenizer)
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(ticket.queue.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    item = None
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:  # also while tokens flow: a client that waits for the whole answer
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if item is None:
                     continue
                 if isinstance(item, Exception):
                     raise item if isinstance(item, PropdError) else PropdError(f"decoding failed: {item}")

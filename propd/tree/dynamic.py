@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from propd.decoding.lookup import LOOKUP_RANK, Chain, Offer
+from propd.errors import PropdError
 from propd.tree.tree import TokenTree, best_paths, tree_of
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -87,7 +88,12 @@ class AcceptanceModel:
     """Moving averages of per-depth, per-rank acceptance, started from shipped statistics."""
 
     def __init__(self, rank_probabilities: list[list[float]], rate: float = 0.02):
-        self.p = [list(map(float, row)) for row in rank_probabilities]
+        try:
+            self.p = [[float(x) for x in row] for row in rank_probabilities]
+        except (TypeError, ValueError) as e:
+            raise PropdError(f"acceptance statistics (rank_probabilities) must be lists of probabilities per depth: {e}") from None
+        if not self.p or not all(self.p) or not all(0 <= x <= 1 for row in self.p for x in row):
+            raise PropdError("acceptance statistics (rank_probabilities) must be non-empty lists of probabilities in [0, 1], one per depth")
         self.rate = rate
         self.version = 0  # bumped on every update; trees built from the model are cached per version
 

@@ -21,6 +21,7 @@ import torch
 from propd.errors import PropdError
 
 RankPath = tuple[int, ...]
+MAX_TREE_TOKENS = 256  # a row's tree tokens, root included (ProPD chooses up to 64; a 256-token step costs tens of AR steps here)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ def load_tree(spec: str, rank_probabilities: list[list[float]] | None = None) ->
     ``bestN`` is the N-token tree that ``best_tree`` builds from the heads' rank_probabilities, and
     ``bestNdD`` the same at most D deep (a drafter that fills a tree level by level, as the draft
     layer does, pays one pass per level: measured, 8 tokens 2 deep beat 8 tokens 5 deep)."""
+    _check_size(spec)
     best = _best_spec(spec)
     if best:
         if not rank_probabilities:
@@ -161,12 +163,20 @@ def load_tree(spec: str, rank_probabilities: list[list[float]] | None = None) ->
     if spec == "mc_sim_7b_63":
         return TokenTree.from_paths(medusa_paths(spec))
     if spec.startswith("top") and spec[3:].isdigit():
-        return TokenTree.from_paths(medusa_paths()[: int(spec[3:])])
+        paths = medusa_paths()
+        if int(spec[3:]) > len(paths):
+            raise PropdError(f"tree {spec!r}: mc_sim_7b_63 has {len(paths)} nodes past the root, so topN takes N up to {len(paths)}")
+        return TokenTree.from_paths(paths[: int(spec[3:])])
     if spec.startswith("chain") and spec[5:].isdigit():
         return chain(int(spec[5:]))
     path = Path(spec)
     if path.is_file():
-        return TokenTree.from_paths(read_paths(path))
+        paths = read_paths(path)
+        if len(paths) + 1 > MAX_TREE_TOKENS:
+            raise PropdError(f"{path}: a tree of {len(paths) + 1} tokens; propd verifies at most {MAX_TREE_TOKENS} a row")
+        return TokenTree.from_paths(paths)
+    if path.suffix == ".json" or "/" in spec:
+        raise PropdError(f"tree file not found: {path}")
     raise PropdError(f"unknown tree {spec!r}: use one of {', '.join(tree_names())}, topN, bestN, bestNdD (at most D deep), chainN or a JSON file")
 
 
@@ -184,6 +194,13 @@ def read_paths(path: Path) -> list[list[int]]:
     return paths
 
 
+def _check_size(spec: str) -> None:
+    """Refuse a named tree past ``MAX_TREE_TOKENS`` before building it (its ancestor mask alone is N x N)."""
+    named = re.fullmatch(r"(?:best|top|chain)(\d+)(?:d\d+)?", spec)
+    if named and int(named[1]) + spec.startswith(("top", "chain")) > MAX_TREE_TOKENS:
+        raise PropdError(f"tree {spec!r} is too large: propd verifies at most {MAX_TREE_TOKENS} tokens a row")
+
+
 def _best_spec(spec: str) -> tuple[int, int | None] | None:
     """(size, depth limit or None) of a ``bestN`` / ``bestNdD`` name; None for other names."""
     best = re.fullmatch(r"best(\d+)(?:d(\d+))?", spec)
@@ -198,6 +215,7 @@ def check_tree_spec(spec: str, root_only_ok: bool = True) -> None:
     """Fail before any work when ``spec`` names no tree (bestN / bestNdD are checked for their size
     and depth only: their statistics come with the heads). ``root_only_ok`` False: the tree must
     hold a node past the root."""
+    _check_size(spec)
     best = _best_spec(spec)
     size = best[0] if best else load_tree(spec).size
     if size < 1 or (size == 1 and not root_only_ok):
