@@ -289,11 +289,12 @@ class Propd:
     def chooser_memory(self, settings: dict) -> Path | None:
         """Where ProPD keeps what its chooser learned (``PropdMethod.remember``) for these settings of
         it on this machine, route and model: in ``$PROPD_MEMORY`` (a directory; ``off``: nowhere),
-        by default ``$PROPD_CACHE/propd``."""
+        by default ``$PROPD_CACHE/propd``. ``format`` changes where what the chooser learns changes
+        meaning (2: from 4 rows every row verifies the chosen tree, so what trees delivered there before is moot)."""
         place = os.environ.get(MEMORY_ENV, "")
         if place == "off":
             return None
-        key = {"format": 1, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device_name(self.device),
+        key = {"format": 2, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device_name(self.device),
                "route": self.route.name, "model": self.name, "args": vars(self.decoder.args), **settings}
         path = cache_file("propd", json.dumps(key, sort_keys=True, default=str), ".json")
         return Path(place) / path.name if place else path

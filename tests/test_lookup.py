@@ -263,15 +263,25 @@ def test_steps_of_guesses_alone_that_take_longer_than_their_price_make_the_next_
     assert again is not None and chooser._guess_scale[(B, 0)] < peak  # unmeasured while it rules them out, the price drifts back
 
 
-def test_from_a_wide_batch_no_lookup_guesses_are_offered_and_rows_still_keep_their_indexes():
+def test_from_a_wide_batch_every_row_verifies_the_chosen_tree_without_lookup_guesses():
     rng, dec, prompts, _ = tiny_case(0)
     prompts = [[rng.randrange(1, 96) for _ in range(12)] * 2 for _ in range(WIDE_BATCH)]
     ar = [s.token_ids for s in generate_batch(dec, ARMethod(), prompts, 40, {0})]
     chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS[:2]]), sizes=(1, 3, 8))
     chooser.latency.observe((len(prompts), 0), 1, 1.0)  # every size looks free to try
-    offers = []
-    select = chooser.select
-    chooser.select = lambda *a, **k: offers.append((len(a[-2]), a[-1])) or select(*a, **k)
-    out = generate_batch(dec, PropdMethod(DraftMethod(random_draft(dec.args, 0), chain(1)), chooser), prompts, 40, {0})
-    assert [s.token_ids for s in out] == ar
-    assert all(offer is None for rows, offer in offers if rows >= WIDE_BATCH) and any(rows >= WIDE_BATCH for rows, _ in offers)
+    method = PropdMethod(DraftMethod(random_draft(dec.args, 0), chain(1)), chooser)
+    steps = []  # (rows, how the step went, the tree's size where it was given one)
+
+    def recorded(name, original):
+        def step(dec_, cache, roots, state, picker, *rest, **options):
+            size = rest[0].size if name == "step_tree" else None
+            steps.append((len(roots), name, size))
+            return original(dec_, cache, roots, state, picker, *rest, **options)
+        return step
+
+    for name in ("step_tree", "step_scored", "step_guesses"):
+        setattr(method.drafter, name, recorded(name, getattr(method.drafter, name)))
+    out = generate_batch(dec, method, prompts, 40, {0})
+    assert [s.token_ids for s in out] == ar  # the rows kept their n-gram indexes through the wide steps
+    wide = [(name, size) for rows, name, size in steps if rows >= WIDE_BATCH]
+    assert {name for name, _ in wide} == {"step_tree"} and any(size > 1 for _, size in wide), steps  # one tree for every row, no guesses

@@ -8,10 +8,15 @@ output identical to AR whatever the tree), with early pruning dropping the nodes
 late layers (``pruning``); feed the step's accepted path and wall time back to both models.
 
 With the draft layer, its own path probabilities predict acceptance better than the rank
-statistics (``propd calibrate``): the draft fills the rank statistics' best tree of 1.5 times the
-chosen size for every row, and the chooser keeps the batch's most probable (row, node) pairs, as
-many as buy the most expected tokens per second, so each row verifies a tree of its own size
-(``step_scored``, ``TreeChooser.select``). In a fixed batch, which ends with its slowest row, a row's
+statistics (``propd calibrate``): below ``WIDE_BATCH`` rows the draft fills the rank statistics'
+best tree of 1.5 times the chosen size for every row, and the chooser keeps the batch's most
+probable (row, node) pairs, as many as buy the most expected tokens per second, so each row
+verifies a tree of its own size (``step_scored``, ``TreeChooser.select``). From ``WIDE_BATCH`` rows,
+where only 2-token trees come near paying, every row verifies the chosen tree itself: side by side
+(AMD EPYC, MT-Bench, 96 tokens, 12-16 rounds of 4 questions, AR, ``draft@best2`` and both forms
+interleaved in one process) batch 4 gave 0.997x and 0.987x AR against 0.981x and 0.976x with the
+per-row choice, and earlier 1.035x and 1.013x against 1.006x and 0.991x; batch 8 (10 rounds of 8)
+0.969x and 0.981x against 0.966x and 0.980x. In a fixed batch, which ends with its slowest row, a row's
 nodes count less the further it is ahead (``DecodeLoop.weights``): the rows behind get the nodes first,
 and a tree for them alone is priced at their share.
 
@@ -101,7 +106,7 @@ class PropdMethod:
         if not drafting and lookup and self.chooser.ar_by_price:  # AR priced: lookup guesses need no drafting
             select = functools.partial(self.chooser.select_guesses, rows, context)
             result, last, verified, offer = self.drafter.step_guesses(decoder, cache, roots, state, picker, select)
-        elif self.draft_scores and drafting:  # the draft's own path probabilities pick which drafted nodes each row verifies
+        elif self.draft_scores and drafting and rows < WIDE_BATCH:  # the draft's own path probabilities pick which drafted nodes each row verifies
             candidates = self.chooser.candidates(tree)
             select = functools.partial(self.chooser.select, rows, context, tree.size, candidates, weights=picker.weights)
             result, last, verified, offer = self.drafter.step_scored(decoder, cache, roots, state, picker, candidates, select, self.pruner, lookup)

@@ -44,6 +44,10 @@ CONTEXT_BUCKET = 512  # tokens: a tree's cost is measured separately per bucket 
 DRAFT_DECAY = 0.98  # per step: how fast the draft probabilities' calibration forgets
 DRAFT_PRIOR = 4.0  # drafted probability mass the calibration starts from
 WIDE_BATCH = 4  # rows from which ``TreeChooser.wide_depth`` limits the trees' depth
+# From WIDE_BATCH rows the margin trees must beat AR by: there every row verifies the chosen tree (not
+# the draft's picks per row), whose expectation the delivery already corrects, and with 1.0 (and the
+# chosen tree for every row) batch 4 gained 1-3% AR in four side-by-side runs, batch 8 0.1-0.3%.
+WIDE_MARGIN = 1.0
 # A measurement counts at most this many times the estimate it updates: a step can stall for reasons
 # not its own (a page fault storm, another process), and on the AMD EPYC one AR step that built the
 # argmax's int8 screen (0.65 s) made AR look 40 times dearer, so ProPD kept to trees that lost.
@@ -486,7 +490,8 @@ class TreeChooser:
         seconds = self.latency.predict(key, [1 + (tree.size - 1) * share for tree, _ in trees], [tree.depth for tree, _ in trees])
         seconds = [s + self._ar_extra.get(key, 0.0) if tree.size == 1 else s for (tree, _), s in zip(trees, seconds)]
         delivery = self.delivery(batch_size)
-        rates = [expected / s * (self.margin if tree.size == 1 else delivery) for (tree, expected), s in zip(trees, seconds)]
+        margin = self.margin if batch_size < WIDE_BATCH else WIDE_MARGIN
+        rates = [expected / s * (margin if tree.size == 1 else delivery) for (tree, expected), s in zip(trees, seconds)]
         best = rates.index(max(rates))
         (tree, self.expected), priced = trees[best], seconds[best]
         ar_rate = next((r for (t, _), r in zip(trees, rates) if t.size == 1), None)
