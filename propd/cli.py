@@ -172,7 +172,7 @@ def sampling_from(args: argparse.Namespace):
         unused = [name for name, given in (("--top-p", args.top_p != 1.0), ("--top-k", args.top_k != 0), ("--seed", args.seed is not None),
                                            ("--acceptance", args.acceptance != "exact")) if given]
         if unused:
-            print(f"propd: warning: {', '.join(unused)} only apply when sampling (--temperature above 0); decoding greedily", file=sys.stderr)
+            print(f"propd: warning: {', '.join(unused)}: used only when sampling (--temperature above 0); decoding greedily", file=sys.stderr)
         return None
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed, args.acceptance)
     return dataclasses.replace(sampling, seed=sampling.base_seed())
@@ -267,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    sampling_from(args)  # bad sampling options fail before the model loads
+    sampled = sampling_from(args) is not None  # bad sampling options fail (and unused ones warn) before the model loads
     model, method = load_model_and_method(args)
     print("propd chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     conversation: list[dict] = []
@@ -283,7 +283,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         conversation.append({"role": "user", "content": line})
         answer = []
         try:
-            for piece in model.stream(conversation if not args.raw else line, method, args.max_new_tokens, not args.raw, sampling_from(args)):
+            sampling = sampling_from(args) if sampled else None  # each turn its own seed, unless --seed
+            for piece in model.stream(conversation if not args.raw else line, method, args.max_new_tokens, not args.raw, sampling):
                 answer.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
