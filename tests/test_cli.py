@@ -96,9 +96,13 @@ def test_demo_latency_and_chat_commands(tmp_path):
     assert [r["tree_tokens"] for r in rows] == [1, 2] and all(r["ms"] > 0 for r in rows)
     assert record["route"] in lat.stdout and record["weight_read_floor_ms"] > 0 and "floor" in lat.stdout
     assert (tmp_path / "latency.png").stat().st_size > 0
-    chat = subprocess.run([sys.executable, "-m", "propd.cli", "chat", "--max-new-tokens", "8"], input="Hello!\n\n", capture_output=True, text=True, timeout=600)
+    too_long = "word " * 9000  # past the context: that message is refused, the chat goes on
+    chat = subprocess.run([sys.executable, "-m", "propd.cli", "chat", "--max-new-tokens", "8"], input=f"Hello!\n{too_long}\nName a colour.\n\n",
+                          capture_output=True, text=True, timeout=600)
     assert chat.returncode == 0, chat.stderr
-    assert chat.stdout.strip().startswith(">") and len(chat.stdout.strip()) > 3
+    assert "exceeds the model's context" in chat.stderr and "Traceback" not in chat.stderr
+    answers = [a.strip() for a in chat.stdout.split(">")[1:] if a.strip()]
+    assert len(answers) == 2, chat.stdout  # the first message's answer and the third's
 
 
 def test_prompts_per_category_samples_every_category(tmp_path):
