@@ -205,8 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise PropdError("empty prompt")
     sampling = sampling_from(args)
     model, method = load_model_and_method(args)
-    for p in prompts:  # every prompt fits before any answer streams
-        model.check_fits(model.encode(p, not args.raw), args.max_new_tokens, method)
+    model.encode_fitting(prompts, args.max_new_tokens, method, not args.raw)  # every prompt fits before any answer streams
     if args.json:
         for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw, sampling=sampling):
             print(json.dumps(g.to_json()), flush=True)

@@ -157,6 +157,16 @@ class Propd:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self._tokenize(text, add_special_tokens=False)
 
+    def encode_fitting(self, prompts: list[str | list[dict]], max_new_tokens: int, method: Method, chat: bool = True) -> list[list[int]]:
+        """Every prompt tokenised (``encode``), or an error naming the first that does not fit (``check_fits``)."""
+        encoded = [self.encode(p, chat) for p in prompts]
+        for p, ids in zip(prompts, encoded):
+            try:
+                self.check_fits(ids, max_new_tokens, method)
+            except PropdError as e:
+                raise PropdError(f"{e}: {str(p)[:60]!r}{'...' if len(str(p)) > 60 else ''}") from None
+        return encoded
+
     def check_fits(self, prompt_ids: list[int], max_new_tokens: int, method: Method) -> None:
         """Refuse a generation that would run past the model's context (a tree reaches ``tree_depth`` further)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -335,12 +345,7 @@ class Propd:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise PropdError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
         m = self.method(method) if isinstance(method, str) else method
-        encoded = [self.encode(p, chat) for p in prompts]
-        for p, ids in zip(prompts, encoded):
-            try:
-                self.check_fits(ids, max_new_tokens, m)
-            except PropdError as e:
-                raise PropdError(f"{e}: {str(p)[:60]!r}{'...' if len(str(p)) > 60 else ''}") from None
+        encoded = self.encode_fitting(prompts, max_new_tokens, m, chat)
         results: list[Generation] = []
         base = sampling.base_seed() if sampling is not None else 0
         for start in range(0, len(prompts), batch_size):

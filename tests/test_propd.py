@@ -18,7 +18,7 @@ from propd.heads.early import EarlyHead
 from propd.models import graphs
 from propd.models.decoder import Decoder
 from propd.models.kernels import Route
-from propd.tree.dynamic import CHOOSE_EVERY, NARROW_WIN, SPEED_RATE, AcceptanceModel, LatencyModel, TreeChooser
+from propd.tree.dynamic import CHOOSE_EVERY, NARROW_WIN, SPEED_RATE, WIDE_BATCH, AcceptanceModel, LatencyModel, TreeChooser
 from propd.tree.tree import best_tree, chain, path_products
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 from tests.test_draft import random_draft
@@ -89,14 +89,16 @@ def test_chooser_explores_small_trees_then_picks_ar_when_trees_cost_and_grows_tr
 def test_trees_for_the_rows_that_count_are_priced_at_their_share_of_the_nodes():
     """Where a fixed batch's rows ahead count less (``DecodeLoop.weights``), a tree's nodes go to the
     rows behind (``select``) and the step costs the line at their share: a tree that loses to AR
-    for 8 rows alike wins for the 3 that count."""
-    chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), margin=1.0)
-    for size in (1, 2, 2, 4, 4, 1):
-        chooser.choose(8, 100)
-        chooser.latency.observe((8, 0), size, 0.013 + 0.006 * (size - 1) + 0.002 * (size > 1))  # a tree token costs half an AR step
-    assert chooser.choose(8, 100).size == 1
-    chooser._chosen = None
-    assert chooser.choose(8, 100, [1.0] * 3 + [0.0] * 5).size > 1
+    for 3 rows alike wins for the 1 that counts. From ``WIDE_BATCH`` rows every row verifies the
+    whole tree, and it is priced so."""
+    for rows, weights in ((3, [1.0, 0.0, 0.0]), (8, [1.0] * 3 + [0.0] * 5)):
+        chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), margin=1.0)
+        for size in (1, 2, 2, 4, 4, 1):
+            chooser.choose(rows, 100)
+            chooser.latency.observe((rows, 0), size, 0.013 + 0.006 * (size - 1) + 0.002 * (size > 1))  # a tree token costs half an AR step
+        assert chooser.choose(rows, 100).size == 1
+        chooser._chosen = None
+        assert (chooser.choose(rows, 100, weights).size > 1) == (rows < WIDE_BATCH)
 
 
 def test_trees_are_priced_at_the_part_of_their_promised_rate_that_trees_delivered_at_about_this_batch_size():
@@ -112,7 +114,7 @@ def test_trees_are_priced_at_the_part_of_their_promised_rate_that_trees_delivere
     assert tree.size > 1 and chooser.delivery(8) == 1.0
     _, promised, priced, _ = chooser._promise
     assert promised == pytest.approx(6 * chooser.expected)  # the rows' weights: 4 x 1 + 4 x 0.5
-    assert priced == pytest.approx(chooser.latency.predict((8, 0), [1 + (tree.size - 1) * 0.75], [tree.depth])[0])  # at the weights' share
+    assert priced == pytest.approx(chooser.latency.predict((8, 0), [tree.size], [tree.depth])[0])  # every row verifies the whole tree
     chooser.observe(tree, 8, 100, [1, 0, 0, 0, 1, 0, 0, 0], 2 * priced)  # two rows accepted a node, one of them half-weighed; twice the price
     assert tree.lineage[1] == (0, 1)
     per_token = priced / promised

@@ -12,11 +12,9 @@ statistics (``propd calibrate``): below ``WIDE_BATCH`` rows the draft fills the 
 best tree of 1.5 times the chosen size for every row, and the chooser keeps the batch's most
 probable (row, node) pairs, as many as buy the most expected tokens per second, so each row
 verifies a tree of its own size (``step_scored``, ``TreeChooser.select``). From ``WIDE_BATCH`` rows,
-where only 2-token trees come near paying, every row verifies the chosen tree itself: side by side
-(AMD EPYC, MT-Bench, 96 tokens, 12-16 rounds of 4 questions, AR, ``draft@best2`` and both forms
-interleaved in one process) batch 4 gave 0.997x and 0.987x AR against 0.981x and 0.976x with the
-per-row choice, and earlier 1.035x and 1.013x against 1.006x and 0.991x; batch 8 (10 rounds of 8)
-0.969x and 0.981x against 0.966x and 0.980x. In a fixed batch, which ends with its slowest row, a row's
+where only 2-token trees come near paying, every row verifies the chosen tree itself (and it is
+priced so): side by side with the per-row choice, batch 4 gained 1-5% AR and batch 8 moved -0.6% to
++0.3% (AMD EPYC; docs/propd.md). In a fixed batch, which ends with its slowest row, a row's
 nodes count less the further it is ahead (``DecodeLoop.weights``): the rows behind get the nodes first,
 and a tree for them alone is priced at their share.
 

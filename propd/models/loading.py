@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -77,16 +79,15 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     except OSError as e:
         raise PropdError(f"cannot write the model cache in {out.parent} ({e}); set PROPD_CACHE to a writable directory") from e
     try:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        except (ValueError, KeyError) as e:  # not a GGUF file, or one transformers cannot convert
-            raise PropdError(f"cannot read {gguf} as a model: {e}") from e
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         del model.config.quantization_config
         model.hf_quantizer = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(out)
+    except (ValueError, KeyError, struct.error) as e:  # not a GGUF file, a truncated one, or one transformers cannot convert
+        raise PropdError(f"cannot read {gguf} as a model: {e}") from e
     except OSError as e:
         if not (out / "config.json").exists():
             raise PropdError(f"cannot write the model cache {out} ({e}); set PROPD_CACHE to a writable directory") from e
@@ -105,9 +106,9 @@ def damage(model_dir: Path) -> str | None:
             return f"{path.name} is truncated or damaged ({e})"
     for path in sorted(model_dir.glob("*.json")):
         try:
-            read_json(path)
-        except PropdError as e:
-            return str(e)
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return f"{path.name} is unreadable ({e})"
     return None
 
 

@@ -45,8 +45,8 @@ DRAFT_DECAY = 0.98  # per step: how fast the draft probabilities' calibration fo
 DRAFT_PRIOR = 4.0  # drafted probability mass the calibration starts from
 WIDE_BATCH = 4  # rows from which ``TreeChooser.wide_depth`` limits the trees' depth
 # From WIDE_BATCH rows the margin trees must beat AR by: there every row verifies the chosen tree (not
-# the draft's picks per row), whose expectation the delivery already corrects, and with 1.0 (and the
-# chosen tree for every row) batch 4 gained 1-3% AR in four side-by-side runs, batch 8 0.1-0.3%.
+# the draft's picks per row), whose price the delivery already corrects, and with 1.0 (and the chosen
+# tree for every row) batch 4 gained 1-5% AR in three side-by-side runs (AMD EPYC), batch 8 -0.6-+0.3%.
 WIDE_MARGIN = 1.0
 # A measurement counts at most this many times the estimate it updates: a step can stall for reasons
 # not its own (a page fault storm, another process), and on the AMD EPYC one AR step that built the
@@ -475,7 +475,8 @@ class TreeChooser:
         if unexplored:
             tree, self.expected = self.tree(unexplored[0], depth)
             return tree, None
-        share = 1.0 if weights is None else sum(weights) / len(weights)  # of the rows' nodes, what the rows that count take (``select``)
+        # of the rows' nodes, what the rows that count take (``select``; from WIDE_BATCH rows every row verifies the whole tree)
+        share = 1.0 if weights is None or batch_size >= WIDE_BATCH else sum(weights) / len(weights)
         stale = self._stale(key)
         if stale is not None:
             self._tree_retries += stale > 1
