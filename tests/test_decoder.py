@@ -168,6 +168,44 @@ def test_cache_pool_lends_a_tensor_again_only_once_no_cache_holds_it():
     assert KVCache(2, 8, 1, 40, 4, "cpu", pool=pool).storage is not inside
 
 
+def test_cache_pool_keeps_spares_within_its_bytes_oldest_dropped_first():
+    import gc
+
+    from propd.models.kv_cache import CachePool, KVCache
+
+    row = KVCache(2, 1, 1, 40, 4, "cpu").kv.nbytes  # a 1-row cache's bytes
+    pool = CachePool(keep=4, spare_bytes=6 * row)
+    for rows in (1, 2, 3):  # each cache gone at once
+        KVCache(2, rows, 1, 40, 4, "cpu", pool=pool)
+    gc.collect()
+    assert [t.shape[2] for t in pool.tensors()] == [1, 2, 3]  # 6 rows' bytes in all: within
+    KVCache(2, 1, 1, 40, 4, "cpu", pool=pool)  # a spare fits: lent again, nothing made or dropped
+    gc.collect()
+    assert [t.shape[2] for t in pool.tensors()] == [2, 3, 1]
+    KVCache(2, 4, 1, 40, 4, "cpu", pool=pool)  # 4 rows more: the oldest spares make room, down to 2 rows' bytes
+    gc.collect()
+    assert [t.shape[2] for t in pool.tensors()] == [1, 4]
+
+
+def test_a_token_sets_projection_is_made_once_and_dropped_with_it():
+    """Keyed by the tensor and dropped with it (keyed by its address, every drafter loaded anew left
+    its packed rows behind, and a new set at a dead one's address would have taken them)."""
+    import gc
+
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=0))
+    tokens = torch.arange(10)
+    projection, rows = dec.vocab_projection(tokens), dec.vocab_rows(tokens)
+    assert dec.vocab_projection(tokens) is projection and dec.vocab_rows(tokens) is rows
+    del tokens, projection, rows
+    gc.collect()
+    assert not dec._vocab_projections and len(dec._vocab_rows) == 0
+    for start in range(10, 60, 10):
+        other = torch.arange(start, start + 10)
+        assert torch.equal(dec.vocab_rows(other), dec.lm_head_weight[other].float())
+        x = torch.randn(3, dec.args.dim)
+        assert torch.allclose(dec.vocab_projection(other)(x), x @ dec.lm_head_weight[other].float().t(), atol=1e-4)
+
+
 def test_batches_decoding_one_after_another_reuse_the_pooled_cache_and_tokens_stay_the_same():
     """Batches take their caches from the decoder's pool, as the last batch left them: the same
     tokens come out as from a cache of its own (every batch's, at two batch sizes)."""

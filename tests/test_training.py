@@ -178,3 +178,21 @@ def test_answers_to_several_prompt_files_share_one_distill_file(tiny_propd, tmp_
         distill = generate_answers(tiny_propd, own, tmp_path, 2, 6, batch_size=2)
         ids = [json.loads(line)["id"] for line in distill.read_text().splitlines()]
         assert len(ids) == 5 and sorted(ids[-2:]) == ["self-0", "self-1"]
+
+
+def test_heads_are_loaded_once_per_file_and_again_once_it_is_written(tiny_propd, tmp_path):
+    """A method made per call (``generate(prompts, "propd")``) takes the loaded draft, its packed
+    copies with it; a file written anew is read anew."""
+    import os
+
+    draft = DraftHead(tiny_propd.decoder.args, {"base_model": "tiny"})
+    draft.save(tmp_path)
+    first = tiny_propd.load_draft(tmp_path)
+    assert tiny_propd.load_draft(tmp_path) is first and tiny_propd.method("draft", "chain2", heads=tmp_path).draft is first
+    with torch.no_grad():
+        draft.wo.add_(0.5)
+    draft.save(tmp_path)
+    stat = (tmp_path / "draft.safetensors").stat()
+    os.utime(tmp_path / "draft.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later write, whatever the clock's grain
+    second = tiny_propd.load_draft(tmp_path)
+    assert second is not first and torch.allclose(second.wo, draft.wo.half().float())

@@ -18,6 +18,7 @@ reads them in half the bytes and converts only its newest block; lowering a row'
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -46,10 +47,10 @@ class CachePool:
     batch's tensor of the same shape replays that batch's graphs instead of capturing its own (on
     the H200, every batch of a bench captured each of its step shapes anew). On a CPU, a new
     batch-8 cache cost 0.1 s to make (its pages touched for the first time): 4% of a bench batch.
-    ``keep`` spare tensors at most."""
+    ``keep`` spare tensors at most, of ``spare_bytes`` in all where given (the oldest go first)."""
 
-    def __init__(self, keep: int):
-        self.keep = keep
+    def __init__(self, keep: int, spare_bytes: int | None = None):
+        self.keep, self.spare_bytes = keep, spare_bytes
         self._lent: list[tuple[torch.Tensor, weakref.ref]] = []  # (tensor, the cache it was last lent to)
 
     def lend(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, owner: "KVCache", make) -> torch.Tensor:
@@ -59,6 +60,11 @@ class CachePool:
         match = next((i for i in spare if self._fits(self._lent[i][0], shape, dtype, device, inference)), None)
         if match is None:
             dropped = set(spare[: max(0, len(spare) - self.keep + 1)])  # the oldest spares make room, before the new one is made
+            if self.spare_bytes is not None:
+                kept = [i for i in spare if i not in dropped]
+                room = self.spare_bytes - math.prod(shape) * dtype.itemsize
+                while kept and sum(self._lent[i][0].nbytes for i in kept) > room:
+                    dropped.add(kept.pop(0))
             self._lent = [e for i, e in enumerate(self._lent) if i not in dropped]
             tensor = make()
         else:
