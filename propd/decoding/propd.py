@@ -33,12 +33,13 @@ import functools
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from propd.decoding.draft import DraftMethod
-from propd.decoding.lookup import LOOKUP_DEPTH
+from propd.decoding.lookup import LOOKUP_DEPTH, Offer
 from propd.decoding.loop import State, StepResult
 from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
@@ -49,6 +50,7 @@ from propd.models.decoder import Decoder, synchronize
 from propd.models.kv_cache import KVCache
 from propd.models.loading import write_cache
 from propd.tree.dynamic import WIDE_BATCH, TreeChooser
+from propd.tree.tree import TokenTree
 
 LOOKUP_CHAINS = 4  # room a step's tree keeps beside the draft's nodes for this many lookup chains (rows sharing an anchor share one)
 
@@ -93,28 +95,76 @@ class PropdMethod:
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State, picker: Picker) -> StepResult:
         rows, context = cache.batch_size, int(cache.lengths.max())
         tree = self.chooser.choose(rows, context, picker.weights) if self.chooser else self.drafter.tree  # dynamic tree generation
-        t, captures = time.perf_counter(), graphs.captured()  # a CUDA graph's capture is timed as no step
-        if tree.size > 1 and (ar_steps := self.drafter.catch_up(decoder, state)):  # what AR steps left the drafter to read
-            if graphs.captured() == captures:
-                synchronize(decoder.device)
-                self.chooser.charge_ar(rows, context, (time.perf_counter() - t) / ar_steps)
-            t, captures = time.perf_counter(), graphs.captured()
-        verified = offer = None
-        drafting, lookup = tree.size > 1, self.draft_scores and self.drafter.lookup and rows < WIDE_BATCH
-        if not drafting and lookup and self.chooser.ar_by_price:  # AR priced: lookup guesses need no drafting
+        if tree.size > 1:
+            self._catch_up(decoder, state, rows, context)
+        clock = Clock.start()
+        step = self._verify(decoder, cache, roots, state, picker, tree, rows, context)  # draft, prune early, verify, accept
+        if self.chooser:
+            self._observe(step, clock, rows, context)  # the acceptance and latency models learn
+        return step.result
+
+    def _catch_up(self, decoder: Decoder, state: State, rows: int, context: int) -> None:
+        """The drafter reads what the AR steps since its last tree left it, timed apart and charged
+        to AR (``TreeChooser.charge_ar``)."""
+        clock = Clock.start()
+        if ar_steps := self.drafter.catch_up(decoder, state):
+            synchronize(decoder.device)
+            if (seconds := clock.seconds()) is not None:
+                self.chooser.charge_ar(rows, context, seconds / ar_steps)
+
+    def _verify(
+        self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State, picker: Picker, tree: TokenTree, rows: int, context: int,
+    ) -> Verification:
+        """The step over ``tree``: with draft scores below ``WIDE_BATCH`` rows, each row verifies the
+        drafted nodes (and lookup guesses) the chooser selects; where the chooser priced AR there,
+        lookup guesses alone may replace the AR step; otherwise every row verifies ``tree``."""
+        lookup = self.draft_scores and self.drafter.lookup and rows < WIDE_BATCH
+        if tree.size == 1 and lookup and self.chooser.ar_by_price:  # lookup guesses need no drafting
             select = functools.partial(self.chooser.select_guesses, rows, context)
             result, last, verified, offer = self.drafter.step_guesses(decoder, cache, roots, state, picker, select)
-        elif self.draft_scores and drafting and rows < WIDE_BATCH:  # the draft's own path probabilities pick which drafted nodes each row verifies
+            return Verification(result, last, tree, verified, offer, drafted=False)
+        if tree.size > 1 and self.draft_scores and rows < WIDE_BATCH:  # the draft's own path probabilities pick each row's nodes
             candidates = self.chooser.candidates(tree)
             select = functools.partial(self.chooser.select, rows, context, tree.size, candidates, weights=picker.weights)
             result, last, verified, offer = self.drafter.step_scored(decoder, cache, roots, state, picker, candidates, select, self.pruner, lookup)
-            tree = candidates
-        else:
-            result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)  # candidates, early pruning, verify, accept
-        if self.chooser:
-            last_nodes = last.tolist()  # the step's end (on a GPU, where its work is done)
-            seconds = time.perf_counter() - t if graphs.captured() == captures else None
-            drafted = self.drafter.drafted if drafting else None
-            self.chooser.observe(offer.tree if offer else tree, rows, context, last_nodes, seconds, verified, drafted, offer)  # statistics
-            result.expected = self.chooser.expected_rows if verified is not None else [self.chooser.expected] * rows
-        return result
+            return Verification(result, last, candidates, verified, offer, drafted=True)
+        result, last = self.drafter.step_tree(decoder, cache, roots, state, picker, tree, self.pruner)
+        return Verification(result, last, tree, drafted=tree.size > 1)
+
+    def _observe(self, step: Verification, clock: Clock, rows: int, context: int) -> None:
+        """Feed the step's accepted paths and wall time to the chooser; the result carries what it expected."""
+        last_nodes = step.last.tolist()  # the step's end (on a GPU, where its work is done)
+        drafted = self.drafter.drafted if step.drafted else None
+        tree = step.offer.tree if step.offer else step.tree
+        self.chooser.observe(tree, rows, context, last_nodes, clock.seconds(), step.verified, drafted, step.offer)
+        step.result.expected = self.chooser.expected_rows if step.verified is not None else [self.chooser.expected] * rows
+
+
+@dataclass
+class Verification:
+    """One ProPD step's outcome: its result, each row's last accepted node [B] (of ``tree``, the tree
+    verified, or of the offer's tree where lookup guesses were grafted on), the nodes each row
+    verified [B, N] where rows verified their own, and whether the drafter drafted."""
+
+    result: StepResult
+    last: torch.Tensor
+    tree: TokenTree
+    verified: torch.Tensor | None = None
+    offer: Offer | None = None
+    drafted: bool = False
+
+
+@dataclass
+class Clock:
+    """Wall time from ``start``, or None where a CUDA graph was captured meanwhile (a capture costs
+    many replays: no measurement of a step)."""
+
+    started: float
+    captures: int
+
+    @classmethod
+    def start(cls) -> "Clock":
+        return cls(time.perf_counter(), graphs.captured())
+
+    def seconds(self) -> float | None:
+        return time.perf_counter() - self.started if graphs.captured() == self.captures else None
