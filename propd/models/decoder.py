@@ -111,6 +111,7 @@ def per_token_set(made: dict, tokens: torch.Tensor, make: Callable[[], T]) -> T:
         weakref.finalize(tokens, made.pop, key, None)
     return made[key]
 
+
 class Decoder:
     """Weights + RoPE tables + forward passes; the KV cache is passed in, never hidden inside."""
 
