@@ -316,12 +316,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise PropdError(f"--context-tokens takes MIN,MAX, got {args.context_tokens}")
         low, high = args.context_tokens
         prompts += long_context_prompts(args.long_context, lambda text: len(model.encode(text)), args.per_category or 4, low, high)
-    runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree, sampling, args.draft_model, args.rounds)
+    runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree, sampling, args.draft_model, args.rounds, args.continuous)
     sources = [str(args.prompts or builtin_prompts_path().name)] if short else []
     sources += [f"{args.long_context} ({args.context_tokens[0]}-{args.context_tokens[1]}-token documents)"] if args.long_context else []
     config = {
         "prompts_file": " + ".join(sources), "prompts": len(prompts), "methods": methods,
-        "batch_sizes": batch_sizes, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens, "model": args.model, "heads": args.heads, "tree": args.tree,
+        "batch_sizes": batch_sizes, "continuous": args.continuous, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens, "model": args.model, "heads": args.heads, "tree": args.tree,
         "sampling": dataclasses.asdict(sampling) if sampling else None,
     }
     results = build_results(model, runs, machine_facts(model), config)
@@ -476,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", type=positive_ints, default=[1], help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--rounds", type=positive_int, default=1,
                    help="runs of every batch with every method (interleaved); the per-batch median speed-up is over all of them")
+    b.add_argument("--continuous", action="store_true",
+                   help="decode all the prompts at once, at most the batch size in flight, the next joining as a row finishes "
+                        "(as propd serve batches), rather than in fixed batches that end with their slowest row")
     b.add_argument("--long-context", metavar="SOURCE",
                    help="add Spec-Bench-style long-input prompts (summarization, retrieval; --per-category of each, default 4) built from "
                         "SOURCE's documents, e.g. ../shared/data/train_prompts.jsonl; without --prompts, only these")

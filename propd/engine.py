@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.lookup import LookupMethod
-from propd.decoding.loop import DecodeLoop, Method, RowStats, StreamCallback, generate_batch, summarize
+from propd.decoding.loop import DecodeLoop, Method, RowStats, StreamCallback, generate_batch, generate_continuous, summarize
 from propd.decoding.propd import PropdMethod
 from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Sampling
@@ -351,30 +351,32 @@ class Propd:
         chat: bool = True,
         on_tokens: StreamCallback | None = None,
         sampling: Sampling | None = None,
+        continuous: bool = False,
     ) -> list[Generation]:
-        """Generation for every prompt, ``batch_size`` prompts decoding together: greedy, or by
-        ``sampling`` (prompt k takes seed ``sampling.seed + k``: the same text at any batch size
-        and with any method under exact acceptance). ``on_tokens(prompt_index, new_token_ids)``
-        is called as tokens are accepted."""
+        """Generation for every prompt, ``batch_size`` prompts decoding together: in fixed batches
+        (each ends with its slowest row), or with ``continuous`` the next prompt joining as a row
+        finishes (as ``propd serve`` batches); greedy, or by ``sampling`` (prompt k takes seed
+        ``sampling.seed + k``: the same text at any batch size, either way, and with any method
+        under exact acceptance). ``on_tokens(prompt_index, new_token_ids)`` is called as tokens
+        are accepted."""
         if isinstance(prompts, str):
             raise PropdError("generate takes a list of prompts: pass [prompt] (or use stream for one)")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise PropdError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
         m = self.method(method) if isinstance(method, str) else method
         encoded = self.encode_fitting(prompts, max_new_tokens, m, chat)
-        results: list[Generation] = []
-        base = sampling.base_seed() if sampling is not None else 0
-        for start in range(0, len(prompts), batch_size):
-            batch = encoded[start : start + batch_size]
-            callback = None if on_tokens is None else (lambda row, toks, s=start: on_tokens(s + row, toks))
-            seeds = [base + start + k for k in range(len(batch))]
-            with self.on_device():
-                stats = generate_batch(self.decoder, m, batch, max_new_tokens, self.eos_ids, callback, sampling, seeds)
-            for i, s in enumerate(stats):
-                text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
-                results.append(Generation(prompts[start + i], text, s.token_ids, s))
+        seeds = [(sampling.base_seed() if sampling is not None else 0) + k for k in range(len(prompts))]
+        with self.on_device():
+            if continuous:
+                stats = generate_continuous(self.decoder, m, encoded, max_new_tokens, self.eos_ids, batch_size, on_tokens, sampling, seeds)
+            else:
+                stats = []
+                for start in range(0, len(prompts), batch_size):
+                    callback = None if on_tokens is None else (lambda row, toks, s=start: on_tokens(s + row, toks))
+                    end = start + batch_size
+                    stats += generate_batch(self.decoder, m, encoded[start:end], max_new_tokens, self.eos_ids, callback, sampling, seeds[start:end])
         remember(m)
-        return results
+        return [Generation(p, self.tokenizer.decode(s.token_ids, skip_special_tokens=True), s.token_ids, s) for p, s in zip(prompts, stats)]
 
     def stream(
         self, prompt: str | list[dict], method: str | Method = "ar", max_new_tokens: int = 128, chat: bool = True, sampling: Sampling | None = None,

@@ -68,6 +68,26 @@ def test_rounds_run_every_batch_again_and_give_a_median_speed_up_of_same_batch_r
         run_bench(tiny_propd, prompts, ["ar"], [1], 5, rounds=0)
 
 
+def test_a_continuous_bench_runs_every_prompt_at_once_per_round_and_shares_its_time_by_steps(tiny_propd, tmp_path):
+    prompts = load_prompts(limit=5)
+    heads = random_heads(64, len(tiny_propd.tokenizer), 2, seed=3)
+    fixed = run_bench(tiny_propd, prompts, ["ar"], [2], 6)[0]
+    runs = run_bench(tiny_propd, prompts, ["ar", "bpd"], [2], 6, heads, rounds=2, continuous=True)
+    for r in runs:
+        assert len(r.batches) == 2 and len(r.generations) == 10  # one run over the 5 prompts a round
+        assert [g.token_ids for g in r.generations[:5]] == [g.token_ids for g in fixed.generations]
+        assert sum(r.prompt_seconds) == pytest.approx(sum(seconds for _, seconds in r.batches))
+        shares = [g.stats.share_seconds for g in r.generations[:5]]
+        assert [t / sum(r.prompt_seconds[:5]) for t in r.prompt_seconds[:5]] == pytest.approx([s / sum(shares) for s in shares])
+    config = {"prompts_file": "builtin", "prompts": 5, "max_new_tokens": 6, "continuous": True}
+    results = build_results(tiny_propd, runs, machine_facts(tiny_propd), config)
+    assert all(r["lossless"] and r["batch_runs"] == 2 for r in results["runs"])
+    write_report(results, runs, tmp_path)
+    assert "continuous batching" in (tmp_path / "report.md").read_text()
+    with pytest.raises(PropdError, match="hf"):
+        run_bench(tiny_propd, prompts, ["hf", "ar"], [2], 6, continuous=True)
+
+
 def test_the_report_says_which_propd_runs_started_from_an_earlier_runs_memory(default_model, tmp_path, monkeypatch):
     monkeypatch.setenv("PROPD_MEMORY", str(tmp_path / "memory"))
     prompts = load_prompts(limit=1)

@@ -122,6 +122,30 @@ def test_cache_cut_and_select_rows():
     assert cache.lengths.tolist() == [6] and cache.kv.shape[2] == 1 and bool((cache.kv[..., :6, 0] == 7.0).all())  # its committed entries
 
 
+def test_rows_join_into_the_room_rows_that_left_kept_else_into_a_new_tensor():
+    from propd.models.kv_cache import KVCache
+
+    cache = KVCache(1, 3, 1, 8, 1)
+    cache.kv[..., 0] = torch.arange(3, dtype=torch.float32).view(1, 1, 3, 1, 1)  # row r holds r everywhere
+    cache.lengths = torch.tensor([4, 5, 6])
+    cache.select_rows(torch.tensor([0, 2]))
+    held = cache.storage
+    other = KVCache(1, 1, 1, 8, 1)
+    other.kv[..., 0] = 9.0
+    other.lengths = torch.tensor([3])
+    cache.join(other)
+    assert cache.storage is held and cache.lengths.tolist() == [4, 6, 3] and cache.kv.shape[2] == 3
+    assert cache.kv[0, 0, :, 0, :3, 0].tolist() == [[0.0] * 3, [2.0] * 3, [9.0] * 3]  # each row's committed entries
+    assert bool((cache.kv[..., 1] == 1.0).all())  # the ones column of every slot
+    longer = KVCache(1, 1, 1, 300, 1)  # more entries than the tensor holds: a new one
+    longer.kv[..., 0] = 5.0
+    longer.lengths = torch.tensor([290])
+    cache.join(longer)
+    assert cache.storage is not held and cache.max_len >= 300 and cache.lengths.tolist() == [4, 6, 3, 290]
+    assert cache.kv[0, 1, :, 0, 2, 0].tolist() == [0.0, 2.0, 9.0, 5.0] and bool((cache.kv[0, 1, 3, 0, :290, 0] == 5.0).all())
+    assert bool((cache.kv[..., 1] == 1.0).all())
+
+
 def test_cache_bookkeeping_of_the_tiles_stays_on_the_cpu_under_a_device_scope():
     """A GPU model decodes in a device scope (``Propd.on_device``); the packed tiles' ``ready``
     counts are the CPU's own, so a cache made there must still cut, join and select rows (the meta

@@ -180,3 +180,24 @@ def test_the_drafts_cache_holds_as_many_entries_as_the_models():
     method.step = lambda decoder, cache, roots, state, picker: states.append(state) or step(decoder, cache, roots, state, picker)
     generate_batch(dec, method, [[5, 6, 7], [8, 9]], 4, set())
     assert states[0].cache.max_len == caches[0].max_len == 256 + 32
+
+
+def test_a_draft_queue_keeps_its_window_of_ar_steps_and_joining_rows_line_up_with_its_newest_step(monkeypatch):
+    import propd.decoding.draft as draft_module
+    from propd.decoding.draft import DraftState
+    from propd.models.kv_cache import KVCache
+
+    monkeypatch.setattr(draft_module, "DRAFT_WINDOW", 3)
+
+    def entries(rows: int, value: float) -> tuple:
+        return torch.full((rows, 1, 4), value), torch.full((rows, 1), int(value)), torch.ones(rows, dtype=torch.long)
+
+    running = DraftState(KVCache(1, 2, 1, 8, 4), [entries(2, 1.0)])
+    for step in range(2, 7):  # five AR steps: the two oldest of the six leave unread
+        running.queue(entries(2, float(step)))
+    assert len(running.queued) == 4 and running.dropped == 2
+    running.join(DraftState(KVCache(1, 1, 1, 8, 4), [entries(1, 9.0)]))
+    assert len(running.queued) == 4 and running.cache.batch_size == 3
+    assert [e[2].tolist() for e in running.queued] == [[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 1, 1]]  # the joining row's entry is the newest step's
+    features, tokens, counts = running.pending
+    assert tokens.tolist() == [[3, 4, 5, 6], [3, 4, 5, 6], [9, 0, 0, 0]] and counts.tolist() == [4, 4, 1]

@@ -8,7 +8,7 @@ import pytest
 
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
-from propd.decoding.loop import LEAD_SCALE, PREFILL_CHUNK, DecodeLoop, generate_batch
+from propd.decoding.loop import LEAD_SCALE, PREFILL_CHUNK, DecodeLoop, generate_batch, generate_continuous
 from propd.decoding.propd import PropdMethod
 from propd.decoding.spec import SpecMethod
 from propd.decoding.tree import TreeMethod
@@ -54,6 +54,35 @@ def test_rows_joining_a_running_batch_get_the_tokens_they_get_alone(seed):
         assert [r.stats.token_ids for r in rows] == alone, name
         assert all(r.done and r.finish_reason in ("stop", "length") for r in rows)
         assert most > 1, "rows never shared a step"
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_continuous_generation_keeps_at_most_its_rows_in_flight_and_each_gets_its_tokens_alone(rows):
+    rng = random.Random(rows)
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=rows), Route.parse("float32-torch-pad8"))
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(2, 30))] for _ in range(7)]
+    for name, method in methods(dec, rng, rows).items():
+        alone = [generate_batch(dec, method, [p], 12, {0})[0].token_ids for p in prompts]
+        in_flight, step_seconds, groups = [], [], []
+        advance, submit = DecodeLoop.advance, DecodeLoop.submit
+
+        def counted(loop):
+            in_flight.append(len([r for r in loop.rows if not r.done]) + loop.waiting)
+            events = advance(loop)
+            step_seconds.append(loop.last_step.seconds if loop.last_step else 0.0)
+            return events
+
+        DecodeLoop.advance, DecodeLoop.submit = counted, lambda loop, *a: groups.append(submit(loop, *a)) or groups[-1]
+        try:
+            stats = generate_continuous(dec, method, prompts, 12, {0}, rows)
+        finally:
+            DecodeLoop.advance, DecodeLoop.submit = advance, submit
+        assert [s.token_ids for s in stats] == alone, name
+        assert max(in_flight) == rows and min(in_flight[: len(in_flight) // 2]) == rows, name  # full until the queue runs dry
+        # the rows' shares partition the loop's steps and prefills
+        prefills = sum(group[0].stats.prefill_seconds for group in groups)
+        assert sum(s.share_seconds for s in stats) == pytest.approx(sum(step_seconds) + prefills), name
+        assert all(s.share_seconds >= sum(s.step_seconds) / rows for s in stats), name
 
 
 def test_a_fixed_batch_weighs_its_rows_by_how_far_behind_they_are_and_a_joinable_one_does_not():

@@ -3,7 +3,8 @@
 results.json schema
   machine: {cpu, threads, torch, python, dtype, route, exact (the route's row-invariance check passed), device, cuda_graphs,
             argmax_screen (the greedy argmax read in int8 behind an exact bound)}
-  config: {prompts_file, prompts, methods, batch_sizes, rounds, max_new_tokens, model, heads, tree,
+  config: {prompts_file, prompts, methods, batch_sizes, continuous (rows joining as others finish, not fixed batches), rounds,
+           max_new_tokens, model, heads, tree,
            sampling (null: greedy; else temperature, top_p, top_k, seed, acceptance, ...)}
   runs: one record per method x batch size (new_tokens, seconds, steps: summed over every round):
     method, batch_size, prompts (count, one round's), rounds (runs of each batch), batch_runs, new_tokens, seconds, tokens_per_s,
@@ -59,8 +60,8 @@ def build_results(model, runs: list[MethodRun], machine: dict, config: dict) -> 
 
 
 def _per_category(run: MethodRun, ref: MethodRun) -> list[dict]:
-    """Category rows; a batch's wall time is shared evenly among its prompts (at batch 1 each
-    prompt has its own time)."""
+    """Category rows; a fixed batch's wall time is shared evenly among its prompts (at batch 1 each
+    prompt has its own time), a continuous run's by each prompt's share of its steps (``run``)."""
 
     def grouped(r: MethodRun) -> dict[str, dict]:
         by_cat, seconds = defaultdict(list), defaultdict(float)
@@ -102,7 +103,8 @@ def markdown(results: dict) -> str:
         "",
         f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['dtype']} (products: {m['route']}"
         f"{'; greedy argmax screened in int8' if m.get('argmax_screen') else ''}). "
-        f"{c['prompts']} prompts from `{c['prompts_file']}`, up to {c['max_new_tokens']} new tokens, {_decoding(c.get('sampling'))}.",
+        f"{c['prompts']} prompts from `{c['prompts_file']}`, up to {c['max_new_tokens']} new tokens, {_decoding(c.get('sampling'))}, "
+        f"{_schedule(c)}.",
         "",
         "lossless: *exact* = token-identical to ar, and this route computes every token's logits bitwise as AR does "
         "(row-invariant products, position-ordered attention); *token-identical* = the same tokens on a route that is "
@@ -136,6 +138,13 @@ def markdown(results: dict) -> str:
             f"{_judged(r)} | {_fmt(r['tree_tokens_per_step'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _schedule(config: dict) -> str:
+    if config.get("continuous"):
+        return ("continuous batching (all prompts at once, at most the batch size in flight, the next joining as a row finishes; "
+                "a batch run is one such run over every prompt)")
+    return "in fixed batches (each ends with its slowest row)"
 
 
 def _memory_note(results: dict) -> list[str]:

@@ -6,6 +6,11 @@ leaves the machine in for the next, hits all methods alike (a rotation keeps eve
 the same one). A method's tokens/s is its new tokens over its wall time, and its per-batch speed-ups over ``ar`` (the same batch,
 the same round) give a median that one slow moment of the machine does not move; its output must be
 token-identical to ``ar``'s (``lossless``).
+
+With ``continuous``, each method decodes all the prompts at once with at most the batch size in
+flight, the next prompt joining as a row finishes (as ``propd serve`` batches): no row waits for a
+fixed batch's slowest one. A prompt's time is then its share of the steps it took part in (each
+step's time split evenly among its rows), scaled to the run's wall time.
 """
 
 from __future__ import annotations
@@ -101,8 +106,10 @@ def run_bench(
     sampling: Sampling | None = None,
     draft_model: str | None = None,
     rounds: int = 1,
+    continuous: bool = False,
 ) -> list[MethodRun]:
-    """Every method on every batch of prompts, ``rounds`` times, side by side. With ``sampling``
+    """Every method on every batch of prompts (``continuous``: on all of them, at most a batch size
+    at once), ``rounds`` times, side by side. With ``sampling``
     (its seed set), prompt k samples with seed + k under every method and batch size, so exact
     acceptance must give AR sampling's very tokens; ``hf`` stays greedy."""
     if "ar" not in methods:
@@ -111,35 +118,47 @@ def run_bench(
         raise PropdError("rounds must be at least 1")
     builders = {m: (None if m == HF else _build(model, m, tree, heads, draft_model)) for m in methods}
 
-    def run_one(method: str, batch: list[Prompt], n: int, start: int = 0) -> tuple[list[Generation], float]:
+    if continuous and HF in methods:
+        raise PropdError("hf cannot bench continuously: transformers' generate decodes fixed batches")
+
+    def run_one(method: str, batch: list[Prompt], n: int, rows: int, start: int = 0) -> tuple[list[Generation], float]:
         texts = [p.text for p in batch]
         seeded = None if sampling is None else dataclasses.replace(sampling, seed=sampling.seed + start)
         t = time.perf_counter()
-        gens = hf_generate(model, texts, n) if method == HF else model.generate(texts, builders[method], n, len(texts), sampling=seeded)
+        gens = hf_generate(model, texts, n) if method == HF else model.generate(texts, builders[method], n, rows, sampling=seeded, continuous=continuous)
         return gens, time.perf_counter() - t
 
     runs = []
-    total = rounds * sum(len(methods) * -(-len(prompts) // b) for b in batch_sizes)
+    total = rounds * sum(len(methods) * (1 if continuous else -(-len(prompts) // b)) for b in batch_sizes)
     with tqdm(total=total, desc="bench", unit="run") as bar:
         for b in batch_sizes:
             for m in methods:  # warm-up at this batch size: first-call allocations, caches, a GPU's graphs of these rows and lengths
-                run_one(m, prompts[:b], max_new_tokens)
+                run_one(m, prompts[:b], max_new_tokens, b)
             by_method = {m: MethodRun(m, b, rounds, from_memory=isinstance(builders[m], PropdMethod) and builders[m].recalled) for m in methods}
-            batch_starts = [start for _ in range(rounds) for start in range(0, len(prompts), b)]  # round by round
+            width = len(prompts) if continuous else b
+            batch_starts = [start for _ in range(rounds) for start in range(0, len(prompts), width)]  # round by round
             for k, start in enumerate(batch_starts):
-                batch = prompts[start : start + b]
+                batch = prompts[start : start + width]
                 order = random.Random(k).sample(methods, len(methods))  # not a rotation: that keeps each method behind the same one
                 for m in order:
-                    gens, seconds = run_one(m, batch, max_new_tokens, start)
+                    gens, seconds = run_one(m, batch, max_new_tokens, b, start)
                     r = by_method[m]
                     r.generations += gens
                     r.prompts += batch
-                    r.prompt_seconds += [seconds / len(batch)] * len(batch)
+                    r.prompt_seconds += _shares(gens, seconds) if continuous else [seconds / len(batch)] * len(batch)
                     r.batches.append((sum(g.new_tokens for g in gens), seconds))
                     bar.set_postfix(batch_size=b, method=m)
                     bar.update(1)
             runs += by_method.values()
     return runs
+
+
+def _shares(generations: list[Generation], seconds: float) -> list[float]:
+    """Each generation's part of a continuous run's ``seconds``: its share of the loop's steps and
+    prefills (``RowStats.share_seconds``), scaled to the whole."""
+    shares = [g.stats.share_seconds for g in generations]
+    total = sum(shares)
+    return [seconds * s / total if total else seconds / len(shares) for s in shares]
 
 
 def _build(model: Propd, spec: str, default_tree: str | None, heads, draft_model: str | None = None):

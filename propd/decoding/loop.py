@@ -40,6 +40,7 @@ class RowStats:
     step_expected: list[float | None] = field(default_factory=list)
     prefill_seconds: float = 0.0
     seconds: float = 0.0  # from submission to the last token
+    share_seconds: float = 0.0  # its share of the loop's time: each step's split evenly among the rows in it, a prefill among its group
 
     @property
     def steps(self) -> int:
@@ -211,6 +212,7 @@ class DecodeLoop:
         every row that got some, in order. Rows that finished have ``done`` set."""
         self.last_step = None
         with self.decoder.cores():
+            self._leave()  # before rows join: the cache's tensor then has their room
             events = self._prefill_chunk() if self.joining else []
             self._leave()
             if self.rows:
@@ -228,6 +230,7 @@ class DecodeLoop:
         roots, state = self.method.start(self.decoder, group.cache, hidden, Picker([r.choice() for r in group.rows]), [r.prompt for r in group.rows])
         for row in group.rows:
             row.stats.prefill_seconds = group.seconds
+            row.stats.share_seconds += group.seconds / len(group.rows)
         if self.cache is None:
             self.cache, self.state, self.roots, self.rows = group.cache, state, roots, []
         else:
@@ -263,6 +266,7 @@ class DecodeLoop:
             s.step_tree_tokens.append(result.tree_tokens[i])
             s.step_late_tokens.append(result.late_tokens[i])
             s.step_seconds.append(dt)
+            s.share_seconds += dt / len(self.rows)
             if result.expected is not None:
                 s.step_expected.append(result.expected[i] if emitted[i] == len(result.accepted[i]) else None)
         self.last_step = StepRecord(dt, emitted, result.tree_tokens, result.late_tokens)
@@ -327,6 +331,37 @@ def generate_batch(
             if on_tokens is not None:
                 on_tokens(index[id(row)], tokens)
     return [row.stats for row in rows]
+
+
+def generate_continuous(
+    decoder: Decoder,
+    method: Method,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_ids: set[int],
+    rows: int,
+    on_tokens: StreamCallback | None = None,
+    sampling: Sampling | None = None,
+    seeds: list[int] | None = None,
+) -> list[RowStats]:
+    """Decode tokenised prompts with at most ``rows`` in flight, the next ones joining as rows
+    finish, as ``propd serve`` batches them: no row waits for a batch's slowest one. Prompt k
+    takes seed ``seeds[k]`` (default k); every row gets exactly what it would get alone."""
+    loop = DecodeLoop(decoder, method, eos_ids)
+    seeds = list(range(len(prompts))) if seeds is None else seeds
+    submitted: list[Row] = []
+    index: dict[int, int] = {}
+    while len(submitted) < len(prompts) or loop.busy:
+        room = rows - loop.waiting - sum(not row.done for row in loop.rows)
+        if room > 0 and len(submitted) < len(prompts):
+            start = len(submitted)
+            group = loop.submit(prompts[start : start + room], max_new_tokens, sampling, seeds[start : start + room])
+            index |= {id(row): start + i for i, row in enumerate(group)}
+            submitted += group
+        for row, tokens in loop.advance():
+            if on_tokens is not None:
+                on_tokens(index[id(row)], tokens)
+    return [row.stats for row in submitted]
 
 
 def prefill_chunks(decoder: Decoder, cache: KVCache, prompts: list[list[int]]) -> Iterator[torch.Tensor | None]:

@@ -198,16 +198,25 @@ class KVCache:
         self._set_rows(len(rows))
 
     def join(self, other: "KVCache") -> None:
-        """Append ``other``'s rows after these (rows whose prompts are in join a running batch)."""
-        B, max_len = self.batch_size, max(self.max_len, other.max_len)
-        shape = list(self.kv.shape)
-        shape[2], shape[4] = B + other.batch_size, max_len
-        kv = self._new(tuple(shape), self.device)
-        kv[:, :, :B, :, : self.max_len] = self.kv
-        kv[:, :, B:, :, : other.max_len] = other.kv
-        self.kv, self.max_len, self.capacity = kv, max_len, max(self.capacity, other.capacity)
+        """Append ``other``'s rows after these (rows whose prompts are in join a running batch):
+        into the rows that rows which left kept in the cache's tensor, where they fit, else into a
+        new one (in a continuous batch of 8 on the AMD EPYC a new one at every join took 31 ms,
+        13% of ProPD's time). Only committed entries are copied: past a row's length the slots
+        hold finite values, masked."""
+        B, rows = self.batch_size, self.batch_size + other.batch_size
+        if other.max_len <= self.max_len and self.storage.shape[2] >= rows:
+            kv = self.storage[:, :, :rows]
+        else:
+            kept, used = self.kv, int(self.lengths.max())
+            shape = list(kept.shape)
+            shape[2], shape[4] = rows, max(self.max_len, other.max_len)
+            kv = self._new(tuple(shape), self.device)
+            kv[:, :, :B, :, :used] = kept[:, :, :, :, :used]
+        used = int(other.lengths.max())
+        kv[:, :, B:, :, :used] = other.kv[:, :, :, :, :used]
+        self.kv, self.max_len, self.capacity = kv, kv.shape[4], max(self.capacity, other.capacity)
         if self.packed is not None:  # packed anew from the entries by the next step
-            self.packed = torch.empty(kv.shape[0], kv.shape[2], kv.shape[3], max_len // BLOCK, BLOCK * self.head_dim, dtype=torch.int32)
+            self.packed = torch.empty(kv.shape[0], kv.shape[2], kv.shape[3], self.max_len // BLOCK, BLOCK * self.head_dim, dtype=torch.int32)
         self.ready = torch.zeros(kv.shape[0], kv.shape[2], dtype=torch.long, device="cpu")
         self.lengths = torch.cat([self.lengths, other.lengths])
         self._set_rows(self.batch_size)
