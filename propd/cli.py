@@ -321,7 +321,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     sources += [f"{args.long_context} ({args.context_tokens[0]}-{args.context_tokens[1]}-token documents)"] if args.long_context else []
     config = {
         "prompts_file": " + ".join(sources), "prompts": len(prompts), "methods": methods,
-        "batch_sizes": batch_sizes, "continuous": args.continuous, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens, "model": args.model, "heads": args.heads, "tree": args.tree,
+        "batch_sizes": batch_sizes, "continuous": args.continuous, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
+        "model": args.model, "heads": args.heads, "tree": args.tree,
         "sampling": dataclasses.asdict(sampling) if sampling else None,
     }
     results = build_results(model, runs, machine_facts(model), config)

@@ -130,6 +130,6 @@ def test_default_model_sampling_is_identical_across_methods_and_batches(default_
     want = [g.token_ids for g in default_model.generate(REAL_PROMPTS, "ar", max_new_tokens=32, sampling=settings)]
     greedy = [g.token_ids for g in default_model.generate(REAL_PROMPTS, "ar", max_new_tokens=32)]
     assert want != greedy
-    for method, bs in (("draft", 1), ("propd", 4), ("medusa", 2), ("lookup", 3)):
-        got = default_model.generate(REAL_PROMPTS, default_model.method(method), max_new_tokens=32, batch_size=bs, sampling=settings)
-        assert [g.token_ids for g in got] == want, (method, bs)
+    for method, bs, continuous in (("draft", 1, False), ("propd", 4, False), ("medusa", 2, False), ("lookup", 3, False), ("propd", 2, True)):
+        got = default_model.generate(REAL_PROMPTS, default_model.method(method), max_new_tokens=32, batch_size=bs, sampling=settings, continuous=continuous)
+        assert [g.token_ids for g in got] == want, (method, bs, continuous)
