@@ -206,9 +206,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = sampling_from(args)
     model, method = load_model_and_method(args)
     model.encode_fitting(prompts, args.max_new_tokens, method, not args.raw)  # every prompt fits before any answer streams
-    if args.json:
-        for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw, sampling=sampling):
-            print(json.dumps(g.to_json()), flush=True)
+    if args.json or args.continuous:
+        for g in model.generate(prompts, method, args.max_new_tokens, args.batch_size, not args.raw, sampling=sampling, continuous=args.continuous):
+            print(json.dumps(g.to_json()) if args.json else f"### {_headline(g.prompt)}\n{g.text}\n", flush=True)
         return
     streams = [TextStream(model.tokenizer) for _ in prompts]
     single = len(prompts) == 1 or args.batch_size == 1
@@ -459,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=positive_int, help="at most this many prompts from --prompts")
     g.add_argument("--per-category", type=positive_int, help="at most this many prompts of each category")
     g.add_argument("--batch-size", type=positive_int, default=1)
+    g.add_argument("--continuous", action="store_true",
+                   help="the next prompt joins as a row finishes (at most --batch-size at once), not fixed batches; answers printed when all are done")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_model_args(g)
     g.set_defaults(func=cmd_generate)

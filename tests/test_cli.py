@@ -72,7 +72,10 @@ def test_shipped_heads_decode_identically_to_ar_from_the_cli():
                     "--max-new-tokens", "24", "--batch-size", "2", "Name three fruits.", "What is 2+2?")
         assert r.returncode == 0, r.stderr
         outputs[method] = [json.loads(line) for line in r.stdout.splitlines()]
-    for method in ("bpd", "medusa", "propd"):
+    r = run_cli("generate", "--json", "--continuous", "--method", "propd", "--max-new-tokens", "24", "--batch-size", "1", "Name three fruits.", "What is 2+2?")
+    assert r.returncode == 0, r.stderr
+    outputs["propd --continuous"] = [json.loads(line) for line in r.stdout.splitlines()]
+    for method in ("bpd", "medusa", "propd", "propd --continuous"):
         assert [o["token_ids"] for o in outputs[method]] == [o["token_ids"] for o in outputs["ar"]]
         assert all(o["mean_accepted"] >= 1.0 for o in outputs[method])
 
