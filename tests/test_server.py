@@ -160,6 +160,19 @@ def test_stop_strings_cut_the_text(server, default_model):
         assert text == full[: full.index(stop)] and reason == "stop"
 
 
+def test_the_token_rate_counts_the_last_ten_seconds(monkeypatch):
+    import propd.server.metrics as metrics_module
+    from propd.server.metrics import Metrics
+
+    metrics, clock = Metrics(), iter([0.0, 5.0, 12.0, 30.0])
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: next(clock))
+    rates = []
+    for tokens in ([1] * 5, [1] * 3, [1] * 2, [1]):
+        metrics.tokens(None, tokens, first=False)
+        rates.append(metrics.rate._value.get())
+    assert rates == pytest.approx([5 / 1e-3, 8 / 5, 5 / 7, 1 / 1e-3])  # at 12 s the first 5 tokens left; at 30 s all but the newest
+
+
 def test_stop_text_holds_back_only_what_may_start_a_stop_string():
     stop = StopText(["END", "xyz"])
     assert stop.push("abc E") == "abc " and stop.push("N") == "" and stop.push("D more") == "" and stop.stopped

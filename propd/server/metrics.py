@@ -41,7 +41,8 @@ class Metrics:
         self.late_tokens = Counter("propd_late_tokens", "tree tokens that went through the late layers (pruning drops the rest)", registry=r)
         self.rows = Gauge("propd_batch_rows", "rows decoding now", registry=r)
         self.queue = Gauge("propd_queue_length", "requests waiting to join the batch (prefilling included)", registry=r)
-        self._recent: deque[tuple[float, int]] = deque()
+        self._recent: deque[tuple[float, int]] = deque()  # (when, tokens) of the last RATE_WINDOW_S
+        self._recent_tokens = 0  # their sum, kept as they come and go (summed at every event, it was 1.3% of a decode thread's time)
 
     def tokens(self, ticket: Ticket, tokens: list[int], first: bool) -> None:
         if first:
@@ -50,10 +51,11 @@ class Metrics:
         self.generated.inc(len(tokens))
         now = time.perf_counter()
         self._recent.append((now, len(tokens)))
-        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
-            self._recent.popleft()
+        self._recent_tokens += len(tokens)
+        while self._recent[0][0] < now - RATE_WINDOW_S:
+            self._recent_tokens -= self._recent.popleft()[1]
         span = max(1e-3, min(RATE_WINDOW_S, now - self._recent[0][0]))
-        self.rate.set(sum(n for _, n in self._recent) / span)
+        self.rate.set(self._recent_tokens / span)
 
     def step(self, record: StepRecord) -> None:
         self.steps.inc()
