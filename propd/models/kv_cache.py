@@ -199,8 +199,8 @@ class KVCache:
 
     def join(self, other: "KVCache") -> None:
         """Append ``other``'s rows after these (rows whose prompts are in join a running batch):
-        into the rows that rows which left kept in the cache's tensor, where they fit, else into a
-        new one (in a continuous batch of 8 on the AMD EPYC a new one at every join took 31 ms,
+        into the room that rows which left made in the cache's tensor, where they fit, else into a
+        new tensor (in a continuous batch of 8 on the AMD EPYC a new one at every join took 31 ms,
         13% of ProPD's time). Only committed entries are copied: past a row's length the slots
         hold finite values, masked."""
         B, rows = self.batch_size, self.batch_size + other.batch_size
