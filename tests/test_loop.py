@@ -67,7 +67,7 @@ def test_continuous_generation_keeps_at_most_its_rows_in_flight_and_each_gets_it
         advance, submit = DecodeLoop.advance, DecodeLoop.submit
 
         def counted(loop):
-            in_flight.append(len([r for r in loop.rows if not r.done]) + loop.waiting)
+            in_flight.append(loop.in_flight)
             events = advance(loop)
             step_seconds.append(loop.last_step.seconds if loop.last_step else 0.0)
             return events

@@ -189,6 +189,11 @@ class DecodeLoop:
         """Rows submitted whose prompts are not in yet."""
         return sum(len(j.rows) for j in self.joining)
 
+    @property
+    def in_flight(self) -> int:
+        """Rows submitted and not finished (finished ones leave before others join: ``advance``)."""
+        return self.waiting + sum(not row.done for row in self.rows)
+
     def submit(self, prompts: list[list[int]], max_new_tokens: int | list[int], sampling: Sampling | list[Sampling | None] | None = None,
                seeds: list[int] | None = None) -> list[Row]:
         """Queue prompts (token ids) to decode, prefilled together; returns their rows. ``sampling``
@@ -352,7 +357,7 @@ def generate_continuous(
     submitted: list[Row] = []
     index: dict[int, int] = {}
     while len(submitted) < len(prompts) or loop.busy:
-        room = rows - loop.waiting - sum(not row.done for row in loop.rows)
+        room = rows - loop.in_flight
         if room > 0 and len(submitted) < len(prompts):
             start = len(submitted)
             group = loop.submit(prompts[start : start + room], max_new_tokens, sampling, seeds[start : start + room])

@@ -207,13 +207,13 @@ class KVCache:
         if other.max_len <= self.max_len and self.storage.shape[2] >= rows:
             kv = self.storage[:, :, :rows]
         else:
-            kept, used = self.kv, int(self.lengths.max())
+            kept, mine = self.kv, int(self.lengths.max())
             shape = list(kept.shape)
             shape[2], shape[4] = rows, max(self.max_len, other.max_len)
             kv = self._new(tuple(shape), self.device)
-            kv[:, :, :B, :, :used] = kept[:, :, :, :, :used]
-        used = int(other.lengths.max())
-        kv[:, :, B:, :, :used] = other.kv[:, :, :, :, :used]
+            kv[:, :, :B, :, :mine] = kept[:, :, :, :, :mine]
+        theirs = int(other.lengths.max())
+        kv[:, :, B:, :, :theirs] = other.kv[:, :, :, :, :theirs]
         self.kv, self.max_len, self.capacity = kv, kv.shape[4], max(self.capacity, other.capacity)
         if self.packed is not None:  # packed anew from the entries by the next step
             self.packed = torch.empty(kv.shape[0], kv.shape[2], kv.shape[3], self.max_len // BLOCK, BLOCK * self.head_dim, dtype=torch.int32)

@@ -127,7 +127,7 @@ class Scheduler:
             for ticket in self.tickets.values():
                 if ticket.cancelled and not ticket.row.done:
                     self.loop.cancel(ticket.row)
-            room = self.max_batch_size - sum(not row.done for row in self.loop.rows) - self.loop.waiting  # finished rows leave before others join
+            room = self.max_batch_size - self.loop.in_flight
             admitted, self.waiting = self.waiting[: max(0, room)], self.waiting[max(0, room) :]
         if admitted:
             rows = self.loop.submit([t.prompt_ids for t in admitted], [t.max_tokens for t in admitted], [t.sampling for t in admitted],
