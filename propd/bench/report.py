@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from propd.bench.plotting import plt, save_figure
-from propd.bench.run import HF, MethodRun, first_mismatch
+from propd.bench.run import HF, MethodRun, first_mismatch, is_peer
 from propd.decoding.loop import summarize
 
 
@@ -108,7 +108,8 @@ def markdown(results: dict) -> str:
         "",
         "lossless: *exact* = token-identical to ar, and this route computes every token's logits bitwise as AR does "
         "(row-invariant products, position-ordered attention); *token-identical* = the same tokens on a route that is "
-        "not checked exact here; `hf` is transformers' own implementation, whose rounding differs outside fp32.",
+        "not checked exact here; *peer*: another implementation (`hf`: transformers', whose rounding differs outside fp32; `llama.cpp`: "
+        "llama.cpp's, computing in the GGUF's own formats), shown with the first token where it differs.",
         "",
         f"*per batch*: the median and range of the speed-ups over ar of each batch run ({_batch_runs(results)}), each against ar's run of "
         "the same batch in the same round: a moment's slowness of the machine moves one of them, not the median.",
@@ -119,8 +120,8 @@ def markdown(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["runs"]:
-        same = "exact" if m.get("exact") and r["method"] != "hf" else "token-identical"
-        lossless = same if r["lossless"] else f"**NO** (first at {r['mismatches'][0]['position']}, gap {r['mismatches'][0]['logit_gap']})"
+        same = "exact" if m.get("exact") and not is_peer(r["method"]) else "token-identical"
+        lossless = same if r["lossless"] else _differs(r)
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x | "
             f"{_spread(r['speedup_vs_ar_median'], r['speedup_vs_ar_range'])} | "
@@ -154,6 +155,13 @@ def _memory_note(results: dict) -> list[str]:
         return []
     names = ", ".join(f"`{name}`" for name in remembered)
     return [f"*memory*: {names} started from what an earlier run with the same settings learned on this machine (`+nomemory`: afresh).", ""]
+
+
+def _differs(r: dict) -> str:
+    """Where a run's tokens first differ from ar's: a defect for propd's methods, a fact for a peer."""
+    first = r["mismatches"][0]
+    where = f"first at {first['position']}, gap {first['logit_gap']}"
+    return f"peer: differs ({len(r['mismatches'])} prompts; {where})" if is_peer(r["method"]) else f"**NO** ({where})"
 
 
 def _judged(r: dict) -> str:
@@ -191,7 +199,7 @@ def plots(results: dict, runs: list[MethodRun], out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     paths.append(save_figure(fig, out / "tokens_per_s.png"))
 
-    tree_runs = [r for r in runs if r.method not in (HF, "ar") and r.generations]
+    tree_runs = [r for r in runs if r.method != "ar" and not is_peer(r.method) and r.generations]
     if tree_runs:
         fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         for r in tree_runs:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from propd.bench.peers import BINARIES, LlamaCpp
 from propd.decoding.loop import RowStats
 from propd.decoding.propd import PropdMethod
 from propd.decoding.sampling import Sampling
@@ -34,6 +35,11 @@ from propd.models.kernels import cpu_name
 from propd.prompts import Prompt
 
 HF = "hf"
+
+
+def is_peer(method: str) -> bool:
+    """Another implementation run beside propd's methods: transformers (``hf``) or llama.cpp (``peers``)."""
+    return method == HF or method in BINARIES
 
 
 @dataclass
@@ -107,23 +113,34 @@ def run_bench(
     draft_model: str | None = None,
     rounds: int = 1,
     continuous: bool = False,
+    llama_cpp: LlamaCpp | None = None,
 ) -> list[MethodRun]:
     """Every method on every batch of prompts (``continuous``: on all of them, at most a batch size
     at once), ``rounds`` times, side by side. With ``sampling``
     (its seed set), prompt k samples with seed + k under every method and batch size, so exact
-    acceptance must give AR sampling's very tokens; ``hf`` stays greedy."""
+    acceptance must give AR sampling's very tokens; ``hf`` and llama.cpp (``llama_cpp``, its
+    binaries and GGUF file) stay greedy. llama.cpp runs one prompt at a time, timed by its own
+    counters (``peers``)."""
     if "ar" not in methods:
         raise PropdError("bench needs 'ar' among the methods: it is the reference for speed-up and losslessness")
     if rounds < 1:
         raise PropdError("rounds must be at least 1")
-    builders = {m: (None if m == HF else _build(model, m, tree, heads, draft_model)) for m in methods}
-
     if continuous and HF in methods:
         raise PropdError("hf cannot bench continuously: transformers' generate decodes fixed batches")
+    if peers := [m for m in methods if m in BINARIES]:
+        if llama_cpp is None:
+            raise PropdError(f"{peers[0]} needs llama.cpp's binaries: pass --llama-cpp DIR (built by `make llama-cpp`)")
+        if continuous or batch_sizes != [1]:
+            raise PropdError(f"{peers[0]} runs one prompt at a time here: bench it with --batch-sizes 1, without --continuous")
+        llama_cpp.check(peers)
+    builders = {m: (None if is_peer(m) else _build(model, m, tree, heads, draft_model)) for m in methods}
 
     def run_one(method: str, batch: list[Prompt], n: int, rows: int, start: int = 0) -> tuple[list[Generation], float]:
         texts = [p.text for p in batch]
         seeded = None if sampling is None else dataclasses.replace(sampling, seed=sampling.seed + start)
+        if method in BINARIES:
+            gens = llama_cpp.generate(model, texts, method, n)
+            return gens, sum(g.stats.seconds for g in gens)
         t = time.perf_counter()
         gens = hf_generate(model, texts, n) if method == HF else model.generate(texts, builders[method], n, rows, sampling=seeded, continuous=continuous)
         return gens, time.perf_counter() - t

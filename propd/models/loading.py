@@ -112,13 +112,18 @@ def damage(model_dir: Path) -> str | None:
     return None
 
 
+def model_gguf(model: str | os.PathLike) -> Path | None:
+    """The GGUF file ``default``, a named model or a .gguf path loads from (None: an HF directory)."""
+    if str(model) == DEFAULT_MODEL:
+        return packaged_gguf()
+    if str(model) in NAMED_MODELS:
+        return assembled_gguf(NAMED_MODELS[str(model)])
+    return Path(model).expanduser() if str(model).endswith(".gguf") else None
+
+
 def resolve_model_dir(model: str | os.PathLike) -> Path:
     """Turn ``default``, a named model, a GGUF file or an HF directory into an HF directory on disk."""
-    if str(model) == DEFAULT_MODEL:
-        model = packaged_gguf()
-    elif str(model) in NAMED_MODELS:
-        model = assembled_gguf(NAMED_MODELS[str(model)])
-    path = Path(model).expanduser()
+    path = model_gguf(model) or Path(model).expanduser()
     if not path.exists():
         raise PropdError(f"model path does not exist: {path} (named models: {', '.join([DEFAULT_MODEL, *NAMED_MODELS])})")
     if path.is_file() and path.suffix == ".gguf":
