@@ -45,11 +45,12 @@ class LlamaCpp:
         return [self._one(model, prompt, method, max_new_tokens) for prompt in prompts]
 
     def _one(self, model: Propd, prompt: str, method: str, max_new_tokens: int) -> Generation:
-        text = model.tokenizer.decode(model.encode(prompt))  # the chat-templated prompt, as propd's methods see it
+        ids = model.encode(prompt)
+        text = model.tokenizer.decode(ids)  # the chat-templated prompt, as propd's methods see it
         lookup = method == "llama.cpp+lookup"
         # llama-lookup emits one token past -n; llama-completion stops at -n
         args = [str(self.bin_dir / BINARIES[method]), "-m", str(self.gguf), "-p", text, "-n", str(max_new_tokens - lookup), "--temp", "0",
-                "-t", str(self.threads), "-c", str(len(model.encode(prompt)) + max_new_tokens + 16)]
+                "-t", str(self.threads), "-c", str(len(ids) + max_new_tokens + 16)]
         if not lookup:
             args += ["-no-cnv", "--no-display-prompt"]
         try:
