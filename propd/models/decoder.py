@@ -195,6 +195,9 @@ class Decoder:
         def w(name: str) -> torch.Tensor:
             return sd[prefix + name].to(route.dtype)
 
+        def product(name: str) -> torch.Tensor:  # avx512q4 finds a Q4_1 file's blocks in the fp32 values (``pack_q4``)
+            return sd[prefix + name].to(torch.float32 if route.kernel == "avx512q4" else route.dtype)
+
         def f32(name: str) -> torch.Tensor:  # a copy: a view would keep the whole checkpoint file mapped (and resident)
             return sd[prefix + name].to(torch.float32, copy=True)
 
@@ -208,7 +211,9 @@ class Decoder:
         layers = []
         for i in range(args.n_layers):
             p = f"layers.{i}."
-            qkv = torch.cat([interleave(w(p + "self_attn.q_proj.weight")), interleave(w(p + "self_attn.k_proj.weight")), w(p + "self_attn.v_proj.weight")])
+            qkv = torch.cat(
+                [interleave(product(p + "self_attn.q_proj.weight")), interleave(product(p + "self_attn.k_proj.weight")), product(p + "self_attn.v_proj.weight")]
+            )
             bias = None
             if args.qkv_bias:
                 bias = torch.cat([interleave(f32(p + "self_attn.q_proj.bias")), interleave(f32(p + "self_attn.k_proj.bias")), f32(p + "self_attn.v_proj.bias")])
@@ -217,10 +222,10 @@ class Decoder:
                     attn_norm=f32(p + "input_layernorm.weight"),
                     wqkv=qkv,
                     bqkv=bias,
-                    wo=w(p + "self_attn.o_proj.weight"),
+                    wo=product(p + "self_attn.o_proj.weight"),
                     mlp_norm=f32(p + "post_attention_layernorm.weight"),
-                    w_gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                    w_down=w(p + "mlp.down_proj.weight"),
+                    w_gate_up=torch.cat([product(p + "mlp.gate_proj.weight"), product(p + "mlp.up_proj.weight")]),
+                    w_down=product(p + "mlp.down_proj.weight"),
                 )
             )
         embed = w("embed_tokens.weight")
@@ -243,7 +248,7 @@ class Decoder:
         """bf16 K/V where our AVX512-BF16 products run and the C attention reads the cache (its
         products take bf16 inputs already; the AMX route keeps its own bf16 copy beside an fp32 cache);
         else None, the default dtype."""
-        return torch.bfloat16 if self.route.kernel == "avx512" and runs_native(self.args.head_dim, self.device) else None
+        return torch.bfloat16 if self.route.kernel in ("avx512", "avx512q4") and runs_native(self.args.head_dim, self.device) else None
 
     @cached_property
     def cache_pool(self) -> CachePool:

@@ -18,7 +18,7 @@ from propd.models.kv_cache import KVCache, Layout
 
 
 class _Weights(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("attn_norm", "bqkv", "mlp_norm", "qkv", "wo", "gate_up", "down")]
+    _fields_ = [*[(name, ctypes.c_void_p) for name in ("attn_norm", "bqkv", "mlp_norm", "qkv", "wo", "gate_up", "down")], ("q4", ctypes.c_int64 * 4)]
 
 
 class _Step(ctypes.Structure):
@@ -35,7 +35,8 @@ class _Step(ctypes.Structure):
 
 
 class FusedLayers:
-    """The decoder's layers as the C code reads them: norms, biases and packed bf16 weights."""
+    """The decoder's layers as the C code reads them: norms, biases and packed weights (bf16, or
+    Q4_1 blocks where ``Linear.q4`` holds them: ``q4`` says which)."""
 
     def __init__(self, args, layers, products, lib: ctypes.CDLL):
         self.args, self.lib = args, lib
@@ -43,7 +44,8 @@ class FusedLayers:
         for w, layer, (qkv, wo, gate_up, down) in zip(self.weights, layers, products):
             w.attn_norm, w.mlp_norm = layer.attn_norm.data_ptr(), layer.mlp_norm.data_ptr()
             w.bqkv = None if layer.bqkv is None else layer.bqkv.data_ptr()
-            w.qkv, w.wo, w.gate_up, w.down = (p.packed.data_ptr() for p in (qkv, wo, gate_up, down))
+            w.qkv, w.wo, w.gate_up, w.down = ((p.packed if p.q4 is None else p.q4).data_ptr() for p in (qkv, wo, gate_up, down))
+            w.q4[:] = [p.q4 is not None for p in (qkv, wo, gate_up, down)]
         self._keep = (layers, products)  # the tensors behind the pointers
 
     @staticmethod

@@ -32,15 +32,17 @@ from propd.errors import PropdError
 from propd.models import native
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-KERNELS = ("onednn", "torch", "amx", "avx512")
-PACKED = {"amx": 1, "avx512": 2}  # our C products (``csrc/matmul.c``), by what its bf16_products() says of the build
+KERNELS = ("onednn", "torch", "amx", "avx512", "avx512q4")
+# our C products (``csrc/matmul.c``), by what its bf16_products() says of the build; ``avx512q4``
+# multiplies weights that hold the GGUF's Q4_1 values from their 4-bit blocks (``csrc/matmul_q4.c``, ``pack_q4``)
+PACKED = {"amx": 1, "avx512": 2, "avx512q4": 2}
 TILE = 32  # rows per call; oneDNN's prepacked bf16 kernels were row-invariant up to 32 rows (not at 64) on AMX
 ROUTE_ENV = "PROPD_ROUTE"
 
 
 @dataclass(frozen=True)
 class Route:
-    kernel: str  # "onednn" (weights prepacked once), "torch" (F.linear), "amx" or "avx512" (ours on AMX tiles or by AVX512-BF16; bf16 only, fp32 out)
+    kernel: str  # "onednn" (weights prepacked once), "torch" (F.linear), "amx", "avx512" or "avx512q4" (ours; bf16 inputs, fp32 out)
     dtype_name: str  # "float32" or "bfloat16"
     tile: int = TILE  # 0: one call whatever the row count (autograd, GPUs)
     pad: bool = False  # pad every call to exactly ``tile`` rows
@@ -101,11 +103,13 @@ class Linear:
         self.weight = weight.to(route.dtype) if route.tile == 0 else weight.detach().to(route.dtype).contiguous()  # .to keeps autograd
         self.out_features, self.in_features = weight.shape
         self.dtype = torch.float32 if route.kernel in PACKED else route.dtype  # what it takes and gives
-        self.packed = None
+        self.packed = self.q4 = None
         if route.kernel == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, route.tile)
         elif route.kernel in PACKED:
-            self.lib, self.packed, self.weight = packed_kernels(route.kernel), pack_bf16(self.weight), None
+            self.lib = packed_kernels(route.kernel)
+            self.q4 = pack_q4(weight.detach()) if route.kernel == "avx512q4" else None  # None: not Q4_1 values, multiplied in bf16
+            self.packed, self.weight = (pack_bf16(self.weight) if self.q4 is None else None), None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
@@ -129,7 +133,7 @@ class Linear:
         """The column of each row's largest output [...] (the first of equal ones): on our
         route without writing the outputs (a greedy step's vocabulary projection: 3 MB at 16 rows);
         for a vocabulary, screened by int8 copies of the weights where the CPU can (``Int8Screen``)."""
-        if self.route.kernel not in PACKED or x.device.type != "cpu":
+        if self.route.kernel not in PACKED or self.q4 is not None or x.device.type != "cpu":
             return self(x).argmax(-1)
         rows = packed_rows(x.to(self.dtype).reshape(-1, self.in_features), self.packed)
         at = torch.empty(rows.shape[0], dtype=torch.long)
@@ -159,7 +163,7 @@ class Linear:
     def screen(self) -> Int8Screen | None:
         """The argmax's int8 screen: for products of ``SCREEN_COLUMNS`` outputs or more (a
         vocabulary) on our AVX512-BF16 kernel where the CPU has AVX512-VNNI; else None."""
-        if self.route.kernel not in PACKED or self.out_features < SCREEN_COLUMNS or not self.lib.bf16_screen_ready():
+        if self.packed is None or self.route.kernel not in PACKED or self.out_features < SCREEN_COLUMNS or not self.lib.bf16_screen_ready():
             return None
         return Int8Screen.of(self.packed)
 
@@ -167,7 +171,7 @@ class Linear:
         """Each row's k largest outputs [..., k] (fp32, largest first) and their columns; ``normalized``:
         as log-probabilities (minus the row's logsumexp). On our routes without handing the
         outputs back to torch (a draft's candidates: its topk and logsumexp took as long as the product)."""
-        if self.route.kernel not in PACKED or x.device.type != "cpu":
+        if self.route.kernel not in PACKED or self.q4 is not None or x.device.type != "cpu":
             outputs = self(x).float()
             best = outputs.topk(k, dim=-1)
             return (best.values - outputs.logsumexp(-1, keepdim=True) if normalized else best.values), best.indices
@@ -179,6 +183,8 @@ class Linear:
         return top.view(*x.shape[:-1], k), at.view(*x.shape[:-1], k)
 
     def _call(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.q4 is not None:
+            return q4_product(self.lib, rows, self.q4, self.out_features)
         if self.route.kernel in PACKED:
             return packed_product(self.lib, rows, self.packed, self.out_features)
         held = native.kernel_threads()  # inside ``native.own_cores``, torch's threads back for this product
@@ -189,9 +195,9 @@ class Linear:
 
 
 def packed_kernels(kernel: str) -> ctypes.CDLL:
-    """The C kernels, where they multiply by ``kernel`` ("amx" or "avx512") on this CPU."""
+    """The C kernels, where they multiply by ``kernel`` ("amx", "avx512" or "avx512q4") on this CPU."""
     lib = native.native_kernel()
-    if lib is None or lib.bf16_products() != PACKED[kernel]:
+    if lib is None or lib.bf16_products() != PACKED[kernel] or (kernel == "avx512q4" and not lib.q4_products()):
         need = "AMX tiles and Linux's permission to use them" if kernel == "amx" else "AVX512-BF16 and no AMX (AMX takes its place)"
         raise RuntimeError(f"the {kernel} kernel needs a CPU with {need}, and a C compiler")
     return lib
@@ -206,6 +212,70 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     out, inp = weight.shape
     padded = F.pad(weight.to(torch.bfloat16), (0, -inp % 32, 0, -out % 16))
     return padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+Q4_LEVELS = 15  # Q4_1: levels 0 .. 15 of d per block of 32 inputs, above its minimum m (d, m fp16)
+
+
+def q4_1_values(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] (in a multiple of 32) quantized to Q4_1 as llama.cpp does and expanded
+    again as the GGUF reader does (fp32 (d q) + m): weights a model read from a Q4_1 file holds."""
+    blocks = weight.float().view(weight.shape[0], -1, 32)
+    low, high = blocks.amin(2, keepdim=True), blocks.amax(2, keepdim=True)
+    d, m = ((high - low) / Q4_LEVELS).half().float(), low.half().float()
+    levels = torch.where(d > 0, ((blocks - m) / d).round(), 0.0).clamp(0, Q4_LEVELS)
+    return ((d * levels) + m).view_as(weight)
+
+
+def q4_1_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The Q4_1 blocks whose expansion (fp32 (d q) + m) is ``weight`` [out, in] exactly: levels q
+    [out, in] (uint8), d and m [out, in / 32] (fp16); None where the values are not Q4_1's. Each
+    block's minimum is m (its level 0), and d is the fp16 nearest its span / 15, or one step beside it."""
+    if weight.dim() != 2 or weight.shape[1] % 32 or weight.dtype != torch.float32 or not bool(weight.isfinite().all()):
+        return None
+    blocks = weight.view(weight.shape[0], -1, 32)
+    m = blocks.amin(2)
+    if not torch.equal(m.half().float(), m):
+        return None
+    nearest = ((blocks.amax(2) - m) / Q4_LEVELS).half()
+    d, levels = nearest.clone(), torch.zeros(blocks.shape, dtype=torch.uint8)
+    todo = torch.ones(m.shape, dtype=torch.bool)
+    for step in (0, 1, -1):
+        candidate = (nearest.view(torch.int16) + step).view(torch.float16)[todo]
+        scale, low, values = candidate.float().unsqueeze(1), m[todo].unsqueeze(1), blocks[todo]
+        q = torch.where(scale > 0, ((values - low) / scale).round(), 0.0)
+        fits = ((q >= 0) & (q <= Q4_LEVELS) & ((scale * q) + low == values)).all(1)
+        where = todo.nonzero()[fits]
+        d[where[:, 0], where[:, 1]] = candidate[fits]
+        levels[where[:, 0], where[:, 1]] = q[fits].to(torch.uint8)
+        todo[where[:, 0], where[:, 1]] = False
+        if not bool(todo.any()):
+            return levels.view(weight.shape), d, m.half()
+    return None
+
+
+def pack_q4(weight: torch.Tensor) -> torch.Tensor | None:
+    """Q4_1 weights [out, in] in ``csrc/matmul_q4.c``'s layout, [out / 16, in / 32, 320] bytes (outputs
+    zero-padded to whole blocks of 16), or None where the weights are not Q4_1 values (``q4_1_blocks``)."""
+    if weight.device.type != "cpu" or (found := q4_1_blocks(weight.float())) is None:
+        return None
+    levels, d, m = found
+    out = weight.shape[0]
+    levels, d, m = F.pad(levels, (0, 0, 0, -out % 16)), F.pad(d, (0, 0, 0, -out % 16)), F.pad(m, (0, 0, 0, -out % 16))
+    NB, KB = levels.shape[0] // 16, levels.shape[1] // 32
+    pairs = levels.view(NB, 16, KB, 16, 2).permute(0, 2, 3, 1, 4)  # [block, input block, pair p, output o, 2]
+    nibbles = (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(NB, KB, 256)
+    scales = [t.view(NB, 16, KB).permute(0, 2, 1).contiguous().view(torch.uint8) for t in (d, m)]  # [block, input block, 32 bytes]
+    return torch.cat([nibbles, *scales], dim=2).contiguous()
+
+
+def q4_product(lib: ctypes.CDLL, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """rows [M, in] (fp32) times the Q4_1 weights' transpose (``pack_q4``): [M, out] in fp32."""
+    x = rows.contiguous()
+    y = torch.empty(x.shape[0], out_features)
+    if lib.q4_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, x.shape[1], native.kernel_threads()):
+        raise RuntimeError(f"Q4_1 product of {x.shape[0]} rows failed (out of memory)")
+    return y
 
 
 SCREEN_COLUMNS = 4096  # outputs from which an argmax is screened: below, the bf16 weights are few to read
@@ -319,6 +389,8 @@ def measure_route(route: Route, shapes: list[tuple[int, int, int]], rows: tuple[
     at a few row counts, with random weights of the model's shapes."""
     gen = torch.Generator().manual_seed(1)
     weights = [(torch.randn(o, i, generator=gen) * 0.05, n) for o, i, n in shapes]
+    if route.kernel == "avx512q4":  # what it multiplies in 4-bit blocks: a Q4_1 model's weights
+        weights = [(q4_1_values(w) if w.shape[1] % 32 == 0 else w, n) for w, n in weights]
     try:
         exact = all(is_row_invariant(route, w, max(route.tile, TILE)) for w, _ in weights)
         lins = [(Linear(w, route), n) for w, n in weights]
@@ -361,7 +433,7 @@ def choose_route(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None =
         if "error" in result:
             raise PropdError(f"route {override!r} does not run here: {result['error']}")
         return Route(route.kernel, route.dtype_name, route.tile, route.pad, result["exact"]), [result]
-    key = json.dumps({"check": 4, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype)})
+    key = json.dumps({"check": 5, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype)})
     path = cache_file("routes", key, ".json")
     try:
         results = json.loads(path.read_text())["results"]

@@ -27,6 +27,12 @@ static void silu_rows(void *arg) {
     for (int64_t r; (r = pool_take(1)) < j->rows;) silu_mul(j->gu + r * 2 * j->inter, j->act + r * j->inter, 1, j->inter, 0);
 }
 int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads);
+int q4_linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads);
+
+/* The product the tensor code's ``Linear`` makes of these weights: bf16, or Q4_1 blocks (``q4``). */
+static int product(const float *x, const void *w, int64_t q4, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
+    return q4 ? q4_linear(x, w, y, M, N, K, threads) : bf16_linear_into(x, w, y, M, N, K, room, threads);
+}
 int attend(const float *q, const void *k, const void *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
            float scale, int64_t max_keys, int64_t threads, int64_t bf16);
@@ -37,7 +43,8 @@ int attend_amx(const float *q, const float *k, const float *v, float *out, const
 
 typedef struct {
     const float *attn_norm, *bqkv, *mlp_norm; /* bqkv NULL: no bias */
-    const uint16_t *qkv, *wo, *gate_up, *down; /* packed for bf16_linear */
+    const void *qkv, *wo, *gate_up, *down;    /* packed for bf16_linear, or for q4_linear where q4[i] (in this order) */
+    int64_t q4[4];
 } Weights;
 
 typedef struct {
@@ -86,7 +93,7 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
         int64_t size = s->kv_bf16 ? 2 : 4;
         char *keys = (char *)s->kv + (first + i) * s->s_layer * size, *values = keys + s->s_kv * size;
         rms_norm(x, w->attn_norm, normed, M, dim, s->eps);
-        status |= bf16_linear_into(normed, w->qkv, h, M, width, dim, room, s->threads);
+        status |= product(normed, w->qkv, w->q4[0], h, M, width, dim, room, s->threads);
         for (int64_t m = 0; w->bqkv && m < M; ++m) add(h + m * width, w->bqkv, width);
         rope(h, s->cs, M, H + KV, width, hd);
         for (int64_t b = 0, m = 0; m < M; ++m) {
@@ -106,13 +113,13 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
         else
             status |= attend(q, keys, values, att, s->n_in, s->path, s->starts, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot,
                              s->scale, s->max_keys, s->attend_threads, s->kv_bf16);
-        status |= bf16_linear_into(att, w->wo, out, M, dim, H * hd, room, s->threads);
+        status |= product(att, w->wo, w->q4[1], out, M, dim, H * hd, room, s->threads);
         add(x, out, M * dim);
         rms_norm(x, w->mlp_norm, normed, M, dim, s->eps);
-        status |= bf16_linear_into(normed, w->gate_up, gu, M, 2 * s->inter, dim, room, s->threads);
+        status |= product(normed, w->gate_up, w->q4[2], gu, M, 2 * s->inter, dim, room, s->threads);
         SiluJob silu = {gu, act, M, s->inter};
         pool_run(silu_rows, &silu, M >= 4 ? s->threads : 1);
-        status |= bf16_linear_into(act, w->down, out, M, dim, s->inter, room, s->threads);
+        status |= product(act, w->down, w->q4[3], out, M, dim, s->inter, room, s->threads);
         add(x, out, M * dim);
     }
     free(normed), free(h), free(q), free(att), free(out), free(gu), free(act);

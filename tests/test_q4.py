@@ -1,0 +1,95 @@
+"""The avx512q4 route: weights that hold a GGUF's Q4_1 values multiplied from their 4-bit blocks,
+exact by construction like every route (a row's bits never depend on the rows beside it)."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from propd.models import native
+from propd.models.decoder import Decoder
+from propd.models.kernels import Linear, Route, q4_1_blocks, q4_1_values
+from tests.conftest import REAL_PROMPTS, tiny_hf_model
+from tests.test_exact import tree_logits_equal_ar
+
+Q4 = Route.parse("bfloat16-avx512q4")
+RUNS = native.native_kernel() is not None and native.native_kernel().bf16_products() == 2 and bool(native.native_kernel().q4_products())
+needs_q4 = pytest.mark.skipif(not RUNS, reason="the avx512q4 route needs AVX512-BF16 without AMX, and a C compiler")
+
+
+def q4_model(seed: int = 5, layers: int = 2):
+    """A tiny model whose products hold Q4_1 values, as a model read from a Q4_1 GGUF file does."""
+    model = tiny_hf_model("llama", seed=seed, layers=layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "layers" in name:
+                p.copy_(q4_1_values(p))
+    return model
+
+
+def test_q4_1_blocks_are_found_in_q4_1_values_and_nowhere_else():
+    torch.manual_seed(0)
+    weight = torch.randn(40, 96) * 0.05
+    weight[3, :32] = 0.25  # a block of one value: d = 0
+    values = q4_1_values(weight)
+    levels, d, m = q4_1_blocks(values)
+    assert levels.dtype == torch.uint8 and int(levels.max()) <= 15 and d.dtype == m.dtype == torch.float16
+    expanded = (d.float().repeat_interleave(32, 1) * levels.float()) + m.float().repeat_interleave(32, 1)
+    assert torch.equal(expanded, values)  # the GGUF reader's fp32 (d q) + m, bitwise
+    assert q4_1_blocks(weight) is None  # plain fp32 weights
+    assert q4_1_blocks(values[:, :80]) is None  # inputs not in whole blocks of 32
+    nudged = values.clone()
+    nudged[7, 40] = torch.nextafter(nudged[7, 40], torch.tensor(1.0))
+    assert q4_1_blocks(nudged) is None  # one value off the grid
+
+
+@needs_q4
+@pytest.mark.parametrize("out_features", [16, 40, 1030])  # one block, a partial pair of blocks, many with a partial last
+@pytest.mark.parametrize("in_features", [64, 416])
+def test_q4_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_features, in_features):
+    torch.manual_seed(out_features + in_features)
+    weight = q4_1_values(torch.randn(out_features, in_features) * 0.05)
+    lin = Linear(weight, Q4)
+    assert lin.q4 is not None and lin.packed is None
+    x = torch.randn(32, in_features)
+    alone = torch.cat([lin(x[i : i + 1]) for i in range(32)])
+    for rows in (2, 5, 6, 7, 8, 13, 31, 32):  # groups of 1-6 rows, and 7-8 shared as two
+        assert torch.equal(lin(x[:rows]), alone[:rows]), rows
+        assert torch.equal(lin(x[32 - rows :]), alone[32 - rows :]), rows
+    # the exact product of the bf16-rounded inputs and the Q4_1 weights, up to fp32 sums' rounding
+    torch.testing.assert_close(alone, (x.bfloat16().double() @ weight.double().T).float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_q4
+def test_weights_without_q4_1_values_are_multiplied_in_bf16_on_the_q4_route():
+    weight = torch.randn(48, 64)
+    lin = Linear(weight, Q4)
+    assert lin.q4 is None
+    x = torch.randn(5, 64)
+    assert torch.equal(lin(x), Linear(weight, Route.parse("bfloat16-avx512"))(x))
+
+
+@needs_q4
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), size=st.integers(1, 40), depth=st.integers(1, 7))
+def test_tree_logits_equal_ar_logits_bitwise_on_the_q4_route(seed, batch, size, depth):
+    dec = Decoder.from_hf(q4_model(), Q4)
+    assert dec.fused is not None and all(p.q4 is not None for products in dec.products for p in products)
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(1, 300))] for _ in range(batch)]
+    tree_logits_equal_ar(dec, rng, prompts, size, depth)
+
+
+@needs_q4
+def test_the_default_model_runs_its_q4_1_blocks_and_propd_gives_ar_tokens():
+    """The default model is a Q4_1 GGUF file: on the q4 route every layer product reads its blocks,
+    and ProPD's tokens are AR's on that route."""
+    from propd.engine import Propd
+
+    model = Propd.from_pretrained("default", route=Q4.name)
+    assert model.route.exact and all(p.q4 is not None for products in model.decoder.products for p in products)
+    prompts = REAL_PROMPTS[:2]
+    ar = model.generate(prompts, "ar", max_new_tokens=32)
+    assert [g.token_ids for g in model.generate(prompts, "propd", max_new_tokens=32)] == [g.token_ids for g in ar]
