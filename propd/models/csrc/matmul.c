@@ -264,12 +264,7 @@ static void dot_x4(const Job *j, int64_t nb, int64_t count, int64_t first, int64
     __m512 c40 = c00, c41 = c00, c42 = c00, c43 = c00, c50 = c00, c51 = c00, c52 = c00, c53 = c00;
     EACH_PAIR {
         __m512bh w0 = WEIGHTS(0), w1 = count > 1 ? WEIGHTS(1) : w0, w2 = count > 2 ? WEIGHTS(2) : w0, w3 = count > 3 ? WEIGHTS(3) : w0;
-        ROW4(0)
-        if (rows > 1) ROW4(1)
-        if (rows > 2) ROW4(2)
-        if (rows > 3) ROW4(3)
-        if (rows > 4) ROW4(4)
-        if (rows > 5) ROW4(5)
+        UP_TO_6_ROWS(ROW4)
     }
     const __m512 sums[6][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}, {c40, c41, c42, c43}, {c50, c51, c52, c53}};
     for (int r = 0; r < rows; ++r)

@@ -70,12 +70,7 @@ static void dot_q4(const Q4Job *j, int64_t nb, int64_t count, int64_t r0, int ro
         __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
         for (int p = 0; p < 16; ++p) {
             __m512bh l0 = LEVELS(0), l1 = count > 1 ? LEVELS(1) : l0;
-            ROW(0)
-            if (rows > 1) ROW(1)
-            if (rows > 2) ROW(2)
-            if (rows > 3) ROW(3)
-            if (rows > 4) ROW(4)
-            if (rows > 5) ROW(5)
+            UP_TO_6_ROWS(ROW)
         }
         const uint8_t *scales0 = j->w + (nb * KB + kb) * Q4_BLOCK + 256, *scales1 = count > 1 ? scales0 + KB * Q4_BLOCK : scales0;
         __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales0)), d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales1));

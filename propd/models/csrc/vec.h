@@ -24,6 +24,10 @@ static inline vf fmadd(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a,
 static inline vf fmadd(vf a, vf b, vf c) { return a * b + c; }
 #endif
 
+/* ROW(0) .. ROW(rows - 1) for up to 6 rows (``rows`` in scope), each spelled out: the products'
+   accumulators are named one by one, which GCC keeps in registers where an array went to memory. */
+#define UP_TO_6_ROWS(ROW) ROW(0) if (rows > 1) ROW(1) if (rows > 2) ROW(2) if (rows > 3) ROW(3) if (rows > 4) ROW(4) if (rows > 5) ROW(5)
+
 /* Sum of the lanes in a fixed pairwise order: lane l + lane l + 8, then + 4, + 2, + 1. */
 static inline float fold(vf x) {
     x += __builtin_shuffle(x, (vi){8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15});
