@@ -53,6 +53,7 @@ def test_q4_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_featur
     weight = q4_1_values(torch.randn(out_features, in_features) * 0.05)
     lin = Linear(weight, Q4)
     assert lin.q4 is not None and lin.packed is None
+    assert lin.bytes_read == -(-out_features // 16) * (in_features // 32) * 320 < out_features * in_features * 2  # 5 bits a weight against bf16's 16
     x = torch.randn(32, in_features)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(32)])
     for rows in (2, 5, 6, 7, 8, 13, 31, 32):  # groups of 1-6 rows, and 7-8 shared as two

@@ -52,9 +52,9 @@ def memory_bandwidth(device: torch.device = torch.device("cpu"), megabytes: int 
 
 
 def weight_bytes(decoder: Decoder) -> int:
-    """Bytes of weights one decode step must read: every product's weights and the lm_head."""
-    elements = sum(lin.out_features * lin.in_features for layer in decoder.products for lin in layer) + decoder.lm_head_weight.numel()
-    return elements * decoder.dtype.itemsize
+    """Bytes of weights one decode step must read: every product's weights (as its route keeps them)
+    and the lm_head."""
+    return sum(lin.bytes_read for layer in decoder.products for lin in layer) + decoder.lm_head_weight.numel() * decoder.dtype.itemsize
 
 
 def tree_build_time(name: str = "mc_sim_7b_63", repeats: int = 50) -> float:

@@ -111,6 +111,11 @@ class Linear:
             self.q4 = pack_q4(weight.detach()) if route.kernel == "avx512q4" else None  # None: not Q4_1 values, multiplied in bf16
             self.packed, self.weight = (pack_bf16(self.weight) if self.q4 is None else None), None
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of weights a product reads: its Q4_1 blocks, or its weights in the route's dtype."""
+        return self.q4.numel() if self.q4 is not None else self.out_features * self.in_features * self.route.dtype.itemsize
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
         x = x.to(self.dtype)
