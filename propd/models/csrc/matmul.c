@@ -286,15 +286,6 @@ static void dot_x8(const Job *j, int64_t nb, int64_t first, int64_t r0, int rows
         for (int b = 0; b < 8; ++b) finish_row(j, nb + b, first, r0 + r, (vf)sums[r][b], best);
 }
 
-/* The next group's rows, ``left`` rows to go: GROUP, but where a group of 1-2 rows would be left
-   after this one, the two share them (7 rows as 4 + 3, 8 as 4 + 4, 14 as 6 + 4 + 4): a last group
-   of 1-2 rows read the chunk's weights once more for little arithmetic (30 layers' products on the
-   AMD EPYC, weights cold, interleaved in one process, four runs: 8 rows 0.1-0.5 ms faster, 13
-   rows 0.1-0.4, 20 rows 0.6-0.7 in three of them). */
-static inline int group_rows(int64_t left) {
-    if (left > GROUP && left <= GROUP + 2) return (int)((left + 1) / 2);
-    return left < GROUP ? (int)left : GROUP;
-}
 
 /* Output blocks taken CHUNK at a time until none is left; per group of up to 6 rows, the chunk's
    blocks 8 at a time (1-2 rows) or 4 at a time (3-6 rows, and the chunk's tail). With more than one
@@ -318,7 +309,7 @@ static void take_blocks(void *arg) {
             fetch.lines = (ahead * block_bytes / 64 + steps - 1) / steps;
         }
         for (int64_t r0 = 0, rows; r0 < j->M; r0 += rows) {
-            rows = group_rows(j->M - r0);
+            rows = group_rows(j->M - r0, GROUP);
             Fetch *next = fetch.lines ? &fetch : NULL;
             for (int64_t nb = first; nb < last;) {
                 if (rows <= 2 && last - nb >= 8) {

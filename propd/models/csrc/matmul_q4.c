@@ -4,9 +4,9 @@
 
    Every output is one fixed chain, whatever the row count: x rounded to bf16 (as the bf16 route
    rounds it), then per block of 32 inputs in order, s = the dot-product instruction's chain over
-   the 16 input pairs of q (exact small integers in bf16) from zero, and y = fma(s, d, y), then
-   y = fma(sum of the block's 32 inputs, m, y). The weights are the model's own Q4_1 values, not
-   rounded to bf16. Each group of rows expands the levels from the packed bytes as it reads them.
+   the 16 input pairs of the levels as bf16 128 + q (exact) from zero, and y = fma(s, d, y), then
+   y = fma(the block's sum of inputs, m - 128 d, y). The weights are the model's own Q4_1 values,
+   not rounded to bf16. Each group of rows expands the levels from the packed bytes as it reads them.
 
    Packed layout (``pack_q4`` in kernels.py), per block of 16 outputs and 32 inputs, 320 bytes:
    16 x 16 bytes of levels (byte o of row p: output o's inputs 2p | 2p + 1 << 4), then d and m for
@@ -30,7 +30,7 @@ typedef struct {
     const uint16_t *a; /* [M, K] bf16 */
     const float *sums; /* [M, K / 32]: each row's sum of its bf16 inputs per block of 32 */
     const uint8_t *w;
-    float *y; /* [room, N] */
+    float *y; /* [M, N] */
     int64_t M, N, K, blocks;
 } Q4Job;
 
@@ -57,10 +57,9 @@ static inline __m512i levels_of(const uint8_t *bytes) {
         y##r##1 = _mm512_fmadd_ps(sum, m1, _mm512_fmadd_ps(c##r##1, d1, y##r##1));      \
     }
 
-/* Rows r0 .. r0 + rows (1-6) of ``count`` (1-2) output blocks from nb, their levels expanded from
-   the packed bytes as they are read (expanded once into a scratch buffer for all the groups of rows
-   instead, 8 rows took 13.1 ms where this takes 9.4). Per block of inputs, s sums the levels 128 + q times the inputs, so
-   y = d s + (m - 128 d) x's sum: 12 chains and 12 sums in registers. */
+/* Rows r0 .. r0 + rows (1-6) of ``count`` (1-2) output blocks from nb: 12 chains and 12 sums in
+   registers. The levels are expanded from the packed bytes as they are read (expanded once into a
+   scratch buffer for every group of rows instead, 8 rows took 13.1 ms where this takes 9.4). */
 static void dot_q4(const Q4Job *j, int64_t nb, int64_t count, int64_t r0, int rows) {
     const int64_t KB = j->K / 32;
     __m512 y00 = _mm512_setzero_ps(), y01 = y00, y10 = y00, y11 = y00, y20 = y00, y21 = y00;
@@ -88,20 +87,13 @@ static void dot_q4(const Q4Job *j, int64_t nb, int64_t count, int64_t r0, int ro
         }
 }
 
-/* The next group's rows, ``left`` to go: Q4_GROUP, but where 1-2 rows would be left after it, the
-   two share them (8 rows as 4 + 4), as ``group_rows`` in matmul.c. */
-static inline int q4_group_rows(int64_t left) {
-    if (left > Q4_GROUP && left <= Q4_GROUP + 2) return (int)((left + 1) / 2);
-    return left < Q4_GROUP ? (int)left : Q4_GROUP;
-}
-
 /* Output blocks Q4_CHUNK at a time, every group of up to Q4_GROUP rows over them two blocks at a time. */
 static void take_q4(void *arg) {
     const Q4Job *j = arg;
     for (int64_t first; (first = pool_take(Q4_CHUNK)) < j->blocks;) {
         int64_t count = first + Q4_CHUNK < j->blocks ? Q4_CHUNK : j->blocks - first;
         for (int64_t r0 = 0, rows; r0 < j->M; r0 += rows) {
-            rows = q4_group_rows(j->M - r0);
+            rows = group_rows(j->M - r0, Q4_GROUP);
             for (int64_t b = 0; b < count; b += 2) dot_q4(j, first + b, count - b < 2 ? count - b : 2, r0, (int)rows);
         }
     }
