@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import torch
+from tqdm import tqdm
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from propd.bench.latency import step_ms
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.lookup import LookupMethod
@@ -32,7 +34,7 @@ from propd.heads.early import EarlyHead
 from propd.heads.medusa import MedusaHeads
 from propd.models.attention import blocked_is_exact, runs_native
 from propd.models.decoder import Decoder, ModelArgs
-from propd.models.kernels import DTYPES, PACKED, Route, autograd_route, choose_route, cpu_name
+from propd.models.kernels import DTYPES, PACKED, Route, autograd_route, choose_route, cpu_name, holds_q4_1
 from propd.models.loading import DEFAULT_MODEL, cache_file, load_hf
 from propd.tree.dynamic import AcceptanceModel, TreeChooser
 from propd.tree.tree import TokenTree, load_tree
@@ -85,7 +87,7 @@ class Propd:
         self.device = _available(device)
         self.tokenizer = tokenizer
         self.name = name
-        self.route, self.route_measurements = pick_route(ModelArgs.from_hf_config(hf_model.config), dtype, route, self.device)
+        self.route, self.route_measurements = pick_route(ModelArgs.from_hf_config(hf_model.config), dtype, route, self.device, hf_model)
         if self.route.tile and not self.route.exact:
             print(f"propd: warning: {self.route.name} is not exact here, and parallel methods are checked "
                   "token by token only (logits may differ from AR's in the last bits)", file=sys.stderr)
@@ -400,8 +402,11 @@ class Propd:
         remember(m)
 
 
-def pick_route(args: ModelArgs, dtype: torch.dtype | None, route: str | Route | None, device: torch.device) -> tuple[Route, list[dict]]:
-    """The products' route for this model on this device, and what was measured to choose it. On a
+def pick_route(
+    args: ModelArgs, dtype: torch.dtype | None, route: str | Route | None, device: torch.device, model: PreTrainedModel | None = None,
+) -> tuple[Route, list[dict]]:
+    """The products' route for this model on this device, and what was measured to choose it: with
+    ``model``, the finalists' whole decode steps on its own weights (``decode_steps_ms``). On a
     GPU, plain products in ``dtype`` (default fp32) or the ``route`` named, not checked for
     row-invariance there (see docs/engine.md, 5: on an H100, padding every product to one shape cost a quarter
     of a step and left batch-8 trees' logits as far from AR's)."""
@@ -409,11 +414,37 @@ def pick_route(args: ModelArgs, dtype: torch.dtype | None, route: str | Route | 
         return route, []
     if device.type != "cpu":
         return (Route.parse(route) if route else autograd_route(dtype or torch.float32)), []
-    chosen, measured = choose_route(args.product_shapes(), dtype, route)
+    steps = decode_steps_ms(model) if model is not None else None
+    q4_1 = model is not None and holds_q4_1(model.get_decoder().layers[0].mlp.gate_proj.weight.detach())
+    chosen, measured = choose_route(args.product_shapes(), dtype, route, steps, q4_1)
     if chosen.exact and not runs_native(args.head_dim, device) and not blocked_is_exact(args.n_heads, args.n_kv_heads, args.head_dim):
         print("propd: warning: attention runs as tensor ops here (no C kernel) and they are not row-invariant on this machine", file=sys.stderr)
         chosen = replace(chosen, exact=False)
     return chosen, measured
+
+
+STEP_POINTS = ((1, 1), (1, 4), (8, 1))  # (rows, tree tokens): AR at batch 1, a 4-token tree at batch 1, AR at batch 8
+
+
+def decode_steps_ms(model: PreTrainedModel, rounds: int = 5) -> Callable[[list[Route]], list[dict[str, float]]]:
+    """What each route's decode steps take on ``model``'s weights, in ms: AR at batch 1 and 8 and a
+    4-token tree at batch 1 ("1x1", "8x1", "1x4"), the steps decoding runs most (a prompt, hundreds
+    of rows a step, runs once an answer). The routes take turns for ``rounds`` rounds and each keeps
+    its fastest: on this project's shared CPUs other work only ever adds time, and one moment's
+    timing was off by a fifth."""
+
+    def measure(routes: list[Route]) -> list[dict[str, float]]:
+        decoders = [Decoder.from_hf(model, route) for route in routes]
+        times: dict[tuple[int, int, int], list[float]] = {}
+        with tqdm(total=rounds * len(routes) * len(STEP_POINTS), desc="timing decode steps by route", unit="point") as bar:
+            for _ in range(rounds):
+                for i, decoder in enumerate(decoders):
+                    for b, n in STEP_POINTS:
+                        times.setdefault((i, b, n), []).append(step_ms(decoder, b, n, repeats=3))
+                        bar.update(1)
+        return [{f"{b}x{n}": min(times[i, b, n]) for b, n in STEP_POINTS} for i in range(len(routes))]
+
+    return measure
 
 
 class TextStream:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from propd.decoding.loop import prefill
 from propd.decoding.pruning import whole_paths
 from propd.decoding.tree import run_tree
-from propd.models import attention, graphs, native, pointwise
+from propd.models import attention, graphs, kernels, native, pointwise
 from propd.models.decoder import Decoder
 from propd.models.kernels import PACKED, SCREEN_ROWS, Linear, Route, choose_route, is_row_invariant, measure_route, packed_rows
 from propd.models.kv_cache import KVCache, path_slots
@@ -438,6 +438,51 @@ def test_route_choice_is_measured_once_cached_and_overridable(tmp_path, monkeypa
     monkeypatch.setenv("PROPD_ROUTE", "float32-torch-pad8")
     forced, _ = choose_route(shapes, torch.float32)
     assert forced.name == "float32-torch-pad8" and forced.exact
+
+
+def test_route_finalists_are_chosen_by_their_whole_steps(tmp_path, monkeypatch):
+    """Products timed alone rank routes only roughly (their weights stay in the cache): the exact
+    routes within ``FINALISTS`` of the fastest are timed as whole steps, and those decide."""
+    monkeypatch.setenv("PROPD_CACHE", str(tmp_path))
+    products = [
+        {"route": "float32-torch-pad8", "exact": True, "ms": {"1": 1.0}},
+        {"route": "float32-onednn-pad8", "exact": True, "ms": {"1": 1.4}},
+        {"route": "float32-onednn", "exact": True, "ms": {"1": 2.0}},  # not a finalist
+        {"route": "float32-torch", "exact": False, "ms": {"1": 0.5}},  # not exact
+    ]
+    monkeypatch.setattr(kernels, "calibrate", lambda shapes, dtype, q4_1: [dict(r) for r in products])
+    asked = []
+
+    def steps(routes):
+        asked.append([r.name for r in routes])
+        return [{"1x1": 3.0, "8x1": 9.0}, {"1x1": 2.0, "8x1": 10.0}]  # the second is faster by their product
+
+    shapes = [(48, 32, 2)]
+    route, measured = choose_route(shapes, torch.float32, steps=steps)
+    assert route.name == "float32-onednn-pad8" and route.exact
+    assert asked == [["float32-torch-pad8", "float32-onednn-pad8"]]
+    assert [("step_ms" in r) for r in measured] == [True, True, False, False]
+    assert choose_route(shapes, torch.float32, steps=steps)[0] == route and len(asked) == 1  # from the cache
+    assert choose_route(shapes, torch.float32)[0].name == "float32-torch-pad8"  # products alone: another key, another choice
+
+
+def test_only_q4_1_weights_make_the_q4_route_a_candidate(monkeypatch):
+    measured = []
+    monkeypatch.setattr(kernels, "measure_route", lambda route, shapes: measured.append(route.name) or {"route": route.name, "exact": True, "ms": {"1": 1.0}})
+    kernels.calibrate([(48, 32, 2)], torch.bfloat16)
+    assert "bfloat16-avx512" in measured and "bfloat16-avx512q4" not in measured
+    measured.clear()
+    kernels.calibrate([(48, 32, 2)], torch.bfloat16, q4_1=True)
+    assert "bfloat16-avx512q4" in measured
+
+
+def test_decode_steps_are_timed_on_the_model_for_each_route():
+    from propd.engine import STEP_POINTS, decode_steps_ms
+
+    routes = [Route.parse("float32-torch-pad8"), Route.parse("bfloat16-torch-pad8")]
+    timed = decode_steps_ms(TINY, rounds=2)(routes)
+    assert len(timed) == 2 and all(set(t) == {f"{b}x{n}" for b, n in STEP_POINTS} for t in timed)
+    assert all(ms > 0 for t in timed for ms in t.values())
 
 
 def test_tensor_attention_is_measured_before_it_is_called_exact(capsys):

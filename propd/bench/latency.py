@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from propd.bench.plotting import plt, save_figure
 from propd.decoding.tree import PROJECT_ALL
 from propd.models.decoder import Decoder, synchronize
 from propd.models.kernels import median_ms
@@ -19,28 +18,33 @@ from propd.tree.tree import TokenTree, load_tree, medusa_paths
 
 
 @torch.inference_mode()
+def step_ms(decoder: Decoder, batch_size: int, size: int, context: int = 256, repeats: int = 5) -> float:
+    """Median wall time (ms) of one verification step over ``size`` tree tokens in each of
+    ``batch_size`` rows, after ``context`` cached tokens: every layer over every token, then the
+    greedy picks ``verify`` takes: every node's where the step holds at most ``PROJECT_ALL`` tokens
+    (at batch 1 on the AMD EPYC, 16 nodes' picks took 4.1 ms against 2.5 for one), else one node's
+    a row (each further accepted token then adds one more product, see ``tree.walk``)."""
+    anc = load_tree(f"top{size - 1}").ancestors if size > 1 else torch.ones(1, 1, dtype=torch.bool)
+    cache = decoder.new_cache(batch_size, context + size + 1)
+    cache.advance(torch.full((batch_size,), context, device=decoder.device))
+    tokens = torch.randint(0, decoder.args.vocab_size, (batch_size, size), device=decoder.device)
+
+    def step() -> None:
+        with decoder.cores():
+            normed = decoder.final_norm(decoder.extend(tokens, cache.tree(anc), cache))
+            decoder.greedy_tokens(normed if batch_size * size <= PROJECT_ALL else normed[:, 0])
+        synchronize(decoder.device)
+
+    return round(median_ms(step, repeats), 2)
+
+
 def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], context: int = 256, repeats: int = 5) -> list[dict]:
-    """Median wall time of one verification step over ``size`` tree tokens per row, after ``context``
-    cached tokens: every layer over every token, then the greedy picks ``verify`` takes: every node's
-    where the step holds at most ``PROJECT_ALL`` tokens (at batch 1 on the AMD EPYC, 16 nodes' picks
-    took 4.1 ms against 2.5 for one), else one node's a row (each further accepted token then adds
-    one more product, see ``tree.walk``)."""
+    """``step_ms`` for every tree size at every batch size."""
     rows = []
     with tqdm(total=len(sizes) * len(batch_sizes), desc="step latency", unit="point") as bar:
         for b in batch_sizes:
             for n in sizes:
-                anc = load_tree(f"top{n - 1}").ancestors if n > 1 else torch.ones(1, 1, dtype=torch.bool)
-                cache = decoder.new_cache(b, context + n + 1)
-                cache.advance(torch.full((b,), context, device=decoder.device))
-                tokens = torch.randint(0, decoder.args.vocab_size, (b, n), device=decoder.device)
-
-                def step(tokens=tokens, cache=cache, anc=anc, b=b, n=n) -> None:
-                    with decoder.cores():
-                        normed = decoder.final_norm(decoder.extend(tokens, cache.tree(anc), cache))
-                        decoder.greedy_tokens(normed if b * n <= PROJECT_ALL else normed[:, 0])
-                    synchronize(decoder.device)
-
-                rows.append({"batch_size": b, "tree_tokens": n, "ms": round(median_ms(step, repeats), 2)})
+                rows.append({"batch_size": b, "tree_tokens": n, "ms": step_ms(decoder, b, n, context, repeats)})
                 bar.update(1)
     return rows
 
@@ -64,6 +68,8 @@ def tree_build_time(name: str = "mc_sim_7b_63", repeats: int = 50) -> float:
 
 
 def plot_latency(rows: list[dict], path: Path) -> Path:
+    from propd.bench.plotting import plt, save_figure  # matplotlib only where a figure is drawn: the engine times steps with this module
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for b in sorted({r["batch_size"] for r in rows}):
         pts = [r for r in rows if r["batch_size"] == b]

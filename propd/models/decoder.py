@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable, TypeVar
 
@@ -83,12 +83,12 @@ class Layer:
     """One layer's weights, products in [out, in] layout."""
 
     attn_norm: torch.Tensor  # [dim]
-    wqkv: torch.Tensor  # [(n_heads + 2 n_kv_heads) head_dim, dim]
+    wqkv: torch.Tensor | None  # [(n_heads + 2 n_kv_heads) head_dim, dim]; the products' weights are None once packed (``Decoder``)
     bqkv: torch.Tensor | None
-    wo: torch.Tensor  # [dim, n_heads head_dim]
+    wo: torch.Tensor | None  # [dim, n_heads head_dim]
     mlp_norm: torch.Tensor  # [dim]
-    w_gate_up: torch.Tensor  # [2 intermediate, dim]
-    w_down: torch.Tensor  # [dim, intermediate]
+    w_gate_up: torch.Tensor | None  # [2 intermediate, dim]
+    w_down: torch.Tensor | None  # [dim, intermediate]
 
 
 def synchronize(device: torch.device) -> None:
@@ -120,12 +120,14 @@ class Decoder:
         self.route = route or autograd_route(embed.dtype)
         self.dtype = self.route.dtype
         self.embed_tokens = embed  # [vocab, dim]
+        self.products = [tuple(Linear(w, self.route) for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)) for layer in layers]
+        if self.route.kernel in PACKED:  # the packed copies are what the products read: no second copy (the Q4_1 route's fp32 ones held 425 MB)
+            layers = [replace(layer, wqkv=None, wo=None, w_gate_up=None, w_down=None) for layer in layers]
         self.layers = layers
         self.norm = norm
         self.lm_head_weight = lm_head  # [vocab, dim]
         self._vocab_rows: dict[int, torch.Tensor] = {}  # id of a token set (``per_token_set``) -> its rows in fp32
         self._vocab_projections: dict[int, Linear] = {}  # id of a token set -> its rows by the route
-        self.products = [tuple(Linear(w, self.route) for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)) for layer in layers]
         inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
         angles = torch.outer(torch.arange(args.max_position, dtype=torch.float32), inv_freq)
         self.rope = torch.polar(torch.ones_like(angles), angles).to(embed.device)  # [max_position, head_dim / 2] complex64
@@ -180,6 +182,8 @@ class Decoder:
         device = torch.device(device)
         if self.device == device:
             return self
+        if self.route.kernel in PACKED:
+            raise PropdError(f"the {self.route.name} route's packed weights stay on the CPU: load the model on {device} with a plain route instead")
         layers = [Layer(*(None if t is None else t.to(device) for t in vars(layer).values())) for layer in self.layers]
         return Decoder(self.args, self.embed_tokens.to(device), layers, self.norm.to(device), self.lm_head_weight.to(device), self.route)
 

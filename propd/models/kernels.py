@@ -9,7 +9,8 @@ our ``amx`` and ``avx512`` kernels take any number of rows in one call, each com
 
 Which route is fastest, and which kernels are row-invariant, differs between machines (oneDNN's
 AMX kernels on an Intel Xeon, OpenBLAS or MKL elsewhere). ``choose_route`` measures both for the
-model's own shapes once per machine, torch version and model, and caches the answer.
+model's own shapes once per machine, torch version and model (the closest routes as whole decode
+steps on the model's weights), and caches the answer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -259,10 +261,16 @@ def q4_1_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return None
 
 
+def holds_q4_1(weight: torch.Tensor) -> bool:
+    """Whether the first rows of ``weight`` [out, in] hold Q4_1 values: a quick look before a whole
+    tensor is searched for its blocks (the vocabulary's 28M values took 2.5 s)."""
+    return q4_1_blocks(weight[:16].float()) is not None
+
+
 def pack_q4(weight: torch.Tensor) -> torch.Tensor | None:
     """Q4_1 weights [out, in] in ``csrc/matmul_q4.c``'s layout, [out / 16, in / 32, 320] bytes (outputs
     zero-padded to whole blocks of 16), or None where the weights are not Q4_1 values (``q4_1_blocks``)."""
-    if weight.device.type != "cpu" or q4_1_blocks(weight[:16].float()) is None:  # a look at a few rows first: the vocabulary's 28M values took 2.5 s
+    if weight.device.type != "cpu" or not holds_q4_1(weight):
         return None
     if (found := q4_1_blocks(weight.float())) is None:
         return None
@@ -413,21 +421,44 @@ def measure_route(route: Route, shapes: list[tuple[int, int, int]], rows: tuple[
 PAD_TILE = 8  # a padded route multiplies at least this many rows per call, so AR pays for them
 
 
-def calibrate(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None) -> list[dict]:
-    """Measure every kernel at every dtype asked; a kernel that is not row-invariant by itself is
-    measured again padded to a fixed tile, which is invariant by construction (one call shape)."""
+def calibrate(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None, q4_1: bool = False) -> list[dict]:
+    """Measure every kernel at every dtype asked (``avx512q4`` only for weights that hold Q4_1
+    values: elsewhere it multiplies in bf16 as ``avx512`` does); a kernel that is not row-invariant
+    by itself is measured again padded to a fixed tile, which is invariant by construction (one call shape)."""
     results = []
     for name in [n for n, d in DTYPES.items() if dtype is None or d == dtype]:
-        for kernel in [k for k in KERNELS if k not in PACKED or name == "bfloat16"]:
+        for kernel in [k for k in KERNELS if (k not in PACKED or name == "bfloat16") and (k != "avx512q4" or q4_1)]:
             results.append(measure_route(Route(kernel, name), shapes))
             if results[-1].get("exact") is False:
                 results.append(measure_route(Route(kernel, name, PAD_TILE, pad=True), shapes))
     return results
 
 
-def choose_route(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None = None, override: str | None = None) -> tuple[Route, list[dict]]:
+FINALISTS = 1.5  # exact routes whose products take at most this times the fastest one's are timed as whole steps
+
+
+def time_finalists(results: list[dict], steps: Callable[[list[Route]], list[dict[str, float]]]) -> None:
+    """Add whole decode steps' milliseconds (``step_ms``, by ``steps``) to the exact routes whose
+    products came within ``FINALISTS`` of the fastest. Products timed alone, each again and again,
+    find their weights in the cache: on the AMD EPYC the Q4_1 route's products looked no faster
+    than bf16's (46.5 against 43.3 ms at 1, 8 and 32 rows) where its decode steps were 1.3x faster."""
+    exact = [r for r in results if r.get("exact")]
+    if not exact:
+        return
+    fastest = min(sum(r["ms"].values()) for r in exact)
+    finalists = [r for r in exact if sum(r["ms"].values()) <= FINALISTS * fastest]
+    for r, ms in zip(finalists, steps([Route.parse(r["route"]) for r in finalists])):
+        r["step_ms"] = ms
+
+
+def choose_route(
+    shapes: list[tuple[int, int, int]], dtype: torch.dtype | None = None, override: str | None = None,
+    steps: Callable[[list[Route]], list[dict[str, float]]] | None = None, q4_1: bool = False,
+) -> tuple[Route, list[dict]]:
     """The fastest exact route for these product shapes on this machine (``dtype`` None: any dtype),
-    and the measurements behind the choice. ``override`` (or ``$PROPD_ROUTE``) names a route instead;
+    and the measurements behind the choice: the finalists' whole decode steps where ``steps`` times
+    them (``time_finalists``), else their products. ``q4_1``: the model's layer weights hold Q4_1
+    values (``avx512q4`` is a candidate). ``override`` (or ``$PROPD_ROUTE``) names a route instead;
     it is still checked for exactness. Measurements are cached under ``$PROPD_CACHE/routes``."""
     from propd.models.loading import cache_file, write_cache
 
@@ -440,17 +471,23 @@ def choose_route(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None =
         if "error" in result:
             raise PropdError(f"route {override!r} does not run here: {result['error']}")
         return Route(route.kernel, route.dtype_name, route.tile, route.pad, result["exact"]), [result]
-    key = json.dumps({"check": 5, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype)})
+    key = json.dumps({
+        "check": 6, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype),
+        "q4_1": q4_1, "steps": steps is not None,
+    })
     path = cache_file("routes", key, ".json")
     try:
         results = json.loads(path.read_text())["results"]
     except (OSError, ValueError, KeyError):
-        results = calibrate(shapes, dtype)
+        results = calibrate(shapes, dtype, q4_1)
+        if steps is not None:
+            time_finalists(results, steps)
         write_cache(path, json.dumps({"key": json.loads(key), "results": results}, indent=1))  # (unwritable: a calibration per load)
     ok = [r for r in results if "error" not in r]
     if not ok:
         raise PropdError("no matrix-product route runs on this machine: " + "; ".join(f"{r['route']}: {r['error']}" for r in results))
     exact = [r for r in ok if r["exact"]] or ok
-    best = min(exact, key=lambda r: sum(r["ms"].values()))
+    timed = [r for r in exact if "step_ms" in r]
+    best = min(timed, key=lambda r: math.prod(r["step_ms"].values())) if timed else min(exact, key=lambda r: sum(r["ms"].values()))
     route = Route.parse(best["route"])
     return Route(route.kernel, route.dtype_name, route.tile, route.pad, best["exact"]), results
