@@ -278,8 +278,10 @@ def pack_q4(weight: torch.Tensor) -> torch.Tensor | None:
     out = weight.shape[0]
     levels, d, m = F.pad(levels, (0, 0, 0, -out % 16)), F.pad(d, (0, 0, 0, -out % 16)), F.pad(m, (0, 0, 0, -out % 16))
     NB, KB = levels.shape[0] // 16, levels.shape[1] // 32
-    pairs = levels.view(NB, 16, KB, 16, 2).permute(0, 2, 3, 1, 4)  # [block, input block, pair p, output o, 2]
-    nibbles = (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(NB, KB, 256)
+    quads = levels.view(NB, 16, KB, 4, 4, 2).permute(0, 2, 3, 1, 4, 5).long()  # [block, input block, group g, output o, pair k, 2]
+    shifts = 4 * torch.arange(4)
+    words = ((quads[..., 0] << shifts) | (quads[..., 1] << (shifts + 16))).sum(-1)  # pair 4g + k at bits 4k and 16 + 4k (disjoint: sum = or)
+    nibbles = words.to(torch.uint32).contiguous().view(torch.uint8).reshape(NB, KB, 256)
     scales = [t.view(NB, 16, KB).permute(0, 2, 1).contiguous().view(torch.uint8) for t in (d, m)]  # [block, input block, 32 bytes]
     return torch.cat([nibbles, *scales], dim=2).contiguous()
 

@@ -9,8 +9,8 @@
    not rounded to bf16. Each group of rows expands the levels from the packed bytes as it reads them.
 
    Packed layout (``pack_q4`` in kernels.py), per block of 16 outputs and 32 inputs, 320 bytes:
-   16 x 16 bytes of levels (byte o of row p: output o's inputs 2p | 2p + 1 << 4), then d and m for
-   the 16 outputs (fp16 each). */
+   4 x 16 32-bit words of levels (word o of group g: output o's input pairs p = 4g + k, k = 0..3,
+   input 2p at bit 4k and input 2p + 1 at bit 16 + 4k), then d and m for the 16 outputs (fp16 each). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +23,7 @@
 #if defined(__AVX512BF16__) && !(defined(__AMX_TILE__) && defined(__AMX_BF16__))
 #include <immintrin.h>
 
-#define Q4_CHUNK 4 /* output blocks a thread takes at a time */
+#define Q4_CHUNK 8 /* output blocks a thread takes at a time */
 #define Q4_GROUP 6 /* rows that share a level load */
 
 typedef struct {
@@ -34,16 +34,14 @@ typedef struct {
     int64_t M, N, K, blocks;
 } Q4Job;
 
-/* 16 bytes of levels (byte o: output o's pair of inputs, low nibble first) as 16 bf16 pairs of
-   128 + q: OR-ed into the mantissa of 128 (bf16 0x4300, whose last mantissa bit is 1), each is its
-   exact value, with no table. The 128 comes out of the block's sum again (``dot_q4``). */
-static inline __m512i levels_of(const uint8_t *bytes) {
-    __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));
-    __m512i pairs = _mm512_ternarylogic_epi32(x, _mm512_slli_epi32(x, 12), _mm512_set1_epi32(0x000f000f), 0xa8); /* (x | x << 12) & mask */
-    return _mm512_or_si512(pairs, _mm512_set1_epi32(0x43004300));
-}
-
-#define LEVELS(b) ((__m512bh)levels_of(j->w + ((nb + (b)) * KB + kb) * Q4_BLOCK + 16 * p))
+/* Pair k of a group's 16 words (word o: output o's 4 pairs of levels) as 16 bf16 pairs of 128 + q:
+   shifted down and OR-ed into the mantissa of 128 (bf16 0x4300, whose last mantissa bit is 1), each
+   is its exact value, with no table; one shift and one logic op a pair (widening 16 bytes a pair
+   instead took five ops, and a one-row product waited on them rather than on memory). The 128 comes
+   out of the block's sum again (``dot_q4``). */
+#define LEVELS(quad, k) \
+    ((__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(quad, 4 * (k)), _mm512_set1_epi32(0x000f000f), _mm512_set1_epi32(0x43004300), 0xea))
+#define QUAD(b) _mm512_loadu_si512((const void *)(j->w + ((nb + (b)) * KB + kb) * Q4_BLOCK + 64 * g))
 #define PAIR(r)                                                                   \
     int32_t pair##r;                                                              \
     memcpy(&pair##r, j->a + (r0 + (r)) * j->K + kb * 32 + 2 * p, sizeof pair##r); \
@@ -67,9 +65,14 @@ static void dot_q4(const Q4Job *j, int64_t nb, int64_t count, int64_t r0, int ro
     for (int64_t kb = 0; kb < KB; ++kb) {
         __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
         __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-        for (int p = 0; p < 16; ++p) {
-            __m512bh l0 = LEVELS(0), l1 = count > 1 ? LEVELS(1) : l0;
-            UP_TO_6_ROWS(ROW)
+        for (int g = 0; g < 4; ++g) {
+            const __m512i q0 = QUAD(0), q1 = count > 1 ? QUAD(1) : q0;
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; ++k) {
+                const int p = 4 * g + k;
+                __m512bh l0 = LEVELS(q0, k), l1 = LEVELS(q1, k);
+                UP_TO_6_ROWS(ROW)
+            }
         }
         const uint8_t *scales0 = j->w + (nb * KB + kb) * Q4_BLOCK + 256, *scales1 = count > 1 ? scales0 + KB * Q4_BLOCK : scales0;
         __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales0)), d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales1));
@@ -87,14 +90,109 @@ static void dot_q4(const Q4Job *j, int64_t nb, int64_t count, int64_t r0, int ro
         }
 }
 
-/* Output blocks Q4_CHUNK at a time, every group of up to Q4_GROUP rows over them two blocks at a time. */
+#define BLOCK_SUM(b) y##b = _mm512_fmadd_ps(sum, m##b, _mm512_fmadd_ps(c##b, d##b, y##b));
+#define EIGHT(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+
+/* Row r0 alone over Q4_CHUNK (8) output blocks from nb: the same chain per output as ``dot_q4``,
+   eight chains side by side. With one row, ``dot_q4``'s two chains wait on the dot-product
+   instruction's latency (each sum on the one before it) more than on memory. */
+static void dot_q4_row(const Q4Job *j, int64_t nb, int64_t r0) {
+    const int64_t KB = j->K / 32;
+#define ZERO(b) __m512 y##b = _mm512_setzero_ps();
+    EIGHT(ZERO)
+    for (int64_t kb = 0; kb < KB; ++kb) {
+#define CHAIN(b) __m512 c##b = _mm512_setzero_ps();
+        EIGHT(CHAIN)
+        for (int g = 0; g < 4; ++g) {
+#define LOAD(b) const __m512i q##b = QUAD(b);
+            EIGHT(LOAD)
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; ++k) {
+                const int p = 4 * g + k;
+                PAIR(0)
+#define DOT1(b) c##b = _mm512_dpbf16_ps(c##b, a0, LEVELS(q##b, k));
+                EIGHT(DOT1)
+            }
+        }
+        const __m512 sum = _mm512_set1_ps(j->sums[r0 * KB + kb]);
+#define SCALES(b)                                                                                                      \
+    const uint8_t *scales##b = j->w + ((nb + (b)) * KB + kb) * Q4_BLOCK + 256;                                         \
+    const __m512 d##b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales##b));                              \
+    const __m512 m##b = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), d##b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales##b + 32))));
+        EIGHT(SCALES)
+        EIGHT(BLOCK_SUM)
+    }
+#define STORE(b)                                                                            \
+    {                                                                                       \
+        int64_t n0 = (nb + (b)) * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16;               \
+        float out[16];                                                                      \
+        _mm512_storeu_ps(out, y##b);                                                        \
+        memcpy(j->y + r0 * j->N + n0, out, sizeof(float) * cols);                           \
+    }
+    EIGHT(STORE)
+}
+
+#define FOUR(X) X(0) X(1) X(2) X(3)
+
+/* Rows r0 and r0 + 1 over 4 output blocks from nb, eight chains as ``dot_q4_row`` (a 2-token tree
+   at batch 1). */
+static void dot_q4_two(const Q4Job *j, int64_t nb, int64_t r0) {
+    const int64_t KB = j->K / 32;
+#define ZERO2(b) __m512 y0##b = _mm512_setzero_ps(), y1##b = y0##b;
+    FOUR(ZERO2)
+    for (int64_t kb = 0; kb < KB; ++kb) {
+#define CHAIN2(b) __m512 c0##b = _mm512_setzero_ps(), c1##b = c0##b;
+        FOUR(CHAIN2)
+        for (int g = 0; g < 4; ++g) {
+            FOUR(LOAD)
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; ++k) {
+                const int p = 4 * g + k;
+                PAIR(0)
+                PAIR(1)
+#define DOT2(b)                              \
+    {                                        \
+        const __m512bh l = LEVELS(q##b, k);  \
+        c0##b = _mm512_dpbf16_ps(c0##b, a0, l); \
+        c1##b = _mm512_dpbf16_ps(c1##b, a1, l); \
+    }
+                FOUR(DOT2)
+            }
+        }
+        const __m512 sum0 = _mm512_set1_ps(j->sums[r0 * KB + kb]), sum1 = _mm512_set1_ps(j->sums[(r0 + 1) * KB + kb]);
+        FOUR(SCALES)
+#define BLOCK_SUM2(b)                                                               \
+    y0##b = _mm512_fmadd_ps(sum0, m##b, _mm512_fmadd_ps(c0##b, d##b, y0##b));      \
+    y1##b = _mm512_fmadd_ps(sum1, m##b, _mm512_fmadd_ps(c1##b, d##b, y1##b));
+        FOUR(BLOCK_SUM2)
+    }
+#define STORE2(b)                                                                           \
+    {                                                                                       \
+        int64_t n0 = (nb + (b)) * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16;               \
+        float out[16];                                                                      \
+        _mm512_storeu_ps(out, y0##b);                                                       \
+        memcpy(j->y + r0 * j->N + n0, out, sizeof(float) * cols);                           \
+        _mm512_storeu_ps(out, y1##b);                                                       \
+        memcpy(j->y + (r0 + 1) * j->N + n0, out, sizeof(float) * cols);                     \
+    }
+    FOUR(STORE2)
+}
+
+/* Output blocks Q4_CHUNK at a time, every group of up to Q4_GROUP rows over them two blocks at a
+   time (a row alone over a whole chunk at once, ``dot_q4_row``; two rows four blocks at a time,
+   ``dot_q4_two``). */
 static void take_q4(void *arg) {
     const Q4Job *j = arg;
     for (int64_t first; (first = pool_take(Q4_CHUNK)) < j->blocks;) {
         int64_t count = first + Q4_CHUNK < j->blocks ? Q4_CHUNK : j->blocks - first;
         for (int64_t r0 = 0, rows; r0 < j->M; r0 += rows) {
             rows = group_rows(j->M - r0, Q4_GROUP);
-            for (int64_t b = 0; b < count; b += 2) dot_q4(j, first + b, count - b < 2 ? count - b : 2, r0, (int)rows);
+            if (rows == 1 && count == Q4_CHUNK)
+                dot_q4_row(j, first, r0);
+            else if (rows == 2 && count == Q4_CHUNK)
+                for (int64_t b = 0; b < count; b += 4) dot_q4_two(j, first + b, r0);
+            else
+                for (int64_t b = 0; b < count; b += 2) dot_q4(j, first + b, count - b < 2 ? count - b : 2, r0, (int)rows);
         }
     }
 }
