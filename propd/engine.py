@@ -32,6 +32,7 @@ from propd.errors import PropdError
 from propd.heads.draft import DraftHead
 from propd.heads.early import EarlyHead
 from propd.heads.medusa import MedusaHeads
+from propd.models import native
 from propd.models.attention import blocked_is_exact, runs_native
 from propd.models.decoder import Decoder, ModelArgs
 from propd.models.kernels import DTYPES, PACKED, Route, autograd_route, choose_route, cpu_name, holds_q4_1
@@ -323,7 +324,7 @@ class Propd:
         if place == "off":
             return None
         key = {"format": 2, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device_name(self.device),
-               "route": self.route.name, "model": self.name, "args": vars(self.decoder.args), **settings}
+               "route": self.route.name, "kernels": native.build_id(), "model": self.name, "args": vars(self.decoder.args), **settings}
         path = cache_file("propd", json.dumps(key, sort_keys=True, default=str), ".json")
         return Path(place) / path.name if place else path
 

@@ -474,7 +474,7 @@ def choose_route(
         return Route(route.kernel, route.dtype_name, route.tile, route.pad, result["exact"]), [result]
     key = json.dumps({
         "check": 7, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype),
-        "q4_1": q4_1, "steps": steps is not None,
+        "q4_1": q4_1, "steps": steps is not None, "kernels": native.build_id(),
     })
     path = cache_file("routes", key, ".json")
     try:

@@ -25,6 +25,13 @@ ENV = "PROPD_KERNELS"
 PARALLEL_WORK = 1 << 12  # elements (attention: query heads x keys) above which a call shares its tasks between threads
 
 
+def build_id() -> str | None:
+    """Which build of the C kernels runs (its file's name: a hash of the sources, compiler, flags and
+    CPU), or None: what is measured on them (the route's choice, ProPD's step costs) is kept per build."""
+    lib = native_kernel()
+    return None if lib is None else Path(lib._name).stem
+
+
 @functools.cache
 def native_kernel() -> ctypes.CDLL | None:
     """The C kernels, or None where they do not run."""
