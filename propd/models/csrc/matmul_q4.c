@@ -42,6 +42,16 @@ typedef struct {
 #define LEVELS(quad, k) \
     ((__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(quad, 4 * (k)), _mm512_set1_epi32(0x000f000f), _mm512_set1_epi32(0x43004300), 0xea))
 #define QUAD(b) _mm512_loadu_si512((const void *)(j->w + ((nb + (b)) * KB + kb) * Q4_BLOCK + 64 * g))
+/* A group of 3-6 rows fetches its blocks' bytes Q4_AHEAD input blocks ahead: its arithmetic between
+   reads had left memory idle (the 30 layers' products at 3 / 4 / 8 rows 4.43 / 5.44 / 7.53 -> 3.79 /
+   4.68 / 7.12 ms; 8 blocks ahead gained less). One or two rows read fast enough without it. */
+#define Q4_AHEAD 4
+#define FETCH(b)                                                                                          \
+    {                                                                                                     \
+        const char *ahead = (const char *)(j->w + ((nb + (b)) * KB + kb + Q4_AHEAD) * Q4_BLOCK);          \
+        _mm_prefetch(ahead + 64 * g, _MM_HINT_T0);                                                        \
+        if (g == 0) _mm_prefetch(ahead + 256, _MM_HINT_T0);                                               \
+    }
 #define PAIR(r)                                                                   \
     int32_t pair##r;                                                              \
     memcpy(&pair##r, j->a + (r0 + (r)) * j->K + kb * 32 + 2 * p, sizeof pair##r); \
@@ -66,6 +76,8 @@ static void dot_q4(const Q4Job *j, int64_t nb, int64_t count, int64_t r0, int ro
         __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
         __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
         for (int g = 0; g < 4; ++g) {
+            FETCH(0)
+            if (count > 1) FETCH(1)
             const __m512i q0 = QUAD(0), q1 = count > 1 ? QUAD(1) : q0;
 #pragma GCC unroll 4
             for (int k = 0; k < 4; ++k) {
