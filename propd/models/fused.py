@@ -50,7 +50,7 @@ class FusedLayers:
 
     @staticmethod
     def fits(args, layers, products) -> bool:
-        """Whether the C code takes these layers: our bf16 products, inputs needing no padding, fp32 norms."""
+        """Whether the C code takes these layers: our packed products (bf16 or Q4_1), inputs needing no padding, fp32 norms."""
         widths = (args.dim, args.n_heads * args.head_dim, args.intermediate_size)
         return (
             all(p.route.kernel in PACKED for ps in products for p in ps)

@@ -286,7 +286,6 @@ static void dot_x8(const Job *j, int64_t nb, int64_t first, int64_t r0, int rows
         for (int b = 0; b < 8; ++b) finish_row(j, nb + b, first, r0 + r, (vf)sums[r][b], best);
 }
 
-
 /* Output blocks taken CHUNK at a time until none is left; per group of up to 6 rows, the chunk's
    blocks 8 at a time (1-2 rows) or 4 at a time (3-6 rows, and the chunk's tail). With more than one
    group, the next chunk is taken at the start of this one, and its weights fetched meanwhile
