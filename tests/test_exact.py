@@ -467,14 +467,20 @@ def test_route_finalists_are_chosen_by_their_whole_steps(tmp_path, monkeypatch):
     assert choose_route(shapes, torch.float32)[0].name == "float32-torch-pad8"  # products alone: another key, another choice
 
 
-def test_only_q4_1_weights_make_the_q4_route_a_candidate(monkeypatch):
+def test_only_q4_1_weights_make_the_q4_route_a_candidate_and_int8_inputs_only_where_asked(monkeypatch):
     measured = []
-    monkeypatch.setattr(kernels, "measure_route", lambda route, shapes: measured.append(route.name) or {"route": route.name, "exact": True, "ms": {"1": 1.0}})
+    def measure(route, shapes, rows=(1, 8, 32)):
+        measured.append(route.name)
+        return {"route": route.name, "exact": True, "ms": {"1": 1.0}}
+
+    monkeypatch.setattr(kernels, "measure_route", measure)
     kernels.calibrate([(48, 32, 2)], torch.bfloat16)
     assert "bfloat16-avx512" in measured and "bfloat16-avx512q4" not in measured
     measured.clear()
     kernels.calibrate([(48, 32, 2)], torch.bfloat16, q4_1=True)
-    assert "bfloat16-avx512q4" in measured
+    assert "bfloat16-avx512q4" in measured and "bfloat16-avx512q4i8" not in measured
+    route, _ = kernels.choose_route([(48, 32, 2)], override="bfloat16-avx512q4i8")
+    assert route.name == "bfloat16-avx512q4i8"
 
 
 def test_decode_steps_are_timed_on_the_model_for_each_route():

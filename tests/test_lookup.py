@@ -39,6 +39,15 @@ def test_the_index_guesses_what_followed_the_longest_ngram_where_it_last_occurre
         grown.extend(tokens[1:])
         depth = rng.randint(1, 5)
         assert NgramIndex(tokens).guess(depth) == grown.guess(depth) == naive_guess(tokens, depth)
+    for _ in range(50):  # guessing between steps (the n-grams are indexed when asked) changes no guess
+        tokens = [rng.randrange(6) for _ in range(60)]
+        index, end = NgramIndex(tokens[:1]), 1
+        while end < len(tokens):
+            step = rng.randint(1, 4)
+            index.extend(tokens[end : end + step])
+            end += step
+            if rng.random() < 0.5:
+                assert index.guess(3) == naive_guess(tokens[:end], 3)
 
 
 @pytest.mark.parametrize("seed", range(3))

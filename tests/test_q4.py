@@ -1,5 +1,6 @@
-"""The avx512q4 route: weights that hold a GGUF's Q4_1 values multiplied from their 4-bit blocks,
-exact by construction like every route (a row's bits never depend on the rows beside it)."""
+"""The Q4_1 routes: weights that hold a GGUF's Q4_1 values multiplied from their 4-bit blocks, by bf16
+inputs (avx512q4) or int8 ones (avx512q4i8), exact by construction like every route (a row's bits
+never depend on the rows beside it)."""
 
 import random
 
@@ -15,8 +16,12 @@ from tests.conftest import REAL_PROMPTS, tiny_hf_model
 from tests.test_exact import tree_logits_equal_ar
 
 Q4 = Route.parse("bfloat16-avx512q4")
-RUNS = native.native_kernel() is not None and native.native_kernel().bf16_products() == 2 and bool(native.native_kernel().q4_products())
+Q4I8 = Route.parse("bfloat16-avx512q4i8")
+LIB = native.native_kernel()
+RUNS = LIB is not None and LIB.bf16_products() == 2 and bool(LIB.q4_products())
 needs_q4 = pytest.mark.skipif(not RUNS, reason="the avx512q4 route needs AVX512-BF16 without AMX, and a C compiler")
+needs_q4i8 = pytest.mark.skipif(not (RUNS and LIB.q4i8_products()), reason="avx512q4i8 needs AVX512-VNNI too")
+ROUTES = [pytest.param(Q4, marks=needs_q4), pytest.param(Q4I8, marks=needs_q4i8)]
 
 
 def q4_model(seed: int = 5, layers: int = 2):
@@ -45,22 +50,40 @@ def test_q4_1_blocks_are_found_in_q4_1_values_and_nowhere_else():
     assert q4_1_blocks(nudged) is None  # one value off the grid
 
 
-@needs_q4
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("out_features", [16, 40, 1030])  # one block, a partial pair of blocks, many with a partial last
 @pytest.mark.parametrize("in_features", [64, 416])
-def test_q4_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_features, in_features):
+def test_q4_products_give_a_row_the_same_bits_with_any_rows_beside_it(route, out_features, in_features):
     torch.manual_seed(out_features + in_features)
     weight = q4_1_values(torch.randn(out_features, in_features) * 0.05)
-    lin = Linear(weight, Q4)
+    lin = Linear(weight, route)
     assert lin.q4 is not None and lin.packed is None
     assert lin.bytes_read == -(-out_features // 16) * (in_features // 32) * 320 < out_features * in_features * 2  # 5 bits a weight against bf16's 16
     x = torch.randn(32, in_features)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(32)])
-    for rows in (2, 5, 6, 7, 8, 13, 31, 32):  # groups of 1-6 rows, and 7-8 shared as two
+    for rows in (2, 3, 4, 5, 6, 7, 8, 13, 31, 32):  # groups of 1-6 rows, and the last two shared
         assert torch.equal(lin(x[:rows]), alone[:rows]), rows
         assert torch.equal(lin(x[32 - rows :]), alone[32 - rows :]), rows
-    # the exact product of the bf16-rounded inputs and the Q4_1 weights, up to fp32 sums' rounding
-    torch.testing.assert_close(alone, (x.bfloat16().double() @ weight.double().T).float(), rtol=1e-5, atol=1e-5)
+    # the exact product of the inputs as the kernel takes them and the Q4_1 weights, up to fp32 sums' rounding
+    inputs = x.bfloat16().double() if route == Q4 else int8_inputs(x).double()
+    torch.testing.assert_close(alone, (inputs @ weight.double().T).float(), rtol=1e-5, atol=1e-5)
+
+
+def int8_inputs(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the kernel multiplies it: per block of 32 inputs, levels of max |x| / 127 (ties to even) times that scale."""
+    blocks = x.view(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(2, keepdim=True) / 127
+    return (torch.round(blocks * (1 / scale)) * scale.double()).view_as(x)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_q4_products_of_inputs_that_are_not_finite_are_not_finite(route):
+    weight = q4_1_values(torch.randn(32, 64) * 0.05)
+    x = torch.randn(3, 64)
+    x[1, 40] = float("nan")
+    x[2, 3] = float("inf")
+    y = Linear(weight, route)(x)
+    assert bool(y[0].isfinite().all()) and not bool(y[1].isfinite().any()) and not bool(y[2].isfinite().any())
 
 
 @needs_q4
@@ -72,24 +95,24 @@ def test_weights_without_q4_1_values_are_multiplied_in_bf16_on_the_q4_route():
     assert torch.equal(lin(x), Linear(weight, Route.parse("bfloat16-avx512"))(x))
 
 
-@needs_q4
+@pytest.mark.parametrize("route", ROUTES)
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), size=st.integers(1, 40), depth=st.integers(1, 7))
-def test_tree_logits_equal_ar_logits_bitwise_on_the_q4_route(seed, batch, size, depth):
-    dec = Decoder.from_hf(q4_model(), Q4)
+def test_tree_logits_equal_ar_logits_bitwise_on_the_q4_routes(route, seed, batch, size, depth):
+    dec = Decoder.from_hf(q4_model(), route)
     assert dec.fused is not None and all(p.q4 is not None for products in dec.products for p in products)
     rng = random.Random(seed)
     prompts = [[rng.randrange(1, 96) for _ in range(rng.randint(1, 300))] for _ in range(batch)]
     tree_logits_equal_ar(dec, rng, prompts, size, depth)
 
 
-@needs_q4
-def test_the_default_model_runs_its_q4_1_blocks_and_propd_gives_ar_tokens():
-    """The default model is a Q4_1 GGUF file: on the q4 route every layer product reads its blocks,
+@pytest.mark.parametrize("route", ROUTES)
+def test_the_default_model_runs_its_q4_1_blocks_and_propd_gives_ar_tokens(route):
+    """The default model is a Q4_1 GGUF file: on the q4 routes every layer product reads its blocks,
     and ProPD's tokens are AR's on that route."""
     from propd.engine import Propd
 
-    model = Propd.from_pretrained("default", route=Q4.name)
+    model = Propd.from_pretrained("default", route=route.name)
     assert model.route.exact and all(p.q4 is not None for products in model.decoder.products for p in products)
     prompts = REAL_PROMPTS[:2]
     ar = model.generate(prompts, "ar", max_new_tokens=32)

@@ -30,7 +30,7 @@ from propd.errors import PropdError
 from propd.models import graphs, native, pointwise
 from propd.models.attention import attention, runs_native, tiles_take
 from propd.models.fused import FusedLayers
-from propd.models.kernels import PACKED, Linear, Route, autograd_route
+from propd.models.kernels import PACKED, Q4_KERNELS, Linear, Route, autograd_route
 from propd.models.kv_cache import CachePool, KVCache, Layout
 
 
@@ -199,8 +199,8 @@ class Decoder:
         def w(name: str) -> torch.Tensor:
             return sd[prefix + name].to(route.dtype)
 
-        def product(name: str) -> torch.Tensor:  # avx512q4 finds a Q4_1 file's blocks in the fp32 values (``pack_q4``)
-            return sd[prefix + name].to(torch.float32 if route.kernel == "avx512q4" else route.dtype)
+        def product(name: str) -> torch.Tensor:  # the Q4_1 routes find a Q4_1 file's blocks in the fp32 values (``pack_q4``)
+            return sd[prefix + name].to(torch.float32 if route.kernel in Q4_KERNELS else route.dtype)
 
         def f32(name: str) -> torch.Tensor:  # a copy: a view would keep the whole checkpoint file mapped (and resident)
             return sd[prefix + name].to(torch.float32, copy=True)
@@ -252,7 +252,7 @@ class Decoder:
         """bf16 K/V where our AVX512-BF16 products run and the C attention reads the cache (its
         products take bf16 inputs already; the AMX route keeps its own bf16 copy beside an fp32 cache);
         else None, the default dtype."""
-        return torch.bfloat16 if self.route.kernel in ("avx512", "avx512q4") and runs_native(self.args.head_dim, self.device) else None
+        return torch.bfloat16 if self.route.kernel in ("avx512", *Q4_KERNELS) and runs_native(self.args.head_dim, self.device) else None
 
     @cached_property
     def cache_pool(self) -> CachePool:

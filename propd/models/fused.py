@@ -13,7 +13,7 @@ import ctypes
 import torch
 
 from propd.models import native
-from propd.models.kernels import PACKED
+from propd.models.kernels import PACKED, Q4_KERNELS
 from propd.models.kv_cache import KVCache, Layout
 
 
@@ -36,7 +36,7 @@ class _Step(ctypes.Structure):
 
 class FusedLayers:
     """The decoder's layers as the C code reads them: norms, biases and packed weights (bf16, or
-    Q4_1 blocks where ``Linear.q4`` holds them: ``q4`` says which)."""
+    Q4_1 blocks where ``Linear.q4`` holds them: ``q4`` says which, and by which kernel)."""
 
     def __init__(self, args, layers, products, lib: ctypes.CDLL):
         self.args, self.lib = args, lib
@@ -45,7 +45,7 @@ class FusedLayers:
             w.attn_norm, w.mlp_norm = layer.attn_norm.data_ptr(), layer.mlp_norm.data_ptr()
             w.bqkv = None if layer.bqkv is None else layer.bqkv.data_ptr()
             w.qkv, w.wo, w.gate_up, w.down = ((p.packed if p.q4 is None else p.q4).data_ptr() for p in (qkv, wo, gate_up, down))
-            w.q4[:] = [p.q4 is not None for p in (qkv, wo, gate_up, down)]
+            w.q4[:] = [0 if p.q4 is None else Q4_KERNELS[p.route.kernel] for p in (qkv, wo, gate_up, down)]
         self._keep = (layers, products)  # the tensors behind the pointers
 
     @staticmethod

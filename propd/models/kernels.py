@@ -34,17 +34,22 @@ from propd.errors import PropdError
 from propd.models import native
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-KERNELS = ("onednn", "torch", "amx", "avx512", "avx512q4")
+KERNELS = ("onednn", "torch", "amx", "avx512", "avx512q4", "avx512q4i8")
 # our C products (``csrc/matmul.c``), by what its bf16_products() says of the build; ``avx512q4``
-# multiplies weights that hold the GGUF's Q4_1 values from their 4-bit blocks (``csrc/matmul_q4.c``, ``pack_q4``)
-PACKED = {"amx": 1, "avx512": 2, "avx512q4": 2}
+# multiplies weights that hold the GGUF's Q4_1 values from their 4-bit blocks (``csrc/matmul_q4.c``, ``pack_q4``),
+# ``avx512q4i8`` the same blocks by int8 inputs (``csrc/matmul_q4i8.c``, ``pack_q4i8``)
+PACKED = {"amx": 1, "avx512": 2, "avx512q4": 2, "avx512q4i8": 2}
+Q4_KERNELS = {"avx512q4": 1, "avx512q4i8": 2}  # the kernels that multiply Q4_1 blocks, as ``csrc/layer.c`` names them
+# Chosen only where asked for (``--route``, ``$PROPD_ROUTE``): its int8 inputs move the logits 4x as far
+# from fp32's as bf16 inputs do (``docs/engine.md``), beyond what the dtype's own rounding does.
+ASKED_ONLY = ("avx512q4i8",)
 TILE = 32  # rows per call; oneDNN's prepacked bf16 kernels were row-invariant up to 32 rows (not at 64) on AMX
 ROUTE_ENV = "PROPD_ROUTE"
 
 
 @dataclass(frozen=True)
 class Route:
-    kernel: str  # "onednn" (weights prepacked once), "torch" (F.linear), "amx", "avx512" or "avx512q4" (ours; bf16 inputs, fp32 out)
+    kernel: str  # "onednn" (weights prepacked once), "torch" (F.linear), "amx", "avx512", "avx512q4" or "avx512q4i8" (ours; fp32 out)
     dtype_name: str  # "float32" or "bfloat16"
     tile: int = TILE  # 0: one call whatever the row count (autograd, GPUs)
     pad: bool = False  # pad every call to exactly ``tile`` rows
@@ -110,7 +115,7 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, route.tile)
         elif route.kernel in PACKED:
             self.lib = packed_kernels(route.kernel)
-            self.q4 = pack_q4(weight.detach()) if route.kernel == "avx512q4" else None  # None: not Q4_1 values, multiplied in bf16
+            self.q4 = Q4_PACKERS[route.kernel](weight.detach()) if route.kernel in Q4_KERNELS else None  # None: not Q4_1 values, multiplied in bf16
             self.packed, self.weight = (pack_bf16(self.weight) if self.q4 is None else None), None
 
     @property
@@ -191,7 +196,7 @@ class Linear:
 
     def _call(self, rows: torch.Tensor) -> torch.Tensor:
         if self.q4 is not None:
-            return q4_product(self.lib, rows, self.q4, self.out_features)
+            return q4_product(self.lib, self.route.kernel, rows, self.q4, self.out_features)
         if self.route.kernel in PACKED:
             return packed_product(self.lib, rows, self.packed, self.out_features)
         held = native.kernel_threads()  # inside ``native.own_cores``, torch's threads back for this product
@@ -204,8 +209,10 @@ class Linear:
 def packed_kernels(kernel: str) -> ctypes.CDLL:
     """The C kernels, where they multiply by ``kernel`` ("amx", "avx512" or "avx512q4") on this CPU."""
     lib = native.native_kernel()
-    if lib is None or lib.bf16_products() != PACKED[kernel] or (kernel == "avx512q4" and not lib.q4_products()):
+    ready = {"avx512q4": lambda: lib.q4_products(), "avx512q4i8": lambda: lib.q4i8_products()}.get(kernel, lambda: 1)
+    if lib is None or lib.bf16_products() != PACKED[kernel] or not ready():
         need = "AMX tiles and Linux's permission to use them" if kernel == "amx" else "AVX512-BF16 and no AMX (AMX takes its place)"
+        need += " and AVX512-VNNI" if kernel == "avx512q4i8" else ""
         raise RuntimeError(f"the {kernel} kernel needs a CPU with {need}, and a C compiler")
     return lib
 
@@ -267,30 +274,57 @@ def holds_q4_1(weight: torch.Tensor) -> bool:
     return q4_1_blocks(weight[:16].float()) is not None
 
 
-def pack_q4(weight: torch.Tensor) -> torch.Tensor | None:
-    """Q4_1 weights [out, in] in ``csrc/matmul_q4.c``'s layout, [out / 16, in / 32, 320] bytes (outputs
-    zero-padded to whole blocks of 16), or None where the weights are not Q4_1 values (``q4_1_blocks``)."""
+def _q4_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``weight``'s Q4_1 levels, d and m (``q4_1_blocks``) with the outputs zero-padded to whole blocks
+    of 16, or None where the weights are not Q4_1 values."""
     if weight.device.type != "cpu" or not holds_q4_1(weight):
         return None
     if (found := q4_1_blocks(weight.float())) is None:
         return None
-    levels, d, m = found
-    out = weight.shape[0]
-    levels, d, m = F.pad(levels, (0, 0, 0, -out % 16)), F.pad(d, (0, 0, 0, -out % 16)), F.pad(m, (0, 0, 0, -out % 16))
+    pad = -weight.shape[0] % 16
+    return tuple(F.pad(t, (0, 0, 0, pad)) for t in found)
+
+
+def _q4_packed(levels: torch.Tensor, d: torch.Tensor, m: torch.Tensor, nibbles: torch.Tensor) -> torch.Tensor:
+    """Each block's 256 bytes of ``nibbles`` [out / 16, in / 32, 256] followed by its 16 d and 16 m."""
     NB, KB = levels.shape[0] // 16, levels.shape[1] // 32
-    quads = levels.view(NB, 16, KB, 4, 4, 2).permute(0, 2, 3, 1, 4, 5).long()  # [block, input block, group g, output o, pair k, 2]
-    shifts = 4 * torch.arange(4)
-    words = ((quads[..., 0] << shifts) | (quads[..., 1] << (shifts + 16))).sum(-1)  # pair 4g + k at bits 4k and 16 + 4k (disjoint: sum = or)
-    nibbles = words.to(torch.uint32).contiguous().view(torch.uint8).reshape(NB, KB, 256)
     scales = [t.view(NB, 16, KB).permute(0, 2, 1).contiguous().view(torch.uint8) for t in (d, m)]  # [block, input block, 32 bytes]
     return torch.cat([nibbles, *scales], dim=2).contiguous()
 
 
-def q4_product(lib: ctypes.CDLL, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """rows [M, in] (fp32) times the Q4_1 weights' transpose (``pack_q4``): [M, out] in fp32."""
+def pack_q4(weight: torch.Tensor) -> torch.Tensor | None:
+    """Q4_1 weights [out, in] in ``csrc/matmul_q4.c``'s layout, [out / 16, in / 32, 320] bytes (outputs
+    zero-padded to whole blocks of 16), or None where the weights are not Q4_1 values (``q4_1_blocks``)."""
+    if (found := _q4_levels(weight)) is None:
+        return None
+    levels = found[0]
+    NB, KB = levels.shape[0] // 16, levels.shape[1] // 32
+    quads = levels.view(NB, 16, KB, 4, 4, 2).permute(0, 2, 3, 1, 4, 5).long()  # [block, input block, group g, output o, pair k, 2]
+    shifts = 4 * torch.arange(4)
+    words = ((quads[..., 0] << shifts) | (quads[..., 1] << (shifts + 16))).sum(-1)  # pair 4g + k at bits 4k and 16 + 4k (disjoint: sum = or)
+    return _q4_packed(*found, words.to(torch.uint32).contiguous().view(torch.uint8).reshape(NB, KB, 256))
+
+
+def pack_q4i8(weight: torch.Tensor) -> torch.Tensor | None:
+    """Q4_1 weights [out, in] in ``csrc/matmul_q4i8.c``'s layout (``pack_q4``'s, but each group h of 8
+    inputs as 64 bytes: byte 4 o + k holds inputs 8h + k and 8h + 4 + k of output o), or None."""
+    if (found := _q4_levels(weight)) is None:
+        return None
+    levels = found[0]
+    NB, KB = levels.shape[0] // 16, levels.shape[1] // 32
+    groups = levels.view(NB, 16, KB, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # [block, input block, group h, output o, input k, half]
+    return _q4_packed(*found, (groups[..., 0] | (groups[..., 1] << 4)).contiguous().view(NB, KB, 256))
+
+
+Q4_PACKERS = {"avx512q4": pack_q4, "avx512q4i8": pack_q4i8}
+
+
+def q4_product(lib: ctypes.CDLL, kernel: str, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """rows [M, in] (fp32) times the Q4_1 weights' transpose (packed for ``kernel``: ``Q4_PACKERS``): [M, out] in fp32."""
     x = rows.contiguous()
     y = torch.empty(x.shape[0], out_features)
-    if lib.q4_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, x.shape[1], native.kernel_threads()):
+    linear = lib.q4i8_linear if kernel == "avx512q4i8" else lib.q4_linear
+    if linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, x.shape[1], native.kernel_threads()):
         raise RuntimeError(f"Q4_1 product of {x.shape[0]} rows failed (out of memory)")
     return y
 
@@ -406,7 +440,7 @@ def measure_route(route: Route, shapes: list[tuple[int, int, int]], rows: tuple[
     at a few row counts, with random weights of the model's shapes."""
     gen = torch.Generator().manual_seed(1)
     weights = [(torch.randn(o, i, generator=gen) * 0.05, n) for o, i, n in shapes]
-    if route.kernel == "avx512q4":  # what it multiplies in 4-bit blocks: a Q4_1 model's weights
+    if route.kernel in Q4_KERNELS:  # what it multiplies in 4-bit blocks: a Q4_1 model's weights
         weights = [(q4_1_values(w) if w.shape[1] % 32 == 0 else w, n) for w, n in weights]
     try:
         exact = all(is_row_invariant(route, w, max(route.tile, TILE)) for w, _ in weights)
@@ -425,11 +459,11 @@ PAD_TILE = 8  # a padded route multiplies at least this many rows per call, so A
 
 def calibrate(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None, q4_1: bool = False) -> list[dict]:
     """Measure every kernel at every dtype asked (``avx512q4`` only for weights that hold Q4_1
-    values: elsewhere it multiplies in bf16 as ``avx512`` does); a kernel that is not row-invariant
+    values: elsewhere it multiplies in bf16 as ``avx512`` does; not ``ASKED_ONLY``'s); a kernel that is not row-invariant
     by itself is measured again padded to a fixed tile, which is invariant by construction (one call shape)."""
     results = []
     for name in [n for n, d in DTYPES.items() if dtype is None or d == dtype]:
-        for kernel in [k for k in KERNELS if (k not in PACKED or name == "bfloat16") and (k != "avx512q4" or q4_1)]:
+        for kernel in [k for k in KERNELS if (k not in PACKED or name == "bfloat16") and (k != "avx512q4" or q4_1) and k not in ASKED_ONLY]:
             results.append(measure_route(Route(kernel, name), shapes))
             if results[-1].get("exact") is False:
                 results.append(measure_route(Route(kernel, name, PAD_TILE, pad=True), shapes))

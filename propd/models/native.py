@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("attention.c", "attention_amx.c", "pointwise.c", "matmul.c", "matmul_q4.c", "screen.c", "layer.c", "pool.c", "pool.h", "tiles.h", "vec.h")
+SOURCES = (
+    "attention.c", "attention_amx.c", "pointwise.c", "matmul.c", "matmul_q4.c", "matmul_q4i8.c", "screen.c", "layer.c", "pool.c", "pool.h", "tiles.h",
+    "vec.h",
+)
 ENV = "PROPD_KERNELS"
 PARALLEL_WORK = 1 << 12  # elements (attention: query heads x keys) above which a call shares its tasks between threads
 
@@ -79,6 +82,10 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.q4_products.argtypes = []
     kernel.q4_linear.restype = ctypes.c_int
     kernel.q4_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    kernel.q4i8_products.restype = ctypes.c_int
+    kernel.q4i8_products.argtypes = []
+    kernel.q4i8_linear.restype = ctypes.c_int
+    kernel.q4i8_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     kernel.bf16_argmax.restype = ctypes.c_int
     kernel.bf16_argmax.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     kernel.bf16_argmax_screened.restype = ctypes.c_int

@@ -28,9 +28,12 @@ static void silu_rows(void *arg) {
 }
 int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads);
 int q4_linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads);
+int q4i8_linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads);
 
-/* The product the tensor code's ``Linear`` makes of these weights: bf16, or Q4_1 blocks (``q4``). */
+/* The product the tensor code's ``Linear`` makes of these weights: bf16, or Q4_1 blocks (``q4`` 1;
+   2: times int8 inputs). */
 static int product(const float *x, const void *w, int64_t q4, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
+    if (q4 == 2) return q4i8_linear(x, w, y, M, N, K, threads);
     return q4 ? q4_linear(x, w, y, M, N, K, threads) : bf16_linear_into(x, w, y, M, N, K, room, threads);
 }
 int attend(const float *q, const void *k, const void *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
@@ -43,7 +46,7 @@ int attend_amx(const float *q, const float *k, const float *v, float *out, const
 
 typedef struct {
     const float *attn_norm, *bqkv, *mlp_norm; /* bqkv NULL: no bias */
-    const void *qkv, *wo, *gate_up, *down;    /* packed for bf16_linear, or for q4_linear where q4[i] (in this order) */
+    const void *qkv, *wo, *gate_up, *down;    /* packed for bf16_linear, or for q4_linear (q4i8_linear) where q4[i] is 1 (2) */
     int64_t q4[4];
 } Weights;
 

@@ -65,14 +65,6 @@ typedef struct {
         y##r##1 = _mm512_fmadd_ps(sum, m1, _mm512_fmadd_ps(c##r##1, d1, y##r##1));      \
     }
 
-/* Output block nb's 16 sums of row r into y (those of its outputs that exist). */
-static inline void store_block(const Q4Job *j, int64_t r, int64_t nb, __m512 sums) {
-    int64_t n0 = nb * 16, cols = j->N - n0 < 16 ? j->N - n0 : 16;
-    float out[16];
-    _mm512_storeu_ps(out, sums);
-    memcpy(j->y + r * j->N + n0, out, sizeof(float) * cols);
-}
-
 /* Rows r0 .. r0 + rows (1-6) of ``count`` (1-2) output blocks from nb: 12 chains and 12 sums in
    registers. The levels are expanded from the packed bytes as they are read (expanded once into a
    scratch buffer for every group of rows instead, 8 rows took 13.1 ms where this takes 9.4). */
@@ -102,7 +94,7 @@ static void dot_q4(const Q4Job *j, int64_t nb, int64_t count, int64_t r0, int ro
     }
     const __m512 sums[6][2] = {{y00, y01}, {y10, y11}, {y20, y21}, {y30, y31}, {y40, y41}, {y50, y51}};
     for (int r = 0; r < rows; ++r)
-        for (int b = 0; b < count; ++b) store_block(j, r0 + r, nb + b, sums[r][b]);
+        for (int b = 0; b < count; ++b) store_block(j->y + (r0 + r) * j->N, j->N, nb + b, sums[r][b]);
 }
 
 #define BLOCK_SUM(b) y##b = _mm512_fmadd_ps(sum, m##b, _mm512_fmadd_ps(c##b, d##b, y##b));
@@ -137,7 +129,7 @@ static void dot_q4_row(const Q4Job *j, int64_t nb, int64_t r0) {
         EIGHT(SCALES)
         EIGHT(BLOCK_SUM)
     }
-#define STORE(b) store_block(j, r0, nb + (b), y##b);
+#define STORE(b) store_block(j->y + r0 * j->N, j->N, nb + (b), y##b);
     EIGHT(STORE)
 }
 
@@ -175,7 +167,7 @@ static void dot_q4_two(const Q4Job *j, int64_t nb, int64_t r0) {
     y1##b = _mm512_fmadd_ps(sum1, m##b, _mm512_fmadd_ps(c1##b, d##b, y1##b));
         FOUR(BLOCK_SUM2)
     }
-#define STORE2(b) store_block(j, r0, nb + (b), y0##b), store_block(j, r0 + 1, nb + (b), y1##b);
+#define STORE2(b) store_block(j->y + r0 * j->N, j->N, nb + (b), y0##b), store_block(j->y + (r0 + 1) * j->N, j->N, nb + (b), y1##b);
     FOUR(STORE2)
 }
 

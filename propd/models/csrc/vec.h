@@ -20,6 +20,14 @@ static inline vf pick(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | (
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline vf fmadd(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+
+/* Output block nb's 16 sums of a row of N outputs into ``row`` (those of its outputs that exist). */
+static inline void store_block(float *row, int64_t N, int64_t nb, __m512 sums) {
+    int64_t n0 = nb * 16, cols = N - n0 < 16 ? N - n0 : 16;
+    float out[16];
+    _mm512_storeu_ps(out, sums);
+    memcpy(row + n0, out, sizeof(float) * cols);
+}
 #else
 static inline vf fmadd(vf a, vf b, vf c) { return a * b + c; }
 #endif
