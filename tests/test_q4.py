@@ -86,10 +86,10 @@ def test_q4_products_of_inputs_that_are_not_finite_are_not_finite(route):
     assert bool(y[0].isfinite().all()) and not bool(y[1].isfinite().any()) and not bool(y[2].isfinite().any())
 
 
-@needs_q4
-def test_weights_without_q4_1_values_are_multiplied_in_bf16_on_the_q4_route():
+@pytest.mark.parametrize("route", ROUTES)
+def test_weights_without_q4_1_values_are_multiplied_in_bf16_on_the_q4_routes(route):
     weight = torch.randn(48, 64)
-    lin = Linear(weight, Q4)
+    lin = Linear(weight, route)
     assert lin.q4 is None
     x = torch.randn(5, 64)
     assert torch.equal(lin(x), Linear(weight, Route.parse("bfloat16-avx512"))(x))

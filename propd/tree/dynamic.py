@@ -683,6 +683,8 @@ class TreeChooser:
             self.acceptance.observe(tree, last, None if held is None else held[row])
             if offer is not None and offer.chains[row] is not None:
                 self.lookup.observe(offer.chains[row], tree.lineage[last], None if held is None else held[row])
+        if self._drafted_mass is None and self._guessed_mass is None:  # (an AR step: nothing was promised)
+            return
         paths = (tree.paths[node - 1] for n in last_nodes for node in tree.lineage[n][1:])
         accepted = Counter(0 if LOOKUP_RANK in path else len(path) for path in paths)  # per depth; 0: lookup guesses
         if self._drafted_mass is not None:  # the draft's probabilities picked this tree: how far they over-promised, per depth
