@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 SOURCES = (
-    "attention.c", "attention_amx.c", "pointwise.c", "matmul.c", "matmul_q4.c", "matmul_q4i8.c", "screen.c", "layer.c", "pool.c", "pool.h", "tiles.h",
-    "vec.h",
+    "attention.c", "attention_amx.c", "pointwise.c", "matmul.c", "matmul_q4.c", "matmul_q4i8.c", "screen.c", "layer.c", "pool.c", "pool.h", "q4.h",
+    "tiles.h", "vec.h",
 )
 ENV = "PROPD_KERNELS"
 PARALLEL_WORK = 1 << 12  # elements (attention: query heads x keys) above which a call shares its tasks between threads

@@ -15,15 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pool.h"
-#include "vec.h"
-
-#define Q4_BLOCK 320 /* bytes per 16 outputs x 32 inputs */
+#include "q4.h"
 
 #if defined(__AVX512BF16__) && !(defined(__AMX_TILE__) && defined(__AMX_BF16__))
 #include <immintrin.h>
 
-#define Q4_CHUNK 8 /* output blocks a thread takes at a time */
 #define Q4_GROUP 6 /* rows that share a level load */
 
 typedef struct {
@@ -68,7 +64,8 @@ typedef struct {
 /* Rows r0 .. r0 + rows (1-6) of ``count`` (1-2) output blocks from nb: 12 chains and 12 sums in
    registers. The levels are expanded from the packed bytes as they are read (expanded once into a
    scratch buffer for every group of rows instead, 8 rows took 13.1 ms where this takes 9.4). */
-static void dot_q4(const Q4Job *j, int64_t nb, int64_t count, int64_t r0, int rows) {
+static void dot_q4(const void *job, int64_t nb, int64_t count, int64_t r0, int64_t rows) {
+    const Q4Job *j = job;
     const int64_t KB = j->K / 32;
     __m512 y00 = _mm512_setzero_ps(), y01 = y00, y10 = y00, y11 = y00, y20 = y00, y21 = y00;
     __m512 y30 = y00, y31 = y00, y40 = y00, y41 = y00, y50 = y00, y51 = y00;
@@ -98,12 +95,12 @@ static void dot_q4(const Q4Job *j, int64_t nb, int64_t count, int64_t r0, int ro
 }
 
 #define BLOCK_SUM(b) y##b = _mm512_fmadd_ps(sum, m##b, _mm512_fmadd_ps(c##b, d##b, y##b));
-#define EIGHT(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 
 /* Row r0 alone over Q4_CHUNK (8) output blocks from nb: the same chain per output as ``dot_q4``,
    eight chains side by side. With one row, ``dot_q4``'s two chains wait on the dot-product
    instruction's latency (each sum on the one before it) more than on memory. */
-static void dot_q4_row(const Q4Job *j, int64_t nb, int64_t r0) {
+static void dot_q4_row(const void *job, int64_t nb, int64_t r0) {
+    const Q4Job *j = job;
     const int64_t KB = j->K / 32;
 #define ZERO(b) __m512 y##b = _mm512_setzero_ps();
     EIGHT(ZERO)
@@ -133,11 +130,10 @@ static void dot_q4_row(const Q4Job *j, int64_t nb, int64_t r0) {
     EIGHT(STORE)
 }
 
-#define FOUR(X) X(0) X(1) X(2) X(3)
-
 /* Rows r0 and r0 + 1 over 4 output blocks from nb, eight chains as ``dot_q4_row`` (a 2-token tree
    at batch 1). */
-static void dot_q4_two(const Q4Job *j, int64_t nb, int64_t r0) {
+static void dot_q4_two(const void *job, int64_t nb, int64_t r0) {
+    const Q4Job *j = job;
     const int64_t KB = j->K / 32;
 #define ZERO2(b) __m512 y0##b = _mm512_setzero_ps(), y1##b = y0##b;
     FOUR(ZERO2)
@@ -171,23 +167,9 @@ static void dot_q4_two(const Q4Job *j, int64_t nb, int64_t r0) {
     FOUR(STORE2)
 }
 
-/* Output blocks Q4_CHUNK at a time, every group of up to Q4_GROUP rows over them two blocks at a
-   time (a row alone over a whole chunk at once, ``dot_q4_row``; two rows four blocks at a time,
-   ``dot_q4_two``). */
 static void take_q4(void *arg) {
     const Q4Job *j = arg;
-    for (int64_t first; (first = pool_take(Q4_CHUNK)) < j->blocks;) {
-        int64_t count = first + Q4_CHUNK < j->blocks ? Q4_CHUNK : j->blocks - first;
-        for (int64_t r0 = 0, rows; r0 < j->M; r0 += rows) {
-            rows = group_rows(j->M - r0, Q4_GROUP);
-            if (rows == 1 && count == Q4_CHUNK)
-                dot_q4_row(j, first, r0);
-            else if (rows == 2 && count == Q4_CHUNK)
-                for (int64_t b = 0; b < count; b += 4) dot_q4_two(j, first + b, r0);
-            else
-                for (int64_t b = 0; b < count; b += 2) dot_q4(j, first + b, count - b < 2 ? count - b : 2, r0, (int)rows);
-        }
-    }
+    q4_take(arg, j->M, j->blocks, Q4_GROUP, dot_q4_row, dot_q4_two, dot_q4);
 }
 
 int q4_products(void) { return 1; }

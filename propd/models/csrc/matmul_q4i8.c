@@ -20,15 +20,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pool.h"
-#include "vec.h"
-
-#define Q4_BLOCK 320 /* bytes per 16 outputs x 32 inputs */
+#include "q4.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && !(defined(__AMX_TILE__) && defined(__AMX_BF16__))
 #include <immintrin.h>
 
-#define Q4_CHUNK 8 /* output blocks a thread takes at a time */
 #define Q4_GROUP 4 /* rows that share a level load */
 
 typedef struct {
@@ -68,11 +64,9 @@ typedef struct {
     y##r##b = _mm512_fmadd_ps(_mm512_set1_ps(j->sum[(r0 + (r)) * KB + kb]), m##b,                                  \
                               _mm512_fmadd_ps(_mm512_cvtepi32_ps(c##r##b), _mm512_mul_ps(d##b, _mm512_set1_ps(j->s[(r0 + (r)) * KB + kb])), y##r##b));
 
-#define EIGHT(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
-#define FOUR(X) X(0) X(1) X(2) X(3)
-
 /* Row r0 alone over Q4_CHUNK (8) output blocks from nb: eight chains side by side. */
-static void dot_q4_row(const Q4Job *j, int64_t nb, int64_t r0) {
+static void dot_q4_row(const void *job, int64_t nb, int64_t r0) {
+    const Q4Job *j = job;
     const int64_t KB = j->K / 32;
     const __m512i low = _mm512_set1_epi8(0x0f);
 #define ZERO(b) __m512 y0##b = _mm512_setzero_ps();
@@ -94,7 +88,8 @@ static void dot_q4_row(const Q4Job *j, int64_t nb, int64_t r0) {
 }
 
 /* Rows r0 and r0 + 1 over 4 output blocks from nb (a 2-token tree at batch 1). */
-static void dot_q4_two(const Q4Job *j, int64_t nb, int64_t r0) {
+static void dot_q4_two(const void *job, int64_t nb, int64_t r0) {
+    const Q4Job *j = job;
     const int64_t KB = j->K / 32;
     const __m512i low = _mm512_set1_epi8(0x0f);
 #define ZERO2(b) __m512 y0##b = _mm512_setzero_ps(), y1##b = y0##b;
@@ -151,7 +146,8 @@ static inline __attribute__((always_inline)) void dot_q4(const Q4Job *j, int64_t
 }
 
 /* ``dot_q4`` for rows (1-4) and count (1-2) given as constants. */
-static void dot_group(const Q4Job *j, int64_t nb, int64_t count, int64_t r0, int64_t rows) {
+static void dot_group(const void *job, int64_t nb, int64_t count, int64_t r0, int64_t rows) {
+    const Q4Job *j = job;
 #define COUNTS(r) count > 1 ? dot_q4(j, nb, 2, r0, r) : dot_q4(j, nb, 1, r0, r)
     if (rows == 1) COUNTS(1);
     else if (rows == 2) COUNTS(2);
@@ -159,23 +155,9 @@ static void dot_group(const Q4Job *j, int64_t nb, int64_t count, int64_t r0, int
     else COUNTS(4);
 }
 
-/* Output blocks Q4_CHUNK at a time, every group of up to Q4_GROUP rows over them two blocks at a
-   time (a row alone over a whole chunk at once, ``dot_q4_row``; two rows four blocks at a time,
-   ``dot_q4_two``). */
 static void take_q4(void *arg) {
     const Q4Job *j = arg;
-    for (int64_t first; (first = pool_take(Q4_CHUNK)) < j->blocks;) {
-        int64_t count = first + Q4_CHUNK < j->blocks ? Q4_CHUNK : j->blocks - first;
-        for (int64_t r0 = 0, rows; r0 < j->M; r0 += rows) {
-            rows = group_rows(j->M - r0, Q4_GROUP);
-            if (rows == 1 && count == Q4_CHUNK)
-                dot_q4_row(j, first, r0);
-            else if (rows == 2 && count == Q4_CHUNK)
-                for (int64_t b = 0; b < count; b += 4) dot_q4_two(j, first + b, r0);
-            else
-                for (int64_t b = 0; b < count; b += 2) dot_group(j, first + b, count - b < 2 ? count - b : 2, r0, rows);
-        }
-    }
+    q4_take(arg, j->M, j->blocks, Q4_GROUP, dot_q4_row, dot_q4_two, dot_group);
 }
 
 /* Row block i's 32 inputs as levels a [32], their scale s and s times their sum (the scale NaN where
