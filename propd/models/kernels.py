@@ -207,7 +207,7 @@ class Linear:
 
 
 def packed_kernels(kernel: str) -> ctypes.CDLL:
-    """The C kernels, where they multiply by ``kernel`` ("amx", "avx512" or "avx512q4") on this CPU."""
+    """The C kernels, where they multiply by ``kernel`` ("amx", "avx512", "avx512q4" or "avx512q4i8") on this CPU."""
     lib = native.native_kernel()
     ready = {"avx512q4": lambda: lib.q4_products(), "avx512q4i8": lambda: lib.q4i8_products()}.get(kernel, lambda: 1)
     if lib is None or lib.bf16_products() != PACKED[kernel] or not ready():
