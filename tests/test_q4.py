@@ -61,7 +61,7 @@ def test_q4_products_give_a_row_the_same_bits_with_any_rows_beside_it(route, out
     assert lin.bytes_read == -(-out_features // 16) * (in_features // 32) * 320 < out_features * in_features * 2  # 5 bits a weight against bf16's 16
     x = torch.randn(32, in_features)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(32)])
-    for rows in (2, 3, 4, 5, 6, 7, 8, 13, 31, 32):  # groups of 1-6 rows, and the last two shared
+    for rows in (2, 3, 4, 5, 6, 7, 8, 13, 31, 32):  # groups of up to 6 rows (bf16 inputs) or 4 (int8), the last two sharing a small rest
         assert torch.equal(lin(x[:rows]), alone[:rows]), rows
         assert torch.equal(lin(x[32 - rows :]), alone[32 - rows :]), rows
     # the exact product of the inputs as the kernel takes them and the Q4_1 weights, up to fp32 sums' rounding

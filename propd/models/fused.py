@@ -45,7 +45,7 @@ class FusedLayers:
             w.attn_norm, w.mlp_norm = layer.attn_norm.data_ptr(), layer.mlp_norm.data_ptr()
             w.bqkv = None if layer.bqkv is None else layer.bqkv.data_ptr()
             w.qkv, w.wo, w.gate_up, w.down = ((p.packed if p.q4 is None else p.q4).data_ptr() for p in (qkv, wo, gate_up, down))
-            w.q4[:] = [0 if p.q4 is None else Q4_KERNELS[p.route.kernel] for p in (qkv, wo, gate_up, down)]
+            w.q4[:] = [0 if p.q4 is None else Q4_KERNELS[p.route.kernel].number for p in (qkv, wo, gate_up, down)]
         self._keep = (layers, products)  # the tensors behind the pointers
 
     @staticmethod

@@ -39,7 +39,6 @@ KERNELS = ("onednn", "torch", "amx", "avx512", "avx512q4", "avx512q4i8")
 # multiplies weights that hold the GGUF's Q4_1 values from their 4-bit blocks (``csrc/matmul_q4.c``, ``pack_q4``),
 # ``avx512q4i8`` the same blocks by int8 inputs (``csrc/matmul_q4i8.c``, ``pack_q4i8``)
 PACKED = {"amx": 1, "avx512": 2, "avx512q4": 2, "avx512q4i8": 2}
-Q4_KERNELS = {"avx512q4": 1, "avx512q4i8": 2}  # the kernels that multiply Q4_1 blocks, as ``csrc/layer.c`` names them
 # Chosen only where asked for (``--route``, ``$PROPD_ROUTE``): its int8 inputs move the logits 4x as far
 # from fp32's as bf16 inputs do (``docs/engine.md``), beyond what the dtype's own rounding does.
 ASKED_ONLY = ("avx512q4i8",)
@@ -115,7 +114,7 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, route.tile)
         elif route.kernel in PACKED:
             self.lib = packed_kernels(route.kernel)
-            self.q4 = Q4_PACKERS[route.kernel](weight.detach()) if route.kernel in Q4_KERNELS else None  # None: not Q4_1 values, multiplied in bf16
+            self.q4 = Q4_KERNELS[route.kernel].pack(weight.detach()) if route.kernel in Q4_KERNELS else None  # None: not Q4_1 values, multiplied in bf16
             self.packed, self.weight = (pack_bf16(self.weight) if self.q4 is None else None), None
 
     @property
@@ -209,10 +208,10 @@ class Linear:
 def packed_kernels(kernel: str) -> ctypes.CDLL:
     """The C kernels, where they multiply by ``kernel`` ("amx", "avx512", "avx512q4" or "avx512q4i8") on this CPU."""
     lib = native.native_kernel()
-    ready = {"avx512q4": lambda: lib.q4_products(), "avx512q4i8": lambda: lib.q4i8_products()}.get(kernel, lambda: 1)
-    if lib is None or lib.bf16_products() != PACKED[kernel] or not ready():
+    q4 = Q4_KERNELS.get(kernel)
+    if lib is None or lib.bf16_products() != PACKED[kernel] or (q4 is not None and not getattr(lib, f"{q4.prefix}_products")()):
         need = "AMX tiles and Linux's permission to use them" if kernel == "amx" else "AVX512-BF16 and no AMX (AMX takes its place)"
-        need += " and AVX512-VNNI" if kernel == "avx512q4i8" else ""
+        need += q4.needs if q4 is not None else ""
         raise RuntimeError(f"the {kernel} kernel needs a CPU with {need}, and a C compiler")
     return lib
 
@@ -316,14 +315,25 @@ def pack_q4i8(weight: torch.Tensor) -> torch.Tensor | None:
     return _q4_packed(*found, (groups[..., 0] | (groups[..., 1] << 4)).contiguous().view(NB, KB, 256))
 
 
-Q4_PACKERS = {"avx512q4": pack_q4, "avx512q4i8": pack_q4i8}
+@dataclass(frozen=True)
+class Q4Kernel:
+    """A kernel that multiplies Q4_1 blocks: its number in ``csrc/layer.c``, the prefix of its C
+    functions (``<prefix>_products()``, ``<prefix>_linear``), its packing and what else it needs of the CPU."""
+
+    number: int
+    prefix: str
+    pack: Callable[[torch.Tensor], torch.Tensor | None]
+    needs: str = ""
+
+
+Q4_KERNELS = {"avx512q4": Q4Kernel(1, "q4", pack_q4), "avx512q4i8": Q4Kernel(2, "q4i8", pack_q4i8, " and AVX512-VNNI")}
 
 
 def q4_product(lib: ctypes.CDLL, kernel: str, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """rows [M, in] (fp32) times the Q4_1 weights' transpose (packed for ``kernel``: ``Q4_PACKERS``): [M, out] in fp32."""
+    """rows [M, in] (fp32) times the Q4_1 weights' transpose (packed for ``kernel``, ``Q4_KERNELS``): [M, out] in fp32."""
     x = rows.contiguous()
     y = torch.empty(x.shape[0], out_features)
-    linear = lib.q4i8_linear if kernel == "avx512q4i8" else lib.q4_linear
+    linear = getattr(lib, f"{Q4_KERNELS[kernel].prefix}_linear")
     if linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, x.shape[1], native.kernel_threads()):
         raise RuntimeError(f"Q4_1 product of {x.shape[0]} rows failed (out of memory)")
     return y

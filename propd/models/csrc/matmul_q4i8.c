@@ -50,11 +50,13 @@ typedef struct {
 #define LEVELS(b)                                                                  \
     const __m512i v##b = _mm512_loadu_si512((const void *)(BYTES(b) + 64 * h));    \
     const __m512i lo##b = _mm512_and_si512(v##b, low), hi##b = _mm512_and_si512(_mm512_srli_epi16(v##b, 4), low);
-/* Row r's input levels of group h, as the two 4-byte broadcasts LEVELS pairs with. */
-#define INPUTS(r)                                                                                            \
-    int32_t in##r##lo, in##r##hi;                                                                             \
-    memcpy(&in##r##lo, j->a + (r0 + (r)) * j->K + kb * 32 + 8 * h, sizeof in##r##lo);                       \
-    memcpy(&in##r##hi, j->a + (r0 + (r)) * j->K + kb * 32 + 8 * h + 4, sizeof in##r##hi);                   \
+/* Row r's input levels of group h, as the two 4-byte broadcasts LEVELS pairs with (zeros past ``rows``). */
+#define INPUTS(r)                                                                                     \
+    int32_t in##r##lo = 0, in##r##hi = 0;                                                             \
+    if ((r) < rows) {                                                                                 \
+        memcpy(&in##r##lo, j->a + (r0 + (r)) * j->K + kb * 32 + 8 * h, sizeof in##r##lo);            \
+        memcpy(&in##r##hi, j->a + (r0 + (r)) * j->K + kb * 32 + 8 * h + 4, sizeof in##r##hi);        \
+    }                                                                                                 \
     const __m512i a##r##lo = _mm512_set1_epi32(in##r##lo), a##r##hi = _mm512_set1_epi32(in##r##hi);
 #define DOT(r, b) c##r##b = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c##r##b, lo##b, a##r##lo), hi##b, a##r##hi);
 #define SCALES(b)                                                                  \
@@ -67,6 +69,7 @@ typedef struct {
 /* Row r0 alone over Q4_CHUNK (8) output blocks from nb: eight chains side by side. */
 static void dot_q4_row(const void *job, int64_t nb, int64_t r0) {
     const Q4Job *j = job;
+    const int rows = 1;
     const int64_t KB = j->K / 32;
     const __m512i low = _mm512_set1_epi8(0x0f);
 #define ZERO(b) __m512 y0##b = _mm512_setzero_ps();
@@ -90,6 +93,7 @@ static void dot_q4_row(const void *job, int64_t nb, int64_t r0) {
 /* Rows r0 and r0 + 1 over 4 output blocks from nb (a 2-token tree at batch 1). */
 static void dot_q4_two(const void *job, int64_t nb, int64_t r0) {
     const Q4Job *j = job;
+    const int rows = 2;
     const int64_t KB = j->K / 32;
     const __m512i low = _mm512_set1_epi8(0x0f);
 #define ZERO2(b) __m512 y0##b = _mm512_setzero_ps(), y1##b = y0##b;
@@ -122,14 +126,7 @@ static inline __attribute__((always_inline)) void dot_q4(const Q4Job *j, int64_t
     for (int64_t kb = 0; kb < KB; ++kb) {
         __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
         for (int h = 0; h < 4; ++h) {
-#define GROUP_INPUTS(r)                                                                             \
-    int32_t in##r##lo = 0, in##r##hi = 0;                                                           \
-    if ((r) < rows) {                                                                               \
-        memcpy(&in##r##lo, j->a + (r0 + (r)) * j->K + kb * 32 + 8 * h, sizeof in##r##lo);          \
-        memcpy(&in##r##hi, j->a + (r0 + (r)) * j->K + kb * 32 + 8 * h + 4, sizeof in##r##hi);      \
-    }                                                                                               \
-    const __m512i a##r##lo = _mm512_set1_epi32(in##r##lo), a##r##hi = _mm512_set1_epi32(in##r##hi);
-            GROUP_INPUTS(0) GROUP_INPUTS(1) GROUP_INPUTS(2) GROUP_INPUTS(3)
+            INPUTS(0) INPUTS(1) INPUTS(2) INPUTS(3)
 #define GROUP_DOTS(b) { FETCH(b) LEVELS(b) DOT(0, b) if (rows > 1) DOT(1, b) if (rows > 2) DOT(2, b) if (rows > 3) DOT(3, b) }
             GROUP_DOTS(0)
             if (count > 1) GROUP_DOTS(1)
