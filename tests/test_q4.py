@@ -109,11 +109,26 @@ def test_tree_logits_equal_ar_logits_bitwise_on_the_q4_routes(route, seed, batch
 @pytest.mark.parametrize("route", ROUTES)
 def test_the_default_model_runs_its_q4_1_blocks_and_propd_gives_ar_tokens(route):
     """The default model is a Q4_1 GGUF file: on the q4 routes every layer product reads its blocks,
-    and ProPD's tokens are AR's on that route."""
+    and so do the draft's (its weights rounded to Q4_1: they only propose), and ProPD's and the
+    draft's tokens are AR's on that route."""
     from propd.engine import Propd
 
     model = Propd.from_pretrained("default", route=route.name)
     assert model.route.exact and all(p.q4 is not None for products in model.decoder.products for p in products)
     prompts = REAL_PROMPTS[:2]
-    ar = model.generate(prompts, "ar", max_new_tokens=32)
-    assert [g.token_ids for g in model.generate(prompts, "propd", max_new_tokens=32)] == [g.token_ids for g in ar]
+    ar = [g.token_ids for g in model.generate(prompts, "ar", max_new_tokens=32)]
+    assert [g.token_ids for g in model.generate(prompts, "propd", max_new_tokens=32)] == ar
+    assert [g.token_ids for g in model.generate(prompts, "draft", max_new_tokens=32)] == ar
+    draft, dec = model.load_draft(), model.decoder
+    with torch.no_grad():
+        assert all(p.q4 is not None for p in draft.decoder(dec).products[0]) and draft._packed_fc(dec).q4 is not None
+        assert dec.vocab_projection(draft.candidate_vocab).q4 is not None and dec.lm_head.q4 is None  # (the lm_head is the model's own)
+
+
+@needs_q4
+def test_weights_that_only_propose_are_rounded_to_q4_1_on_the_q4_routes_and_kept_elsewhere():
+    torch.manual_seed(1)
+    weight, odd = torch.randn(48, 64) * 0.05, torch.randn(48, 40)
+    q4, bf16 = Decoder.from_hf(q4_model(), Q4), Decoder.from_hf(q4_model(), torch.bfloat16)
+    assert q4_1_blocks(q4.proposing(weight)) is not None and torch.equal(q4.proposing(weight), q4_1_values(weight))
+    assert q4.proposing(odd) is odd and bf16.proposing(weight) is weight  # (inputs not whole blocks of 32; routes of other weights)

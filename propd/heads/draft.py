@@ -54,13 +54,18 @@ class DraftHead(nn.Module):
 
     def decoder(self, base: Decoder) -> Decoder:
         """The draft as a one-layer ``Decoder``. With gradients on, it multiplies these parameters
-        in fp32 (training); otherwise copies of them packed by the base model's route, made once
-        per base model and weights' version (it only proposes, so its rounding never changes an output)."""
+        in fp32 (training); otherwise copies of them as the base model's route reads proposing
+        weights (``Decoder.proposing``), made once per base model and weights' version (it only
+        proposes, so its rounding never changes an output)."""
         training = torch.is_grad_enabled()
         key = (id(base), training, tuple(p._version for p in self.parameters()))
         if key not in self._decoders:
             self._decoders.clear()
-            layer = Layer(self.attn_norm, self.wqkv.t(), None, self.wo.t(), self.mlp_norm, self.w_gate_up.t(), self.w_down)
+            weights = (self.wqkv.t(), self.wo.t(), self.w_gate_up.t(), self.w_down)
+            if not training:
+                weights = tuple(base.proposing(w.detach()) for w in weights)
+            wqkv, wo, w_gate_up, w_down = weights
+            layer = Layer(self.attn_norm, wqkv, None, wo, self.mlp_norm, w_gate_up, w_down)
             route = autograd_route() if training else base.route
             self._decoders[key] = Decoder(self.args, base.embed_tokens, [layer], base.norm, base.lm_head_weight, route)
         return self._decoders[key]
@@ -84,7 +89,7 @@ class DraftHead(nn.Module):
     def _packed_fc(self, base: Decoder) -> Linear:
         key = (id(base), self.fc.weight._version)
         if self._fc is None or self._fc[0] != key:
-            self._fc = (key, base.linear(self.fc.weight.detach()))
+            self._fc = (key, base.linear(base.proposing(self.fc.weight.detach())))
         return self._fc[1]
 
     def projection(self, base: Decoder) -> torch.Tensor:
