@@ -1,6 +1,6 @@
-"""The Q4_1 routes: weights that hold a GGUF's Q4_1 values multiplied from their 4-bit blocks, by bf16
-inputs (avx512q4) or int8 ones (avx512q4i8), exact by construction like every route (a row's bits
-never depend on the rows beside it)."""
+"""The Q4_1 routes: weights that hold a GGUF's Q4_1 values multiplied from their 4-bit blocks, by 16-bit
+inputs as two int8 planes (avx512q4) or by int8 ones (avx512q4i8), exact by construction like every
+route (a row's bits never depend on the rows beside it)."""
 
 import random
 
@@ -19,9 +19,8 @@ Q4 = Route.parse("bfloat16-avx512q4")
 Q4I8 = Route.parse("bfloat16-avx512q4i8")
 LIB = native.native_kernel()
 RUNS = LIB is not None and LIB.bf16_products() == 2 and bool(LIB.q4_products())
-needs_q4 = pytest.mark.skipif(not RUNS, reason="the avx512q4 route needs AVX512-BF16 without AMX, and a C compiler")
-needs_q4i8 = pytest.mark.skipif(not (RUNS and LIB.q4i8_products()), reason="avx512q4i8 needs AVX512-VNNI too")
-ROUTES = [pytest.param(Q4, marks=needs_q4), pytest.param(Q4I8, marks=needs_q4i8)]
+needs_q4 = pytest.mark.skipif(not RUNS, reason="the Q4_1 routes need AVX512-BF16 and AVX512-VNNI without AMX, and a C compiler")
+ROUTES = [pytest.param(Q4, marks=needs_q4), pytest.param(Q4I8, marks=needs_q4)]
 
 
 def q4_model(seed: int = 5, layers: int = 2):
@@ -61,18 +60,19 @@ def test_q4_products_give_a_row_the_same_bits_with_any_rows_beside_it(route, out
     assert lin.bytes_read == -(-out_features // 16) * (in_features // 32) * 320 < out_features * in_features * 2  # 5 bits a weight against bf16's 16
     x = torch.randn(32, in_features)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(32)])
-    for rows in (2, 3, 4, 5, 6, 7, 8, 13, 31, 32):  # groups of up to 6 rows (bf16 inputs) or 4 (int8), the last two sharing a small rest
+    for rows in (2, 3, 4, 5, 6, 7, 8, 13, 31, 32):  # groups of up to 3 rows (two planes) or 4 (int8), the last two sharing a small rest
         assert torch.equal(lin(x[:rows]), alone[:rows]), rows
         assert torch.equal(lin(x[32 - rows :]), alone[32 - rows :]), rows
     # the exact product of the inputs as the kernel takes them and the Q4_1 weights, up to fp32 sums' rounding
-    inputs = x.bfloat16().double() if route == Q4 else int8_inputs(x).double()
+    inputs = int_inputs(x, 32512 if route == Q4 else 127).double()
     torch.testing.assert_close(alone, (inputs @ weight.double().T).float(), rtol=1e-5, atol=1e-5)
 
 
-def int8_inputs(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] as the kernel multiplies it: per block of 32 inputs, levels of max |x| / 127 (ties to even) times that scale."""
+def int_inputs(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """x [M, K] as the int8 kernel multiplies it: per block of 32 inputs, integers of max |x| / ``levels``
+    (127: one int8 plane; 32512: two, 256 h + l) to the nearest (ties to even) times that scale."""
     blocks = x.view(x.shape[0], -1, 32)
-    scale = blocks.abs().amax(2, keepdim=True) / 127
+    scale = blocks.abs().amax(2, keepdim=True) / levels
     return (torch.round(blocks * (1 / scale)) * scale.double()).view_as(x)
 
 

@@ -36,8 +36,8 @@ from propd.models import native
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 KERNELS = ("onednn", "torch", "amx", "avx512", "avx512q4", "avx512q4i8")
 # our C products (``csrc/matmul.c``), by what its bf16_products() says of the build; ``avx512q4``
-# multiplies weights that hold the GGUF's Q4_1 values from their 4-bit blocks (``csrc/matmul_q4.c``, ``pack_q4``),
-# ``avx512q4i8`` the same blocks by int8 inputs (``csrc/matmul_q4i8.c``, ``pack_q4i8``)
+# multiplies weights that hold the GGUF's Q4_1 values from their 4-bit blocks by 16-bit inputs (as two
+# int8 planes), ``avx512q4i8`` by int8 inputs (``csrc/matmul_q4.c``, ``pack_q4``)
 PACKED = {"amx": 1, "avx512": 2, "avx512q4": 2, "avx512q4i8": 2}
 # Chosen only where asked for (``--route``, ``$PROPD_ROUTE``): its int8 inputs move the logits 4x as far
 # from fp32's as bf16 inputs do (``docs/engine.md``), beyond what the dtype's own rounding does.
@@ -206,7 +206,7 @@ class Linear:
 
 
 def packed_kernels(kernel: str) -> ctypes.CDLL:
-    """The C kernels, where they multiply by ``kernel`` ("amx", "avx512", "avx512q4" or "avx512q4i8") on this CPU."""
+    """The C kernels, where they multiply by ``kernel`` ("amx", "avx512" or one of ``Q4_KERNELS``) on this CPU."""
     lib = native.native_kernel()
     q4 = Q4_KERNELS.get(kernel)
     if lib is None or lib.bf16_products() != PACKED[kernel] or (q4 is not None and not getattr(lib, f"{q4.prefix}_products")()):
@@ -284,35 +284,19 @@ def _q4_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return tuple(F.pad(t, (0, 0, 0, pad)) for t in found)
 
 
-def _q4_packed(levels: torch.Tensor, d: torch.Tensor, m: torch.Tensor, nibbles: torch.Tensor) -> torch.Tensor:
-    """Each block's 256 bytes of ``nibbles`` [out / 16, in / 32, 256] followed by its 16 d and 16 m."""
-    NB, KB = levels.shape[0] // 16, levels.shape[1] // 32
-    scales = [t.view(NB, 16, KB).permute(0, 2, 1).contiguous().view(torch.uint8) for t in (d, m)]  # [block, input block, 32 bytes]
-    return torch.cat([nibbles, *scales], dim=2).contiguous()
-
-
 def pack_q4(weight: torch.Tensor) -> torch.Tensor | None:
     """Q4_1 weights [out, in] in ``csrc/matmul_q4.c``'s layout, [out / 16, in / 32, 320] bytes (outputs
-    zero-padded to whole blocks of 16), or None where the weights are not Q4_1 values (``q4_1_blocks``)."""
+    zero-padded to whole blocks of 16): per block, each group h of 8 inputs as 64 bytes (byte 4 o + k
+    holds inputs 8h + k and 8h + 4 + k of output o), then d and m; or None where the weights are not
+    Q4_1 values (``q4_1_blocks``)."""
     if (found := _q4_levels(weight)) is None:
         return None
-    levels = found[0]
-    NB, KB = levels.shape[0] // 16, levels.shape[1] // 32
-    quads = levels.view(NB, 16, KB, 4, 4, 2).permute(0, 2, 3, 1, 4, 5).long()  # [block, input block, group g, output o, pair k, 2]
-    shifts = 4 * torch.arange(4)
-    words = ((quads[..., 0] << shifts) | (quads[..., 1] << (shifts + 16))).sum(-1)  # pair 4g + k at bits 4k and 16 + 4k (disjoint: sum = or)
-    return _q4_packed(*found, words.to(torch.uint32).contiguous().view(torch.uint8).reshape(NB, KB, 256))
-
-
-def pack_q4i8(weight: torch.Tensor) -> torch.Tensor | None:
-    """Q4_1 weights [out, in] in ``csrc/matmul_q4i8.c``'s layout (``pack_q4``'s, but each group h of 8
-    inputs as 64 bytes: byte 4 o + k holds inputs 8h + k and 8h + 4 + k of output o), or None."""
-    if (found := _q4_levels(weight)) is None:
-        return None
-    levels = found[0]
+    levels, d, m = found
     NB, KB = levels.shape[0] // 16, levels.shape[1] // 32
     groups = levels.view(NB, 16, KB, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # [block, input block, group h, output o, input k, half]
-    return _q4_packed(*found, (groups[..., 0] | (groups[..., 1] << 4)).contiguous().view(NB, KB, 256))
+    nibbles = (groups[..., 0] | (groups[..., 1] << 4)).contiguous().view(NB, KB, 256)
+    scales = [t.view(NB, 16, KB).permute(0, 2, 1).contiguous().view(torch.uint8) for t in (d, m)]  # [block, input block, 32 bytes]
+    return torch.cat([nibbles, *scales], dim=2).contiguous()
 
 
 @dataclass(frozen=True)
@@ -326,7 +310,7 @@ class Q4Kernel:
     needs: str = ""
 
 
-Q4_KERNELS = {"avx512q4": Q4Kernel(1, "q4", pack_q4), "avx512q4i8": Q4Kernel(2, "q4i8", pack_q4i8, " and AVX512-VNNI")}
+Q4_KERNELS = {"avx512q4": Q4Kernel(1, "q4", pack_q4, " and AVX512-VNNI"), "avx512q4i8": Q4Kernel(2, "q4i8", pack_q4, " and AVX512-VNNI")}
 
 
 def q4_product(lib: ctypes.CDLL, kernel: str, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -468,12 +452,12 @@ PAD_TILE = 8  # a padded route multiplies at least this many rows per call, so A
 
 
 def calibrate(shapes: list[tuple[int, int, int]], dtype: torch.dtype | None, q4_1: bool = False) -> list[dict]:
-    """Measure every kernel at every dtype asked (``avx512q4`` only for weights that hold Q4_1
-    values: elsewhere it multiplies in bf16 as ``avx512`` does; not ``ASKED_ONLY``'s); a kernel that is not row-invariant
+    """Measure every kernel at every dtype asked (``Q4_KERNELS`` only for weights that hold Q4_1
+    values: elsewhere they multiply in bf16 as ``avx512`` does; not ``ASKED_ONLY``'s); a kernel that is not row-invariant
     by itself is measured again padded to a fixed tile, which is invariant by construction (one call shape)."""
     results = []
     for name in [n for n, d in DTYPES.items() if dtype is None or d == dtype]:
-        for kernel in [k for k in KERNELS if (k not in PACKED or name == "bfloat16") and (k != "avx512q4" or q4_1) and k not in ASKED_ONLY]:
+        for kernel in [k for k in KERNELS if (k not in PACKED or name == "bfloat16") and (k not in Q4_KERNELS or q4_1) and k not in ASKED_ONLY]:
             results.append(measure_route(Route(kernel, name), shapes))
             if results[-1].get("exact") is False:
                 results.append(measure_route(Route(kernel, name, PAD_TILE, pad=True), shapes))
@@ -503,7 +487,7 @@ def choose_route(
     """The fastest exact route for these product shapes on this machine (``dtype`` None: any dtype),
     and the measurements behind the choice: the finalists' whole decode steps where ``steps`` times
     them (``time_finalists``), else their products. ``q4_1``: the model's layer weights hold Q4_1
-    values (``avx512q4`` is a candidate). ``override`` (or ``$PROPD_ROUTE``) names a route instead;
+    values (the ``Q4_KERNELS`` are candidates). ``override`` (or ``$PROPD_ROUTE``) names a route instead;
     it is still checked for exactness. Measurements are cached under ``$PROPD_CACHE/routes``."""
     from propd.models.loading import cache_file, write_cache
 

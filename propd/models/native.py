@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 SOURCES = (
-    "attention.c", "attention_amx.c", "pointwise.c", "matmul.c", "matmul_q4.c", "matmul_q4i8.c", "screen.c", "layer.c", "pool.c", "pool.h", "q4.h",
+    "attention.c", "attention_amx.c", "pointwise.c", "matmul.c", "matmul_q4.c", "screen.c", "layer.c", "pool.c", "pool.h",
     "tiles.h", "vec.h",
 )
 ENV = "PROPD_KERNELS"

@@ -30,8 +30,8 @@ int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int
 int q4_linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads);
 int q4i8_linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads);
 
-/* The product the tensor code's ``Linear`` makes of these weights: bf16, or Q4_1 blocks (``q4`` 1;
-   2: times int8 inputs). */
+/* The product the tensor code's ``Linear`` makes of these weights: bf16, or Q4_1 blocks (``q4`` 1:
+   times 16-bit inputs as two int8 planes; 2: times int8 inputs). */
 static int product(const float *x, const void *w, int64_t q4, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
     if (q4 == 2) return q4i8_linear(x, w, y, M, N, K, threads);
     return q4 ? q4_linear(x, w, y, M, N, K, threads) : bf16_linear_into(x, w, y, M, N, K, room, threads);
