@@ -181,9 +181,9 @@ class Decoder:
         """Weights [out, in] that only propose (a draft layer's, the vocabulary rows that drafters
         and early pruning rank by), as this route reads them best: on a Q4_1 route their nearest
         Q4_1 values, which it then multiplies as 4-bit blocks (no output depends on them). The draft's
-        layer and candidate rows are 18 MB in bf16, read cold every step; as 4-bit blocks a
-        draft's pass at batch 1 took 0.86 ms instead of 1.19 and a 2-token tree step 6.17 ms instead
-        of 6.41 (AMD EPYC), for 1-2% fewer accepted tokens."""
+        layer and candidate rows are 18 MB in bf16, read cold every step; as 4-bit blocks a 2-token
+        tree's drafting at batch 1 took 0.80 ms instead of 1.09 (AMD EPYC), for 2% fewer accepted
+        tokens."""
         if self.route.kernel not in Q4_KERNELS or weight.shape[-1] % 32:
             return weight
         return q4_1_values(weight.contiguous())
