@@ -7,9 +7,10 @@
    - ``avx512q4`` (the Q4_1 route): s = max |x| / 32512, a in 16 bits kept as two int8 planes,
      a = 256 h + l (h = (a + 128) >> 8 in -127..127, l in -128..127), each plane multiplied by the
      instruction: the products come within 4e-5 of the exact ones, where the bf16 inputs this route
-     took before (its own kernel, expanding each level to bf16 128 + q) came within 2e-3, at the
-     same speed (the default model's logits' mean distance from fp32's 0.058 -> 0.033, its top
-     token fp32's at 99.04% -> 99.74% of positions: ``docs/engine.md``);
+     took before (its own kernel, expanding each level to bf16 128 + q) came within 2e-3 (the
+     default model's logits' mean distance from fp32's 0.058 -> 0.033, its top token fp32's at
+     99.04% -> 99.74% of positions), AR 6-11% faster at batch 1 and 8-10% slower at batch 8
+     (``docs/engine.md``);
    - ``avx512q4i8`` (only where asked for): s = max |x| / 127 and a int8, as llama.cpp multiplies a
      Q4_1 file's weights (its Q8_1): half the instructions, and logits 4x as far from fp32's.
    Every output is then one fixed chain, whatever the row count: per block of 32 inputs in order,
