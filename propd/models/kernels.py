@@ -114,7 +114,7 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, route.tile)
         elif route.kernel in PACKED:
             self.lib = packed_kernels(route.kernel)
-            self.q4 = Q4_KERNELS[route.kernel].pack(weight.detach()) if route.kernel in Q4_KERNELS else None  # None: not Q4_1 values, multiplied in bf16
+            self.q4 = pack_q4(weight.detach()) if route.kernel in Q4_KERNELS else None  # None: not Q4_1 values, multiplied in bf16
             self.packed, self.weight = (pack_bf16(self.weight) if self.q4 is None else None), None
 
     @property
@@ -208,10 +208,10 @@ class Linear:
 def packed_kernels(kernel: str) -> ctypes.CDLL:
     """The C kernels, where they multiply by ``kernel`` ("amx", "avx512" or one of ``Q4_KERNELS``) on this CPU."""
     lib = native.native_kernel()
-    q4 = Q4_KERNELS.get(kernel)
-    if lib is None or lib.bf16_products() != PACKED[kernel] or (q4 is not None and not getattr(lib, f"{q4.prefix}_products")()):
+    q4 = kernel in Q4_KERNELS
+    if lib is None or lib.bf16_products() != PACKED[kernel] or (q4 and not lib.q4_products()):
         need = "AMX tiles and Linux's permission to use them" if kernel == "amx" else "AVX512-BF16 and no AMX (AMX takes its place)"
-        need += q4.needs if q4 is not None else ""
+        need += " and AVX512-VNNI" if q4 else ""
         raise RuntimeError(f"the {kernel} kernel needs a CPU with {need}, and a C compiler")
     return lib
 
@@ -273,25 +273,14 @@ def holds_q4_1(weight: torch.Tensor) -> bool:
     return q4_1_blocks(weight[:16].float()) is not None
 
 
-def _q4_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``weight``'s Q4_1 levels, d and m (``q4_1_blocks``) with the outputs zero-padded to whole blocks
-    of 16, or None where the weights are not Q4_1 values."""
-    if weight.device.type != "cpu" or not holds_q4_1(weight):
-        return None
-    if (found := q4_1_blocks(weight.float())) is None:
-        return None
-    pad = -weight.shape[0] % 16
-    return tuple(F.pad(t, (0, 0, 0, pad)) for t in found)
-
-
 def pack_q4(weight: torch.Tensor) -> torch.Tensor | None:
     """Q4_1 weights [out, in] in ``csrc/matmul_q4.c``'s layout, [out / 16, in / 32, 320] bytes (outputs
     zero-padded to whole blocks of 16): per block, each group h of 8 inputs as 64 bytes (byte 4 o + k
     holds inputs 8h + k and 8h + 4 + k of output o), then d and m; or None where the weights are not
     Q4_1 values (``q4_1_blocks``)."""
-    if (found := _q4_levels(weight)) is None:
+    if weight.device.type != "cpu" or not holds_q4_1(weight) or (found := q4_1_blocks(weight.float())) is None:
         return None
-    levels, d, m = found
+    levels, d, m = (F.pad(t, (0, 0, 0, -weight.shape[0] % 16)) for t in found)
     NB, KB = levels.shape[0] // 16, levels.shape[1] // 32
     groups = levels.view(NB, 16, KB, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # [block, input block, group h, output o, input k, half]
     nibbles = (groups[..., 0] | (groups[..., 1] << 4)).contiguous().view(NB, KB, 256)
@@ -301,23 +290,21 @@ def pack_q4(weight: torch.Tensor) -> torch.Tensor | None:
 
 @dataclass(frozen=True)
 class Q4Kernel:
-    """A kernel that multiplies Q4_1 blocks: its number in ``csrc/layer.c``, the prefix of its C
-    functions (``<prefix>_products()``, ``<prefix>_linear``), its packing and what else it needs of the CPU."""
+    """How ``csrc/matmul_q4.c`` multiplies a Q4_1 route's blocks (``pack_q4``): the route's number in
+    ``csrc/layer.c`` and its C function."""
 
     number: int
-    prefix: str
-    pack: Callable[[torch.Tensor], torch.Tensor | None]
-    needs: str = ""
+    linear: str
 
 
-Q4_KERNELS = {"avx512q4": Q4Kernel(1, "q4", pack_q4, " and AVX512-VNNI"), "avx512q4i8": Q4Kernel(2, "q4i8", pack_q4, " and AVX512-VNNI")}
+Q4_KERNELS = {"avx512q4": Q4Kernel(1, "q4_linear"), "avx512q4i8": Q4Kernel(2, "q4i8_linear")}
 
 
 def q4_product(lib: ctypes.CDLL, kernel: str, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """rows [M, in] (fp32) times the Q4_1 weights' transpose (packed for ``kernel``, ``Q4_KERNELS``): [M, out] in fp32."""
     x = rows.contiguous()
     y = torch.empty(x.shape[0], out_features)
-    linear = getattr(lib, f"{Q4_KERNELS[kernel].prefix}_linear")
+    linear = getattr(lib, Q4_KERNELS[kernel].linear)
     if linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, x.shape[1], native.kernel_threads()):
         raise RuntimeError(f"Q4_1 product of {x.shape[0]} rows failed (out of memory)")
     return y

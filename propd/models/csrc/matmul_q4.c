@@ -228,8 +228,7 @@ static inline __attribute__((always_inline)) void quantize_block(const float *x,
     *sum = scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
 }
 
-int q4_products(void) { return 1; }
-int q4i8_products(void) { return 1; }
+int q4_products(void) { return 1; } /* (this build multiplies Q4_1 blocks: AVX512-BF16 and -VNNI, no AMX) */
 
 /* y [M, N] (fp32) = x [M, K] (fp32; K a multiple of 32) times the Q4_1 weights' transpose (packed:
    ``pack_q4``), the inputs as ``planes`` (1-2) int8 planes, on the calling thread and up to
@@ -243,9 +242,7 @@ static int linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t
     if (!s) return -1;
     float *sums = s + M * KB;
     int8_t *a = (int8_t *)(sums + M * KB), *b = planes > 1 ? a + M * K : NULL;
-    for (int64_t i = 0; i < M * KB; ++i)
-        if (planes > 1) quantize_block(x + 32 * i, a + 32 * i, b + 32 * i, s + i, sums + i, 2);
-        else quantize_block(x + 32 * i, a + 32 * i, NULL, s + i, sums + i, 1);
+    for (int64_t i = 0; i < M * KB; ++i) quantize_block(x + 32 * i, a + 32 * i, b ? b + 32 * i : NULL, s + i, sums + i, planes);
     Q4Job job = {a, b, s, sums, w, y, M, N, K, (N + 15) / 16};
     pool_run(planes > 1 ? take2 : take1, &job, threads);
     return 0;
@@ -260,7 +257,6 @@ int q4i8_linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N
 }
 #else
 int q4_products(void) { return 0; }
-int q4i8_products(void) { return 0; }
 int q4_linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
     (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)threads;
     return -1;
