@@ -137,6 +137,21 @@ def test_tree_decoding_equals_ar_on_random_trees_and_batches(seed):
                 assert t.steps <= a.steps
 
 
+@pytest.mark.parametrize("shared, root_conditioned", [(True, True), (True, False), (False, True)])
+def test_heads_guesses_by_the_route_are_the_modules_top_k(shared, root_conditioned):
+    """``top_tokens`` runs the heads by the model's route (fp32 here: the same products) and ranks
+    what ``logits`` does, over a candidate vocabulary too."""
+    dec = Decoder.from_hf(tiny_hf_model("llama", seed=1))
+    heads = random_heads(64, 96, 3, seed=2, shared=shared, root_conditioned=root_conditioned)
+    if shared:
+        heads.candidate_vocab = torch.arange(0, 96, 2)
+    hidden, roots = torch.randn(5, 64), torch.randint(0, 96, (5,))
+    with torch.no_grad():
+        want = heads.logits(hidden, roots, dec, 2).topk(4, dim=-1).indices
+    got = heads.top_tokens(hidden, roots, dec, 2, 4)
+    assert torch.equal(got, want if heads.candidate_vocab is None else heads.candidate_vocab[want])
+
+
 class OracleTree(TreeMethod):
     """A chain whose heads know the model's greedy continuation ``full`` (prompt + answer)."""
 

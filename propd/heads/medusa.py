@@ -27,6 +27,7 @@ from torch import nn
 from propd.errors import PropdError
 from propd.heads.checkpoint import field, load_error, read_json, read_weights
 from propd.models.decoder import Decoder
+from propd.models.kernels import Linear
 
 
 class ResBlock(nn.Module):
@@ -37,6 +38,20 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + nn.functional.silu(self.linear(x))
+
+
+class PackedBlocks:
+    """Residual blocks' products by a base model's route, to run them where they only propose (their
+    weights as the route reads proposing weights, ``Decoder.proposing``): as fp32 modules, the
+    Medusa heads' blocks and projection took 2.8 ms of a batch-1 step on the AMD EPYC."""
+
+    def __init__(self, blocks: list[ResBlock], base: Decoder):
+        self.products = [(base.linear(base.proposing(b.linear.weight.detach())), b.linear.bias.detach().float()) for b in blocks]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for product, bias in self.products:
+            x = x + nn.functional.silu(product(x).float() + bias)
+        return x
 
 
 class MedusaHeads(nn.Module):
@@ -60,6 +75,7 @@ class MedusaHeads(nn.Module):
         if root_conditioned:
             self.root_proj = nn.Linear(dim, num_heads * dim, bias=False)
             nn.init.zeros_(self.root_proj.weight)
+        self._packed: tuple[tuple, list[tuple[Linear | None, PackedBlocks, Linear | None]]] | None = None  # ``packed``: (key, per head)
 
     @property
     def root_conditioned(self) -> bool:
@@ -76,10 +92,33 @@ class MedusaHeads(nn.Module):
         out = torch.stack([head(x) for head, x in zip(self.heads[:H], inputs.unbind(-2))], dim=-2)
         return nn.functional.linear(out, decoder.vocab_rows(self.candidate_vocab)) if self.shared_lm_head else out
 
+    @torch.no_grad()
     def top_tokens(self, hidden: torch.Tensor, roots: torch.Tensor, decoder: Decoder, num_heads: int, k: int) -> torch.Tensor:
-        """Each head's k best guesses as token ids [N, num_heads, k]."""
-        index = self.logits(hidden, roots, decoder, num_heads).topk(k, dim=-1).indices
+        """Each of the first ``num_heads`` heads' k best guesses as token ids [N, num_heads, k]: what
+        ``logits`` ranks, by the base model's route (``packed``), each head's projection keeping only
+        its k best (``Linear.topk``)."""
+        embedded = decoder.embed(roots) if self.root_proj is not None else None
+        shared = decoder.vocab_projection(self.candidate_vocab) if self.shared_lm_head else None
+        guesses = []
+        for root_proj, blocks, own in self.packed(decoder)[:num_heads]:
+            x = hidden.float() if root_proj is None else hidden.float() + root_proj(embedded).float()
+            guesses.append((shared if shared is not None else own).topk(blocks(x), k)[1])
+        index = torch.stack(guesses, dim=-2)
         return index if self.candidate_vocab is None else self.candidate_vocab[index]
+
+    def packed(self, base: Decoder) -> list[tuple[Linear | None, PackedBlocks, Linear | None]]:
+        """Per head: its part of ``root_proj`` (or None), its blocks and its own projection (or None:
+        shared), by ``base``'s route; made once per base model and weights' version."""
+        key = (id(base), tuple(p._version for p in self.parameters()))
+        if self._packed is None or self._packed[0] != key:
+            roots = self.root_proj.weight.detach().split(self.dim) if self.root_proj is not None else [None] * self.num_heads
+            per_head = []
+            for head, root in zip(self.heads, roots):
+                blocks = [m for m in head if isinstance(m, ResBlock)]
+                own = None if self.shared_lm_head else base.linear(base.proposing(head[-1].weight.detach()))
+                per_head.append((None if root is None else base.linear(base.proposing(root)), PackedBlocks(blocks, base), own))
+            self._packed = (key, per_head)
+        return self._packed[1]
 
     def check_fits(self, dim: int, vocab_size: int) -> None:
         if dim != self.dim or vocab_size != self.vocab_size:
