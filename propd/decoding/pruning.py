@@ -38,7 +38,7 @@ class Pruner:
         parents = (tree.children >= 0).any(dim=1).nonzero().flatten()  # nodes with children
         projection = decoder.vocab_projection(self.vocab)
         with torch.no_grad():
-            top = projection.topk(decoder.final_norm(self.head.blocks(early[:, parents])), min(self.top_k, projection.out_features))[1]  # [B, P, K]
+            top = projection.topk(decoder.final_norm(self.head.packed(decoder)(early[:, parents])), min(self.top_k, projection.out_features))[1]  # [B, P, K]
         if self.vocab is not None:
             top = self.vocab[top]
         slot = torch.full((N,), -1, dtype=torch.long)

@@ -16,7 +16,7 @@ from torch import nn
 
 from propd.errors import PropdError
 from propd.heads.checkpoint import field, load_error, read_json, read_weights
-from propd.heads.medusa import ResBlock
+from propd.heads.medusa import PackedBlocks, ResBlock, packed_once
 from propd.models.decoder import Decoder
 
 
@@ -26,11 +26,16 @@ class EarlyHead(nn.Module):
         self.dim, self.vocab_size, self.layer, self.num_layers = dim, vocab_size, layer, num_layers
         self.meta = dict(meta or {})
         self.blocks = nn.Sequential(*[ResBlock(dim) for _ in range(num_layers)])
+        self._packed: tuple[tuple, PackedBlocks] | None = None  # (``packed_once``)
 
     def logits(self, hidden: torch.Tensor, decoder: Decoder) -> torch.Tensor:
         """Residual stream after layer ``self.layer`` [..., dim] -> next-token logits [..., vocab]
         (in fp32 through the frozen final norm and lm_head, so that it trains)."""
         return nn.functional.linear(decoder.final_norm(self.blocks(hidden)), decoder.vocab_rows())
+
+    def packed(self, base: Decoder) -> PackedBlocks:
+        """The blocks by ``base``'s route, for pruning (the early head only ranks: no output depends on it)."""
+        return packed_once(self, base, lambda: PackedBlocks(list(self.blocks), base))
 
     def save(self, directory: str | Path, weight_dtype: torch.dtype = torch.float16) -> None:
         """early_head.safetensors (weights in ``weight_dtype``, loaded back as fp32) + early_head.json."""

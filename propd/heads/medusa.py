@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -28,6 +29,8 @@ from propd.errors import PropdError
 from propd.heads.checkpoint import field, load_error, read_json, read_weights
 from propd.models.decoder import Decoder
 from propd.models.kernels import Linear
+
+T = TypeVar("T")
 
 
 class ResBlock(nn.Module):
@@ -54,6 +57,15 @@ class PackedBlocks:
         return x
 
 
+def packed_once(owner: nn.Module, base: Decoder, make: Callable[[], T]) -> T:
+    """``make()`` for ``owner``'s weights by ``base``'s route, kept in ``owner._packed`` until the base
+    model or a weight changes (training moves them)."""
+    key = (id(base), tuple(p._version for p in owner.parameters()))
+    if owner._packed is None or owner._packed[0] != key:
+        owner._packed = (key, make())
+    return owner._packed[1]
+
+
 class MedusaHeads(nn.Module):
     def __init__(
         self, dim: int, vocab_size: int, num_heads: int, num_layers: int = 1, shared_lm_head: bool = True,
@@ -75,7 +87,7 @@ class MedusaHeads(nn.Module):
         if root_conditioned:
             self.root_proj = nn.Linear(dim, num_heads * dim, bias=False)
             nn.init.zeros_(self.root_proj.weight)
-        self._packed: tuple[tuple, list[tuple[Linear | None, PackedBlocks, Linear | None]]] | None = None  # ``packed``: (key, per head)
+        self._packed: tuple[tuple, list[tuple[Linear | None, PackedBlocks, Linear | None]]] | None = None  # (``packed_once``)
 
     @property
     def root_conditioned(self) -> bool:
@@ -108,17 +120,18 @@ class MedusaHeads(nn.Module):
 
     def packed(self, base: Decoder) -> list[tuple[Linear | None, PackedBlocks, Linear | None]]:
         """Per head: its part of ``root_proj`` (or None), its blocks and its own projection (or None:
-        shared), by ``base``'s route; made once per base model and weights' version."""
-        key = (id(base), tuple(p._version for p in self.parameters()))
-        if self._packed is None or self._packed[0] != key:
+        shared), by ``base``'s route."""
+
+        def make() -> list[tuple[Linear | None, PackedBlocks, Linear | None]]:
             roots = self.root_proj.weight.detach().split(self.dim) if self.root_proj is not None else [None] * self.num_heads
             per_head = []
             for head, root in zip(self.heads, roots):
                 blocks = [m for m in head if isinstance(m, ResBlock)]
                 own = None if self.shared_lm_head else base.linear(base.proposing(head[-1].weight.detach()))
                 per_head.append((None if root is None else base.linear(base.proposing(root)), PackedBlocks(blocks, base), own))
-            self._packed = (key, per_head)
-        return self._packed[1]
+            return per_head
+
+        return packed_once(self, base, make)
 
     def check_fits(self, dim: int, vocab_size: int) -> None:
         if dim != self.dim or vocab_size != self.vocab_size:
