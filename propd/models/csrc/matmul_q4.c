@@ -31,29 +31,8 @@
 
 #define Q4_BLOCK 320 /* bytes per 16 outputs x 32 inputs: 256 of levels, then 16 d and 16 m (fp16) */
 #define Q4_CHUNK 8   /* output blocks a thread takes at a time */
+#define Q4_GROUP 8   /* rows that share each weight vector as it is unpacked */
 #define EIGHT(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
-#define FOUR(X) X(0) X(1) X(2) X(3)
-
-/* A pool task's work: output blocks Q4_CHUNK at a time, every group of up to ``group`` rows over them,
-   a row alone over a whole chunk at once (``row``), two rows four blocks at a time (``two``), other
-   groups two blocks at a time (``rest``: from block nb, 1-2 blocks, rows r0 .. r0 + rows). Inlined
-   into each kernel's task, so that the calls are direct. */
-static inline __attribute__((always_inline)) void q4_take(const void *job, int64_t M, int64_t blocks, int group,
-                                                           void (*row)(const void *, int64_t, int64_t), void (*two)(const void *, int64_t, int64_t),
-                                                           void (*rest)(const void *, int64_t, int64_t, int64_t, int64_t)) {
-    for (int64_t first; (first = pool_take(Q4_CHUNK)) < blocks;) {
-        int64_t count = first + Q4_CHUNK < blocks ? Q4_CHUNK : blocks - first;
-        for (int64_t r0 = 0, rows; r0 < M; r0 += rows) {
-            rows = group_rows(M - r0, group);
-            if (rows == 1 && count == Q4_CHUNK)
-                row(job, first, r0);
-            else if (rows == 2 && count == Q4_CHUNK)
-                for (int64_t b = 0; b < count; b += 4) two(job, first + b, r0);
-            else
-                for (int64_t b = 0; b < count; b += 2) rest(job, first + b, count - b < 2 ? count - b : 2, r0, rows);
-        }
-    }
-}
 
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && !(defined(__AMX_TILE__) && defined(__AMX_BF16__))
 #include <immintrin.h>
@@ -68,144 +47,88 @@ typedef struct {
     int64_t M, N, K, blocks;
 } Q4Job;
 
-/* Groups of 3-4 rows fetch their blocks' bytes Q4_AHEAD bytes ahead: their arithmetic between reads
-   had left memory idle (4 rows 4.82 -> 4.62 ms, 8 rows 7.2 -> 7.0 with 2560 bytes; 1280 and 5120
-   gained less). A row alone lost 0.2-0.5 ms by it, and two rows about 0.2. */
+/* From 2 rows each block's bytes are fetched Q4_AHEAD bytes ahead: their arithmetic between reads
+   had left memory idle (in ``dot_q4``, weights cold, two runs: 4 rows 6.43 -> 5.55 ms, 8 rows 10.95 ->
+   9.04, 2 rows 3.74 -> 3.78 and 4.31 -> 3.86), where a row alone lost by it (3.23 -> 3.64 and 3.54 ->
+   3.72 ms). 2560 bytes: 1280 and 5120 gained less. */
 #define Q4_AHEAD 2560
-#define BYTES(b) (j->w + ((nb + (b)) * KB + kb) * Q4_BLOCK)
-#define FETCH(b)                                                                          \
-    if (ahead) {                                                                          \
-        _mm_prefetch((const char *)BYTES(b) + 64 * h + Q4_AHEAD, _MM_HINT_T0);            \
-        if (h == 0) _mm_prefetch((const char *)BYTES(b) + 256 + Q4_AHEAD, _MM_HINT_T0); \
-    }
-/* Group h's levels of output block b: inputs 8h .. 8h + 3 (lo) and 8h + 4 .. 8h + 7 (hi), 4 a lane. */
-#define LEVELS(b)                                                                  \
-    const __m512i v##b = _mm512_loadu_si512((const void *)(BYTES(b) + 64 * h));    \
-    const __m512i lo##b = _mm512_and_si512(v##b, low), hi##b = _mm512_and_si512(_mm512_srli_epi16(v##b, 4), low);
-/* Row r's input levels of group h, as the two 4-byte broadcasts LEVELS pairs with (zeros past ``rows``). */
-#define BROADCAST(plane, name, r, used)                                                                \
-    int32_t name##r##lo = 0, name##r##hi = 0;                                                          \
-    if ((r) < rows && (used)) {                                                                        \
-        memcpy(&name##r##lo, j->plane + (r0 + (r)) * j->K + kb * 32 + 8 * h, sizeof name##r##lo);     \
-        memcpy(&name##r##hi, j->plane + (r0 + (r)) * j->K + kb * 32 + 8 * h + 4, sizeof name##r##hi); \
-    }
-#define INPUTS(r)                                                                                     \
-    BROADCAST(a, in, r, 1)                                                                            \
-    const __m512i a##r##lo = _mm512_set1_epi32(in##r##lo), a##r##hi = _mm512_set1_epi32(in##r##hi); \
-    BROADCAST(b, low, r, planes > 1)                                                                  \
-    const __m512i p##r##lo = _mm512_set1_epi32(low##r##lo), p##r##hi = _mm512_set1_epi32(low##r##hi);
-/* (the second plane's sums e are dropped unused where there is one plane: ``planes`` is a constant) */
-#define DOT(r, b)                                                                                              \
-    {                                                                                                          \
-        c##r##b = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c##r##b, lo##b, a##r##lo), hi##b, a##r##hi);          \
-        if (planes > 1) e##r##b = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(e##r##b, lo##b, p##r##lo), hi##b, p##r##hi); \
-    }
-#define SCALES(b)                                                                  \
-    const __m512 d##b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(BYTES(b) + 256))), \
-                 m##b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(BYTES(b) + 288)));
-#define SCALE(r, b)                                                                                                \
-    y##r##b = _mm512_fmadd_ps(_mm512_set1_ps(j->sum[(r0 + (r)) * KB + kb]), m##b,                                  \
-                              _mm512_fmadd_ps(_mm512_cvtepi32_ps(planes > 1 ? _mm512_add_epi32(_mm512_slli_epi32(c##r##b, 8), e##r##b) : c##r##b), _mm512_mul_ps(d##b, _mm512_set1_ps(j->s[(r0 + (r)) * KB + kb])), y##r##b));
 
-/* Row r0 alone over Q4_CHUNK (8) output blocks from nb: eight chains side by side. */
-static inline __attribute__((always_inline)) void dot_q4_row(const void *job, int64_t nb, int64_t r0, const int planes) {
-    const Q4Job *j = job;
-    const int rows = 1;
+static inline int32_t load32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Rows r0 .. r0 + rows (1-8, a constant) of output block nb: each weight vector, as it is unpacked
+   (byte 4 o + k of group h's 64 holds levels of inputs 8h + k and 8h + 4 + k of output o), against
+   every row's inputs, broadcast from memory, 4 at a time; per row 1-2 integer sums (``planes``) and
+   an output vector. One block and up to 8 rows at a time, where the kernels before took one row 8
+   blocks at a time, two rows 4 and groups of 3 rows 2: the 30 layers' products on the AMD EPYC
+   (weights cold, interleaved in one process, medians), two planes, 1 / 2 / 3 / 4 / 8 / 12 rows
+   2.79 / 2.98 / 3.42 / 3.96 / 6.40 / 8.99 ms against 3.00 / 3.61 / 4.07 / 4.91 / 7.18 / 9.77. */
+static inline __attribute__((always_inline)) void dot_q4(const Q4Job *j, int64_t nb, int64_t r0, const int rows, const int planes) {
     const int64_t KB = j->K / 32;
     const __m512i low = _mm512_set1_epi8(0x0f);
-#define ZERO(b) __m512 y0##b = _mm512_setzero_ps();
+#define ZERO(r) __m512 y##r = _mm512_setzero_ps();
     EIGHT(ZERO)
     for (int64_t kb = 0; kb < KB; ++kb) {
-#define CHAIN(b) __m512i c0##b = _mm512_setzero_si512(), e0##b = c0##b;
+        const uint8_t *w = j->w + ((nb * KB) + kb) * Q4_BLOCK;
+        for (int line = 0; rows > 1 && line < Q4_BLOCK; line += 64) _mm_prefetch((const char *)w + line + Q4_AHEAD, _MM_HINT_T0);
+        /* row r's inputs of this block: levels a (two planes: high bytes) and b (low bytes) */
+#define CHAIN(r)                                                                   \
+    __m512i c##r = _mm512_setzero_si512(), e##r = c##r;                            \
+    const int8_t *a##r = j->a + (r0 + ((r) < rows ? (r) : 0)) * j->K + kb * 32;    \
+    const int8_t *b##r = planes > 1 ? j->b + (a##r - j->a) : a##r;
         EIGHT(CHAIN)
-        for (int h = 0; h < 4; ++h) {
-            INPUTS(0)
-#define ROW_DOT(b) { LEVELS(b) DOT(0, b) }
-            EIGHT(ROW_DOT)
-        }
-        EIGHT(SCALES)
-#define ROW_SCALE(b) SCALE(0, b)
-        EIGHT(ROW_SCALE)
+#define DOT(r, h)                                                                                                                               \
+    if ((r) < rows) {                                                                                                                           \
+        c##r = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c##r, lo, _mm512_set1_epi32(load32(a##r + 8 * (h)))), hi, _mm512_set1_epi32(load32(a##r + 8 * (h) + 4))); \
+        if (planes > 1)                                                                                                                         \
+            e##r = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(e##r, lo, _mm512_set1_epi32(load32(b##r + 8 * (h)))), hi, _mm512_set1_epi32(load32(b##r + 8 * (h) + 4))); \
     }
-#define STORE(b) store_block(j->y + r0 * j->N, j->N, nb + (b), y0##b);
+#define GROUP(h)                                                                                           \
+    {                                                                                                      \
+        const __m512i v = _mm512_loadu_si512((const void *)(w + 64 * (h)));                               \
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low); \
+        DOT(0, h) DOT(1, h) DOT(2, h) DOT(3, h) DOT(4, h) DOT(5, h) DOT(6, h) DOT(7, h)                    \
+    }
+        GROUP(0) GROUP(1) GROUP(2) GROUP(3)
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 256))), m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 288)));
+#define SCALE(r)                                                                                                                                      \
+    if ((r) < rows)                                                                                                                                   \
+        y##r = _mm512_fmadd_ps(_mm512_set1_ps(j->sum[(r0 + (r)) * KB + kb]), m,                                                                       \
+                               _mm512_fmadd_ps(_mm512_cvtepi32_ps(planes > 1 ? _mm512_add_epi32(_mm512_slli_epi32(c##r, 8), e##r) : c##r),          \
+                                               _mm512_mul_ps(d, _mm512_set1_ps(j->s[(r0 + (r)) * KB + kb])), y##r));
+        EIGHT(SCALE)
+    }
+#define STORE(r) if ((r) < rows) store_block(j->y + (r0 + (r)) * j->N, j->N, nb, y##r);
     EIGHT(STORE)
 }
 
-/* Rows r0 and r0 + 1 over 4 output blocks from nb (a 2-token tree at batch 1). */
-static inline __attribute__((always_inline)) void dot_q4_two(const void *job, int64_t nb, int64_t r0, const int planes) {
-    const Q4Job *j = job;
-    const int rows = 2;
-    const int64_t KB = j->K / 32;
-    const __m512i low = _mm512_set1_epi8(0x0f);
-#define ZERO2(b) __m512 y0##b = _mm512_setzero_ps(), y1##b = y0##b;
-    FOUR(ZERO2)
-    for (int64_t kb = 0; kb < KB; ++kb) {
-#define CHAIN2(b) __m512i c0##b = _mm512_setzero_si512(), c1##b = c0##b, e0##b = c0##b, e1##b = c0##b;
-        FOUR(CHAIN2)
-        for (int h = 0; h < 4; ++h) {
-            INPUTS(0)
-            INPUTS(1)
-#define TWO_DOT(b) { LEVELS(b) DOT(0, b) DOT(1, b) }
-            FOUR(TWO_DOT)
-        }
-        FOUR(SCALES)
-#define TWO_SCALE(b) SCALE(0, b) SCALE(1, b)
-        FOUR(TWO_SCALE)
+/* The pool's task for one plane of inputs or two: output blocks Q4_CHUNK at a time, each against
+   every group of up to Q4_GROUP rows (``dot_q4`` made for each row count). */
+#define TAKE(planes)                                                                                                  \
+    static void take##planes(void *arg) {                                                                             \
+        const Q4Job *j = arg;                                                                                         \
+        for (int64_t first; (first = pool_take(Q4_CHUNK)) < j->blocks;) {                                             \
+            int64_t end = first + Q4_CHUNK < j->blocks ? first + Q4_CHUNK : j->blocks;                                \
+            for (int64_t r0 = 0, rows; r0 < j->M; r0 += rows) {                                                       \
+                rows = group_rows(j->M - r0, Q4_GROUP);                                                               \
+                for (int64_t nb = first; nb < end; ++nb) switch (rows) {                                             \
+                        case 1: dot_q4(j, nb, r0, 1, planes); break;                                                  \
+                        case 2: dot_q4(j, nb, r0, 2, planes); break;                                                  \
+                        case 3: dot_q4(j, nb, r0, 3, planes); break;                                                  \
+                        case 4: dot_q4(j, nb, r0, 4, planes); break;                                                  \
+                        case 5: dot_q4(j, nb, r0, 5, planes); break;                                                  \
+                        case 6: dot_q4(j, nb, r0, 6, planes); break;                                                  \
+                        case 7: dot_q4(j, nb, r0, 7, planes); break;                                                  \
+                        default: dot_q4(j, nb, r0, 8, planes); break;                                                 \
+                    }                                                                                                 \
+            }                                                                                                         \
+        }                                                                                                             \
     }
-#define STORE2(b) store_block(j->y + r0 * j->N, j->N, nb + (b), y0##b), store_block(j->y + (r0 + 1) * j->N, j->N, nb + (b), y1##b);
-    FOUR(STORE2)
-}
-
-/* Rows r0 .. r0 + rows (1-4) of ``count`` (1-2) output blocks from nb: 8 chains and 8 sums. Inlined
-   for each constant rows and count (``dot_group``): as one function deciding them as it ran, 4 and 8
-   rows took 4.54 and 6.54 ms where this takes 4.19 and 5.72. */
-static inline __attribute__((always_inline)) void dot_q4(const Q4Job *j, int64_t nb, const int count, int64_t r0, const int rows, const int planes) {
-    const int64_t KB = j->K / 32;
-    const __m512i low = _mm512_set1_epi8(0x0f);
-    const int ahead = rows > 2;
-    __m512 y00 = _mm512_setzero_ps(), y01 = y00, y10 = y00, y11 = y00, y20 = y00, y21 = y00, y30 = y00, y31 = y00;
-    for (int64_t kb = 0; kb < KB; ++kb) {
-        __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
-        __m512i e00 = c00, e01 = c00, e10 = c00, e11 = c00, e20 = c00, e21 = c00, e30 = c00, e31 = c00;
-        for (int h = 0; h < 4; ++h) {
-            INPUTS(0) INPUTS(1) INPUTS(2) INPUTS(3)
-#define GROUP_DOTS(b) { FETCH(b) LEVELS(b) DOT(0, b) if (rows > 1) DOT(1, b) if (rows > 2) DOT(2, b) if (rows > 3) DOT(3, b) }
-            GROUP_DOTS(0)
-            if (count > 1) GROUP_DOTS(1)
-        }
-        SCALES(0)
-        const __m512 d1 = count > 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(BYTES(1) + 256))) : d0;
-        const __m512 m1 = count > 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(BYTES(1) + 288))) : m0;
-#define GROUP_SCALE(r) if ((r) < rows) { SCALE(r, 0) if (count > 1) SCALE(r, 1) }
-        GROUP_SCALE(0) GROUP_SCALE(1) GROUP_SCALE(2) GROUP_SCALE(3)
-    }
-    const __m512 sums[4][2] = {{y00, y01}, {y10, y11}, {y20, y21}, {y30, y31}};
-    for (int r = 0; r < rows; ++r)
-        for (int b = 0; b < count; ++b) store_block(j->y + (r0 + r) * j->N, j->N, nb + b, sums[r][b]);
-}
-
-/* ``dot_q4`` for rows (1-4) and count (1-2) given as constants. */
-static inline __attribute__((always_inline)) void dot_group(const void *job, int64_t nb, int64_t count, int64_t r0, int64_t rows, const int planes) {
-    const Q4Job *j = job;
-#define COUNTS(r) count > 1 ? dot_q4(j, nb, 2, r0, r, planes) : dot_q4(j, nb, 1, r0, r, planes)
-    if (rows == 1) COUNTS(1);
-    else if (rows == 2) COUNTS(2);
-    else if (rows == 3) COUNTS(3);
-    else COUNTS(4);
-}
-
-/* The pool's task for one plane of inputs or two, its functions made for that count. Groups of
-   rows share a level load: 4 rows with one plane, 3 with two (4 rows' 16 integer sums, 8 outputs'
-   and their inputs spilled out of the registers: 8 rows took 8.4 ms against 7.4 in groups of 3). */
-#define TAKE(planes, rows_per_group)                                                                                                   \
-    static void row##planes(const void *job, int64_t nb, int64_t r0) { dot_q4_row(job, nb, r0, planes); }                    \
-    static void two##planes(const void *job, int64_t nb, int64_t r0) { dot_q4_two(job, nb, r0, planes); }                    \
-    static void group##planes(const void *job, int64_t nb, int64_t count, int64_t r0, int64_t rows) {                        \
-        dot_group(job, nb, count, r0, rows, planes);                                                                          \
-    }                                                                                                                         \
-    static void take##planes(void *arg) { q4_take(arg, ((const Q4Job *)arg)->M, ((const Q4Job *)arg)->blocks, rows_per_group, row##planes, two##planes, group##planes); }
-TAKE(1, 4)
-TAKE(2, 3)
+TAKE(1)
+TAKE(2)
 
 /* Row block i's 32 inputs as levels a [32] (``planes`` 2: their high bytes h in a, low bytes l in b),
    their scale s and s times their sum (the scale NaN where an input is not finite, so that the
