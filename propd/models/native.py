@@ -92,6 +92,8 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.bf16_screen_ready.argtypes = []
     kernel.bf16_topk.restype = ctypes.c_int
     kernel.bf16_topk.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64]
+    kernel.rows_topk.restype = ctypes.c_int
+    kernel.rows_topk.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int64]
     kernel.forward_layers.restype = ctypes.c_int
     kernel.forward_layers.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     return kernel

@@ -414,9 +414,17 @@ static void top_rows(void *arg) {
     }
 }
 
-/* at [M, k], top [M, k] = each row's k largest outputs of the product bf16_linear computes (k <= N),
-   largest first, the first column of equal ones first; ``normalized``: as log-probabilities (minus
-   the row's logsumexp). Returns 0, or -1 as bf16_linear. */
+/* at [M, k], top [M, k] = each row of y [M, N]'s k largest values (1 <= k <= N), largest first, the
+   first column of equal ones first; ``normalized``: as log-probabilities (minus the row's
+   logsumexp). Returns 0, or -1 where k is out of range. */
+int rows_topk(const float *y, int64_t *at, float *top, int64_t M, int64_t N, int64_t k, int normalized, int64_t threads) {
+    if (k < 1 || k > N) return -1;
+    TopJob job = {y, at, top, M, N, k, normalized};
+    pool_run(top_rows, &job, M >= 4 ? threads : 1);
+    return 0;
+}
+
+/* ``rows_topk`` of the product bf16_linear computes. Returns 0, or -1 as bf16_linear. */
 int bf16_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t M, int64_t N, int64_t K, int64_t k, int normalized,
              int64_t threads) {
     static _Thread_local void *buffer;
@@ -424,9 +432,7 @@ int bf16_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_
     int64_t room = (M + 31) / 32 * 32;
     float *outputs = k >= 1 && k <= N ? scratch(&buffer, &held, sizeof(float) * (size_t)(room * N)) : NULL;
     if (!outputs || bf16_linear_into(x, w, outputs, M, N, K, room, threads)) return -1;
-    TopJob job = {outputs, at, top, M, N, k, normalized};
-    pool_run(top_rows, &job, M >= 4 ? threads : 1);
-    return 0;
+    return rows_topk(outputs, at, top, M, N, k, normalized, threads);
 }
 
 #else
@@ -445,6 +451,10 @@ int bf16_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64
 int bf16_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t M, int64_t N, int64_t K, int64_t k, int normalized,
               int64_t threads) {
     (void)x, (void)w, (void)at, (void)top, (void)M, (void)N, (void)K, (void)k, (void)normalized, (void)threads;
+    return -1;
+}
+int rows_topk(const float *y, int64_t *at, float *top, int64_t M, int64_t N, int64_t k, int normalized, int64_t threads) {
+    (void)y, (void)at, (void)top, (void)M, (void)N, (void)k, (void)normalized, (void)threads;
     return -1;
 }
 #endif
