@@ -386,11 +386,16 @@ def test_the_screened_argmax_picks_what_the_full_products_argmax_picks_ties_and_
 @pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here")
 def test_our_topk_gives_the_products_largest_outputs_and_log_probabilities():
     torch.manual_seed(1)
-    weight = torch.randn(1000, 64)
+    topk_matches_the_products(torch.randn(1000, 64), Route.parse(OURS))
+
+
+def topk_matches_the_products(weight: torch.Tensor, route: Route) -> None:
+    """``Linear.topk`` of ``weight`` [1000, 64] by ``route``: the product's largest outputs, the first
+    of equal ones first, and their log-probabilities."""
     weight[700] = weight[300] = weight[5]  # equal outputs: the first column first
-    lin = Linear(weight, Route.parse(OURS))
+    lin = Linear(weight, route)
     x = torch.randn(3, 7, 64)
-    x[0, 0] = weight[5] * 4
+    x[0, 0] = weight[5] * 4 / weight.std()
     outputs = lin(x)
     values, columns = lin.topk(x, 12)
     assert torch.equal(values, outputs.topk(12, dim=-1).values) and torch.equal(columns[0, 0, :3], torch.tensor([5, 300, 700]))

@@ -13,7 +13,7 @@ from propd.models import native
 from propd.models.decoder import Decoder
 from propd.models.kernels import Linear, Route, q4_1_blocks, q4_1_values
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
-from tests.test_exact import tree_logits_equal_ar
+from tests.test_exact import topk_matches_the_products, tree_logits_equal_ar
 
 Q4 = Route.parse("bfloat16-avx512q4")
 Q4I8 = Route.parse("bfloat16-avx512q4i8")
@@ -88,18 +88,8 @@ def test_q4_products_of_inputs_that_are_not_finite_are_not_finite(route):
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_q4_topk_gives_the_products_largest_outputs_and_log_probabilities(route):
-    weight = q4_1_values(torch.randn(1000, 64) * 0.05)
-    weight[700] = weight[300] = weight[5]  # equal outputs: the first column first
-    lin = Linear(weight, route)
-    x = torch.randn(3, 7, 64)
-    x[0, 0] = weight[5] * 40
-    outputs = lin(x)
-    values, columns = lin.topk(x, 12)
-    assert torch.equal(values, outputs.topk(12, dim=-1).values) and torch.equal(columns[0, 0, :3], torch.tensor([5, 300, 700]))
-    assert torch.equal(outputs.gather(-1, columns), values)
-    log_probs, same = lin.topk(x, 12, normalized=True)
-    assert torch.equal(same, columns)
-    torch.testing.assert_close(log_probs, values - outputs.logsumexp(-1, keepdim=True), rtol=0, atol=1e-5)
+    torch.manual_seed(1)
+    topk_matches_the_products(q4_1_values(torch.randn(1000, 64) * 0.05), route)
 
 
 @pytest.mark.parametrize("route", ROUTES)
