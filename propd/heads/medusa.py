@@ -109,11 +109,12 @@ class MedusaHeads(nn.Module):
         """Each of the first ``num_heads`` heads' k best guesses as token ids [N, num_heads, k]: what
         ``logits`` ranks, by the base model's route (``packed``), each head's projection keeping only
         its k best (``Linear.topk``)."""
+        hidden = hidden.float()
         embedded = decoder.embed(roots) if self.root_proj is not None else None
         shared = decoder.vocab_projection(self.candidate_vocab) if self.shared_lm_head else None
         guesses = []
         for root_proj, blocks, own in self.packed(decoder)[:num_heads]:
-            x = hidden.float() if root_proj is None else hidden.float() + root_proj(embedded).float()
+            x = hidden if root_proj is None else hidden + root_proj(embedded).float()
             guesses.append((shared if shared is not None else own).topk(blocks(x), k)[1])
         index = torch.stack(guesses, dim=-2)
         return index if self.candidate_vocab is None else self.candidate_vocab[index]

@@ -64,8 +64,8 @@ static inline int32_t load32(const int8_t *p) {
    every row's inputs, broadcast from memory, 4 at a time; per row 1-2 integer sums (``planes``) and
    an output vector. One block and up to 8 rows at a time, where the kernels before took one row 8
    blocks at a time, two rows 4 and groups of 3 rows 2: the 30 layers' products on the AMD EPYC
-   (weights cold, interleaved in one process, medians), two planes, 1 / 2 / 3 / 4 / 8 / 12 rows
-   2.79 / 2.98 / 3.42 / 3.96 / 6.40 / 8.99 ms against 3.00 / 3.61 / 4.07 / 4.91 / 7.18 / 9.77. */
+   (weights cold, interleaved in one process, medians), two planes, 2 / 4 / 8 rows 3.69 / 4.92 /
+   7.58 -> 2.96 / 3.76 / 6.62 ms (``docs/engine.md``). */
 static inline __attribute__((always_inline)) void dot_q4(const Q4Job *j, int64_t nb, int64_t r0, const int rows, const int planes) {
     const int64_t KB = j->K / 32;
     const __m512i low = _mm512_set1_epi8(0x0f);
