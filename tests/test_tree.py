@@ -8,7 +8,7 @@ import torch
 from propd.decoding.ar import ARMethod
 from propd.decoding.loop import generate_batch
 from propd.decoding.pruning import whole_paths
-from propd.decoding.tree import TreeMethod, accepted_offsets, walk, walk_picks
+from propd.decoding.tree import TreeMethod, Verified, walk, walk_picks
 from propd.errors import PropdError
 from propd.heads.medusa import MedusaHeads
 from propd.models.decoder import Decoder
@@ -91,11 +91,13 @@ def test_walk_follows_longest_correct_path_and_offsets_pack_it():
     last, bonus = walk(tokens, tree, accept)
     assert last.tolist() == [4, 0] and bonus.tolist() == [2, 6]
     assert sorted(asked) == [(0, 0), (0, 2), (0, 4), (1, 0)]  # only accepted nodes are projected
-    offsets, counts = accepted_offsets(tree, last)
-    assert counts.tolist() == [3, 1]
-    assert offsets[0].tolist() == [0, 2, 4]
-    same_last, same_bonus = walk_picks(tokens, tree, predictions)  # every node's pick known: plain lists
-    assert same_last.tolist() == [4, 0] and same_bonus.tolist() == [2, 6]
+    v = Verified.of(None, tree, tokens.tolist(), last.tolist(), bonus.tolist(), [5, 5], [5, 5])
+    assert v.counts.tolist() == [3, 1] and v.last.tolist() == [4, 0] and v.roots.tolist() == [2, 6]
+    assert v.offsets[0].tolist() == [0, 2, 4] and not v.in_place  # row 0 kept nodes 2 and 4: their K/V move
+    assert v.accepted == [[8, 3, 2], [6]] and v.following.tolist() == [[8, 3, 2], [6, 6, 6]]  # the token after each path node, padded
+    assert Verified.of(None, tree, tokens.tolist(), [1, 0], [2, 6], [5, 5], [5, 5]).in_place  # paths (0, 1) and (0,): nothing moves
+    same_last, same_bonus = walk_picks(tokens.tolist(), tree, predictions)  # every node's pick known: plain lists
+    assert same_last == [4, 0] and same_bonus == [2, 6]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -114,8 +116,8 @@ def test_walking_known_picks_in_lists_follows_the_tensor_walk(seed):
             return valid & (kids == picked.unsqueeze(1)), picked
 
         want = walk(tokens, tree, accept, alive)
-        got = walk_picks(tokens, tree, picks, alive)
-        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        got = walk_picks(tokens.tolist(), tree, picks, alive)
+        assert all(g == w.tolist() for g, w in zip(got, want))
 
 
 @pytest.mark.parametrize("seed", range(6))

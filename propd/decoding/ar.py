@@ -21,7 +21,7 @@ class ARMethod:
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: Stateless, picker: Picker) -> StepResult:
         B = roots.shape[0]
         hidden = decoder.extend(roots.unsqueeze(1), cache.chain(1), cache)
-        cache.advance(torch.ones(B, dtype=torch.long, device=cache.device))
+        cache.advance(1)
         roots = picker.next_tokens(decoder, decoder.final_norm(hidden[:, -1]))
         return StepResult([[t] for t in roots.tolist()], roots, [1] * B, [1] * B)
 

@@ -267,22 +267,16 @@ class DraftMethod:
         """Queue the accepted path's features, each with the token after it, for the draft to read
         next step (behind those queued before, where the draft did not ``read`` them this step: a
         root-only step, or lookup guesses alone); the step's result and each row's last accepted node."""
-        if tokens.shape[1] == 1:  # an AR step: the root's state, the new root after it (the gathers below cost a batch-8 step 2%)
-            entries = (v.normed.float(), v.roots.unsqueeze(1), v.counts)
-            result, last = StepResult([[t] for t in v.roots.tolist()], v.roots, v.verified, v.late), v.offsets[:, 0]
-        else:
-            path_tokens = tokens.gather(1, v.offsets)  # root first
-            next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
-            next_tokens[torch.arange(len(v.roots)), v.counts - 1] = v.roots
-            entries = (v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1])).float(), next_tokens, v.counts)
-            result, last = v.result(tokens), v.last_nodes()
+        normed = v.normed if tokens.shape[1] == 1 else v.normed.gather(1, v.offsets.unsqueeze(-1).expand(-1, -1, v.normed.shape[-1]))  # (an AR step: no gather)
+        entries = (normed.float(), v.following, v.counts)
+        result = v.result()
         if read:
             state.queued = [entries]
         else:
             state.queue(entries)
         if state.lookup is not None:
             state.lookup.extend(result.accepted)
-        return result, last
+        return result, v.last
 
 
 def _pack(queued: list[Entries]) -> Entries:

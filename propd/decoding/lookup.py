@@ -187,6 +187,6 @@ class LookupMethod:
         alive = None
         if any(len(guess) < width for guess in guesses):  # rows verify their own guesses only
             alive = torch.arange(width + 1) <= torch.tensor([len(guess) for guess in guesses]).unsqueeze(1)
-        result = verify(decoder, cache, tree, tokens, picker, alive=alive).result(tokens)
+        result = verify(decoder, cache, tree, tokens, picker, alive=alive).result()
         state.extend(result.accepted)
         return result

@@ -111,6 +111,8 @@ class Picker:
 
     def next_tokens(self, decoder: Decoder, normed: torch.Tensor) -> torch.Tensor:
         """Every row's token [B] right after its newest one, from the normed states there [B, dim]."""
+        if self.greedy:  # (no rows or depths to index: a greedy step's every tensor op costs it, run cold after the weights' stream)
+            return decoder.greedy_tokens(normed)
         B = len(normed)
         return self.pick(decoder, normed, torch.arange(B), torch.zeros(B, dtype=torch.long))
 

@@ -147,4 +147,4 @@ class SpecMethod:
             state.pending = torch.cat([path[:, 1:], path[:, :1]], dim=1).scatter(1, (v.counts - 1).unsqueeze(1), v.roots.unsqueeze(1))
             state.counts = v.counts
             state.ar_steps = 0
-        return v.result(tokens), v.last_nodes()
+        return v.result(), v.last

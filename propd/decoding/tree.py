@@ -65,11 +65,12 @@ def walk(
     return last, bonus
 
 
-def walk_picks(tokens: torch.Tensor, tree: TokenTree, picks: torch.Tensor, alive: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def walk_picks(rows: list[list[int]], tree: TokenTree, picks: torch.Tensor, alive: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
     """``walk`` where every node's pick [B, N] is known (greedy steps of up to ``PROJECT_ALL``
-    tokens): each row follows the first (alive) child carrying its node's pick, in plain lists
-    (the tensor walk's dozen small ops per depth took 7% of a batch-1 ProPD step on the AMD EPYC)."""
-    rows, chosen = tokens.tolist(), picks.tolist()
+    tokens): each row of tokens (``rows``, as lists) follows the first (alive) child carrying its
+    node's pick, in plain lists (the tensor walk's dozen small ops per depth took 7% of a batch-1
+    ProPD step on the AMD EPYC); the last nodes and bonus tokens as lists (``Verified.of`` makes them tensors)."""
+    chosen = picks.tolist()
     ok = None if alive is None else alive.tolist()
     last, bonus = [], []
     for b, (row, pick) in enumerate(zip(rows, chosen)):
@@ -78,40 +79,48 @@ def walk_picks(tokens: torch.Tensor, tree: TokenTree, picks: torch.Tensor, alive
             node = child
         last.append(node)
         bonus.append(pick[node])
-    return torch.tensor(last), torch.tensor(bonus)
-
-
-def accepted_offsets(tree: TokenTree, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Node indices [B, D+1] of each row's accepted path (root first, padded) and their counts [B]."""
-    paths = [tree.lineage[node] for node in last.tolist()]
-    width = max(map(len, paths))
-    offsets = torch.tensor([path + (tree.size - 1,) * (width - len(path)) for path in paths])
-    return offsets, torch.tensor([len(path) for path in paths])
+    return last, bonus
 
 
 @dataclass
 class Verified:
     """What verifying one tree gave each row: the model's normed hidden state at every node
     [B, N, dim], the accepted path's node indices [B, D+1] (root first, padded) and lengths [B],
-    and the new roots (bonus tokens) [B]."""
+    the new roots (bonus tokens) [B], the last accepted node [B] (the one the bonus token follows),
+    the token after each node of the path [B, D+1] (the bonus token after the last; padded with it),
+    the accepted tokens as lists (the bonus token last), and whether every path is its tree's first
+    nodes (a chain's: their K/V stay where they are)."""
 
     normed: torch.Tensor
     offsets: torch.Tensor
     counts: torch.Tensor
     roots: torch.Tensor
+    last: torch.Tensor
+    following: torch.Tensor
+    accepted: list[list[int]]
+    in_place: bool
     verified: list[int]  # per row: tree tokens it ran (its own nodes, where rows keep different ones)
     late: list[int]  # per row: tokens that went through the late layers (fewer where pruning dropped some)
 
-    def last_nodes(self) -> torch.Tensor:
-        """Each row's last accepted node [B] (the one the bonus token follows)."""
-        return self.offsets.gather(1, (self.counts - 1).unsqueeze(1)).squeeze(1)
+    @classmethod
+    def of(
+        cls, normed: torch.Tensor, tree: TokenTree, rows: list[list[int]], last: list[int], roots: list[int], verified: list[int], late: list[int],
+    ) -> "Verified":
+        """From each row's tokens (``rows``), last accepted node and new root, as lists: the tensors
+        as views of one (each tensor op costs a decode step ~10 us, run cold after the weights'
+        stream: AMD EPYC)."""
+        paths = [tree.lineage[node] for node in last]
+        width = max(map(len, paths))
+        accepted = [[row[n] for n in path[1:]] + [root] for row, path, root in zip(rows, paths, roots)]
+        table = torch.tensor([
+            [len(path), node, root, *path, *(tree.size - 1,) * (width - len(path)), *tokens, *tokens[-1:] * (width - len(tokens))]
+            for path, node, root, tokens in zip(paths, last, roots, accepted)
+        ])
+        in_place = all(path == tuple(range(len(path))) for path in paths)
+        return cls(normed, table[:, 3 : 3 + width], table[:, 0], table[:, 2], table[:, 1], table[:, 3 + width :], accepted, in_place, verified, late)
 
-    def result(self, tokens: torch.Tensor) -> StepResult:
-        """Each row's accepted tokens, the bonus token last (as lists at once: tensor slicing row by
-        row took 0.2 ms of a batch-8 step)."""
-        paths, counts, roots = tokens.gather(1, self.offsets).tolist(), self.counts.tolist(), self.roots.tolist()
-        accepted = [path[1:count] + [root] for path, count, root in zip(paths, counts, roots)]
-        return StepResult(accepted, self.roots, self.verified, self.late)
+    def result(self) -> StepResult:
+        return StepResult(self.accepted, self.roots, self.verified, self.late)
 
 
 def verify(
@@ -124,23 +133,25 @@ def verify(
     B = len(tokens)
     if tree.size == 1:
         normed = decoder.final_norm(decoder.extend(tokens, cache.chain(1), cache))  # [B, 1, dim]
-        cache.advance(torch.ones(B, dtype=torch.long, device=cache.device))
+        cache.advance(1)
         ones, zeros = torch.ones(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-        return Verified(normed, zeros.unsqueeze(1), ones, picker.next_tokens(decoder, normed[:, 0]), [1] * B, [1] * B)
+        roots = picker.next_tokens(decoder, normed[:, 0])
+        return Verified(normed, zeros.unsqueeze(1), ones, roots, zeros, roots.unsqueeze(1), [[t] for t in roots.tolist()], True, [1] * B, [1] * B)
     verified = [tree.size] * B if alive is None else alive.sum(1).tolist()
     normed, alive = run_tree(decoder, cache, tree, tokens, alive, pruner)
     picks = _all_picks(decoder, picker, normed, alive)
+    rows = tokens.tolist()
     if picks is not None:
-        last, roots = walk_picks(tokens, tree, picks, alive)
+        last, roots = walk_picks(rows, tree, picks, alive)
     else:  # a product per depth, over the rows still walking
 
         def accept(rows, nodes, kids, valid):
             return picker.accept(decoder, normed[rows, nodes], rows, tree.depths[nodes], kids, valid)
 
-        last, roots = walk(tokens, tree, accept, alive)
-    offsets, counts = accepted_offsets(tree, last)
-    cache.keep(offsets, counts)
-    return Verified(normed, offsets, counts, roots, verified, verified if pruner is None else alive.sum(1).tolist())
+        last, roots = (t.tolist() for t in walk(tokens, tree, accept, alive))
+    v = Verified.of(normed, tree, rows, last, roots, verified, verified if pruner is None else alive.sum(1).tolist())
+    cache.keep(v.offsets, v.counts, v.in_place)
+    return v
 
 
 def run_tree(
@@ -266,6 +277,5 @@ class TreeMethod:
             state.candidates = self.propose(decoder, state.normed, roots)
         tokens = roots.unsqueeze(1) if tree.size == 1 else tree_tokens(roots, state.candidates, tree)  # [B, N]
         v = verify(decoder, cache, tree, tokens, picker, pruner)
-        last = v.last_nodes()
-        state.normed, state.candidates = v.normed[torch.arange(len(last)), last], None
-        return v.result(tokens), last
+        state.normed, state.candidates = v.normed[torch.arange(len(v.last)), v.last], None
+        return v.result(), v.last

@@ -73,9 +73,10 @@ def _bias(seen: torch.Tensor) -> torch.Tensor:
     return torch.zeros(seen.shape, device=seen.device).masked_fill_(~seen, float("-inf"))
 
 
-def chain_plan(lengths: torch.Tensor, T: int, n_kv_heads: int, max_len: int) -> Plan:
-    """New tokens at slots lengths + [0, T), each seeing every slot up to its own (prefill, AR)."""
-    position = lengths.unsqueeze(1) + torch.arange(T, device=lengths.device)  # [B, T]
+def chain_plan(lengths: torch.Tensor, T: int, n_kv_heads: int, max_len: int, position: torch.Tensor | None = None) -> Plan:
+    """New tokens at slots lengths + [0, T), each seeing every slot up to its own (prefill, AR);
+    ``position``: those slots [B, T], where the caller has them already."""
+    position = lengths.unsqueeze(1) + torch.arange(T, device=lengths.device) if position is None else position  # [B, T]
     return Plan(position + 1, torch.empty(*position.shape, 0, dtype=torch.long, device=lengths.device), n_kv_heads, max_len)
 
 

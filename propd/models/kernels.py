@@ -100,6 +100,18 @@ def autograd_route(dtype: torch.dtype = torch.float32) -> Route:
     return Route("torch", next(k for k, v in DTYPES.items() if v == dtype), tile=0)
 
 
+def as_rows(x: torch.Tensor, dtype: torch.dtype, width: int) -> torch.Tensor:
+    """x [..., width] as rows [M, width] in ``dtype``, with no tensor op where it is that already: in a
+    decode step each op runs cold after the weights' stream, ~10 us (AMD EPYC)."""
+    x = x if x.dtype == dtype else x.to(dtype)
+    return x if x.dim() == 2 else x.reshape(-1, width)
+
+
+def shaped(y: torch.Tensor, x: torch.Tensor, *tail: int) -> torch.Tensor:
+    """y [M, *tail], computed from rows of x [..., width] (``as_rows``), as [..., *tail]."""
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], *tail)
+
+
 class Linear:
     """y = x W^T by one route. ``weight`` [out, in]; x [..., in] in any float dtype; y in the route's
     dtype (fp32 from ours, which sum in fp32)."""
@@ -124,13 +136,12 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
-        x = x.to(self.dtype)
         if route.tile == 0:
-            return F.linear(x, self.weight)
-        rows = x.reshape(-1, self.in_features)
+            return F.linear(x.to(self.dtype), self.weight)
+        rows = as_rows(x, self.dtype, self.in_features)
         M = rows.shape[0]
         if (M <= route.tile or route.kernel in PACKED) and not route.pad:  # ours: any rows, each as alone
-            return self._call(rows).view(*x.shape[:-1], self.out_features)
+            return shaped(self._call(rows), x, self.out_features)
         out = torch.empty(M, self.out_features, dtype=self.dtype, device=x.device)
         for start in range(0, M, route.tile):
             chunk = rows[start : start + route.tile]
@@ -146,8 +157,10 @@ class Linear:
         for a vocabulary, screened by int8 copies of the weights where the CPU can (``Int8Screen``)."""
         if self.route.kernel not in PACKED or self.q4 is not None or x.device.type != "cpu":
             return self(x).argmax(-1)
-        rows = packed_rows(x.to(self.dtype).reshape(-1, self.in_features), self.packed)
+        rows = packed_rows(as_rows(x, self.dtype, self.in_features), self.packed)
         at = torch.empty(rows.shape[0], dtype=torch.long)
+        if len(rows) <= SCREEN_ROWS and self.screened_argmax(rows, at) == 0:  # a decode step's rows, not sliced (``as_rows``)
+            return shaped(at, x)
         K = rows.shape[1]
         for start in range(0, len(rows), TILE):
             n = min(TILE, len(rows) - start)
@@ -155,7 +168,7 @@ class Linear:
                 continue
             if self.lib.bf16_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, K, native.kernel_threads()):
                 raise RuntimeError(f"{self.route.kernel} argmax of {n} rows failed (out of memory)")
-        return at.view(x.shape[:-1])
+        return shaped(at, x)
 
     def screened_argmax(self, rows: torch.Tensor, at: torch.Tensor) -> int:
         """``argmax`` of rows [n, in] (fp32, packed_rows, n <= 32) into at [n] by the int8 screen: 0
@@ -186,7 +199,7 @@ class Linear:
             outputs = self(x).float()
             best = outputs.topk(k, dim=-1)
             return (best.values - outputs.logsumexp(-1, keepdim=True) if normalized else best.values), best.indices
-        rows = x.to(self.dtype).reshape(-1, self.in_features)
+        rows = as_rows(x, self.dtype, self.in_features)
         top, at = torch.empty(rows.shape[0], k), torch.empty(rows.shape[0], k, dtype=torch.long)
         if self.q4 is not None:  # (Q4_1 blocks: the product, then the same selection; torch's took 0.17 ms of a drafting level)
             outputs = self._call(rows)
@@ -198,7 +211,7 @@ class Linear:
                                         rows.shape[1], k, int(normalized), native.kernel_threads())
         if failed:
             raise RuntimeError(f"{self.route.kernel} top-{k} of {rows.shape[0]} rows failed (out of memory, or more than {self.out_features})")
-        return top.view(*x.shape[:-1], k), at.view(*x.shape[:-1], k)
+        return shaped(top, x, k), shaped(at, x, k)
 
     def _call(self, rows: torch.Tensor) -> torch.Tensor:
         if self.q4 is not None:
