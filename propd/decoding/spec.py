@@ -116,12 +116,12 @@ class SpecMethod:
         tokens[:, 0] = roots
         synchronize(draft.device)  # the levels' own time (``drafted``), the draft's reading before them apart
         started, level = time.perf_counter(), 0
-        for level, (nodes, parents, ranks, expand, paths) in enumerate(tree_levels(tree), 1):
-            guesses = draft.lm_head.topk(normed[:, parents], int(ranks.max()) + 1)[1]  # [B, n, k]
-            tokens[:, nodes] = guesses.gather(2, ranks.expand(B, -1).unsqueeze(2)).squeeze(2)
-            if len(expand) == 0:
+        for level, at in enumerate(tree_levels(tree), 1):
+            guesses = draft.lm_head.topk(normed[:, at.parents], at.guesses)[1]  # [B, n, k]
+            tokens[:, at.nodes] = at.chosen(guesses)
+            if len(at.expand) == 0:
                 break
-            normed[:, expand] = draft.final_norm(draft.extend(tokens[:, expand], level_layout(cache, expand, paths), cache))
+            normed[:, at.expand] = draft.final_norm(draft.extend(tokens[:, at.expand], level_layout(cache, at.expand, at.paths), cache))
         synchronize(draft.device)
         self.drafted = (level, time.perf_counter() - started)
         return tokens

@@ -9,6 +9,7 @@ tensor code gives (``tests/test_exact.py`` compares them).
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -32,6 +33,12 @@ class _Step(ctypes.Structure):
         *[(name, ctypes.c_int64) for name in ("p_layer", "p_row", "p_head")],
         *[(name, ctypes.c_void_p) for name in ("ready", "committed")],
     ]
+
+
+@functools.lru_cache(maxsize=64)
+def _starts(B: int, T: int) -> torch.Tensor:
+    """Where each of B rows of T tokens starts among them [B + 1] (the C code only reads it)."""
+    return torch.arange(0, (B + 1) * T, T)
 
 
 class FusedLayers:
@@ -70,7 +77,7 @@ class FusedLayers:
         counts, given = layout.counts, x
         real = None if counts is None or bool((counts == T).all()) else torch.arange(T) < counts.unsqueeze(1)  # [B, T]
         if real is None:  # every row T tokens (the rows' first token at T b: four fewer tensor ops than from counts, each run cold here)
-            x, most, starts = x.contiguous().clone(), T, torch.arange(0, (B + 1) * T, T)
+            x, most, starts = x.contiguous().clone(), T, _starts(B, T)
         else:
             x, cs, slots, n_in, path = (t[real] for t in (x, cs, slots, n_in, path))
             most, starts = int(counts.max()), torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
