@@ -419,11 +419,11 @@ def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_an
         for size in (1, 2, 8, 12):
             chooser.latency.observe((2, 0), size, 0.03 + slope * size + 0.01 * (size > 1))
         kept = chooser.select(2, 100, 4, tree, scores)
-        assert kept.shape == scores.shape and kept[:, 0].all()
+        assert kept.shape == (2, tree.size) and kept[:, 0].all()
         extra = int(kept[:, 1:].sum())
         assert extra == want if want else 1 < extra < 22
         assert (kept[:, 1:] <= kept.gather(1, tree.parents[1:].expand(2, -1))).all()  # whole paths: every kept node's parent is kept
-        below, taken = scores[:, 1:], kept[:, 1:]
+        below, taken = torch.tensor(scores)[:, 1:], kept[:, 1:]
         assert below[taken].min() >= torch.cat([below[~taken], torch.zeros(1)]).max()  # the batch's most probable (row, node) pairs
         if want is None:
             assert kept[0].sum() > kept[1].sum()  # the row the draft is surer of gets the larger tree
@@ -431,19 +431,19 @@ def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_an
         own = 1 + (scales * below * taken).sum(1)  # each row expects what its own nodes promise, each at its depth's scale
         assert chooser.expected_rows == pytest.approx(own.tolist())
     before = [chooser.draft_scale(d) for d in (1, 2)]
-    kept = chooser.select(2, 100, 4, tree, torch.ones(2, tree.size))  # the draft promised every node to both rows...
+    kept = chooser.select(2, 100, 4, tree, [[1.0] * tree.size] * 2)  # the draft promised every node to both rows...
     chooser.observe(tree, 2, 100, [0, 0], 0.03, kept)  # ...and none was accepted
     assert all(chooser.draft_scale(d) < b for d, b in zip((1, 2), before))
     first = tree.kids[0][0]  # the draft promises the root's first child and its children; every step takes the child, and nothing deeper
     promised = torch.zeros(2, tree.size)
     promised[:, [0, first, *tree.kids[first]]] = 1.0
     for _ in range(20):
-        kept = chooser.select(2, 100, 4, tree, promised)
+        kept = chooser.select(2, 100, 4, tree, promised.tolist())
         chooser.observe(tree, 2, 100, [first, first], 0.03, kept)
     assert chooser.draft_scale(1) > before[0] and chooser.draft_scale(2) < before[1] / 2  # each depth learns its own over-confidence
     promised[:, tree.kids[first]] = 0.0  # then the draft promises nothing deeper: depth 2 goes unmeasured...
     for _ in range(200):
-        chooser.observe(tree, 2, 100, [first, first], 0.03, chooser.select(2, 100, 4, tree, promised))
+        chooser.observe(tree, 2, 100, [first, first], 0.03, chooser.select(2, 100, 4, tree, promised.tolist()))
     assert chooser.draft_scale(2) > 0.6  # ...and its evidence ages into the pooled depths' ratio
     assert chooser.latency.count((2, 0), 12) == 2  # a step of 12 nodes per row on average
 

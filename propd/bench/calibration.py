@@ -59,8 +59,8 @@ class CalibratingDraft:
         drafted = path_products(tree, probs)
         for b, node in enumerate(last.tolist()):
             accepted = tree.ancestors[node]
-            self.record.nodes += [(ranked[i], float(drafted[b, i]), bool(accepted[i])) for i in range(1, tree.size)]
-            self.record.steps.append((1 + sum(ranked[1:]), 1 + float(drafted[b, 1:].sum()), int(tree.depths[node]) + 1))
+            self.record.nodes += [(ranked[i], drafted[b][i], bool(accepted[i])) for i in range(1, tree.size)]
+            self.record.steps.append((1 + sum(ranked[1:]), 1 + sum(drafted[b][1:]), int(tree.depths[node]) + 1))
             self.acceptance.observe(tree, node)
         return result
 

@@ -253,7 +253,7 @@ class DraftMethod:
 
     def step_scored(
         self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: DraftState, picker: Picker, tree: TokenTree,
-        select: Callable[[torch.Tensor, Offer | None], torch.Tensor], pruner: Pruner | None = None, lookup: bool = False,
+        select: Callable[[list[list[float]], Offer | None], torch.Tensor], pruner: Pruner | None = None, lookup: bool = False,
     ) -> tuple[StepResult, torch.Tensor, torch.Tensor, Offer | None]:
         """Draft ``tree`` (and, with ``lookup``, graft each row's lookup guesses on: the ``Offer``),
         then verify only the nodes [B, N] ``select`` keeps of each row given their draft path
@@ -266,10 +266,10 @@ class DraftMethod:
             offer = graft(tree, drafted, scores, state.lookup, self.tree_size)
             tree, drafted, scores = offer.tree, offer.tokens, offer.scores
         nodes = select(scores, offer)
-        alive, keep = nodes, None
-        if bool((nodes == nodes[:1]).all()):  # every row keeps the same nodes (always at batch 1): verified as a smaller tree
-            keep = nodes[0].nonzero().flatten()  # root first; kept nodes keep their order, so sub-tree node j is keep[j]
-            tree, drafted, alive = tree_of(tuple(tree.paths[i - 1] for i in keep[1:].tolist())), drafted[:, keep], None
+        alive, keep, rows = nodes, None, nodes.tolist()
+        if all(row == rows[0] for row in rows):  # every row keeps the same nodes (always at batch 1): verified as a smaller tree
+            keep = torch.tensor([i for i, kept in enumerate(rows[0]) if kept])  # root first; kept nodes keep their order, so sub-tree node j is keep[j]
+            tree, drafted, alive = tree_of(tuple(tree.paths[i - 1] for i, kept in enumerate(rows[0]) if kept and i)), drafted[:, keep], None
         result, last = self.finish(drafted, verify(decoder, cache, tree, drafted, picker, pruner, alive), state, read=True)
         return result, last if keep is None else keep[last], nodes, offer
 
@@ -280,7 +280,7 @@ class DraftMethod:
         root's tree with them grafted on, else (none offered or kept) an AR step; the result, each
         row's last accepted node, the nodes verified and the offer (None for an AR step). The draft
         reads the step's path later, as after an AR step."""
-        offer = graft(tree_of(()), roots.unsqueeze(1), torch.ones(len(roots), 1), state.lookup, self.tree_size)
+        offer = graft(tree_of(()), roots.unsqueeze(1), [[1.0]] * len(roots), state.lookup, self.tree_size)
         nodes = select(offer) if offer.tree.size > 1 else None
         if nodes is None:
             result, last = self.step_tree(decoder, cache, roots, state, picker, tree_of(()))

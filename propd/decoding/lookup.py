@@ -108,20 +108,20 @@ class Offer:
 
     tree: TokenTree
     tokens: torch.Tensor  # [B, N] root first
-    scores: torch.Tensor  # [B, N] the drafter's path probabilities (0 at the lookup guesses)
+    scores: list[list[float]]  # [B][N] the drafter's path probabilities (0 at the lookup guesses)
     chains: list[Chain | None]  # per row (None: no guesses)
     duplicates: list[list[int]]  # per row: the drafter's nodes whose token a chain carries at the same place, and their subtrees
 
 
-def graft(tree: TokenTree, tokens: torch.Tensor, scores: torch.Tensor, state: LookupState, room: int) -> Offer:
-    """The drafted ``tree``, its ``tokens`` [B, N] and their path probabilities ``scores`` [B, N],
+def graft(tree: TokenTree, tokens: torch.Tensor, scores: list[list[float]], state: LookupState, room: int) -> Offer:
+    """The drafted ``tree``, its ``tokens`` [B, N] and their path probabilities ``scores`` [B][N],
     and each row's lookup guesses as a chain of ``LOOKUP_RANK`` nodes: under the drafter's depth-1
     node that carries the first guess (a second copy of it would only cost a tree token), else under
     the root. A drafted node below that one carrying the second guess is a duplicate (listed, with
     its subtree: worth nothing). At most ``room`` nodes in all: rows past it (in row order) offer no
     guesses this step."""
-    roots = tokens[:, 0].tolist()
     drafted = tokens.tolist()
+    roots = [row[0] for row in drafted]
     paths = list(tree.paths)
     placed: set[tuple[int, ...]] = set()
     plans = []
@@ -145,7 +145,7 @@ def graft(tree: TokenTree, tokens: torch.Tensor, scores: torch.Tensor, state: Lo
     order = [0] + [at[path] for path in tree.paths]  # the drafted nodes' places in ``full``
     out = [[root] * full.size for root in roots]  # (as lists, made tensors once: a dozen small tensor ops took 0.07 ms a step)
     placed = [[0.0] * full.size for _ in roots]
-    for out_row, placed_row, drafted_row, score_row in zip(out, placed, drafted, scores.tolist()):
+    for out_row, placed_row, drafted_row, score_row in zip(out, placed, drafted, scores):
         for node, i in enumerate(order):
             out_row[i], placed_row[i] = drafted_row[node], score_row[node]
     chains, duplicates = [], []
@@ -161,7 +161,7 @@ def graft(tree: TokenTree, tokens: torch.Tensor, scores: torch.Tensor, state: Lo
         chains.append(Chain(nodes, at[tree.paths[anchor - 1]] if anchor else 0, n, first, copying))
         below = [at[tree.paths[kid - 1]] for kid in (tree.kids[anchor] if anchor else ()) if drafted[row][kid] == guesses[first]]
         duplicates.append([node for kid in below for node, line in enumerate(full.lineage) if kid in line])  # each kid and its subtree
-    return Offer(full, torch.tensor(out), torch.tensor(placed, dtype=scores.dtype), chains, duplicates)
+    return Offer(full, torch.tensor(out), placed, chains, duplicates)
 
 
 def lookup_state(prompts: list[list[int]], roots: torch.Tensor) -> LookupState:

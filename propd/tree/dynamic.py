@@ -552,7 +552,7 @@ class TreeChooser:
         return self.tree(min(max(self.sizes), tree.size + tree.size // 2), tree.depth)[0]
 
     def select(
-        self, batch_size: int, context: int, chosen: int, drafted: TokenTree, scores: torch.Tensor, offer: Offer | None = None,
+        self, batch_size: int, context: int, chosen: int, drafted: TokenTree, scores: list[list[float]], offer: Offer | None = None,
         weights: list[float] | None = None,
     ) -> torch.Tensor:
         """Which drafted nodes each row verifies [B, N], from their draft path probabilities [B, N]:
@@ -568,8 +568,8 @@ class TreeChooser:
         rows' ``weights`` (a fixed batch, ``DecodeLoop.weights``) a node's worth counts times its row's
         weight in the order and the rate; each row still expects what its own nodes are worth."""
         key = (batch_size, context // CONTEXT_BUCKET)
-        B, N = scores.shape
-        mass = scores[:, 1:].tolist()  # plain lists: as a dozen tensor ops on a few dozen nodes it took 0.2 ms of a batch-1 step (AMD EPYC)
+        B, N = len(scores), len(scores[0])
+        mass = [row[1:] for row in scores]  # plain lists: as a dozen tensor ops on a few dozen nodes it took 0.2 ms of a batch-1 step (AMD EPYC)
         tree = offer.tree if offer else drafted
         worth = self._worth(mass, offer, tree)
         fit = None if self._exploring else self.latency.line(key)
