@@ -103,7 +103,7 @@ def test_cache_keep_packs_chosen_entries_per_row_and_commits_them():
     cache = KVCache(n_layers=2, batch_size=2, n_kv_heads=1, max_len=16, head_dim=1)
     cache.lengths = torch.tensor([3, 5])
     cache.kv[..., 0] = torch.arange(cache.max_len, dtype=torch.float32)  # each slot holds its own index
-    cache.keep(torch.tensor([[1, 3, 4], [2, 0, 0]]), torch.tensor([3, 1]))
+    cache.keep(torch.tensor([[1, 3, 4], [2, 0, 0]]), torch.tensor([3, 1]), in_place=False)
     assert cache.lengths.tolist() == [6, 6]
     assert cache.kv[1, 1, 0, 0, 3:6, 0].tolist() == [4.0, 6.0, 7.0]
     assert cache.kv[0, 0, 1, 0, 5, 0].item() == 7.0

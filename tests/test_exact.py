@@ -171,7 +171,7 @@ def test_amx_attention_follows_float_attention_and_its_copy_follows_the_cache():
     q = torch.randn(B, 1, H, hd)
     lengths = torch.tensor([150, 33])
     copy = attention.TileCopy(torch.empty(B, KV, S // 32, 32 * hd, dtype=torch.int32), torch.zeros(B, dtype=torch.long), lengths - 1)
-    got = attention._native(native.native_kernel(), q, keys, values, attention.chain_plan(lengths - 1, 1, KV, S), copy)
+    got = attention._native(native.native_kernel(), q, keys, values, attention.chain_plan((lengths - 1).unsqueeze(1), KV, S), copy)
     assert copy.ready.tolist() == [4, 1]
     for b in range(B):
         k, v = (t[b, :, : lengths[b], :hd].bfloat16().float().repeat_interleave(H // KV, 0) for t in (keys, values))

@@ -268,8 +268,9 @@ class DraftMethod:
         nodes = select(scores, offer)
         alive, keep, rows = nodes, None, nodes.tolist()
         if all(row == rows[0] for row in rows):  # every row keeps the same nodes (always at batch 1): verified as a smaller tree
-            keep = torch.tensor([i for i, kept in enumerate(rows[0]) if kept])  # root first; kept nodes keep their order, so sub-tree node j is keep[j]
-            tree, drafted, alive = tree_of(tuple(tree.paths[i - 1] for i, kept in enumerate(rows[0]) if kept and i)), drafted[:, keep], None
+            kept = [i for i, taken in enumerate(rows[0]) if taken]  # root first; kept nodes keep their order, so sub-tree node j is kept[j]
+            keep = torch.tensor(kept)
+            tree, drafted, alive = tree_of(tuple(tree.paths[i - 1] for i in kept[1:])), drafted[:, keep], None
         result, last = self.finish(drafted, verify(decoder, cache, tree, drafted, picker, pruner, alive), state, read=True)
         return result, last if keep is None else keep[last], nodes, offer
 

@@ -143,8 +143,6 @@ class SpecMethod:
             state.counts = state.counts + 1
             state.ar_steps += 1
         else:  # the draft has read the root: it reads the rest of the accepted path and the new root next
-            path = tokens.gather(1, v.offsets)
-            state.pending = torch.cat([path[:, 1:], path[:, :1]], dim=1).scatter(1, (v.counts - 1).unsqueeze(1), v.roots.unsqueeze(1))
-            state.counts = v.counts
+            state.pending, state.counts = v.following, v.counts
             state.ar_steps = 0
         return v.result(), v.last

@@ -73,11 +73,9 @@ def _bias(seen: torch.Tensor) -> torch.Tensor:
     return torch.zeros(seen.shape, device=seen.device).masked_fill_(~seen, float("-inf"))
 
 
-def chain_plan(lengths: torch.Tensor, T: int, n_kv_heads: int, max_len: int, position: torch.Tensor | None = None) -> Plan:
-    """New tokens at slots lengths + [0, T), each seeing every slot up to its own (prefill, AR);
-    ``position``: those slots [B, T], where the caller has them already."""
-    position = lengths.unsqueeze(1) + torch.arange(T, device=lengths.device) if position is None else position  # [B, T]
-    return Plan(position + 1, torch.empty(*position.shape, 0, dtype=torch.long, device=lengths.device), n_kv_heads, max_len)
+def chain_plan(position: torch.Tensor, n_kv_heads: int, max_len: int) -> Plan:
+    """New tokens at slots ``position`` [B, T] (each row's length + [0, T)), each seeing every slot up to its own (prefill, AR)."""
+    return Plan(position + 1, torch.empty(*position.shape, 0, dtype=torch.long, device=position.device), n_kv_heads, max_len)
 
 
 def path_plan(base: torch.Tensor, path_slots: torch.Tensor, n_kv_heads: int, max_len: int) -> Plan:
@@ -159,7 +157,8 @@ def blocked_is_exact(n_heads: int, n_kv_heads: int, head_dim: int) -> bool:
     chained = blocked_attention(q, keys, values, path_plan(lengths[:, None].expand(B, T), slots.masked_fill(~ancestors, -1), n_kv_heads, S))
     for b in range(B):
         for t in range(T):
-            alone = blocked_attention(q[b : b + 1, t : t + 1], keys[b : b + 1], values[b : b + 1], chain_plan(lengths[b : b + 1] + t, 1, n_kv_heads, S))
+            plan = chain_plan((lengths[b : b + 1] + t).unsqueeze(1), n_kv_heads, S)
+            alone = blocked_attention(q[b : b + 1, t : t + 1], keys[b : b + 1], values[b : b + 1], plan)
             if not torch.equal(alone[0, 0], chained[b, t]):
                 return False
     return True

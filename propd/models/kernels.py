@@ -159,12 +159,11 @@ class Linear:
             return self(x).argmax(-1)
         rows = packed_rows(as_rows(x, self.dtype, self.in_features), self.packed)
         at = torch.empty(rows.shape[0], dtype=torch.long)
-        if len(rows) <= SCREEN_ROWS and self.screened_argmax(rows, at) == 0:  # a decode step's rows, not sliced (``as_rows``)
-            return shaped(at, x)
         K = rows.shape[1]
         for start in range(0, len(rows), TILE):
             n = min(TILE, len(rows) - start)
-            if n <= SCREEN_ROWS and self.screened_argmax(rows[start : start + n], at[start : start + n]) == 0:
+            tile = (rows, at) if n == len(rows) else (rows[start : start + n], at[start : start + n])  # (a decode step's rows: no slicing ops)
+            if n <= SCREEN_ROWS and self.screened_argmax(*tile) == 0:
                 continue
             if self.lib.bf16_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, K, native.kernel_threads()):
                 raise RuntimeError(f"{self.route.kernel} argmax of {n} rows failed (out of memory)")

@@ -126,7 +126,7 @@ class KVCache:
     def chain(self, T: int) -> Layout:
         """T new tokens after each row's cache, each seeing the cache and the new tokens before it."""
         slots = self.lengths.unsqueeze(1) + torch.arange(T, device=self.device)
-        return Layout(slots, slots, chain_plan(self.lengths, T, self.kv.shape[3], self.max_len, slots))
+        return Layout(slots, slots, chain_plan(slots, self.kv.shape[3], self.max_len))
 
     def tree(self, ancestors: torch.Tensor) -> Layout:
         """N new tokens after each row's cache forming a tree: ancestors [N, N] or [B, N, N] bool
@@ -159,15 +159,12 @@ class KVCache:
         """What the AMX attention reads of this layer besides the entries, where the cache keeps it."""
         return None if self.packed is None else TileCopy(self.packed[layer], self.ready[layer], self.lengths)
 
-    def keep(self, offsets: torch.Tensor, counts: torch.Tensor, in_place: bool | None = None) -> None:
+    def keep(self, offsets: torch.Tensor, counts: torch.Tensor, in_place: bool) -> None:
         """Keep, for every row b, the new entries at slots lengths[b] + offsets[b, :counts[b]], packed in
         order right after the row's committed entries, and commit them. offsets: [B, n], increasing;
-        ``in_place``: whether every row's kept offsets are 0, 1, 2, ... (None: found from them)."""
+        ``in_place``: whether every row's kept offsets are 0, 1, 2, ... (the caller knows it from its paths)."""
         if offsets.shape[1] == 0:
             return
-        if in_place is None:
-            placed = torch.arange(offsets.shape[1], device=self.device)
-            in_place = bool(((offsets == placed) | (placed >= counts.unsqueeze(1))).all())
         if in_place:  # every path is its tree's first nodes (chains): nothing moves
             self.lengths += counts
             return
