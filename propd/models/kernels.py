@@ -35,7 +35,8 @@ from propd.models import native
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 KERNELS = ("onednn", "torch", "amx", "avx512", "avx512q4", "avx512q4i8")
-# our C products (``csrc/matmul.c``), by what its bf16_products() says of the build; ``avx512q4``
+# our C products (``csrc/matmul.c``), by what its bf16_products() says of the build (the Q4_1 kernels'
+# bf16 products by either, on AMX tiles where the CPU has them); ``avx512q4``
 # multiplies weights that hold the GGUF's Q4_1 values from their 4-bit blocks by 16-bit inputs (as two
 # int8 planes), ``avx512q4i8`` by int8 inputs (``csrc/matmul_q4.c``, ``pack_q4``)
 PACKED = {"amx": 1, "avx512": 2, "avx512q4": 2, "avx512q4i8": 2}
@@ -227,10 +228,11 @@ class Linear:
 def packed_kernels(kernel: str) -> ctypes.CDLL:
     """The C kernels, where they multiply by ``kernel`` ("amx", "avx512" or one of ``Q4_KERNELS``) on this CPU."""
     lib = native.native_kernel()
-    q4 = kernel in Q4_KERNELS
-    if lib is None or lib.bf16_products() != PACKED[kernel] or (q4 and not lib.q4_products()):
+    if kernel in Q4_KERNELS:  # its bf16 products (of weights that hold no Q4_1 values) by whichever this build has
+        if lib is None or not lib.bf16_products() or not lib.q4_products():
+            raise RuntimeError(f"the {kernel} kernel needs a CPU with AVX512-BF16 and AVX512-VNNI, and a C compiler")
+    elif lib is None or lib.bf16_products() != PACKED[kernel]:
         need = "AMX tiles and Linux's permission to use them" if kernel == "amx" else "AVX512-BF16 and no AMX (AMX takes its place)"
-        need += " and AVX512-VNNI" if q4 else ""
         raise RuntimeError(f"the {kernel} kernel needs a CPU with {need}, and a C compiler")
     return lib
 

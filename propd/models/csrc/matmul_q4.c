@@ -34,7 +34,7 @@
 #define Q4_GROUP 8   /* rows that share each weight vector as it is unpacked */
 #define EIGHT(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && !(defined(__AMX_TILE__) && defined(__AMX_BF16__))
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 
 typedef struct {
@@ -151,7 +151,7 @@ static inline __attribute__((always_inline)) void quantize_block(const float *x,
     *sum = scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
 }
 
-int q4_products(void) { return 1; } /* (this build multiplies Q4_1 blocks: AVX512-BF16 and -VNNI, no AMX) */
+int q4_products(void) { return 1; } /* (this build multiplies Q4_1 blocks: AVX512-BF16 and -VNNI) */
 
 /* y [M, N] (fp32) = x [M, K] (fp32; K a multiple of 32) times the Q4_1 weights' transpose (packed:
    ``pack_q4``), the inputs as ``planes`` (1-2) int8 planes, on the calling thread and up to
