@@ -29,12 +29,13 @@ TENSOR_EXACT = attention.blocked_is_exact(TINY_ARGS.n_heads, TINY_ARGS.n_kv_head
 # attention, norms, RoPE, SiLU: by the C kernels, or by tensor ops where this machine makes those invariant
 KERNELS = (["c"] if native.native_kernel() is not None else []) + (["torch"] if TENSOR_EXACT else [])
 AMX = native.native_kernel() is not None and bool(native.native_kernel().amx_ready())  # the amx route exists here, exact or broken
-OURS = next((f"bfloat16-{k}" for k, code in PACKED.items() if native.native_kernel() is not None and native.native_kernel().bf16_products() == code), None)
+OURS = next((f"bfloat16-{k}" for k, code in PACKED.items() if native.native_kernel() is not None and native.native_kernel().bf16_products() & code), None)
 AMX_ATTENTION = AMX and attention.tiles_take(64)
 # The route whose attention over 64-feature heads is a kernel of its own: AMX tiles, or bf16 dot products over a bf16 cache.
 DOT_ATTENTION = native.native_kernel() is not None and bool(native.native_kernel().bf16_dot_attention())
 WIDE = "bfloat16-amx" if AMX_ATTENTION else "bfloat16-avx512" if OURS == "bfloat16-avx512" else None
-SCREEN = OURS is not None and bool(native.native_kernel().bf16_screen_ready())  # the int8-screened argmax runs here
+# the int8-screened argmax runs here: beside our AVX512-BF16 products (also on a CPU with AMX)
+SCREEN = OURS is not None and bool(native.native_kernel().bf16_products() & PACKED["avx512"]) and bool(native.native_kernel().bf16_screen_ready())
 
 
 def wide_model(family: str = "llama", seed: int = 5, layers: int = 2, route: str | None = WIDE):
@@ -360,8 +361,8 @@ def test_the_screened_argmax_picks_what_the_full_products_argmax_picks_ties_and_
     weight[4900] = weight[3000] = weight[17]  # equal outputs: the first column wins
     weight[18] = weight[17]
     weight[18, 0] += 0.002  # a near tie: one input differs by a bf16 step or two
-    lin = Linear(weight, Route.parse(OURS))
-    assert lin.screen is not None and Linear(weight[:1000], Route.parse(OURS)).screen is None  # a small product reads its bf16 weights
+    lin = Linear(weight, Route.parse("bfloat16-avx512"))
+    assert lin.screen is not None and Linear(weight[:1000], Route.parse("bfloat16-avx512")).screen is None  # a small product reads its bf16 weights
     x = torch.randn(6, in_features)
     x[0] = weight[17] * 40
     x[1, 3] *= 300  # an outlier feature
@@ -380,7 +381,7 @@ def test_the_screened_argmax_picks_what_the_full_products_argmax_picks_ties_and_
         assert lin.screened_argmax(packed_rows(y, lin.packed), torch.empty(len(y), dtype=torch.long)) == int(gives_up), trial
         assert torch.equal(lin.argmax(y), lin(y).argmax(-1)), trial
     weight[9, 2] = float("inf")
-    assert Linear(weight, Route.parse(OURS)).screen is None  # no screen of weights that are not finite
+    assert Linear(weight, Route.parse("bfloat16-avx512")).screen is None  # no screen of weights that are not finite
 
 
 @pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here")

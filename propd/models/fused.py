@@ -19,7 +19,11 @@ from propd.models.kv_cache import KVCache, Layout
 
 
 class _Weights(ctypes.Structure):
-    _fields_ = [*[(name, ctypes.c_void_p) for name in ("attn_norm", "bqkv", "mlp_norm", "qkv", "wo", "gate_up", "down")], ("q4", ctypes.c_int64 * 4)]
+    _fields_ = [
+        *[(name, ctypes.c_void_p) for name in ("attn_norm", "bqkv", "mlp_norm", "qkv", "wo", "gate_up", "down")],
+        ("q4", ctypes.c_int64 * 4),
+        ("bf16", ctypes.c_int64),
+    ]
 
 
 class _Step(ctypes.Structure):
@@ -53,6 +57,7 @@ class FusedLayers:
             w.bqkv = None if layer.bqkv is None else layer.bqkv.data_ptr()
             w.qkv, w.wo, w.gate_up, w.down = ((p.packed if p.q4 is None else p.q4).data_ptr() for p in (qkv, wo, gate_up, down))
             w.q4[:] = [0 if p.q4 is None else Q4_KERNELS[p.route.kernel].number for p in (qkv, wo, gate_up, down)]
+            w.bf16 = PACKED[qkv.route.kernel]
         self._keep = (layers, products)  # the tensors behind the pointers
 
     @staticmethod

@@ -35,8 +35,8 @@ from propd.models import native
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 KERNELS = ("onednn", "torch", "amx", "avx512", "avx512q4", "avx512q4i8")
-# our C products (``csrc/matmul.c``), by what its bf16_products() says of the build (the Q4_1 kernels'
-# bf16 products by either, on AMX tiles where the CPU has them); ``avx512q4``
+# our C products (``csrc/matmul.c``): the kernel of each route's bf16 products, as bf16_products()
+# names them (a bit each: 1 AMX tiles, 2 AVX512-BF16, which a CPU with AMX has too); ``avx512q4``
 # multiplies weights that hold the GGUF's Q4_1 values from their 4-bit blocks by 16-bit inputs (as two
 # int8 planes), ``avx512q4i8`` by int8 inputs (``csrc/matmul_q4.c``, ``pack_q4``)
 PACKED = {"amx": 1, "avx512": 2, "avx512q4": 2, "avx512q4i8": 2}
@@ -166,7 +166,8 @@ class Linear:
             tile = (rows, at) if n == len(rows) else (rows[start : start + n], at[start : start + n])  # (a decode step's rows: no slicing ops)
             if n <= SCREEN_ROWS and self.screened_argmax(*tile) == 0:
                 continue
-            if self.lib.bf16_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, K, native.kernel_threads()):
+            threads, kernel = native.kernel_threads(), PACKED[self.route.kernel]
+            if self.lib.bf16_argmax(rows[start].data_ptr(), self.packed.data_ptr(), at[start].data_ptr(), n, self.out_features, K, threads, kernel):
                 raise RuntimeError(f"{self.route.kernel} argmax of {n} rows failed (out of memory)")
         return shaped(at, x)
 
@@ -187,7 +188,7 @@ class Linear:
     def screen(self) -> Int8Screen | None:
         """The argmax's int8 screen: for products of ``SCREEN_COLUMNS`` outputs or more (a
         vocabulary) on our AVX512-BF16 kernel where the CPU has AVX512-VNNI; else None."""
-        if self.packed is None or self.route.kernel not in PACKED or self.out_features < SCREEN_COLUMNS or not self.lib.bf16_screen_ready():
+        if self.packed is None or PACKED.get(self.route.kernel) != 2 or self.out_features < SCREEN_COLUMNS or not self.lib.bf16_screen_ready():
             return None
         return Int8Screen.of(self.packed)
 
@@ -208,7 +209,7 @@ class Linear:
         else:
             rows = packed_rows(rows, self.packed)
             failed = self.lib.bf16_topk(rows.data_ptr(), self.packed.data_ptr(), at.data_ptr(), top.data_ptr(), rows.shape[0], self.out_features,
-                                        rows.shape[1], k, int(normalized), native.kernel_threads())
+                                        rows.shape[1], k, int(normalized), native.kernel_threads(), PACKED[self.route.kernel])
         if failed:
             raise RuntimeError(f"{self.route.kernel} top-{k} of {rows.shape[0]} rows failed (out of memory, or more than {self.out_features})")
         return shaped(top, x, k), shaped(at, x, k)
@@ -217,7 +218,7 @@ class Linear:
         if self.q4 is not None:
             return q4_product(self.lib, self.route.kernel, rows, self.q4, self.out_features)
         if self.route.kernel in PACKED:
-            return packed_product(self.lib, rows, self.packed, self.out_features)
+            return packed_product(self.lib, rows, self.packed, self.out_features, PACKED[self.route.kernel])
         held = native.kernel_threads()  # inside ``native.own_cores``, torch's threads back for this product
         with torch_threads(held) if held != torch.get_num_threads() else nullcontext():
             if self.packed is not None:
@@ -228,11 +229,10 @@ class Linear:
 def packed_kernels(kernel: str) -> ctypes.CDLL:
     """The C kernels, where they multiply by ``kernel`` ("amx", "avx512" or one of ``Q4_KERNELS``) on this CPU."""
     lib = native.native_kernel()
-    if kernel in Q4_KERNELS:  # its bf16 products (of weights that hold no Q4_1 values) by whichever this build has
-        if lib is None or not lib.bf16_products() or not lib.q4_products():
-            raise RuntimeError(f"the {kernel} kernel needs a CPU with AVX512-BF16 and AVX512-VNNI, and a C compiler")
-    elif lib is None or lib.bf16_products() != PACKED[kernel]:
-        need = "AMX tiles and Linux's permission to use them" if kernel == "amx" else "AVX512-BF16 and no AMX (AMX takes its place)"
+    q4 = kernel in Q4_KERNELS
+    if lib is None or not lib.bf16_products() & PACKED[kernel] or (q4 and not lib.q4_products()):
+        need = "AMX tiles and Linux's permission to use them" if kernel == "amx" else "AVX512-BF16"
+        need += " and AVX512-VNNI" if q4 else ""
         raise RuntimeError(f"the {kernel} kernel needs a CPU with {need}, and a C compiler")
     return lib
 
@@ -389,11 +389,11 @@ def packed_rows(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return F.pad(rows, (0, inner - rows.shape[1])) if rows.shape[1] != inner else rows.contiguous()
 
 
-def packed_product(lib: ctypes.CDLL, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """rows [M, in] (fp32) times the packed weights' transpose: [M, out] in fp32."""
+def packed_product(lib: ctypes.CDLL, rows: torch.Tensor, packed: torch.Tensor, out_features: int, kernel: int) -> torch.Tensor:
+    """rows [M, in] (fp32) times the packed weights' transpose by ``kernel`` (``PACKED``): [M, out] in fp32."""
     x = packed_rows(rows, packed)
     y = torch.empty(rows.shape[0], out_features)
-    if lib.bf16_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, x.shape[1], native.kernel_threads()):
+    if lib.bf16_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out_features, x.shape[1], native.kernel_threads(), kernel):
         raise RuntimeError(f"bf16 product of {x.shape[0]} rows failed (out of memory)")
     return y
 

@@ -77,7 +77,7 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.bf16_products.restype = ctypes.c_int
     kernel.bf16_products.argtypes = []
     kernel.bf16_linear.restype = ctypes.c_int
-    kernel.bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    kernel.bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5  # ..., threads, kernel (1 AMX tiles, 2 AVX512-BF16)
     kernel.q4_products.restype = ctypes.c_int
     kernel.q4_products.argtypes = []
     kernel.q4_linear.restype = ctypes.c_int
@@ -85,13 +85,13 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.q4i8_linear.restype = ctypes.c_int
     kernel.q4i8_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     kernel.bf16_argmax.restype = ctypes.c_int
-    kernel.bf16_argmax.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    kernel.bf16_argmax.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
     kernel.bf16_argmax_screened.restype = ctypes.c_int
     kernel.bf16_argmax_screened.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6
     kernel.bf16_screen_ready.restype = ctypes.c_int
     kernel.bf16_screen_ready.argtypes = []
     kernel.bf16_topk.restype = ctypes.c_int
-    kernel.bf16_topk.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64]
+    kernel.bf16_topk.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     kernel.rows_topk.restype = ctypes.c_int
     kernel.rows_topk.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int64]
     kernel.forward_layers.restype = ctypes.c_int

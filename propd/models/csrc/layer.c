@@ -26,15 +26,15 @@ static void silu_rows(void *arg) {
     const SiluJob *j = arg;
     for (int64_t r; (r = pool_take(1)) < j->rows;) silu_mul(j->gu + r * 2 * j->inter, j->act + r * j->inter, 1, j->inter, 0);
 }
-int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads);
+int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads, int64_t kernel);
 int q4_linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads);
 int q4i8_linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads);
 
-/* The product the tensor code's ``Linear`` makes of these weights: bf16, or Q4_1 blocks (``q4`` 1:
-   times 16-bit inputs as two int8 planes; 2: times int8 inputs). */
-static int product(const float *x, const void *w, int64_t q4, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
+/* The product the tensor code's ``Linear`` makes of these weights: bf16 by kernel ``bf16``, or Q4_1
+   blocks (``q4`` 1: times 16-bit inputs as two int8 planes; 2: times int8 inputs). */
+static int product(const float *x, const void *w, int64_t q4, int64_t bf16, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
     if (q4 == 2) return q4i8_linear(x, w, y, M, N, K, threads);
-    return q4 ? q4_linear(x, w, y, M, N, K, threads) : bf16_linear_into(x, w, y, M, N, K, room, threads);
+    return q4 ? q4_linear(x, w, y, M, N, K, threads) : bf16_linear_into(x, w, y, M, N, K, room, threads, bf16);
 }
 int attend(const float *q, const void *k, const void *v, float *out, const int64_t *n_in, const int64_t *path, const int64_t *starts,
            int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t hd, int64_t sb, int64_t sh, int64_t ss,
@@ -48,6 +48,7 @@ typedef struct {
     const float *attn_norm, *bqkv, *mlp_norm; /* bqkv NULL: no bias */
     const void *qkv, *wo, *gate_up, *down;    /* packed for bf16_linear, or for q4_linear (q4i8_linear) where q4[i] is 1 (2) */
     int64_t q4[4];
+    int64_t bf16; /* the kernel of its bf16 products (bf16_linear_into's: 1 AMX tiles, 2 AVX512-BF16) */
 } Weights;
 
 typedef struct {
@@ -96,7 +97,7 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
         int64_t size = s->kv_bf16 ? 2 : 4;
         char *keys = (char *)s->kv + (first + i) * s->s_layer * size, *values = keys + s->s_kv * size;
         rms_norm(x, w->attn_norm, normed, M, dim, s->eps);
-        status |= product(normed, w->qkv, w->q4[0], h, M, width, dim, room, s->threads);
+        status |= product(normed, w->qkv, w->q4[0], w->bf16, h, M, width, dim, room, s->threads);
         for (int64_t m = 0; w->bqkv && m < M; ++m) add(h + m * width, w->bqkv, width);
         rope(h, s->cs, M, H + KV, width, hd);
         for (int64_t b = 0, m = 0; m < M; ++m) {
@@ -116,13 +117,13 @@ int forward_layers(float *x, const Weights *weights, int64_t first, int64_t n, c
         else
             status |= attend(q, keys, values, att, s->n_in, s->path, s->starts, s->B, s->T, H, KV, s->D, hd, s->s_row, s->s_head, s->s_slot,
                              s->scale, s->max_keys, s->attend_threads, s->kv_bf16);
-        status |= product(att, w->wo, w->q4[1], out, M, dim, H * hd, room, s->threads);
+        status |= product(att, w->wo, w->q4[1], w->bf16, out, M, dim, H * hd, room, s->threads);
         add(x, out, M * dim);
         rms_norm(x, w->mlp_norm, normed, M, dim, s->eps);
-        status |= product(normed, w->gate_up, w->q4[2], gu, M, 2 * s->inter, dim, room, s->threads);
+        status |= product(normed, w->gate_up, w->q4[2], w->bf16, gu, M, 2 * s->inter, dim, room, s->threads);
         SiluJob silu = {gu, act, M, s->inter};
         pool_run(silu_rows, &silu, M >= 4 ? s->threads : 1);
-        status |= product(act, w->down, w->q4[3], out, M, dim, s->inter, room, s->threads);
+        status |= product(act, w->down, w->q4[3], w->bf16, out, M, dim, s->inter, room, s->threads);
         add(x, out, M * dim);
     }
     free(normed), free(h), free(q), free(att), free(out), free(gu), free(act);

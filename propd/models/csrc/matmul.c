@@ -1,6 +1,7 @@
-/* y = x W^T in bf16 (fp32 sums), with every output computed the same way whatever the row count:
-   on Intel AMX tiles, or where the CPU has no AMX but AVX512-BF16 (an AMD EPYC), by its dot-product
-   instruction (``take_blocks`` below the AMX one). Both read one packed layout and give fp32.
+/* y = x W^T in bf16 (fp32 sums), with every output computed the same way whatever the row count, by
+   one of two kernels the caller names: 1, on Intel AMX tiles (``take_tiles``), or 2, by AVX512-BF16's
+   dot-product instruction (``take_dots``). Both read one packed layout and give fp32, each its own
+   bits; a CPU with AMX has both, and which pays is measured (``measure_route`` in kernels.py).
 
    The weights are packed once into AMX's pair-interleaved layout: for each block of 16 outputs and
    each block of 32 inputs, one 16 x 64-byte tile (row r holds inputs 2r and 2r + 1 of every output).
@@ -14,8 +15,8 @@
 
    Output blocks are shared out a few at a time between the calling thread and the workers of
    ``pool.h``. Who computes a block changes no value.
-   bf16_products() says which of the two this build has (0: neither, and the route is not offered);
-   amx_ready() whether AMX tiles run (the AMX attention needs them too). */
+   bf16_products() says which of the two run here (a bit each: none, and their routes are not
+   offered); amx_ready() whether AMX tiles run (the AMX attention needs them too). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,19 +25,21 @@
 #include "vec.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define PACKED 1
-#define CHUNK 4 /* output blocks a thread takes at a time */
-#define ROWS 32 /* the rows a call converts are rounded up to whole tiles */
-#elif defined(__AVX512BF16__)
-#define PACKED 2
-#define CHUNK 8
-#define ROWS 1
+#define TILES 1
+#define TILE_CHUNK 4 /* output blocks a thread takes at a time */
+#define TILE_ROWS 32 /* the rows a call converts are rounded up to whole tiles */
+#else
+#define TILES 0
+#endif
+#if defined(__AVX512BF16__)
+#define DOTS 1
+#define DOT_CHUNK 8
 #define GROUP 6 /* rows that share a weight load (``dot_x4``) */
 #else
-#define PACKED 0
+#define DOTS 0
 #endif
 
-#if PACKED
+#if TILES || DOTS
 #include <immintrin.h>
 
 typedef struct {
@@ -45,6 +48,7 @@ typedef struct {
     float *top;            /* [chunks, M] those largest outputs */
     int64_t *at;           /* [chunks, M] their columns (the first, on ties) */
     int64_t M, N, K, blocks, room; /* room: rows y holds (>= M; rows past M take padding's sums) */
+    int64_t chunk;                 /* output blocks a thread takes at a time (top and at hold one slot per chunk) */
 } Job;
 
 /* A chunk's largest output per row so far, lane by lane (lane l: the block columns n0 + l), and
@@ -71,8 +75,8 @@ static inline void finish_row(const Job *j, int64_t nb, int64_t first, int64_t r
 /* The largest of ``best``'s lanes per row, the first column of equal ones, as the chunk's result. */
 static void finish_chunk(const Job *j, int64_t first, const Best *best) {
     for (int64_t r = 0; r < j->M; ++r) {
-        float *top = j->top + first / CHUNK * j->M + r;
-        int64_t *at = j->at + first / CHUNK * j->M + r;
+        float *top = j->top + first / j->chunk * j->M + r;
+        int64_t *at = j->at + first / j->chunk * j->M + r;
         *top = -INFINITY, *at = -1;
         for (int l = 0; l < 16; ++l)
             if (*at < 0 || best->top[r][l] > *top || (best->top[r][l] == *top && best->at[r][l] < *at)) *top = best->top[r][l], *at = best->at[r][l];
@@ -81,7 +85,7 @@ static void finish_chunk(const Job *j, int64_t first, const Best *best) {
 
 #endif
 
-#if PACKED == 1
+#if TILES
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -110,21 +114,21 @@ static void finish_block(const Job *j, int64_t nb, int64_t first, int64_t r0, fl
 #define WEIGHTS(nb, kb) (j->w + ((nb) * kblocks + (kb)) * 512)
 #define INPUTS(half, kb) (j->a + (r0 + (half) * 16) * K + (kb) * 32)
 
-/* Output blocks taken CHUNK at a time until none is left. Every output is the same chain of tile
+/* Output blocks taken TILE_CHUNK at a time until none is left. Every output is the same chain of tile
    products over the input blocks in order, started from zero; only how many independent chains
    share the tiles changes with the row count: up to 16 rows, four blocks at once (sums in tiles
    0-3, inputs in 4, weights in 5 and 6); more, two blocks of both row halves of each group of 32
    rows in turn (sums 0-3, inputs 4 and 5, weights 6 and 7). An inputs' tile then serves several weight tiles, and several
    weight streams come from memory at once (30 layers' 3072 x 576 products on the Intel Xeon with
    AMX, 2 threads: 1 row 170 -> 150 us each, 32 rows 262 -> 222 us). */
-static void take_blocks(void *arg) {
+static void take_tiles(void *arg) {
     const Job *j = arg;
     configure_tiles();
     int64_t K = j->K, kblocks = K / 32;
     float sums[4][2][16 * 16];
     Best best;
-    for (int64_t first; (first = pool_take(CHUNK)) < j->blocks;) {
-        int64_t last = first + CHUNK < j->blocks ? first + CHUNK : j->blocks;
+    for (int64_t first; (first = pool_take(TILE_CHUNK)) < j->blocks;) {
+        int64_t last = first + TILE_CHUNK < j->blocks ? first + TILE_CHUNK : j->blocks;
         for (int64_t nb = first; nb < last;) {
             if (j->M <= 16 && last - nb == 4) {
                 int64_t r0 = 0;
@@ -209,6 +213,10 @@ static void take_blocks(void *arg) {
     _tile_release();
 }
 
+#undef OUT
+#undef WEIGHTS
+#undef INPUTS
+
 int amx_ready(void) {
     static int ready = -1;
     if (ready < 0) ready = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
@@ -219,7 +227,7 @@ int amx_ready(void) {
 int amx_ready(void) { return 0; }
 #endif
 
-#if PACKED == 2
+#if DOTS
 /* Every output of a tile is one chain of dot-product instructions over the input pairs in order,
    started from zero, whatever the tile: a tile only says how many chains share a weight load or an
    input broadcast. The accumulators are named one by one: kept in an array, GCC held them in
@@ -286,20 +294,20 @@ static void dot_x8(const Job *j, int64_t nb, int64_t first, int64_t r0, int rows
         for (int b = 0; b < 8; ++b) finish_row(j, nb + b, first, r0 + r, (vf)sums[r][b], best);
 }
 
-/* Output blocks taken CHUNK at a time until none is left; per group of up to 6 rows, the chunk's
+/* Output blocks taken DOT_CHUNK at a time until none is left; per group of up to 6 rows, the chunk's
    blocks 8 at a time (1-2 rows) or 4 at a time (3-6 rows, and the chunk's tail). With more than one
    group, the next chunk is taken at the start of this one, and its weights fetched meanwhile
    (``Fetch``). A single group streams its weights once, as the hardware's prefetcher expects, and
    takes its next chunk only when done (one taken early and held could leave the other threads
    idle at the end of the call). */
-static void take_blocks(void *arg) {
+static void take_dots(void *arg) {
     const Job *j = arg;
     Best best;
     const int64_t groups = (j->M + GROUP - 1) / GROUP, block_bytes = j->K / 32 * 1024;
-    for (int64_t first = pool_take(CHUNK), after; first < j->blocks; first = after) {
-        int64_t last = first + CHUNK < j->blocks ? first + CHUNK : j->blocks;
-        after = groups > 1 ? pool_take(CHUNK) : j->blocks;
-        int64_t ahead = after < j->blocks ? (after + CHUNK < j->blocks ? CHUNK : j->blocks - after) : 0;
+    for (int64_t first = pool_take(DOT_CHUNK), after; first < j->blocks; first = after) {
+        int64_t last = first + DOT_CHUNK < j->blocks ? first + DOT_CHUNK : j->blocks;
+        after = groups > 1 ? pool_take(DOT_CHUNK) : j->blocks;
+        int64_t ahead = after < j->blocks ? (after + DOT_CHUNK < j->blocks ? DOT_CHUNK : j->blocks - after) : 0;
         Fetch fetch = {NULL, NULL, 0};
         if (ahead) {
             int64_t steps = groups * ((last - first + 3) / 4) * (j->K / 32) * 16; /* pairs of inputs the groups take, about */
@@ -322,57 +330,73 @@ static void take_blocks(void *arg) {
             }
         }
         if (!j->y) finish_chunk(j, first, &best);
-        if (groups == 1) after = pool_take(CHUNK);
+        if (groups == 1) after = pool_take(DOT_CHUNK);
     }
 }
 #endif
 
-/* Which products this build multiplies by: 1 AMX tiles (where Linux lets this process use them), 2
-   AVX512-BF16, 0 none. */
-int bf16_products(void) { return PACKED == 1 && !amx_ready() ? 0 : PACKED; }
+/* Which kernels multiply here, a bit each: 1 AMX tiles (where Linux lets this process use them), 2
+   AVX512-BF16. */
+int bf16_products(void) { return (TILES && amx_ready() ? 1 : 0) | (DOTS ? 2 : 0); }
 
-#if PACKED
+#if TILES || DOTS
+/* Kernel ``kernel``'s plan for a job: ``job``'s pool task (NULL where it does not run here), its chunk
+   of output blocks, and the rows a call rounds its inputs up to. */
+static void (*plan(int64_t kernel, Job *job, int64_t *rows))(void *) {
+#if TILES
+    if (kernel == 1 && (bf16_products() & 1)) return job->chunk = TILE_CHUNK, *rows = TILE_ROWS, take_tiles;
+#endif
+#if DOTS
+    if (kernel == 2) return job->chunk = DOT_CHUNK, *rows = 1, take_dots;
+#endif
+    return NULL;
+}
+
 /* x [M, K] (fp32; K a multiple of 32) as the bf16 rows a call multiplies, zero rows up to a multiple
-   of ROWS, in this thread's scratch; NULL without bf16 products or memory, or for a shape the calls do not take. */
-static uint16_t *bf16_rows(const float *x, int64_t M, int64_t K) {
+   of ``rows``, in this thread's scratch; NULL without memory, or for a shape the calls do not take. */
+static uint16_t *bf16_rows(const float *x, int64_t M, int64_t K, int64_t rows) {
     static _Thread_local void *buffer;
     static _Thread_local size_t held;
-    size_t need = (size_t)((M + ROWS - 1) / ROWS * ROWS * K * 2);
-    uint16_t *a = bf16_products() && K % 32 == 0 && M >= 1 ? scratch(&buffer, &held, need) : NULL;
+    size_t need = (size_t)((M + rows - 1) / rows * rows * K * 2);
+    uint16_t *a = K % 32 == 0 && M >= 1 ? scratch(&buffer, &held, need) : NULL;
     if (!a) return NULL;
     for (int64_t i = 0; i < M * K; i += W) store_bf16(a + i, load(x + i)); /* K % 32 == 0: whole vectors */
     memset(a + M * K, 0, need - (size_t)(M * K * 2));
     return a;
 }
 
-/* y [M, N] (fp32) = x [M, K] (fp32; K a multiple of 32) times the packed weights' transpose, with up
-   to ``threads`` - 1 workers helping the calling thread; y has room for ``room`` >= M rows (those
-   past M get the zero rows' sums: a caller that rounds its rows up to 32 lets every tile go
-   straight into y). Returns 0, or -1 without bf16 products or memory, or for a shape it does not take. */
-int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
-    uint16_t *a = bf16_rows(x, M, K);
-    if (!a) return -1;
-    Job job = {a, w, y, NULL, NULL, M, N, K, (N + 15) / 16, room};
-    pool_run(take_blocks, &job, threads);
+/* y [M, N] (fp32) = x [M, K] (fp32; K a multiple of 32) times the packed weights' transpose by
+   ``kernel`` (1 or 2), with up to ``threads`` - 1 workers helping the calling thread; y has room for
+   ``room`` >= M rows (those past M get the zero rows' sums: a caller that rounds its rows up to 32
+   lets every tile go straight into y). Returns 0, or -1 where the kernel does not run here, without
+   memory, or for a shape it does not take. */
+int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads, int64_t kernel) {
+    Job job = {NULL, w, y, NULL, NULL, M, N, K, (N + 15) / 16, room, 0};
+    int64_t rows;
+    void (*take)(void *) = plan(kernel, &job, &rows);
+    if (!take || !(job.a = bf16_rows(x, M, K, rows))) return -1;
+    pool_run(take, &job, threads);
     return 0;
 }
 
 /* bf16_linear_into with room for M rows. */
-int bf16_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
-    return bf16_linear_into(x, w, y, M, N, K, M, threads);
+int bf16_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads, int64_t kernel) {
+    return bf16_linear_into(x, w, y, M, N, K, M, threads, kernel);
 }
 
 /* at [M] = the column of each row's largest output of the product bf16_linear computes (the first
    of equal ones, as torch's argmax), without writing the outputs: a greedy step's vocabulary
    projection. Returns 0, or -1 as bf16_linear. */
-int bf16_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads) {
-    int64_t blocks = (N + 15) / 16, chunks = (blocks + CHUNK - 1) / CHUNK;
-    uint16_t *a = M <= 32 ? bf16_rows(x, M, K) : NULL;
-    float *tops = malloc(sizeof(float) * chunks * M);
-    int64_t *ats = malloc(sizeof(int64_t) * chunks * M);
-    if (!a || !tops || !ats) return free(tops), free(ats), -1;
-    Job job = {a, w, NULL, tops, ats, M, N, K, blocks, M};
-    pool_run(take_blocks, &job, threads);
+int bf16_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads, int64_t kernel) {
+    int64_t blocks = (N + 15) / 16, rows;
+    Job job = {NULL, w, NULL, NULL, NULL, M, N, K, blocks, M, 0};
+    void (*take)(void *) = plan(kernel, &job, &rows);
+    if (!take || M > 32 || !(job.a = bf16_rows(x, M, K, rows))) return -1;
+    int64_t chunks = (blocks + job.chunk - 1) / job.chunk;
+    float *tops = job.top = malloc(sizeof(float) * chunks * M);
+    int64_t *ats = job.at = malloc(sizeof(int64_t) * chunks * M);
+    if (!tops || !ats) return free(tops), free(ats), -1;
+    pool_run(take, &job, threads);
     for (int64_t r = 0; r < M; ++r) /* chunks in column order: a later one wins only when larger */
         for (int64_t c = 0, best = 0; c < chunks; ++c)
             if (c == 0 || tops[c * M + r] > tops[best * M + r]) best = c, at[r] = ats[c * M + r];
@@ -426,31 +450,31 @@ int rows_topk(const float *y, int64_t *at, float *top, int64_t M, int64_t N, int
 
 /* ``rows_topk`` of the product bf16_linear computes. Returns 0, or -1 as bf16_linear. */
 int bf16_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t M, int64_t N, int64_t K, int64_t k, int normalized,
-             int64_t threads) {
+             int64_t threads, int64_t kernel) {
     static _Thread_local void *buffer;
     static _Thread_local size_t held;
     int64_t room = (M + 31) / 32 * 32;
     float *outputs = k >= 1 && k <= N ? scratch(&buffer, &held, sizeof(float) * (size_t)(room * N)) : NULL;
-    if (!outputs || bf16_linear_into(x, w, outputs, M, N, K, room, threads)) return -1;
+    if (!outputs || bf16_linear_into(x, w, outputs, M, N, K, room, threads, kernel)) return -1;
     return rows_topk(outputs, at, top, M, N, k, normalized, threads);
 }
 
 #else
-int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads) {
-    (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)room, (void)threads;
+int bf16_linear_into(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t room, int64_t threads, int64_t kernel) {
+    (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)room, (void)threads, (void)kernel;
     return -1;
 }
-int bf16_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
-    (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)threads;
+int bf16_linear(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads, int64_t kernel) {
+    (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)threads, (void)kernel;
     return -1;
 }
-int bf16_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads) {
-    (void)x, (void)w, (void)at, (void)M, (void)N, (void)K, (void)threads;
+int bf16_argmax(const float *x, const uint16_t *w, int64_t *at, int64_t M, int64_t N, int64_t K, int64_t threads, int64_t kernel) {
+    (void)x, (void)w, (void)at, (void)M, (void)N, (void)K, (void)threads, (void)kernel;
     return -1;
 }
 int bf16_topk(const float *x, const uint16_t *w, int64_t *at, float *top, int64_t M, int64_t N, int64_t K, int64_t k, int normalized,
-              int64_t threads) {
-    (void)x, (void)w, (void)at, (void)top, (void)M, (void)N, (void)K, (void)k, (void)normalized, (void)threads;
+              int64_t threads, int64_t kernel) {
+    (void)x, (void)w, (void)at, (void)top, (void)M, (void)N, (void)K, (void)k, (void)normalized, (void)threads, (void)kernel;
     return -1;
 }
 int rows_topk(const float *y, int64_t *at, float *top, int64_t M, int64_t N, int64_t k, int normalized, int64_t threads) {

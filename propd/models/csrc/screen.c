@@ -15,8 +15,8 @@
    |x~| <= 2^64, so every sum stays far inside fp32's range, and the instruction's flushing of
    denormal inputs and results moves a sum by far less than the bound's absolute 1e-6.
 
-   Only where the bf16 products run by AVX512-BF16 (not AMX tiles, whose sums may round in
-   another order) and the CPU has AVX512-VNNI; bf16_screen_ready() says so. */
+   Only for the bf16 products of AVX512-BF16 (kernel 2 of ``matmul.c``; AMX tiles' sums may round in
+   another order), where the CPU has AVX512-VNNI; bf16_screen_ready() says so. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -24,7 +24,7 @@
 #include "pool.h"
 #include "vec.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && !(defined(__AMX_TILE__) && defined(__AMX_BF16__))
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 #define SCREEN 1
 #include <immintrin.h>
 
