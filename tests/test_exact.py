@@ -30,6 +30,8 @@ TENSOR_EXACT = attention.blocked_is_exact(TINY_ARGS.n_heads, TINY_ARGS.n_kv_head
 KERNELS = (["c"] if native.native_kernel() is not None else []) + (["torch"] if TENSOR_EXACT else [])
 AMX = native.native_kernel() is not None and bool(native.native_kernel().amx_ready())  # the amx route exists here, exact or broken
 OURS = next((f"bfloat16-{k}" for k, code in PACKED.items() if native.native_kernel() is not None and native.native_kernel().bf16_products() & code), None)
+# every bf16 kernel of ours that runs here (both where the CPU has AMX): the tests of our products take each
+OWN = [f"bfloat16-{k}" for k in ("amx", "avx512") if native.native_kernel() is not None and native.native_kernel().bf16_products() & PACKED[k]]
 AMX_ATTENTION = AMX and attention.tiles_take(64)
 # The route whose attention over 64-feature heads is a kernel of its own: AMX tiles, or bf16 dot products over a bf16 cache.
 DOT_ATTENTION = native.native_kernel() is not None and bool(native.native_kernel().bf16_dot_attention())
@@ -296,14 +298,15 @@ def test_c_pointwise_kernels_agree_with_torch_and_ignore_their_neighbours(dtype)
 @pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here: layers run kernel by kernel only")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: with the qkv bias
 @pytest.mark.parametrize("tiled", [False, *([True] if WIDE else [])])  # 16-feature heads (``attend``), 64 (the AMX or dot-product attention)
-def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family, tiled):
+@pytest.mark.parametrize("ours", OWN)
+def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family, tiled, ours):
     """One C call per run of layers gives every hidden state and K/V entry the kernel-by-kernel code
     gives: a random tree over ragged caches, 40 tokens a row (several product calls), and a range of
     layers (what early pruning runs). Entries past a row's prompt and tree are the prompt's padding,
     which the C call skips."""
-    dec = wide_model(family, seed=3, layers=3) if tiled else Decoder.from_hf(tiny_hf_model(family, seed=3, layers=3), Route.parse(OURS))
-    assert dec.fused is not None and (dec.new_cache(1, 8).packed is not None) == (tiled and AMX_ATTENTION)
-    assert dec.new_cache(1, 8).kv.dtype == (torch.bfloat16 if OURS.endswith("avx512") else torch.float32)  # the C code writes bf16 entries too
+    dec = wide_model(family, seed=3, layers=3, route=ours) if tiled else Decoder.from_hf(tiny_hf_model(family, seed=3, layers=3), Route.parse(ours))
+    assert dec.fused is not None and (dec.new_cache(1, 8).packed is not None) == (tiled and ours.endswith("amx") and AMX_ATTENTION)
+    assert dec.new_cache(1, 8).kv.dtype == (torch.bfloat16 if ours.endswith("avx512") else torch.float32)  # the C code writes bf16 entries too
     rng = random.Random(1)
     ancestors, _ = random_tree_with_path(rng, 40, 6)
     tokens = torch.randint(0, dec.args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
@@ -323,12 +326,13 @@ def test_fused_layers_equal_the_kernel_by_kernel_layers_bitwise(family, tiled):
 @pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here")
 @pytest.mark.parametrize("out_features", [16, 48, 1000, 1030])  # whole groups of 4 blocks, 3 blocks, tails of 2 and 1, a partial block
 @pytest.mark.parametrize("in_features", [96, 416])  # 3 and 13 input blocks: short and long chains of products
-def test_our_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_features, in_features):
+@pytest.mark.parametrize("ours", OWN)
+def test_our_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_features, in_features, ours):
     """Alone, in calls of 2-32 rows (AMX: the paths for up to 16 and up to 32 rows; AVX512: groups
     of 1-6 rows) and in one call of 73."""
     torch.manual_seed(out_features)
     weight = torch.randn(out_features, in_features)
-    lin = Linear(weight, Route.parse(OURS))
+    lin = Linear(weight, Route.parse(ours))
     x = torch.randn(32, in_features)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(32)])
     for rows in (2, 15, 16, 17, 31, 32):
@@ -341,11 +345,12 @@ def test_our_products_give_a_row_the_same_bits_with_any_rows_beside_it(out_featu
 
 @pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here")
 @pytest.mark.parametrize("in_features", [64, 416])
-def test_our_argmax_picks_what_the_products_argmax_picks_ties_included(in_features):
+@pytest.mark.parametrize("ours", OWN)
+def test_our_argmax_picks_what_the_products_argmax_picks_ties_included(in_features, ours):
     torch.manual_seed(0)
     weight = torch.randn(1000, in_features)
     weight[700] = weight[300] = weight[5]  # equal outputs: the first column wins, as torch's argmax
-    lin = Linear(weight, Route.parse(OURS))
+    lin = Linear(weight, Route.parse(ours))
     for rows in (1, 16, 17, 32, 45):
         x = torch.randn(2, rows, in_features)
         x[0, 0] = weight[5] * 4
@@ -385,9 +390,10 @@ def test_the_screened_argmax_picks_what_the_full_products_argmax_picks_ties_and_
 
 
 @pytest.mark.skipif(OURS is None, reason="no bf16 products of ours here")
-def test_our_topk_gives_the_products_largest_outputs_and_log_probabilities():
+@pytest.mark.parametrize("ours", OWN)
+def test_our_topk_gives_the_products_largest_outputs_and_log_probabilities(ours):
     torch.manual_seed(1)
-    topk_matches_the_products(torch.randn(1000, 64), Route.parse(OURS))
+    topk_matches_the_products(torch.randn(1000, 64), Route.parse(ours))
 
 
 def topk_matches_the_products(weight: torch.Tensor, route: Route) -> None:

@@ -332,12 +332,12 @@ def q4_product(lib: ctypes.CDLL, kernel: str, rows: torch.Tensor, packed: torch.
 
 
 SCREEN_COLUMNS = 4096  # outputs from which an argmax is screened: below, the bf16 weights are few to read
-# Rows up to which the screen pays: its integer products cost a widening per weight vector, so from ~8
-# rows, where the product is bound by arithmetic rather than reading, it gains little or loses (the
+# Rows up to which the screen is used: its integer products cost a widening per weight vector, so from
+# ~8 rows, where the product is bound by arithmetic rather than reading, it gains little or loses (the
 # default model's 49152 x 576 vocabulary, screen vs full product: AMD EPYC 1 row 1.01 vs 1.65 ms, 4:
 # 1.08 vs 1.52, 6: 1.54 vs 1.87, 8: 2.24 vs 2.21, 16: 3.63 vs 3.30; Intel Xeon with AMX, whose
 # AVX512-BF16 products are slower, 1: 1.73 vs 2.99, 4: 2.21 vs 3.22, 8: 3.14 vs 4.18, 12: 4.48 vs
-# 4.60, 16: 5.27 vs 5.82). Up to 8: a batch of 8's AR step.
+# 4.60, 16: 5.27 vs 5.82). Up to 8, a batch of 8's AR step: even on the one, a quarter faster on the other.
 SCREEN_ROWS = 8
 SCREEN_GROUP = 4  # output blocks the screen takes together (``GROUP`` in csrc/screen.c): the int8 copy has whole groups
 

@@ -5,8 +5,8 @@
 
    The weights are packed once into AMX's pair-interleaved layout: for each block of 16 outputs and
    each block of 32 inputs, one 16 x 64-byte tile (row r holds inputs 2r and 2r + 1 of every output).
-   A call converts x (fp32, any number of rows) to bf16 rows padded to a multiple of 32 and, for every
-   block of 16 outputs, adds tile products over the input blocks in order into fp32 tiles of 16 rows.
+   A call converts x (fp32, any number of rows) to bf16 rows (for the tiles padded to a multiple of
+   32) and, on the tiles, for every block of 16 outputs adds tile products over the input blocks in order into fp32 tiles of 16 rows.
    A row's result depends on its own inputs and the weights alone: every output is the same chain of
    tile products in the same order for 1 row or 1,000 (a padded tile costs what a full one does, and
    a product of up to 32 rows reads the weights once, so a tree step's products cost about what an
@@ -43,7 +43,7 @@
 #include <immintrin.h>
 
 typedef struct {
-    const uint16_t *a, *w; /* a: [M rounded up to 32, K] bf16 (rows past M zero); w: packed */
+    const uint16_t *a, *w; /* a: [M rounded up to the kernel's rows, K] bf16 (rows past M zero); w: packed */
     float *y;              /* [room, N], or NULL: keep each row's largest output per chunk of blocks instead */
     float *top;            /* [chunks, M] those largest outputs */
     int64_t *at;           /* [chunks, M] their columns (the first, on ties) */
