@@ -35,8 +35,8 @@ from propd.heads.medusa import MedusaHeads
 from propd.models import native
 from propd.models.attention import blocked_is_exact, runs_native
 from propd.models.decoder import Decoder, ModelArgs
-from propd.models.kernels import DTYPES, PACKED, Route, autograd_route, choose_route, cpu_name, holds_q4_1
-from propd.models.loading import DEFAULT_MODEL, cache_file, load_hf
+from propd.models.kernels import DTYPES, PACKED, Q4_KERNELS, Route, autograd_route, choose_route, cpu_name, holds_q4_1
+from propd.models.loading import DEFAULT_MODEL, cache_file, load_hf, write_cache
 from propd.tree.dynamic import AcceptanceModel, TreeChooser
 from propd.tree.tree import TokenTree, load_tree
 
@@ -418,6 +418,8 @@ def pick_route(
     steps = decode_steps_ms(model) if model is not None else None
     q4_1 = model is not None and holds_q4_1(model.get_decoder().layers[0].mlp.gate_proj.weight.detach())
     chosen, measured = choose_route(args.product_shapes(), dtype, route, steps, q4_1)
+    if chosen.kernel in Q4_KERNELS and model is not None:
+        native.native_kernel().q4_fetch_from(q4_fetch(model, chosen))
     if chosen.exact and not runs_native(args.head_dim, device) and not blocked_is_exact(args.n_heads, args.n_kv_heads, args.head_dim):
         print("propd: warning: attention runs as tensor ops here (no C kernel) and they are not row-invariant on this machine", file=sys.stderr)
         chosen = replace(chosen, exact=False)
@@ -446,6 +448,29 @@ def decode_steps_ms(model: PreTrainedModel, rounds: int = 5) -> Callable[[list[R
         return [{f"{b}x{n}": min(times[i, b, n]) for b, n in STEP_POINTS} for i in range(len(routes))]
 
     return measure
+
+
+def q4_fetch(model: PreTrainedModel, route: Route, rounds: int = 5) -> int:
+    """The rows from which the Q4_1 kernels fetch a block's bytes ahead (``csrc/matmul_q4.c``): 1 or 2,
+    whichever gives ``model``'s AR step at batch 1 on ``route`` the shorter time, the two taking turns
+    for ``rounds`` rounds (a row alone lost 6-13% by it on the AMD EPYC and gained 19% on the Intel
+    Xeon with AMX). Measured once per CPU, route, model and build of the kernels; no output depends on it."""
+    key = json.dumps({"q4_fetch": 1, "cpu": cpu_name(), "threads": torch.get_num_threads(), "kernels": native.build_id(), "route": route.name,
+                      "config": model.config.to_diff_dict()}, sort_keys=True, default=str)
+    path = cache_file("routes", key, ".json")
+    try:
+        return int(json.loads(path.read_text())["fetch_from"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    decoder, lib = Decoder.from_hf(model, route), native.native_kernel()
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in tqdm(range(rounds), desc="timing the Q4_1 kernels' fetching", unit="round"):
+        for rows in times:
+            lib.q4_fetch_from(rows)
+            times[rows].append(step_ms(decoder, 1, 1, repeats=3))
+    fetch_from = min(times, key=lambda rows: min(times[rows]))
+    write_cache(path, json.dumps({"fetch_from": fetch_from, "ms": times}))
+    return fetch_from
 
 
 class TextStream:

@@ -77,6 +77,22 @@ def int_inputs(x: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("route", ROUTES)
+def test_fetching_ahead_changes_no_output(route):
+    """Whether a call of one row fetches its blocks ahead (``q4_fetch_from``, measured per machine) is speed only."""
+    torch.manual_seed(3)
+    lin = Linear(q4_1_values(torch.randn(1030, 416) * 0.05), route)
+    x = torch.randn(3, 416)
+    outputs = []
+    try:
+        for rows in (1, 2, 4):
+            LIB.q4_fetch_from(rows)
+            outputs.append([lin(x[:1]), lin(x)])
+    finally:
+        LIB.q4_fetch_from(2)
+    assert all(torch.equal(a, b) for got in outputs[1:] for a, b in zip(got, outputs[0]))
+
+
+@pytest.mark.parametrize("route", ROUTES)
 def test_q4_products_of_inputs_that_are_not_finite_are_not_finite(route):
     weight = q4_1_values(torch.randn(32, 64) * 0.05)
     x = torch.randn(3, 64)

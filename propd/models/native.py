@@ -82,6 +82,8 @@ def native_kernel() -> ctypes.CDLL | None:
     kernel.q4_products.argtypes = []
     kernel.q4_linear.restype = ctypes.c_int
     kernel.q4_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    kernel.q4_fetch_from.restype = None
+    kernel.q4_fetch_from.argtypes = [ctypes.c_int64]
     kernel.q4i8_linear.restype = ctypes.c_int
     kernel.q4i8_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     kernel.bf16_argmax.restype = ctypes.c_int

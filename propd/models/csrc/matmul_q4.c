@@ -47,11 +47,15 @@ typedef struct {
     int64_t M, N, K, blocks;
 } Q4Job;
 
-/* From 2 rows each block's bytes are fetched Q4_AHEAD bytes ahead: their arithmetic between reads
-   had left memory idle (in ``dot_q4``, weights cold, two runs: 4 rows 6.43 -> 5.55 ms, 8 rows 10.95 ->
-   9.04, 2 rows 3.74 -> 3.78 and 4.31 -> 3.86), where a row alone lost by it (3.23 -> 3.64 and 3.54 ->
-   3.72 ms). 2560 bytes: 1280 and 5120 gained less. */
+/* From ``fetch_from`` rows (2 unless q4_fetch_from says otherwise) each block's bytes are fetched
+   Q4_AHEAD bytes ahead: their arithmetic between reads had left memory idle (AMD EPYC, in ``dot_q4``,
+   weights cold, two runs: 4 rows 6.43 -> 5.55 ms, 8 rows 10.95 -> 9.04, 2 rows 3.74 -> 3.78 and 4.31 ->
+   3.86), where a row alone lost by it there (3.23 -> 3.64 and 3.54 -> 3.72 ms) and gained on the Intel
+   Xeon with AMX (a batch-1 AR step 4.84 -> 3.92 ms): which, the first load measures (``q4_fetch`` in
+   engine.py). No output changes with it. 2560 bytes: 1280 and 5120 gained less. */
 #define Q4_AHEAD 2560
+static int fetch_from = 2;
+void q4_fetch_from(int64_t rows) { fetch_from = (int)rows; }
 
 static inline int32_t load32(const int8_t *p) {
     int32_t v;
@@ -73,7 +77,7 @@ static inline __attribute__((always_inline)) void dot_q4(const Q4Job *j, int64_t
     EIGHT(ZERO)
     for (int64_t kb = 0; kb < KB; ++kb) {
         const uint8_t *w = j->w + ((nb * KB) + kb) * Q4_BLOCK;
-        for (int line = 0; rows > 1 && line < Q4_BLOCK; line += 64) _mm_prefetch((const char *)w + line + Q4_AHEAD, _MM_HINT_T0);
+        for (int line = 0; rows >= fetch_from && line < Q4_BLOCK; line += 64) _mm_prefetch((const char *)w + line + Q4_AHEAD, _MM_HINT_T0);
         /* row r's inputs of this block: levels a (two planes: high bytes) and b (low bytes) */
 #define CHAIN(r)                                                                   \
     __m512i c##r = _mm512_setzero_si512(), e##r = c##r;                            \
@@ -180,6 +184,7 @@ int q4i8_linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N
 }
 #else
 int q4_products(void) { return 0; }
+void q4_fetch_from(int64_t rows) { (void)rows; }
 int q4_linear(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
     (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)threads;
     return -1;
