@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 
 from propd.models import native
 from propd.models.decoder import Decoder
-from propd.models.kernels import Linear, Route, q4_1_blocks, q4_1_values
+from propd.models.kernels import PACKED, Linear, Route, q4_1_blocks, q4_1_values
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 from tests.test_exact import topk_matches_the_products, tree_logits_equal_ar
 
 Q4 = Route.parse("bfloat16-avx512q4")
 Q4I8 = Route.parse("bfloat16-avx512q4i8")
 LIB = native.native_kernel()
-RUNS = LIB is not None and bool(LIB.bf16_products() & 2) and bool(LIB.q4_products())  # (their bf16 products by AVX512-BF16)
+RUNS = LIB is not None and bool(LIB.bf16_products() & PACKED["avx512"]) and bool(LIB.q4_products())  # (their bf16 products by AVX512-BF16)
 needs_q4 = pytest.mark.skipif(not RUNS, reason="the Q4_1 routes need AVX512-BF16 and AVX512-VNNI, and a C compiler")
 ROUTES = [pytest.param(Q4, marks=needs_q4), pytest.param(Q4I8, marks=needs_q4)]
 

@@ -188,7 +188,7 @@ class Linear:
     def screen(self) -> Int8Screen | None:
         """The argmax's int8 screen: for products of ``SCREEN_COLUMNS`` outputs or more (a
         vocabulary) on our AVX512-BF16 kernel where the CPU has AVX512-VNNI; else None."""
-        if self.packed is None or PACKED.get(self.route.kernel) != 2 or self.out_features < SCREEN_COLUMNS or not self.lib.bf16_screen_ready():
+        if self.packed is None or PACKED.get(self.route.kernel) != PACKED["avx512"] or self.out_features < SCREEN_COLUMNS or not self.lib.bf16_screen_ready():
             return None
         return Int8Screen.of(self.packed)
 
