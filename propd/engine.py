@@ -319,11 +319,12 @@ class Propd:
         """Where ProPD keeps what its chooser learned (``PropdMethod.remember``) for these settings of
         it on this machine, route and model: in ``$PROPD_MEMORY`` (a directory; ``off``: nowhere),
         by default ``$PROPD_CACHE/propd``. ``format`` changes where what the chooser learns changes
-        meaning (2: from 4 rows every row verifies the chosen tree, so what trees delivered there before is moot)."""
+        meaning (2: from 4 rows every row verifies the chosen tree, so what trees delivered there before is moot; 3: the
+        weights in 2 MB pages, ``pages``, changed every step's cost)."""
         place = os.environ.get(MEMORY_ENV, "")
         if place == "off":
             return None
-        key = {"format": 2, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device_name(self.device),
+        key = {"format": 3, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device_name(self.device),
                "route": self.route.name, "kernels": native.build_id(), "model": self.name, "args": vars(self.decoder.args), **settings}
         path = cache_file("propd", json.dumps(key, sort_keys=True, default=str), ".json")
         return Path(place) / path.name if place else path
@@ -455,7 +456,7 @@ def q4_fetch(model: PreTrainedModel, route: Route, rounds: int = 5) -> int:
     whichever gives ``model``'s AR step at batch 1 on ``route`` the shorter time, the two taking turns
     for ``rounds`` rounds (a row alone lost 6-13% by it on the AMD EPYC and gained 19% on the Intel
     Xeon with AMX). Measured once per CPU, route, model and build of the kernels; no output depends on it."""
-    key = json.dumps({"q4_fetch": 1, "cpu": cpu_name(), "threads": torch.get_num_threads(), "kernels": native.build_id(), "route": route.name,
+    key = json.dumps({"q4_fetch": 2, "cpu": cpu_name(), "threads": torch.get_num_threads(), "kernels": native.build_id(), "route": route.name,
                       "config": model.config.to_diff_dict()}, sort_keys=True, default=str)
     path = cache_file("routes", key, ".json")
     try:

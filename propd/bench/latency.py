@@ -14,6 +14,7 @@ from tqdm import tqdm
 from propd.decoding.tree import PROJECT_ALL
 from propd.models.decoder import Decoder, synchronize
 from propd.models.kernels import median_ms
+from propd.models.pages import in_large_pages
 from propd.tree.tree import TokenTree, load_tree, medusa_paths
 
 
@@ -50,8 +51,9 @@ def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], con
 
 
 def memory_bandwidth(device: torch.device = torch.device("cpu"), megabytes: int = 512, repeats: int = 5) -> float:
-    """Read bandwidth of ``device``'s memory in GB/s: the median time of summing a buffer far larger than the caches."""
-    buffer = torch.ones(megabytes * 2**20 // 4, device=device)
+    """Read bandwidth of ``device``'s memory in GB/s: the median time of summing a buffer far larger than the caches
+    (on the CPU in 2 MB pages, as the weights are: ``pages``)."""
+    buffer = in_large_pages(torch.ones(megabytes * 2**20 // 4, device=device))
     return buffer.numel() * 4 / (median_ms(lambda: (buffer.sum(), synchronize(device)), repeats) / 1e3) / 1e9
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from propd.errors import PropdError
 from propd.models import native
+from propd.models.pages import in_large_pages
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 KERNELS = ("onednn", "torch", "amx", "avx512", "avx512q4", "avx512q4i8")
@@ -245,7 +246,7 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("our bf16 kernels run on the CPU")
     out, inp = weight.shape
     padded = F.pad(weight.to(torch.bfloat16), (0, -inp % 32, 0, -out % 16))
-    return padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+    return in_large_pages(padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 32, 16, 2).permute(0, 2, 3, 1, 4))
 
 
 Q4_LEVELS = 15  # Q4_1: levels 0 .. 15 of d per block of 32 inputs, above its minimum m (d, m fp16)
@@ -306,7 +307,7 @@ def pack_q4(weight: torch.Tensor) -> torch.Tensor | None:
     groups = levels.view(NB, 16, KB, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # [block, input block, group h, output o, input k, half]
     nibbles = (groups[..., 0] | (groups[..., 1] << 4)).contiguous().view(NB, KB, 256)
     scales = [t.view(NB, 16, KB).permute(0, 2, 1).contiguous().view(torch.uint8) for t in (d, m)]  # [block, input block, 32 bytes]
-    return torch.cat([nibbles, *scales], dim=2).contiguous()
+    return in_large_pages(torch.cat([nibbles, *scales], dim=2))
 
 
 @dataclass(frozen=True)
@@ -382,7 +383,7 @@ class Int8Screen:
             error_norms[start:end] = ((weight - step * levels).norm(dim=1) * (1 + 1e-6)).float()
         if float(weight_norms.max()) > 2.0**40:
             return None
-        packed_q = q.view(blocks, 16, KB, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+        packed_q = in_large_pages(q.view(blocks, 16, KB, 16, 2).permute(0, 2, 3, 1, 4))
         return cls(packed_q, scales, weight_norms, error_norms, blocks)
 
 
@@ -512,7 +513,7 @@ def choose_route(
             raise PropdError(f"route {override!r} does not run here: {result['error']}")
         return Route(route.kernel, route.dtype_name, route.tile, route.pad, result["exact"]), [result]
     key = json.dumps({
-        "check": 7, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype),
+        "check": 8, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": shapes, "dtype": str(dtype),
         "q4_1": q4_1, "steps": steps is not None, "kernels": native.build_id(),
     })
     path = cache_file("routes", key, ".json")

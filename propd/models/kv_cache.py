@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from propd.models.attention import BLOCK, Plan, TileCopy, chain_plan, path_plan, round_up
+from propd.models.pages import zeros_in_large_pages
 
 
 @dataclass
@@ -103,7 +104,8 @@ class KVCache:
         zeros with the ones column set, or the pool's spare one."""
 
         def make() -> torch.Tensor:
-            kv = torch.zeros(shape, dtype=self.dtype, device=device)
+            on_cpu = (torch.device(device) if device is not None else torch.get_default_device()).type == "cpu"
+            kv = zeros_in_large_pages(shape, self.dtype) if on_cpu else torch.zeros(shape, dtype=self.dtype, device=device)
             kv[..., self.head_dim] = 1.0
             return kv
 
