@@ -3,6 +3,7 @@ trades them as ProPD says, and decoding with a tree chosen every step stays iden
 
 import json
 import random
+import weakref
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from propd.bench.run import _build as build_method
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import generate_batch
-from propd.decoding.propd import PropdMethod
+from propd.decoding.propd import PropdMethod, _remember_at_exit
 from propd.decoding.pruning import Pruner, whole_paths
 from propd.decoding.tree import TreeMethod
 from propd.heads.early import EarlyHead
@@ -408,6 +409,18 @@ def test_propd_keeps_its_choosers_memory_per_settings_and_starts_afresh_from_a_d
     assert [g.token_ids for g in default_model.generate(REAL_PROMPTS[:2], third, max_new_tokens=24)] == want
     assert json.loads(first.memory.read_text())["latency"]["sizes"]  # written whole again
 
+
+
+def test_the_memory_is_written_after_the_first_generation_then_at_most_every_so_often_and_at_exit(default_model, tmp_path):
+    memory = tmp_path / "memory.json"
+    method = default_model.method("propd", memory=memory)
+    default_model.generate(REAL_PROMPTS[:1], method, max_new_tokens=8)
+    first = memory.read_text()
+    assert json.loads(first)["latency"]["sizes"] and not method.unsaved
+    default_model.generate(REAL_PROMPTS[1:2], method, max_new_tokens=8)
+    assert memory.read_text() == first and method.unsaved  # within REMEMBER_EVERY: not written again
+    _remember_at_exit(weakref.ref(method))  # (registered with atexit)
+    assert json.loads(memory.read_text())["latency"]["steps"] > json.loads(first)["latency"]["steps"] and not method.unsaved
 
 def test_draft_scores_pick_each_rows_most_probable_whole_paths_as_many_as_pay_and_learn_their_calibration():
     tree = best_tree(STATS, 12)
