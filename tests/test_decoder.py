@@ -122,6 +122,23 @@ def test_cache_cut_and_select_rows():
     assert cache.lengths.tolist() == [6] and cache.kv.shape[2] == 1 and bool((cache.kv[..., :6, 0] == 7.0).all())  # its committed entries
 
 
+def test_cache_longest_follows_its_lengths_through_every_change():
+    from propd.models.kv_cache import KVCache
+
+    cache = KVCache(1, 3, 1, 32, 1)
+    other = KVCache(1, 1, 1, 32, 1)
+    other.advance(9)
+    changes = [
+        lambda: cache.advance(1), lambda: cache.advance(torch.tensor([2, 0, 1])), lambda: cache.advance(3),
+        lambda: cache.keep(torch.tensor([[0, 1], [0, 2], [1, 2]]), torch.tensor([1, 2, 0]), in_place=False),
+        lambda: cache.keep(torch.tensor([[0], [0], [0]]), torch.tensor([1, 0, 1]), in_place=True),
+        lambda: cache.cut(torch.tensor([9, 3, 1])), lambda: cache.select_rows(torch.tensor([1, 2])), lambda: cache.join(other),
+    ]
+    assert cache.longest == 0
+    for change in changes:
+        change()
+        assert cache.longest == int(cache.lengths.max())
+
 def test_rows_join_into_the_room_rows_that_left_kept_else_into_a_new_tensor():
     from propd.models.kv_cache import KVCache
 

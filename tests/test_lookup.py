@@ -214,6 +214,9 @@ class ARPricedChooser(TreeChooser):
     def observe(self, tree, batch_size, context, last_nodes, seconds, *rest):
         super().observe(tree, batch_size, context, last_nodes, None, *rest)  # the costs stay as set
 
+    def observe_ar(self, batch_size, context, steps, seconds):
+        self.latency.steps += steps  # (likewise after a run of AR steps)
+
     def choose(self, batch_size, context, weights=None):
         self.steps += 1
         tree, self.expected = self.tree(3 if self.steps % 4 == 0 else 1)

@@ -12,7 +12,7 @@ from propd.bench.run import _build as build_method
 from propd.decoding.ar import ARMethod
 from propd.decoding.draft import DraftMethod
 from propd.decoding.loop import generate_batch
-from propd.decoding.propd import PropdMethod, _remember_at_exit
+from propd.decoding.propd import AR_RUN, PropdMethod, _remember_at_exit
 from propd.decoding.pruning import Pruner, whole_paths
 from propd.decoding.tree import TreeMethod
 from propd.heads.early import EarlyHead
@@ -262,6 +262,50 @@ def test_the_draft_reads_what_ar_steps_left_before_the_next_tree_and_stays_lossl
     assert [s.token_ids for s in out] == ar
     assert read[:4] == [0, 2, 1, 0]  # AR steps read at the next tree, all but the newest
 
+
+class PricedARChooser(TreeChooser):
+    """AR, priced, every step it is asked; counts the asking and the runs' measurements."""
+
+    def __init__(self, guessing: set):
+        super().__init__(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 3))
+        self.asked, self.runs, self.guessing = 0, [], guessing
+
+    def choose(self, batch_size, context, weights=None):
+        self.asked += 1
+        self.ar_by_price, self.expected = True, 1.0
+        return self.tree(1)[0]
+
+    def guess_states(self, batch_size, context):
+        return self.guessing
+
+    def observe_ar(self, batch_size, context, steps, seconds):
+        self.runs.append(steps)
+        super().observe_ar(batch_size, context, steps, seconds)
+
+
+def test_the_lookup_states_whose_guesses_could_pay_are_those_of_likely_guesses_where_tokens_are_cheap():
+    for per_token, pays in ((0.0002, True), (0.1, False)):  # (a token costing AR's step: even a 77% guess does not pay)
+        chooser = TreeChooser(AcceptanceModel([row[:] for row in STATS]), sizes=(1, 2, 4))
+        assert chooser.guess_states(1, 100) == set()  # nothing measured: no price
+        for size in (1, 2, 4, 1, 2, 4):
+            chooser.latency.observe((1, 0), size, 0.02 + per_token * size)
+        states = chooser.guess_states(1, 100)
+        likeliest = max(((c, n) for c in (False, True) for n in (1, 2, 3)), key=lambda s: chooser.lookup.q[s[0]][s[1] - 1][0])
+        assert (likeliest in states) == pays and (states == set()) != pays
+
+def test_after_a_priced_ar_choice_ar_runs_without_choosing_unless_a_rows_lookup_guesses_could_pay():
+    rng, dec, prompts, ar = tiny_case(2)
+    prompts = prompts[:1]
+    asked = []
+    for guessing in (set(), {(copying, n) for copying in (False, True) for n in (1, 2, 3)}):
+        chooser = PricedARChooser(guessing)
+        out = generate_batch(dec, PropdMethod(DraftMethod(random_draft(dec.args, 2), chain(1)), chooser), prompts, 40, {0})
+        assert [s.token_ids for s in out] == ar[:1]
+        assert out[0].step_expected and set(out[0].step_expected) <= {1.0, None}
+        asked.append(chooser.asked)
+        if not guessing:  # a choice, then AR_RUN steps measured as one
+            assert chooser.asked == -(-len(out[0].step_accepted) // (AR_RUN + 1)) and chooser.runs and set(chooser.runs) == {AR_RUN}
+    assert asked[1] > 2 * asked[0]  # a row whose newest n-gram came before (its guesses could pay) ends the run
 
 def test_after_a_long_run_of_ar_the_draft_reads_only_its_window_into_an_emptied_cache_and_stays_lossless(monkeypatch):
     import propd.decoding.draft as draft_module

@@ -20,8 +20,14 @@ class ARMethod:
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: Stateless, picker: Picker) -> StepResult:
         B = roots.shape[0]
-        hidden = decoder.extend(roots.unsqueeze(1), cache.chain(1), cache)
-        cache.advance(1)
-        roots = picker.next_tokens(decoder, decoder.final_norm(hidden[:, -1]))
+        roots = ar_pass(decoder, cache, roots, picker)[1]
         return StepResult([[t] for t in roots.tolist()], roots, [1] * B, [1] * B)
+
+
+def ar_pass(decoder: Decoder, cache: KVCache, roots: torch.Tensor, picker: Picker) -> tuple[torch.Tensor, torch.Tensor]:
+    """One AR step's pass over the roots [B], committed to the cache: the final-normed states there
+    [B, 1, dim] and each row's next token [B]."""
+    normed = decoder.final_norm(decoder.extend(roots.unsqueeze(1), cache.chain(1), cache))
+    cache.advance(1)
+    return normed, picker.next_tokens(decoder, normed[:, 0])
 

@@ -58,16 +58,28 @@ class NgramIndex:
                 after[tuple(tokens[end - n : end])] = end
         self._indexed = len(tokens)
 
+    def state(self) -> tuple[bool, int]:
+        """Whether the row is copying, and the length n of the n-gram its guesses would follow (0: none)."""
+        return self.copying, self._match()[1]
+
     def guess(self, depth: int) -> tuple[list[int], int]:
         """Up to ``depth`` tokens that followed the longest n-gram ending the tokens where it last
         occurred before, and that n (0, and no tokens: no n-gram occurred before)."""
+        at, n = self._match()
+        if not n:
+            return [], 0
+        self._guessed = self.tokens[at]
+        return self.tokens[at : at + depth], n
+
+    def _match(self) -> tuple[int, int]:
+        """Where the token after the longest n-gram ending the tokens sat when that n-gram last
+        occurred before, and n; (0, 0) where none did."""
         self._index()
         for n in range(min(MAX_NGRAM, len(self.tokens)), 0, -1):
             at = self.after.get(tuple(self.tokens[-n:]))
             if at is not None:
-                self._guessed = self.tokens[at]
-                return self.tokens[at : at + depth], n
-        return [], 0
+                return at, n
+        return 0, 0
 
 
 class LookupState:
@@ -81,6 +93,10 @@ class LookupState:
 
     def join(self, other: "LookupState") -> None:
         self.rows += other.rows
+
+    def states(self) -> list[tuple[bool, int]]:
+        """Each row's ``NgramIndex.state``."""
+        return [row.state() for row in self.rows]
 
     def extend(self, accepted: list[list[int]]) -> None:
         """Each row's accepted tokens (its new root last)."""

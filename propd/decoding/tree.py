@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from propd.decoding.ar import ar_pass
 from propd.decoding.loop import StepResult
 from propd.decoding.pruning import Pruner
 from propd.decoding.sampling import Picker
@@ -132,10 +133,8 @@ def verify(
     ``sampling``) and keep only its K/V. The root alone is an AR step, and costs what one does."""
     B = len(tokens)
     if tree.size == 1:
-        normed = decoder.final_norm(decoder.extend(tokens, cache.chain(1), cache))  # [B, 1, dim]
-        cache.advance(1)
+        normed, roots = ar_pass(decoder, cache, tokens[:, 0], picker)
         ones, zeros = torch.ones(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-        roots = picker.next_tokens(decoder, normed[:, 0])
         return Verified(normed, zeros.unsqueeze(1), ones, roots, zeros, roots.unsqueeze(1), [[t] for t in roots.tolist()], True, [1] * B, [1] * B)
     verified = [tree.size] * B if alive is None else alive.sum(1).tolist()
     normed, alive = run_tree(decoder, cache, tree, tokens, alive, pruner)

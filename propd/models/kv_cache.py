@@ -113,6 +113,24 @@ class KVCache:
         return self.storage
 
     @property
+    def lengths(self) -> torch.Tensor:
+        """Each row's committed entries [B]."""
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, lengths: torch.Tensor) -> None:
+        self._lengths, self._longest = lengths, None
+
+    @property
+    def longest(self) -> int:
+        """The longest row's committed entries, as an int, read from ``lengths`` once per change of
+        them but the same count for every row (an AR step): read every step, it cost a batch-1
+        step 25-40 us (Intel Xeon with AMX)."""
+        if self._longest is None:
+            self._longest = int(self.lengths.max()) if len(self.lengths) else 0
+        return self._longest
+
+    @property
     def batch_size(self) -> int:
         return self.kv.shape[2]
 
@@ -178,7 +196,10 @@ class KVCache:
 
     def advance(self, counts: torch.Tensor | int) -> None:
         """Commit the first counts[b] new entries of each row (or ``counts`` of every row) as they are."""
+        longest = self._longest
         self.lengths += counts
+        if isinstance(counts, int) and longest is not None:
+            self._longest = longest + counts
 
     def cut(self, lengths: torch.Tensor) -> None:
         """Lower every row's length to lengths [B] (a right-padded prefill's padding leaves the rows)."""

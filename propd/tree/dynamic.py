@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from propd.decoding.lookup import LOOKUP_RANK, Chain, Offer
+from propd.decoding.lookup import LOOKUP_DEPTH, LOOKUP_RANK, MAX_NGRAM, Chain, Offer
 from propd.errors import PropdError
 from propd.tree.tree import TokenTree, best_paths, tree_of
 
@@ -593,18 +593,43 @@ class TreeChooser:
         ragged step, they cost more than the line's price, and ProPD with guesses ran at 0.95x AR
         against 0.99x without."""
         key = (batch_size, context // CONTEXT_BUCKET)
-        fit, ar = self.latency.line(key), self.latency.buckets.get(key, {}).get(1)
-        if fit is None or ar is None:
+        price = self._guess_price(key, batch_size)
+        if price is None:
             return None
         B, N = offer.tokens.shape
         worth = self._worth([[0.0] * (N - 1) for _ in range(B)], offer, offer.tree)
         order = sorted(((b, n) for b in range(B) for n in range(N - 1) if worth[b][n] > 0), key=lambda bn: -worth[bn[0]][bn[1]])
-        extra, scale = self._ar_extra.get(key, 0.0), self._guess_scale.get(key, 1.0)
-        k = _paying(order, worth, B, scale * (ar.seconds - fit[1]) + extra, scale * fit[1], self.margin * B / (ar.seconds + extra))
-        self._guess_cost = (key, ar.seconds + fit[1] * k / B)
+        k = _paying(order, worth, B, *price[:3])
+        self._guess_cost = (key, price[3] + price[4] * k / B)
         if not k and key in self._guess_scale:  # unmeasured while it rules the guesses out: it drifts back, and they are tried again
             self._guess_scale[key] += GUESS_DRIFT * (1.0 - self._guess_scale[key])
         return self._keep(order[:k], B, N, worth, None, offer.tree, offer) if k else None
+
+    def _guess_price(self, key: tuple[int, int], B: int) -> tuple[float, float, float, float, float] | None:
+        """What ``select_guesses`` prices guesses by in ``key``'s bucket: ``_paying``'s base, slope and
+        floor, then AR's seconds and the line's per token; None before AR and the line are measured."""
+        fit, ar = self.latency.line(key), self.latency.buckets.get(key, {}).get(1)
+        if fit is None or ar is None:
+            return None
+        extra, scale = self._ar_extra.get(key, 0.0), self._guess_scale.get(key, 1.0)
+        return scale * (ar.seconds - fit[1]) + extra, scale * fit[1], self.margin * B / (ar.seconds + extra), ar.seconds, fit[1]
+
+    def guess_states(self, batch_size: int, context: int) -> set[tuple[bool, int]]:
+        """The lookup states (copying, matched n-gram length: ``LookupAcceptance``) whose guesses could
+        buy more tokens per second than AR now, at ``select_guesses``'s price, were every row to
+        offer ``LOOKUP_DEPTH`` of them: where no row is in one, ``select_guesses`` would take none of
+        a step's guesses, and an AR step needs no offer built (``PropdMethod._holding_ar``)."""
+        price = self._guess_price((batch_size, context // CONTEXT_BUCKET), batch_size)
+        if price is None:
+            return set()
+        states = set()
+        for copying in (False, True):
+            for n in range(1, MAX_NGRAM + 1):
+                chances = self.lookup.chances(Chain(list(range(1, LOOKUP_DEPTH + 1)), 0, n, 0, copying))
+                worth = [[min(1.0, chance * self.lookup_scale) for chance in chances]] * batch_size
+                if _paying([(b, i) for i in range(LOOKUP_DEPTH) for b in range(batch_size)], worth, batch_size, *price[:3]):
+                    states.add((copying, n))
+        return states
 
     def _worth(self, mass: list[list[float]], offer: Offer | None, tree: TokenTree) -> list[list[float]]:
         """Expected accepted tokens each node below the root adds [B][N - 1]: its draft path
@@ -696,6 +721,12 @@ class TreeChooser:
             self._lookup_mass = DRAFT_DECAY * self._lookup_mass + self._guessed_mass
             self._lookup_accepted = DRAFT_DECAY * self._lookup_accepted + accepted[0]
             self._guessed_mass = None
+
+    def observe_ar(self, batch_size: int, context: int, steps: int, seconds: float) -> None:
+        """``steps`` plain AR steps taken without choosing (``PropdMethod._holding_ar``) took ``seconds``
+        in all: AR measured once at their mean, every measurement aged as by that many steps."""
+        self.latency.steps += steps - 1
+        self.latency.observe((batch_size, context // CONTEXT_BUCKET), 1.0, seconds / steps)
 
     def memory(self) -> dict:
         """What it learned, as JSON-able data: ``recall`` takes it back in a later run, which then
