@@ -19,7 +19,7 @@ from propd.heads.early import EarlyHead
 from propd.models import graphs
 from propd.models.decoder import Decoder
 from propd.models.kernels import Route
-from propd.tree.dynamic import CHOOSE_EVERY, NARROW_WIN, SPEED_RATE, WIDE_BATCH, AcceptanceModel, LatencyModel, TreeChooser
+from propd.tree.dynamic import CHOOSE_EVERY, GUESS_DRIFT, NARROW_WIN, SPEED_RATE, WIDE_BATCH, AcceptanceModel, LatencyModel, TreeChooser
 from propd.tree.tree import best_tree, chain, path_products
 from tests.conftest import REAL_PROMPTS, tiny_hf_model
 from tests.test_draft import random_draft
@@ -292,6 +292,9 @@ def test_the_lookup_states_whose_guesses_could_pay_are_those_of_likely_guesses_w
         states = chooser.guess_states(1, 100)
         likeliest = max(((c, n) for c in (False, True) for n in (1, 2, 3)), key=lambda s: chooser.lookup.q[s[0]][s[1] - 1][0])
         assert (likeliest in states) == pays and (states == set()) != pays
+    chooser._guess_scale[(1, 0)] = 3.0  # guesses alone had cost three times their price
+    chooser.observe_ar(1, 100, AR_RUN, 0.02 * AR_RUN)
+    assert chooser._guess_scale[(1, 0)] == pytest.approx(1 + 2 * (1 - GUESS_DRIFT) ** AR_RUN)  # drifting back as over AR_RUN declined steps
 
 def test_after_a_priced_ar_choice_ar_runs_without_choosing_unless_a_rows_lookup_guesses_could_pay():
     rng, dec, prompts, ar = tiny_case(2)

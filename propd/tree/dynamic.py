@@ -724,9 +724,15 @@ class TreeChooser:
 
     def observe_ar(self, batch_size: int, context: int, steps: int, seconds: float) -> None:
         """``steps`` plain AR steps taken without choosing (``PropdMethod._holding_ar``) took ``seconds``
-        in all: AR measured once at their mean, every measurement aged as by that many steps."""
+        in all: AR measured once at their mean, every measurement aged as by that many steps, and
+        the price of lookup guesses alone drifting back as by that many steps that took none
+        (``select_guesses``: once such steps had cost more than their price, a run of AR steps that
+        offered none kept them out for good, and ProPD's memory carried that into later runs)."""
+        key = (batch_size, context // CONTEXT_BUCKET)
         self.latency.steps += steps - 1
-        self.latency.observe((batch_size, context // CONTEXT_BUCKET), 1.0, seconds / steps)
+        self.latency.observe(key, 1.0, seconds / steps)
+        if key in self._guess_scale:
+            self._guess_scale[key] = 1.0 + (self._guess_scale[key] - 1.0) * (1.0 - GUESS_DRIFT) ** steps
 
     def memory(self) -> dict:
         """What it learned, as JSON-able data: ``recall`` takes it back in a later run, which then
