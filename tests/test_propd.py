@@ -302,12 +302,15 @@ def test_after_a_priced_ar_choice_ar_runs_without_choosing_unless_a_rows_lookup_
     asked = []
     for guessing in (set(), {(copying, n) for copying in (False, True) for n in (1, 2, 3)}):
         chooser = PricedARChooser(guessing)
-        out = generate_batch(dec, PropdMethod(DraftMethod(random_draft(dec.args, 2), chain(1)), chooser), prompts, 40, {0})
+        method = PropdMethod(DraftMethod(random_draft(dec.args, 2), chain(1)), chooser)
+        out = generate_batch(dec, method, prompts, 40, {0})
         assert [s.token_ids for s in out] == ar[:1]
         assert out[0].step_expected and set(out[0].step_expected) <= {1.0, None}
         asked.append(chooser.asked)
-        if not guessing:  # a choice, then AR_RUN steps measured as one
+        if not guessing:  # a choice, then AR_RUN steps measured as one; a new generation chooses at its first step
             assert chooser.asked == -(-len(out[0].step_accepted) // (AR_RUN + 1)) and chooser.runs and set(chooser.runs) == {AR_RUN}
+            again = generate_batch(dec, method, prompts, 40, {0})
+            assert [s.token_ids for s in again] == ar[:1] and chooser.asked == 2 * asked[-1]
     assert asked[1] > 2 * asked[0]  # a row whose newest n-gram came before (its guesses could pay) ends the run
 
 def test_after_a_long_run_of_ar_the_draft_reads_only_its_window_into_an_emptied_cache_and_stays_lossless(monkeypatch):

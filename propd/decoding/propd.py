@@ -106,6 +106,7 @@ class PropdMethod:
         self.remembered_at, self.unsaved = time.monotonic(), False
 
     def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]) -> tuple[torch.Tensor, State]:
+        self._end_ar_run()  # new rows: the next step chooses
         return self.drafter.start(decoder, cache, hidden, picker, prompts)
 
     def step(self, decoder: Decoder, cache: KVCache, roots: torch.Tensor, state: State, picker: Picker) -> StepResult:
@@ -134,10 +135,14 @@ class PropdMethod:
         guessing = run.guess_states and any(s in run.guess_states for s in state.lookup.states())
         if run.left > 0 and run.rows == rows and not guessing:
             return True
-        self.ar_run = None
-        if run.steps:
-            self.chooser.observe_ar(run.rows, run.context, run.steps, run.seconds)
+        self._end_ar_run()
         return False
+
+    def _end_ar_run(self) -> None:
+        """End the ``ARRun``, if one is on, and measure it."""
+        run, self.ar_run = self.ar_run, None
+        if run is not None and run.steps:
+            self.chooser.observe_ar(run.rows, run.context, run.steps, run.seconds)
 
     def _ar_run(self, tree: TokenTree, rows: int, context: int) -> ARRun | None:
         """The AR steps to take after this step, where it priced AR; with lookup guesses, the row
