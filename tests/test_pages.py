@@ -9,10 +9,12 @@ from propd.models.kernels import pack_bf16
 from propd.models.pages import ALIGN, in_large_pages
 
 
-@pytest.mark.parametrize("source", [
-    torch.randn(3, 5), torch.randn(7, 4, 6).permute(2, 0, 1), torch.arange(1000, dtype=torch.int8), torch.randn(0, 3), torch.randn(40 << 18),
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(3, 5), lambda: torch.randn(7, 4, 6).permute(2, 0, 1), lambda: torch.arange(1000, dtype=torch.int8),
+    lambda: torch.randn(0, 3), lambda: torch.randn(40 << 18),
 ], ids=["small", "permuted", "int8", "empty", "own-mapping"])
-def test_a_copy_holds_the_same_values_contiguous_and_aligned(source):
+def test_a_copy_holds_the_same_values_contiguous_and_aligned(make):
+    source = make()
     copy = in_large_pages(source)
     assert copy.shape == source.shape and copy.dtype == source.dtype and copy.is_contiguous()
     assert torch.equal(copy, source) and copy.data_ptr() % ALIGN == 0
@@ -51,7 +53,7 @@ def test_weights_land_in_2mb_pages_where_linux_gives_them():
     if "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
         pytest.skip("transparent huge pages are off on this machine")
     failed = _thp("thp_fault_fallback")
-    weights = pack_bf16(torch.randn(4096, 1024))  # what our bf16 products read, 8 MB
+    weights = pack_bf16(torch.randn(8192, 1024))  # what our bf16 products read: 16 MB, a mapping of their own
     if _thp("thp_fault_fallback") > failed:
         pytest.skip("the kernel had no free 2 MB page just now")
     assert _huge_kb(weights.data_ptr()) >= 2048

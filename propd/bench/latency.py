@@ -14,7 +14,7 @@ from tqdm import tqdm
 from propd.decoding.tree import PROJECT_ALL
 from propd.models.decoder import Decoder, synchronize
 from propd.models.kernels import median_ms
-from propd.models.pages import in_large_pages
+from propd.models.pages import zeros_in_large_pages
 from propd.tree.tree import TokenTree, load_tree, medusa_paths
 
 
@@ -53,7 +53,8 @@ def step_latency(decoder: Decoder, sizes: list[int], batch_sizes: list[int], con
 def memory_bandwidth(device: torch.device = torch.device("cpu"), megabytes: int = 512, repeats: int = 5) -> float:
     """Read bandwidth of ``device``'s memory in GB/s: the median time of summing a buffer far larger than the caches
     (on the CPU in 2 MB pages, as the weights are: ``pages``)."""
-    buffer = in_large_pages(torch.ones(megabytes * 2**20 // 4, device=device))
+    n = megabytes * 2**20 // 4
+    buffer = zeros_in_large_pages((n,), torch.float32).fill_(1.0) if device.type == "cpu" else torch.ones(n, device=device)
     return buffer.numel() * 4 / (median_ms(lambda: (buffer.sum(), synchronize(device)), repeats) / 1e3) / 1e9
 
 

@@ -29,7 +29,6 @@ batch 4 0.94-0.96x against 0.96-0.99x and batch 8 0.86-0.97x against 0.89-0.99x.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import json
 import time
@@ -70,11 +69,10 @@ class PropdMethod:
         self.drafter, self.chooser, self.pruner = drafter, chooser, pruner
         self.memory = memory if chooser is not None else None  # where the chooser's learning is kept between runs (``remember``)
         self.recalled = False  # whether the chooser started from that memory
-        self.remembered_at: float | None = None  # when ``remember`` last wrote that memory (None: not yet)
-        self.unsaved = False  # whether it learned since
+        self.learned = Learned()  # when that memory was last written, and whether the chooser learned since
+        if self.memory is not None:  # what it learned since its last write, written where the method ends (collected, or at exit)
+            weakref.finalize(self, _write_unsaved, self.memory, self.chooser, self.learned)
         self.ar_run: ARRun | None = None  # the AR steps taken after a priced AR choice, while they last
-        if self.memory is not None:
-            atexit.register(_remember_at_exit, weakref.ref(self))
         self.draft_scores = draft_scores and chooser is not None and isinstance(drafter, DraftMethod)
         if self.draft_scores and lookup:  # each row's prompt-lookup guesses offered beside the draft's
             drafter.lookup = True
@@ -95,15 +93,15 @@ class PropdMethod:
         generations (a new method each, 96 tokens, MT-Bench, interleaved; AMD EPYC): batch 8 0.965x AR
         against 0.928x from the shipped statistics, batch 4 0.994x against 0.973x, batch 1 1.41x and
         1.38x against 1.43x and 1.34x. An unwritable cache costs only that. Written after the first
-        generation, then at most every ``REMEMBER_EVERY`` seconds and once more at exit: each write
+        generation, then at most every ``REMEMBER_EVERY`` seconds and once more where the method ends
+        (collected, or at the interpreter's exit): each write
         cost a generation 4-8 ms (Intel Xeon with AMX), 1.5% of a 96-token answer at batch 1."""
         if self.memory is None:
             return
-        if self.remembered_at is not None and time.monotonic() - self.remembered_at < REMEMBER_EVERY:
-            self.unsaved = True
+        if self.learned.written_at is not None and time.monotonic() - self.learned.written_at < REMEMBER_EVERY:
+            self.learned.unsaved = True
             return
-        write_cache(self.memory, json.dumps(self.chooser.memory()))
-        self.remembered_at, self.unsaved = time.monotonic(), False
+        _write_memory(self.memory, self.chooser, self.learned)
 
     def start(self, decoder: Decoder, cache: KVCache, hidden: torch.Tensor, picker: Picker, prompts: list[list[int]]) -> tuple[torch.Tensor, State]:
         self._end_ar_run()  # new rows: the next step chooses
@@ -199,11 +197,23 @@ class PropdMethod:
         step.result.expected = self.chooser.expected_rows if step.verified is not None else [self.chooser.expected] * rows
 
 
-def _remember_at_exit(method: weakref.ref) -> None:
-    """What a method learned since its last write (``PropdMethod.remember``), at the interpreter's exit."""
-    if (alive := method()) is not None and alive.unsaved:
-        alive.remembered_at = None
-        alive.remember()
+@dataclass
+class Learned:
+    """When a chooser's memory was last written (``PropdMethod.remember``; None: not yet), and whether it learned since."""
+
+    written_at: float | None = None
+    unsaved: bool = False
+
+
+def _write_memory(path: Path, chooser: TreeChooser, learned: Learned) -> None:
+    write_cache(path, json.dumps(chooser.memory()))
+    learned.written_at, learned.unsaved = time.monotonic(), False
+
+
+def _write_unsaved(path: Path, chooser: TreeChooser, learned: Learned) -> None:
+    """What the chooser learned since its memory was last written, where its method ends."""
+    if learned.unsaved:
+        _write_memory(path, chooser, learned)
 
 
 @dataclass

@@ -23,7 +23,8 @@ ALIGN = 64  # each tensor starts on a cache line
 
 class _Arena:
     """Consecutive tensors packed into one 2 MB-aligned mapping, in the order they come (a decoder's
-    weights in the order its step reads them); a mapping lives while any tensor in it does."""
+    weights in the order its step reads them); a mapping lives while any tensor in it does, and the
+    current one while it has room."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -47,8 +48,10 @@ def _mapping(nbytes: int) -> torch.Tensor:
     size = -(-nbytes // PAGE) * PAGE
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     region = mmap.mmap(-1, size + PAGE, flags=flags) if flags else mmap.mmap(-1, size + PAGE)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    try:
         region.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # (no such advice here, or a kernel built without huge pages: 4 KB pages)
+        pass
     whole = torch.frombuffer(region, dtype=torch.uint8)  # (keeps the mapping alive)
     start = -whole.data_ptr() % PAGE
     return whole[start : start + size]
@@ -66,9 +69,9 @@ def zeros_in_large_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Te
 
 def in_large_pages(t: torch.Tensor) -> torch.Tensor:
     """A copy of CPU tensor ``t`` (contiguous, the same shape and dtype) in 2 MB pages where the OS
-    gives them; ``t`` itself where it is not on the CPU."""
+    gives them; elsewhere ``t`` made contiguous."""
     if t.device.type != "cpu":
-        return t
+        return t.contiguous()
     nbytes = t.numel() * t.element_size()
     out = _arena.take(nbytes).view(t.dtype).view(t.shape)
     out.copy_(t)
