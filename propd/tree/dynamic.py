@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -351,6 +352,17 @@ class LatencyModel:
         return [ar.seconds if n == 1 and ar else max(1e-6, fit[0] + fit[1] * n + self.drafting(key, d)) for n, d in zip(sizes, depths or [0] * len(sizes))]
 
 
+class GuessPrice(NamedTuple):
+    """How ``TreeChooser.select_guesses`` prices lookup guesses alone: ``_paying``'s base, slope and floor,
+    and AR's step seconds and the latency line's per token (what such a step is then expected to take)."""
+
+    base: float
+    slope: float
+    floor: float
+    ar: float
+    per_token: float
+
+
 def _paying(order: list[tuple[int, int]], worth: list[list[float]], B: int, base: float, slope: float, floor: float, roots: float | None = None) -> int:
     """How many of the (row, node) pairs in ``order`` a step takes: the prefix of i pairs whose
     expected tokens per second, the roots' worth (``roots``, default B) plus the pairs' over ``base`` + ``slope`` (1 + i / B) seconds
@@ -599,20 +611,19 @@ class TreeChooser:
         B, N = offer.tokens.shape
         worth = self._worth([[0.0] * (N - 1) for _ in range(B)], offer, offer.tree)
         order = sorted(((b, n) for b in range(B) for n in range(N - 1) if worth[b][n] > 0), key=lambda bn: -worth[bn[0]][bn[1]])
-        k = _paying(order, worth, B, *price[:3])
-        self._guess_cost = (key, price[3] + price[4] * k / B)
+        k = _paying(order, worth, B, price.base, price.slope, price.floor)
+        self._guess_cost = (key, price.ar + price.per_token * k / B)
         if not k and key in self._guess_scale:  # unmeasured while it rules the guesses out: it drifts back, and they are tried again
             self._guess_scale[key] += GUESS_DRIFT * (1.0 - self._guess_scale[key])
         return self._keep(order[:k], B, N, worth, None, offer.tree, offer) if k else None
 
-    def _guess_price(self, key: tuple[int, int], B: int) -> tuple[float, float, float, float, float] | None:
-        """What ``select_guesses`` prices guesses by in ``key``'s bucket: ``_paying``'s base, slope and
-        floor, then AR's seconds and the line's per token; None before AR and the line are measured."""
+    def _guess_price(self, key: tuple[int, int], B: int) -> GuessPrice | None:
+        """What ``select_guesses`` prices guesses by in ``key``'s bucket; None before AR and the line are measured."""
         fit, ar = self.latency.line(key), self.latency.buckets.get(key, {}).get(1)
         if fit is None or ar is None:
             return None
         extra, scale = self._ar_extra.get(key, 0.0), self._guess_scale.get(key, 1.0)
-        return scale * (ar.seconds - fit[1]) + extra, scale * fit[1], self.margin * B / (ar.seconds + extra), ar.seconds, fit[1]
+        return GuessPrice(scale * (ar.seconds - fit[1]) + extra, scale * fit[1], self.margin * B / (ar.seconds + extra), ar.seconds, fit[1])
 
     def guess_states(self, batch_size: int, context: int) -> set[tuple[bool, int]]:
         """The lookup states (copying, matched n-gram length: ``LookupAcceptance``) whose guesses could
@@ -627,7 +638,7 @@ class TreeChooser:
             for n in range(1, MAX_NGRAM + 1):
                 chances = self.lookup.chances(Chain(list(range(1, LOOKUP_DEPTH + 1)), 0, n, 0, copying))
                 worth = [[min(1.0, chance * self.lookup_scale) for chance in chances]] * batch_size
-                if _paying([(b, i) for i in range(LOOKUP_DEPTH) for b in range(batch_size)], worth, batch_size, *price[:3]):
+                if _paying([(b, i) for i in range(LOOKUP_DEPTH) for b in range(batch_size)], worth, batch_size, price.base, price.slope, price.floor):
                     states.add((copying, n))
         return states
 
